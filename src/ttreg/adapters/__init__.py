@@ -1,0 +1,42 @@
+"""Model-family adapters and ``wrap``, which picks the right one for a module."""
+from __future__ import annotations
+
+import torch.nn as nn
+
+from .base import Adapter
+from .timm_vit import TimmViTAdapter
+
+#: tried in order; the first whose ``matches`` accepts the model wins
+ADAPTERS: list[type[Adapter]] = [TimmViTAdapter]
+
+SUPPORTED = (
+    "timm VisionTransformer (DINOv2, CLIP towers, DeiT, trained registers); "
+    "transformers Dinov2Model, Dinov2WithRegistersModel, ViTModel, CLIPVisionModel, CLIPModel, "
+    "SiglipVisionModel, LLaVA vision towers; open_clip CLIP models"
+)
+
+
+def _register_optional() -> None:
+    for modname, clsname in (("hf", "HF_ADAPTERS"), ("open_clip", "OPEN_CLIP_ADAPTERS")):
+        try:
+            mod = __import__(f"{__name__}.{modname}", fromlist=[clsname])
+        except ImportError:
+            continue
+        for cls in getattr(mod, clsname):
+            if cls not in ADAPTERS:
+                ADAPTERS.append(cls)
+
+
+def wrap(model: nn.Module | Adapter) -> Adapter:
+    """Return the adapter for ``model`` (an adapter is returned as is)."""
+    if isinstance(model, Adapter):
+        return model
+    _register_optional()
+    for cls in ADAPTERS:
+        if cls.matches(model):
+            return cls(model)
+    raise TypeError(f"ttreg does not support {type(model).__module__}.{type(model).__name__}; "
+                    f"supported: {SUPPORTED}")
+
+
+__all__ = ["Adapter", "TimmViTAdapter", "ADAPTERS", "SUPPORTED", "wrap"]

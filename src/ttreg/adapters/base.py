@@ -1,0 +1,177 @@
+"""The adapter contract: where a model family keeps its blocks, neuron sites, tokens and attention.
+
+An adapter says *where*; ``trace``, ``neurons`` and ``registers`` say *what*. Every adapter
+exposes the same small surface, so the method never looks at a model's attribute names.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from typing import Any, Iterator, Sequence
+
+import torch
+import torch.nn as nn
+
+
+class Adapter:
+    """Base class. Subclasses fill in the structural methods for one model family.
+
+    Token layout inside the blocks: ``[prefix tokens][patch tokens][test-time registers]``.
+    ``num_prefix_tokens`` counts CLS and trained registers; test-time registers are appended
+    after the patch tokens by :mod:`ttreg.registers`.
+    """
+
+    family: str = "base"
+    #: index of the token axis of a block's hidden state (1 for batch-first, 0 for seq-first)
+    token_dim: int = 1
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    # --- recognising a model -------------------------------------------------------------
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:  # pragma: no cover - overridden
+        return False
+
+    # --- structure -----------------------------------------------------------------------
+    @property
+    def blocks(self) -> Sequence[nn.Module]:
+        raise NotImplementedError
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def embed_dim(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def patch_size(self) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def down_proj(self, layer: int) -> nn.Module:
+        """The MLP down-projection of block ``layer``; its *input* is the neuron site."""
+        raise NotImplementedError
+
+    def mlp_width(self, layer: int) -> int:
+        mod = self.down_proj(layer)
+        return int(getattr(mod, "in_features"))
+
+    def attention(self, layer: int) -> nn.Module:
+        raise NotImplementedError
+
+    def register_init(self, batch: int, num: int, like: torch.Tensor) -> torch.Tensor:
+        """Initial value of ``num`` registers as the first block sees them.
+
+        Registers are zeros added *after the position embedding*; whatever token-wise module
+        sits between the embedding and the first block (CLIP's ``ln_pre``) is applied to them.
+        Returned batch-first: ``(batch, num, dim)``.
+        """
+        zeros = like.new_zeros(batch, num, like.shape[-1])
+        pre = self.pre_block_module()
+        return pre(zeros) if pre is not None else zeros
+
+    def pre_block_module(self) -> nn.Module | None:
+        """Token-wise module between the position embedding and the first block, if any."""
+        return None
+
+    # --- block input/output plumbing -------------------------------------------------------
+    def block_input(self, args: tuple, kwargs: dict) -> torch.Tensor:
+        if args:
+            return args[0]
+        for key in ("hidden_states", "x", "q_x"):
+            if key in kwargs:
+                return kwargs[key]
+        raise RuntimeError(f"{self.family}: cannot find the hidden state among a block's inputs")
+
+    def replace_block_input(self, args: tuple, kwargs: dict, new: torch.Tensor) -> tuple[tuple, dict]:
+        if args:
+            return (new, *args[1:]), kwargs
+        for key in ("hidden_states", "x", "q_x"):
+            if key in kwargs:
+                return args, {**kwargs, key: new}
+        raise RuntimeError(f"{self.family}: cannot find the hidden state among a block's inputs")
+
+    def block_output(self, output: Any) -> torch.Tensor:
+        return output[0] if isinstance(output, (tuple, list)) else output
+
+    def replace_block_output(self, output: Any, new: torch.Tensor) -> Any:
+        if isinstance(output, tuple):
+            return (new, *output[1:])
+        if isinstance(output, list):
+            return [new, *output[1:]]
+        return new
+
+    # --- running -----------------------------------------------------------------------------
+    def run(self, x: torch.Tensor) -> Any:
+        """Run the model through all its blocks (the cheapest call that does)."""
+        return self.model(x)
+
+    def image_size(self) -> tuple[int, int]:
+        """The input size the model was built for (height, width)."""
+        return (224, 224)
+
+    def mean_std(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """Per-channel normalisation the model expects (ImageNet's unless the model says)."""
+        return (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+    def parameter(self) -> torch.Tensor:
+        """Any parameter of the model: tells the device and dtype inputs should have."""
+        return next(self.model.parameters())
+
+    def grid_size(self, x: torch.Tensor) -> tuple[int, int]:
+        """Patch grid ``(rows, cols)`` for an image batch ``x`` of shape (B, C, H, W)."""
+        ph, pw = self.patch_size
+        return x.shape[-2] // ph, x.shape[-1] // pw
+
+    @contextlib.contextmanager
+    def attention_probs(self, layers: Sequence[int]) -> Iterator[dict[int, torch.Tensor]]:
+        """Record post-softmax attention probabilities ``(B, heads, T, T)`` of ``layers``.
+
+        The adapter switches those layers to their explicit (non-fused) path for the duration
+        and restores it afterwards. The dict is filled on each forward.
+        """
+        raise NotImplementedError
+        yield {}
+
+    # --- identity ------------------------------------------------------------------------------
+    def architecture(self) -> dict[str, Any]:
+        """Library-specific description; two models with equal descriptions share a layout."""
+        return {
+            "family": self.family,
+            "class": type(self.model).__name__,
+            "num_layers": self.num_layers,
+            "embed_dim": self.embed_dim,
+            "mlp_width": self.mlp_width(0),
+            "num_prefix_tokens": self.num_prefix_tokens,
+            "patch_size": list(self.patch_size),
+        }
+
+    def weights_hash(self) -> str:
+        """A fast fingerprint of the weights: shape, sum, abs-sum and a strided sample of each."""
+        h = hashlib.sha256()
+        for name, t in sorted(self.fingerprint_module().state_dict().items()):
+            if not torch.is_tensor(t) or not t.is_floating_point():
+                continue
+            flat = t.detach().reshape(-1).float()
+            step = max(1, flat.numel() // 512)
+            sample = flat[::step].cpu()
+            stats = torch.stack([flat.sum(), flat.abs().sum()]).double().cpu()
+            h.update(name.encode())
+            h.update(str(tuple(t.shape)).encode())
+            h.update(stats.numpy().round(4).tobytes())
+            h.update(sample.numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    def fingerprint_module(self) -> nn.Module:
+        """The module whose weights the fingerprint covers."""
+        return self.model
+
+    def describe(self) -> str:
+        return (f"{self.family} {type(self.model).__name__} ({self.num_layers} blocks, "
+                f"width {self.embed_dim}, MLP {self.mlp_width(0)})")

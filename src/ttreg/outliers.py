@@ -1,0 +1,73 @@
+"""Outlier-token rules: which tokens of an image have an abnormally high norm, and where they start.
+
+All functions take token norms of one layer, ``(B, T)``, with the token layout
+``[prefix][patches][registers]``, and are vectorised over the batch.
+"""
+from __future__ import annotations
+
+import torch
+
+#: an ``auto`` outlier must also exceed this multiple of the image's median patch norm
+AUTO_MIN_RATIO = 2.0
+
+
+def patch_slice(num_tokens: int, num_prefix: int, num_registers: int = 0) -> slice:
+    return slice(num_prefix, num_tokens - num_registers)
+
+
+def thresholds(patch_norms: torch.Tensor, threshold: float | str = "auto",
+               min_ratio: float = AUTO_MIN_RATIO) -> torch.Tensor:
+    """Per-image norm threshold ``(B,)`` from patch norms ``(B, P)``.
+
+    ``threshold`` is a number (same for every image) or ``"auto"``: the paper's heuristic,
+    mean + 3 std of that image's patch norms, floored at ``min_ratio`` x the median so that the
+    normal tail of a model *without* outliers is not called an outlier.
+    """
+    pn = patch_norms.float()
+    if isinstance(threshold, str):
+        if threshold != "auto":
+            raise ValueError(f"threshold must be a number or 'auto', got {threshold!r}")
+        stat = pn.mean(dim=1) + 3 * pn.std(dim=1)
+        return torch.maximum(stat, min_ratio * pn.median(dim=1).values)
+    return torch.full((pn.shape[0],), float(threshold), device=pn.device)
+
+
+def outlier_mask(norms: torch.Tensor, num_prefix: int, num_registers: int = 0,
+                 threshold: float | str = "auto", include_prefix: bool = False,
+                 min_ratio: float = AUTO_MIN_RATIO) -> torch.Tensor:
+    """``(B, T)`` bool: tokens whose norm exceeds the image's threshold.
+
+    Test-time registers are never outliers; prefix tokens (CLS, trained registers) are candidates
+    only with ``include_prefix`` (the authors' code includes CLS; a CLS token is often large by
+    design, so by default only patch tokens count).
+    """
+    T = norms.shape[1]
+    ps = patch_slice(T, num_prefix, num_registers)
+    thr = thresholds(norms[:, ps], threshold, min_ratio)
+    mask = norms.float() > thr[:, None]
+    if num_registers:
+        mask[:, T - num_registers:] = False
+    if not include_prefix:
+        mask[:, :num_prefix] = False
+    return mask
+
+
+def norm_ratio(norms: torch.Tensor, num_prefix: int, num_registers: int = 0) -> torch.Tensor:
+    """Max over median patch norm, per image: ``(B,)``. About 1-2 without outliers."""
+    pn = norms[:, patch_slice(norms.shape[1], num_prefix, num_registers)].float()
+    return pn.amax(dim=1) / pn.median(dim=1).values.clamp_min(1e-12)
+
+
+def layers_with_outliers(norms: torch.Tensor, num_prefix: int, num_registers: int = 0,
+                         threshold: float | str = "auto", **kw) -> torch.Tensor:
+    """``(B, L)`` bool from per-layer norms ``(B, L, T)``: does image b have outliers at layer l."""
+    B, L, T = norms.shape
+    flat = norms.reshape(B * L, T)
+    return outlier_mask(flat, num_prefix, num_registers, threshold, **kw).any(dim=1).reshape(B, L)
+
+
+def emergence_layer(fraction_with_outliers, majority: float = 0.5) -> int | None:
+    """First layer at which more than ``majority`` of the images have outliers, or None."""
+    frac = torch.as_tensor(fraction_with_outliers)
+    hits = torch.nonzero(frac > majority).flatten()
+    return int(hits[0]) if len(hits) else None

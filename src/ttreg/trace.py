@@ -1,0 +1,148 @@
+"""``ttreg.trace``: per-layer token norms, chosen neuron activations and attention maps.
+
+``record`` is the reusable part: a context manager that, for every forward pass while it is
+open, fills a :class:`Recording` with what was asked for. ``trace`` runs one batch through it
+and returns a :class:`Trace` with labelled tokens. Tokens are ``[prefix][patches][registers]``;
+when test-time registers are active they are included (labelled ``"register"``).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from .adapters import Adapter, wrap
+from .hooks import HookSet
+from .registers import active_stream
+
+
+@dataclass
+class Recording:
+    norms: dict[int, torch.Tensor] = field(default_factory=dict)        # layer -> (B, T)
+    activations: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (B, T, K)
+    attention: dict[int, torch.Tensor] = field(default_factory=dict)    # layer -> (B, h, T, T)
+
+    def clear(self) -> None:
+        self.norms.clear()
+        self.activations.clear()
+        self.attention.clear()
+
+
+def _batch_first(t: torch.Tensor, token_dim: int) -> torch.Tensor:
+    return t if token_dim == 1 else t.transpose(0, 1)
+
+
+@contextlib.contextmanager
+def record(model, norm_layers: Sequence[int] = (), activation_layers: dict[int, Any] | None = None,
+           attention_layers: Sequence[int] = (), abs_activations: bool = False) -> Iterator[Recording]:
+    """Record norms of block outputs, down-projection inputs, and attention probabilities.
+
+    ``activation_layers``: ``{layer: neuron indices (LongTensor) or None for all}``. Activations
+    are what the down-projection receives (after any test-time-register edit).
+    """
+    ad = wrap(model)
+    rec = Recording()
+    td = ad.token_dim
+    with contextlib.ExitStack() as stack:
+        hooks = stack.enter_context(HookSet())
+        for layer in norm_layers:
+            def on_block(mod, args, output, layer=layer):
+                y = _batch_first(ad.block_output(output), td)
+                n = y.detach().float().norm(dim=-1)
+                stream = active_stream(ad)
+                if stream is not None and stream.tokens is not None \
+                        and stream.tokens.shape[0] == n.shape[0]:
+                    n = torch.cat([n, stream.tokens.detach().float().norm(dim=-1)], dim=1)
+                rec.norms[layer] = n
+            hooks.forward(ad.blocks[layer], on_block)
+        for layer, idx in (activation_layers or {}).items():
+            def on_site(mod, args, layer=layer, idx=idx):
+                h = _batch_first(args[0], td).detach()
+                if idx is not None:
+                    h = h.index_select(-1, idx.to(h.device))
+                rec.activations[layer] = h.abs().float() if abs_activations else h.float()
+            hooks.pre(ad.down_proj(layer), on_site)
+        if attention_layers:
+            store = stack.enter_context(ad.attention_probs(list(attention_layers)))
+            rec.attention = store
+        yield rec
+
+
+@dataclass
+class Trace:
+    """What one forward pass showed. Tensors are on the CPU, batch first."""
+
+    norms: torch.Tensor | None                 # (B, L, T): residual stream after each block
+    activations: torch.Tensor | None           # (B, N, T) for ``neurons``
+    neurons: list[tuple[int, int]]
+    attention: dict[int, torch.Tensor]         # layer -> (B, heads, T, T)
+    token_types: list[str]                     # T labels: "prefix" | "patch" | "register"
+    num_prefix_tokens: int
+    num_registers: int
+    grid: tuple[int, int]
+    output: Any = None
+
+    @property
+    def patch_slice(self) -> slice:
+        T = len(self.token_types)
+        return slice(self.num_prefix_tokens, T - self.num_registers)
+
+    def _grid(self, t: torch.Tensor) -> torch.Tensor:
+        return t[..., self.patch_slice].reshape(*t.shape[:-1], *self.grid)
+
+    def norm_map(self, layer: int) -> torch.Tensor:
+        """Patch-token norms after block ``layer`` as ``(B, rows, cols)``."""
+        return self._grid(self.norms[:, layer])
+
+    def register_norms(self, layer: int) -> torch.Tensor:
+        """Norms of the test-time registers after block ``layer``: ``(B, R)``."""
+        T = len(self.token_types)
+        return self.norms[:, layer, T - self.num_registers:]
+
+    def activation_map(self, i: int) -> torch.Tensor:
+        """Activation of ``neurons[i]`` on the patch tokens: ``(B, rows, cols)``."""
+        return self._grid(self.activations[:, i])
+
+    def cls_attention(self, layer: int) -> torch.Tensor:
+        """Attention of the first token to the patches, per head: ``(B, heads, rows, cols)``."""
+        return self._grid(self.attention[layer][:, :, 0, :])
+
+
+def trace(model, x: torch.Tensor, norms: bool = True, attention: bool | Sequence[int] = False,
+          neurons: Sequence[tuple[int, int]] | None = None) -> Trace:
+    """Run ``x`` (B, C, H, W) through ``model`` and return what it showed.
+
+    ``norms``: token norms after every block. ``attention``: True for every layer, or a list of
+    layers (negative indexes allowed). ``neurons``: ``(layer, neuron)`` pairs whose activations
+    (input of the MLP down-projection) to record on every token.
+    """
+    ad: Adapter = wrap(model)
+    L = ad.num_layers
+    att_layers = list(range(L)) if attention is True else [a % L for a in (attention or [])]
+    pairs = [(int(l) % L, int(n)) for l, n in (neurons or [])]
+    act_layers: dict[int, torch.Tensor] = {}
+    for l in sorted({l for l, _ in pairs}):
+        act_layers[l] = torch.tensor(sorted({n for ll, n in pairs if ll == l}), dtype=torch.long)
+    with torch.no_grad(), record(ad, range(L) if norms else (), act_layers, att_layers) as rec:
+        out = ad.run(x)
+        attn = {l: rec.attention[l].cpu() for l in att_layers}
+    stream = active_stream(ad)
+    R = stream.num if stream is not None else 0
+    npre = ad.num_prefix_tokens
+    grid = ad.grid_size(x)
+    T = npre + grid[0] * grid[1] + R
+    types = ["prefix"] * npre + ["patch"] * (grid[0] * grid[1]) + ["register"] * R
+    norm_t = torch.stack([rec.norms[l].cpu() for l in range(L)], dim=1) if norms else None
+    acts = None
+    if pairs:
+        cols = []
+        for l, n in pairs:
+            pos = int((act_layers[l] == n).nonzero())
+            cols.append(rec.activations[l][:, :, pos].cpu())
+        acts = torch.stack(cols, dim=1)
+    if norm_t is not None and norm_t.shape[-1] != T:
+        raise RuntimeError(f"expected {T} tokens, saw {norm_t.shape[-1]}: the adapter's grid or "
+                           "prefix count disagrees with the model")
+    return Trace(norm_t, acts, pairs, attn, types, npre, R, grid, out)
