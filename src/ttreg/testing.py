@@ -102,6 +102,12 @@ def plant_register_neurons(model: nn.Module, plants: Sequence, *, trigger: float
         blk = blocks[p.layer]
         fc1, fc2 = blk.mlp.fc1, blk.mlp.fc2
         n = p.neuron
+        mid = fc2.in_features
+        if fc1.out_features == 2 * mid:  # gated MLP (GluMlp): the other half multiplies by 1
+            gate_last = getattr(blk.mlp, "gate_last", True)
+            n, other = (n, n + mid) if not gate_last else (n + mid, n)
+            fc1.weight[other] = 0
+            fc1.bias[other] = 1.0
         fc1.weight[n] = 0
         # LN output of the trigger channel on the trigger token is about trigger*sqrt(D)/|x|.
         med = _median_patch_norm(model, x)
@@ -112,8 +118,8 @@ def plant_register_neurons(model: nn.Module, plants: Sequence, *, trigger: float
         fc1.weight[n, trig_ch[p.position]] = (fire + 2.0) / max(ln_val * abs(gain), 1e-6) * (1 if gain >= 0 else -1)
         if fc1.bias is not None:
             fc1.bias[n] = -2.0
-        fc2.weight[:, n] = 0
-        fc2.weight[write_ch[p], n] = p.write * float(med[-1]) / fire
+        fc2.weight[:, p.neuron] = 0
+        fc2.weight[write_ch[p], p.neuron] = p.write * float(med[-1]) / fire
     return plants
 
 

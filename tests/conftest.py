@@ -1,0 +1,24 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def planted():
+    from ttreg.testing import planted_vit
+    return planted_vit()
+
+
+@pytest.fixture(scope="session")
+def images():
+    from ttreg.testing import mixed_images
+    return mixed_images(10)
+
+
+def all_hooks(module: torch.nn.Module) -> int:
+    """Number of forward hooks and pre-hooks on a module tree."""
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in module.modules())
