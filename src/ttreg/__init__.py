@@ -5,6 +5,7 @@ activations into an extra appended token ("Vision Transformers Don't Need Traine
 Jiang et al., NeurIPS 2025).
 """
 from .adapters import Adapter, wrap
+from .calibrate import Calibration, calibrate
 from .data import ImageError
 from .neurons import SearchStats, find_register_neurons
 from .registers import add_test_time_registers, test_time_registers
@@ -13,7 +14,15 @@ from .trace import Trace, trace
 
 __version__ = "0.1.0"
 
+
+def load_model(spec: str, *args, **kwargs):
+    """``(model, transform)`` for ``timm:NAME``, ``hf:ORG/NAME``, ``open_clip:ARCH/PRETRAINED``,
+    ``builtin:dinov2_vits14`` or a local path (see :mod:`ttreg.models`)."""
+    from .models import load_model as _load
+    return _load(spec, *args, **kwargs)
+
+
 __all__ = [
-    "Adapter", "ImageError", "ModelMismatchError", "RegisterNeurons", "SearchStats", "Trace",
-    "add_test_time_registers", "find_register_neurons", "test_time_registers", "trace", "wrap",
+    "Adapter", "Calibration", "ImageError", "ModelMismatchError", "RegisterNeurons", "SearchStats", "Trace",
+    "add_test_time_registers", "calibrate", "find_register_neurons", "load_model", "test_time_registers", "trace", "wrap",
 ]

@@ -1,0 +1,143 @@
+"""Figures: what a person looks at to see outlier tokens and what test-time registers do to them.
+
+Plain functions that take :class:`~ttreg.trace.Trace` objects (plain and with registers) and
+write PNGs with matplotlib's Agg backend. Nothing here runs a model.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
+    """Save atomically: a temporary file in the same folder, renamed into place."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.stem}.", suffix=".png", dir=p.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=dpi, bbox_inches="tight", facecolor="white")
+        os.replace(tmp, p)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        _plt().close(fig)
+    return p
+
+
+def denormalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """``(3, H, W)`` normalised tensor -> ``(H, W, 3)`` float image in [0, 1]."""
+    m = torch.tensor(mean).view(3, 1, 1)
+    s = torch.tensor(std).view(3, 1, 1)
+    return (x.detach().float().cpu() * s + m).clamp(0, 1).permute(1, 2, 0).numpy()
+
+
+def _upsample(m: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    return torch.nn.functional.interpolate(m[None, None].float(), size=size, mode="nearest")[0, 0].numpy()
+
+
+def _overlay(ax, image: np.ndarray, heat: torch.Tensor, title: str, cmap="inferno",
+             vmin=None, vmax=None):
+    ax.imshow(image)
+    ax.imshow(_upsample(heat, image.shape[:2]), cmap=cmap, alpha=0.6,
+              vmin=None if vmin is None else float(vmin), vmax=None if vmax is None else float(vmax))
+    ax.set_title(title, fontsize=9)
+    ax.axis("off")
+
+
+def _heat(ax, heat: torch.Tensor, title: str, cmap="inferno", vmax=None, mark_max=False):
+    im = ax.imshow(heat.numpy(), cmap=cmap, vmin=0, vmax=float(vmax) if vmax is not None else None)
+    if mark_max:
+        r, c = divmod(int(heat.argmax()), heat.shape[1])
+        ax.scatter([c], [r], s=40, facecolors="none", edgecolors="cyan", linewidths=1.2)
+    ax.set_title(title, fontsize=9)
+    ax.axis("off")
+    return im
+
+
+def overview(image: np.ndarray, plain, reg, i: int, layer: int, name: str, path) -> Path:
+    """One image: input, norm maps and last-layer CLS attention, plain vs. registers, and the
+    per-layer max/median norm curves."""
+    plt = _plt()
+    fig = plt.figure(figsize=(15, 7.2))
+    gs = fig.add_gridspec(2, 5, height_ratios=[1, 0.9], hspace=0.35, wspace=0.15)
+    L = plain.norms.shape[1]
+    layer = layer % L
+    nm_p, nm_r = plain.norm_map(layer)[i], reg.norm_map(layer)[i]
+    vmax = max(float(nm_p.max()), float(nm_r.max()))
+    ax = fig.add_subplot(gs[0, 0]); ax.imshow(image); ax.set_title(name, fontsize=9); ax.axis("off")
+    rp = float(nm_p.max() / nm_p.median())
+    rr = float(nm_r.max() / nm_r.median())
+    im = _heat(fig.add_subplot(gs[0, 1]), nm_p, f"patch norms, layer {layer}\nplain (max/median {rp:.1f})",
+               vmax=vmax, mark_max=True)
+    _heat(fig.add_subplot(gs[0, 2]), nm_r, f"patch norms, layer {layer}\n"
+          f"test-time register (max/median {rr:.1f})", vmax=vmax, mark_max=True)
+    fig.colorbar(im, ax=fig.axes[1:3], fraction=0.025, pad=0.01, label="token norm")
+    last = L - 1
+    if last in plain.attention and last in reg.attention and plain.num_prefix_tokens > 0:
+        a_p = plain.cls_attention(last)[i].mean(0)
+        a_r = reg.cls_attention(last)[i].mean(0)
+        lo = min(float(a_p.min()), float(a_r.min()))
+        hi = max(float(a_p.max()), float(a_r.max()))
+        _overlay(fig.add_subplot(gs[0, 3]), image, a_p,
+                 f"CLS attention, layer {last}\nplain (mean of heads)", vmin=lo, vmax=hi)
+        _overlay(fig.add_subplot(gs[0, 4]), image, a_r,
+                 f"CLS attention, layer {last}\ntest-time register", vmin=lo, vmax=hi)
+    ax = fig.add_subplot(gs[1, :])
+    x = np.arange(L)
+    ps, rs = plain.patch_slice, reg.patch_slice
+    ax.semilogy(x, plain.norms[i, :, ps].amax(-1), "o-", color="C3", label="max patch norm, plain")
+    ax.semilogy(x, reg.norms[i, :, rs].amax(-1), "o-", color="C0", label="max patch norm, test-time register")
+    ax.semilogy(x, plain.norms[i, :, ps].median(-1).values, "--", color="C3", alpha=0.6, label="median patch norm, plain")
+    ax.semilogy(x, reg.norms[i, :, rs].median(-1).values, "--", color="C0", alpha=0.6, label="median patch norm, test-time register")
+    if reg.num_registers:
+        ax.semilogy(x, reg.norms[i, :, -reg.num_registers:].amax(-1), "s:", color="C2", label="register token norm")
+    ax.set_xlabel("block"); ax.set_ylabel("token norm (log)"); ax.set_xticks(x)
+    ax.grid(alpha=0.3); ax.legend(fontsize=8, ncol=3, loc="upper left")
+    ax.set_title("token norms after each block", fontsize=9)
+    return save_figure(fig, path)
+
+
+def heads(image: np.ndarray, plain, reg, i: int, name: str, path) -> Path:
+    """CLS attention of the last block, one panel per head: plain (top) and with registers."""
+    plt = _plt()
+    last = plain.norms.shape[1] - 1 if plain.norms is not None else max(plain.attention)
+    a_p, a_r = plain.cls_attention(last)[i], reg.cls_attention(last)[i]
+    H = a_p.shape[0]
+    fig, axes = plt.subplots(2, H, figsize=(1.9 * H, 4.2), squeeze=False)
+    for h in range(H):
+        vmax = max(float(a_p[h].max()), float(a_r[h].max()))
+        _heat(axes[0, h], a_p[h], f"head {h}", cmap="viridis", vmax=vmax)
+        _heat(axes[1, h], a_r[h], "", cmap="viridis", vmax=vmax)
+    axes[0, 0].text(-0.15, 0.5, "plain", transform=axes[0, 0].transAxes, rotation=90, va="center", ha="right")
+    axes[1, 0].text(-0.15, 0.5, "register", transform=axes[1, 0].transAxes, rotation=90, va="center", ha="right")
+    fig.suptitle(f"{name}: CLS attention per head, block {last}", fontsize=10)
+    return save_figure(fig, path)
+
+
+def neuron_maps(image: np.ndarray, plain, reg, i: int, name: str, path, max_neurons: int = 6) -> Path:
+    """Activation maps of the top register neurons on the patches, plain vs. with registers."""
+    plt = _plt()
+    n = min(max_neurons, len(plain.neurons))
+    fig, axes = plt.subplots(2, n, figsize=(2.3 * n, 4.8), squeeze=False)
+    for k in range(n):
+        l, j = plain.neurons[k]
+        m_p, m_r = plain.activation_map(k)[i], reg.activation_map(k)[i]
+        vmax = max(float(m_p.abs().max()), 1e-6)
+        _heat(axes[0, k], m_p.abs(), f"neuron ({l}, {j})\nplain, max {float(m_p.max()):.1f}", vmax=vmax)
+        reg_val = float(reg.activations[i, k, -reg.num_registers:].max()) if reg.num_registers else 0.0
+        _heat(axes[1, k], m_r.abs(), f"with register\npatches 0, register {reg_val:.1f}", vmax=vmax)
+    fig.suptitle(f"{name}: register-neuron activations on the patches", fontsize=10)
+    return save_figure(fig, path)
