@@ -22,7 +22,7 @@ import torch
 
 from .adapters import wrap
 from .data import ImageSource, iter_batches, resolve_images
-from .neurons import find_register_neurons
+from .neurons import _resolve_layer, find_register_neurons
 from .outliers import AUTO_MIN_RATIO, norm_ratio, thresholds
 from .registers import test_time_registers
 from .spec import RegisterNeurons
@@ -111,7 +111,7 @@ def calibrate(model, images, *, threshold: float | str = "auto", detection_layer
     """
     ad = wrap(model)
     L = ad.num_layers
-    det = detection_layer % L
+    det = _resolve_layer(detection_layer, L, "detection_layer")
     skipped = []
     if not torch.is_tensor(images):
         src = images if isinstance(images, ImageSource) else resolve_images(images, strict=strict)

@@ -92,6 +92,7 @@ def cmd_calibrate(args) -> int:
         raise UserError(f"--out {out} is a folder; give a file name such as neurons.json")
     model, transform = load_model(args.model, args.device)
     t0 = time.time()
+    print(f"calibrating {args.model} on {args.images} ...", flush=True)
     cal = calibrate(model, args.images, threshold=_num_or_auto(args.threshold),
                     detection_layer=args.detection_layer, top_layer=_int_or_auto(args.top_layer),
                     top_k=_int_or_auto(args.top_k), max_k=args.max_k, heldout=args.heldout,
