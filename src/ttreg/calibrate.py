@@ -65,8 +65,7 @@ def _split(src: ImageSource | torch.Tensor, heldout: float) -> tuple[Any, Any]:
     held = list(range(step - 1, n, step)) or [n - 1]
     keep = [i for i in range(n) if i not in set(held)]
     if isinstance(src, ImageSource):
-        pick = lambda ix: ImageSource([src.items[i] for i in ix], [src.names[i] for i in ix])
-        return pick(keep), pick(held)
+        return src.subset(keep), src.subset(held)
     return src[keep], src[held]
 
 

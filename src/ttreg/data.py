@@ -36,11 +36,23 @@ class Skipped:
 
 @dataclass
 class ImageSource:
-    """Resolved image inputs: items are paths or PIL images; ``skipped`` collects bad ones."""
+    """Resolved image inputs: items are paths (decoded when used, so memory stays flat) or PIL
+    images; ``skipped`` lists the files that could not be read."""
 
     items: list = field(default_factory=list)
     names: list[str] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def image(self, i: int):
+        """Item ``i`` as an RGB PIL image."""
+        item = self.items[i]
+        return load_image(item) if isinstance(item, (str, os.PathLike)) else item
+
+    def subset(self, indices) -> "ImageSource":
+        return ImageSource([self.items[i] for i in indices], [self.names[i] for i in indices])
 
 
 def list_image_files(folder: str | os.PathLike) -> list[Path]:
@@ -160,7 +172,8 @@ def resolve_images(images, strict: bool = False) -> ImageSource:
             src.names.append(f"image{len(src.names)}")
             continue
         try:
-            src.items.append(load_image(e))
+            load_image(e)  # check it decodes; decoded again when used
+            src.items.append(Path(e))
             src.names.append(str(e))
         except ImageError as err:
             if strict:
@@ -228,8 +241,7 @@ def iter_batches(images, adapter, batch_size: int = 16, transform: Callable | No
     src = images if isinstance(images, ImageSource) else resolve_images(images, strict=strict)
     tf = transform or default_transform(adapter)
     for i in range(0, len(src.items), batch_size):
-        chunk = src.items[i:i + batch_size]
-        x = torch.stack([tf(im) for im in chunk])
+        x = torch.stack([tf(src.image(j)) for j in range(i, min(i + batch_size, len(src.items)))])
         yield check_finite(x).to(p.device, p.dtype)
 
 

@@ -51,7 +51,7 @@ def run_demo(out: Path, batch_size: int = 8) -> Path:
 
     _say("[3/3] figures for a few photos, plain vs. test-time register")
     pick = [i for i, n in enumerate(photos.names) if n in FIGURE_PHOTOS]
-    sub = type(photos)([photos.items[i] for i in pick], [photos.names[i] for i in pick])
+    sub = photos.subset(pick)
     res_syn, figs_syn = inspect_images(planted, tf, sub, syn.neurons, out / "synthetic",
                                        model_name=SYNTHETIC)
     res_real, figs_real = inspect_images(model, tf, sub, real.neurons, out / "real", model_name=REAL)

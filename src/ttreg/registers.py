@@ -73,6 +73,7 @@ class RegisterStream:
 
             hooks.pre(block, append, prepend=True, with_kwargs=True)
             hooks.forward(block, split, prepend=True)
+        ad.stream_hooks(hooks, self.num)
 
 
 def _target_and_zero_masks(batch: int, tokens: int, num_prefix: int, num_registers: int,

@@ -25,7 +25,7 @@ def inspect_images(model, transform, src: ImageSource, neurons: RegisterNeurons,
                    num_neurons: int = 6, model_name: str = "") -> tuple[dict, list[Path]]:
     ad = wrap(model)
     p = ad.parameter()
-    x = torch.stack([transform(im) for im in src.items]).to(p.device, p.dtype)
+    x = torch.stack([transform(src.image(i)) for i in range(len(src))]).to(p.device, p.dtype)
     L = ad.num_layers
     det = layer % L
     top = list(neurons.neurons[:num_neurons])

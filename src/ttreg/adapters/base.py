@@ -80,6 +80,11 @@ class Adapter:
         """Token-wise module between the position embedding and the first block, if any."""
         return None
 
+    def stream_hooks(self, hooks, num_registers: int) -> None:
+        """Install any extra hooks (into ``hooks``, a :class:`~ttreg.hooks.HookSet`) a family needs
+        while ``num_registers`` test-time registers are carried, e.g. to trim them from outputs
+        that capture a block's *input*. None by default."""
+
     # --- block input/output plumbing -------------------------------------------------------
     def block_input(self, args: tuple, kwargs: dict) -> torch.Tensor:
         if args:
