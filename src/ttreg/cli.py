@@ -59,7 +59,7 @@ def load_model(spec: str, device: str = "cpu"):
 
 #: plants used by ``builtin:dinov2_vits14+planted`` (a synthetic demo variant of the real model):
 #: two neurons on the same token, a small write at block 5 and a large one at block 8.
-DEMO_PLANTS = [(5, 100, 7 * 16 + 4, 0.4), (8, 1000, 7 * 16 + 4, 12.0)]
+DEMO_PLANTS = [(5, 100, 7 * 16 + 4, 0.4), (8, 1000, 7 * 16 + 4, 60.0)]
 
 
 def load_neurons(arg: str | None, model):

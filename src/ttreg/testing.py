@@ -23,7 +23,7 @@ class Plant:
     layer: int
     neuron: int
     position: int = 0          # patch index the neuron fires on
-    write: float = 10.0        # norm written, in multiples of the median patch-token norm
+    write: float = 10.0        # norm written, in multiples of the median patch norm after its block
 
 
 def _as_plant(p) -> Plant:
@@ -61,11 +61,11 @@ def plant_register_neurons(model: nn.Module, plants: Sequence, *, trigger: float
     reserved = list(trig_ch.values()) + list(write_ch.values())
     if len(reserved) >= D // 2:
         raise ValueError(f"too many plants for embed_dim {D}")
-    g = torch.Generator().manual_seed(seed)
     H, W = model.patch_embed.grid_size
     if any(p.position >= H * W for p in plants):
         raise ValueError(f"plant position out of range: the grid has {H * W} patches")
-    x = torch.randn(4, 3, *model.patch_embed.img_size, generator=g)
+    size = model.patch_embed.img_size
+    x = torch.nn.functional.interpolate(mixed_images(5, 64, seed), size=tuple(size), mode="bilinear")
 
     # Nothing but the plants writes the reserved channels; nothing reads the write channels.
     pe = model.patch_embed.proj
@@ -91,13 +91,21 @@ def plant_register_neurons(model: nn.Module, plants: Sequence, *, trigger: float
     if isinstance(head, nn.Linear):
         head.weight[:, wcols] = 0
 
-    # Trigger: a small bump in the position embedding of each planted position.
+    # Trigger: a small bump in the position embedding of each planted position. The blocks'
+    # LayerNorms pass the reserved channels through plainly (weight 1, bias 0).
+    for blk in blocks:
+        for norm in (blk.norm1, blk.norm2):
+            if getattr(norm, "weight", None) is not None:
+                norm.weight[reserved] = 1.0
+            if getattr(norm, "bias", None) is not None:
+                norm.bias[reserved] = 0.0
     med = _median_patch_norm(model, x)
     off = 0 if getattr(model, "no_embed_class", False) else npre
     for pos, ch in trig_ch.items():
         model.pos_embed[0, off + pos, ch] = trigger * float(med[0])
 
-    # Each plant: read its trigger channel (after the block's LayerNorm), write its channel.
+    # Each plant, in layer order, calibrated on the model as planted so far: read the trigger
+    # channel as the block's LayerNorm outputs it, fire at ``fire``, write along its channel.
     for p in sorted(plants, key=lambda p: p.layer):
         blk = blocks[p.layer]
         fc1, fc2 = blk.mlp.fc1, blk.mlp.fc2
@@ -108,19 +116,37 @@ def plant_register_neurons(model: nn.Module, plants: Sequence, *, trigger: float
             n, other = (n, n + mid) if not gate_last else (n + mid, n)
             fc1.weight[other] = 0
             fc1.bias[other] = 1.0
+        ch, tok = trig_ch[p.position], npre + p.position
+        seen = _ln_output(model, blk.norm2, x)[:, tok, ch]
         fc1.weight[n] = 0
-        # LN output of the trigger channel on the trigger token is about trigger*sqrt(D)/|x|.
-        med = _median_patch_norm(model, x)
-        ln_in = max(float(med[p.layer - 1]) if p.layer else float(med[0]), 1e-6)
-        ln_val = trigger * float(_median_patch_norm(model, x)[0]) / ln_in * D ** 0.5
-        norm2 = blk.norm2
-        gain = float(norm2.weight[trig_ch[p.position]]) if getattr(norm2, "weight", None) is not None else 1.0
-        fc1.weight[n, trig_ch[p.position]] = (fire + 2.0) / max(ln_val * abs(gain), 1e-6) * (1 if gain >= 0 else -1)
+        fc1.weight[n, ch] = (fire + 2.0) / float(seen.median())
         if fc1.bias is not None:
             fc1.bias[n] = -2.0
+        act = _mlp_hidden(model, fc2, x)[:, tok, p.neuron]
+        med = _median_patch_norm(model, x)
         fc2.weight[:, p.neuron] = 0
-        fc2.weight[write_ch[p], p.neuron] = p.write * float(med[-1]) / fire
+        fc2.weight[write_ch[p], p.neuron] = p.write * float(med[p.layer]) / float(act.median())
     return plants
+
+
+@torch.no_grad()
+def _ln_output(model, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    from .hooks import HookSet
+    got = {}
+    with HookSet() as hooks:
+        hooks.forward(norm, lambda m, a, out: got.__setitem__("y", out))
+        model.forward_features(x)
+    return got["y"]
+
+
+@torch.no_grad()
+def _mlp_hidden(model, fc2: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    from .hooks import HookSet
+    got = {}
+    with HookSet() as hooks:
+        hooks.pre(fc2, lambda m, a: got.__setitem__("h", a[0]))
+        model.forward_features(x)
+    return got["h"]
 
 
 def planted_vit(plants: Sequence = ((1, 7, 12, 0.4), (3, 21, 12, 12.0)), *, depth: int = 6,

@@ -1,0 +1,259 @@
+"""Adapters for open_clip image towers: whole CLIP models and their ``visual`` tower.
+
+Two kinds of tower:
+
+* open_clip's own ``VisionTransformer`` (:class:`OpenCLIPViTAdapter`): blocks are
+  ``visual.transformer.resblocks``, the neuron site is ``mlp.c_proj``'s input, one prefix token
+  (the class embedding), and ``ln_pre`` sits between the position embedding and the first block,
+  so a test-time register enters the blocks as ``ln_pre(0)``. Blocks run batch-first in open_clip
+  >= 2.24 (``transformer.batch_first``) and sequence-first before; both are supported.
+* a timm trunk (``visual`` is open_clip's ``TimmModel`` around a timm ``VisionTransformer``,
+  :class:`OpenCLIPTimmAdapter`): the structure is the timm adapter's, on ``visual.trunk``.
+
+For a whole CLIP (``CLIP``, ``CustomTextCLIP``, ``CoCa``) ``run`` is ``encode_image``, so pooling
+(class token, average or attentional) and projection run too. Fingerprints cover the image tower
+only, so a neuron set found on ``model.visual`` applies to ``model`` and back.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD  # without open_clip,
+from open_clip.timm_model import TimmModel                              # wrap() skips this module
+from open_clip.transformer import Attention as CustomAttention
+from open_clip.transformer import VisionTransformer as OpenCLIPVisionTransformer
+
+from ..hooks import HookSet
+from .base import Adapter
+from .timm_vit import TimmViTAdapter
+
+def _split(model: nn.Module) -> tuple[nn.Module, bool]:
+    """``(image tower, is_whole_model)`` for a CLIP-like model or a bare tower."""
+    visual = getattr(model, "visual", None)
+    if isinstance(visual, nn.Module) and hasattr(model, "encode_image"):
+        return visual, True
+    return model, False
+
+
+def _preprocess(visual: nn.Module):
+    cfg = getattr(visual, "preprocess_cfg", None) or {}
+    mean = cfg.get("mean", getattr(visual, "image_mean", None)) or OPENAI_DATASET_MEAN
+    std = cfg.get("std", getattr(visual, "image_std", None)) or OPENAI_DATASET_STD
+    return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+
+
+def _size2(size) -> tuple[int, int]:
+    return (int(size[0]), int(size[1])) if isinstance(size, (tuple, list)) else (int(size),) * 2
+
+
+def custom_attention_probs(attn: nn.Module, x: torch.Tensor,
+                           attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Post-softmax probabilities ``(B, heads, T, T)`` of open_clip's ``Attention`` on input ``x``.
+
+    Recomputes what ``Attention.forward`` does before it multiplies by the values (qk-norm,
+    scaled-cosine logits, masks); ``x`` is batch-first, as that module requires.
+    """
+    N, L, _ = x.shape
+    q, k, _ = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+    q = q.reshape(N, L, attn.num_heads, -1).transpose(1, 2)
+    k = k.reshape(N, L, attn.num_heads, -1).transpose(1, 2)
+    if attn.logit_scale is not None:
+        scale = torch.clamp(attn.logit_scale, max=attn.logit_scale_max).exp()
+        logits = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-1, -2) * scale
+    else:
+        logits = (attn.ln_q(q) * attn.scale) @ attn.ln_k(k).transpose(-1, -2)
+    if attn_mask is not None:
+        if attn_mask.ndim == 3:
+            attn_mask = attn_mask.reshape(N, attn.num_heads, L, L)
+        if attn_mask.dtype == torch.bool:
+            attn_mask = torch.zeros_like(attn_mask, dtype=logits.dtype).masked_fill(attn_mask, float("-inf"))
+        logits = logits + attn_mask.to(logits.dtype)
+    return logits.softmax(dim=-1)
+
+
+class OpenCLIPViTAdapter(Adapter):
+    """open_clip ``VisionTransformer`` towers, alone or inside a CLIP model."""
+
+    family = "open_clip"
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        self.visual, self.whole = _split(model)
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return isinstance(_split(model)[0], OpenCLIPVisionTransformer)
+
+    # --- structure ---------------------------------------------------------------------------
+    @property
+    def token_dim(self) -> int:  # type: ignore[override]
+        return 1 if getattr(self.visual.transformer, "batch_first", False) else 0
+
+    @property
+    def blocks(self) -> Sequence[nn.Module]:
+        return list(self.visual.transformer.resblocks)
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return 1  # the class embedding; open_clip towers have no trained registers
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.visual.transformer.width)
+
+    @property
+    def patch_size(self) -> tuple[int, int]:
+        return _size2(self.visual.patch_size)
+
+    def down_proj(self, layer: int) -> nn.Module:
+        return self.blocks[layer].mlp.c_proj
+
+    def attention(self, layer: int) -> nn.Module:
+        return self.blocks[layer].attn
+
+    def pre_block_module(self) -> nn.Module | None:
+        pre = self.visual.ln_pre
+        return None if isinstance(pre, nn.Identity) else pre
+
+    # --- running -------------------------------------------------------------------------------
+    def run(self, x: torch.Tensor):
+        return self.model.encode_image(x) if self.whole else self.visual(x)
+
+    def image_size(self) -> tuple[int, int]:
+        return _size2(self.visual.image_size)
+
+    def mean_std(self):
+        return _preprocess(self.visual)
+
+    def parameter(self) -> torch.Tensor:
+        return next(self.visual.parameters())
+
+    @contextlib.contextmanager
+    def attention_probs(self, layers: Sequence[int]) -> Iterator[dict[int, torch.Tensor]]:
+        """``nn.MultiheadAttention`` is asked for per-head weights (its explicit path) and the
+        weights are dropped from its output again; open_clip's custom ``Attention`` (whose
+        explicit path cannot run on 4-D heads) gets its probabilities recomputed from its input.
+        Hooks only, all removed on exit."""
+        store: dict[int, torch.Tensor] = {}
+        with HookSet() as hooks:
+            for layer in layers:
+                attn = self.attention(layer)
+                if isinstance(attn, nn.MultiheadAttention):
+                    def ask(mod, args, kwargs):
+                        return args, {**kwargs, "need_weights": True, "average_attn_weights": False}
+
+                    def grab(mod, args, out, layer=layer):
+                        store[layer] = out[1].detach()
+                        return out[0], None
+                    hooks.pre(attn, ask, with_kwargs=True)
+                    hooks.forward(attn, grab)
+                elif isinstance(attn, CustomAttention):
+                    def recompute(mod, args, kwargs, layer=layer):
+                        x = args[0] if args else kwargs["x"]
+                        mask = args[1] if len(args) > 1 else kwargs.get("attn_mask")
+                        with torch.no_grad():
+                            store[layer] = custom_attention_probs(mod, x.detach(), mask)
+                    hooks.pre(attn, recompute, with_kwargs=True)
+                else:
+                    raise TypeError(f"open_clip block {layer} has an attention module "
+                                    f"({type(attn).__name__}) ttreg cannot read maps from")
+            yield store
+
+    # --- identity --------------------------------------------------------------------------------
+    def architecture(self):
+        arch = super().architecture()
+        arch["class"] = type(self.visual).__name__
+        return arch
+
+    def fingerprint_module(self) -> nn.Module:
+        return self.visual
+
+    def describe(self) -> str:
+        what = f"{type(self.model).__name__} image tower" if self.whole else type(self.visual).__name__
+        return (f"{self.family} {what} ({self.num_layers} blocks, width {self.embed_dim}, "
+                f"MLP {self.mlp_width(0)})")
+
+
+class OpenCLIPTimmAdapter(Adapter):
+    """open_clip towers around a timm ``VisionTransformer`` (``visual.trunk``).
+
+    Everything structural is the timm adapter's on the trunk; ``run`` goes through the open_clip
+    model (``encode_image``, or the ``TimmModel``'s pooling and projection head).
+    """
+
+    family = "timm"
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        self.visual, self.whole = _split(model)
+        self.trunk = TimmViTAdapter(self.visual.trunk)
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        visual = _split(model)[0]
+        return isinstance(visual, TimmModel) and TimmViTAdapter.matches(getattr(visual, "trunk", None))
+
+    @property
+    def token_dim(self) -> int:  # type: ignore[override]
+        return self.trunk.token_dim
+
+    @property
+    def blocks(self) -> Sequence[nn.Module]:
+        return self.trunk.blocks
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return self.trunk.num_prefix_tokens
+
+    @property
+    def embed_dim(self) -> int:
+        return self.trunk.embed_dim
+
+    @property
+    def patch_size(self) -> tuple[int, int]:
+        return self.trunk.patch_size
+
+    def down_proj(self, layer: int) -> nn.Module:
+        return self.trunk.down_proj(layer)
+
+    def attention(self, layer: int) -> nn.Module:
+        return self.trunk.attention(layer)
+
+    def pre_block_module(self) -> nn.Module | None:
+        return self.trunk.pre_block_module()
+
+    def grid_size(self, x: torch.Tensor) -> tuple[int, int]:
+        return self.trunk.grid_size(x)
+
+    def attention_probs(self, layers: Sequence[int]):
+        return self.trunk.attention_probs(layers)
+
+    def run(self, x: torch.Tensor):
+        return self.model.encode_image(x) if self.whole else self.visual(x)
+
+    def image_size(self) -> tuple[int, int]:
+        return _size2(self.visual.image_size)
+
+    def mean_std(self):
+        return _preprocess(self.visual)
+
+    def parameter(self) -> torch.Tensor:
+        return self.trunk.parameter()
+
+    def architecture(self):
+        return self.trunk.architecture()
+
+    def fingerprint_module(self) -> nn.Module:
+        return self.trunk.model
+
+    def describe(self) -> str:
+        return f"open_clip {type(self.model).__name__} with a {self.trunk.describe()} trunk"
+
+
+OPEN_CLIP_ADAPTERS: list[type[Adapter]] = [OpenCLIPViTAdapter, OpenCLIPTimmAdapter]
+
+__all__ = ["OpenCLIPViTAdapter", "OpenCLIPTimmAdapter", "OPEN_CLIP_ADAPTERS", "custom_attention_probs"]
