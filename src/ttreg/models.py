@@ -1,0 +1,326 @@
+"""Model strings -> ``(model, transform)``: timm, Hugging Face, open_clip, the built-in model, local files.
+
+Specs::
+
+    timm:NAME                      timm.create_model(NAME, pretrained=True)
+    timm:NAME@/path/weights.safetensors   the same architecture, weights from a local file
+    hf:ORG/NAME   or  hf:/local/folder     transformers AutoModel.from_pretrained
+    open_clip:ARCH/PRETRAINED      open_clip.create_model_and_transforms(ARCH, pretrained=PRETRAINED)
+    open_clip:ARCH@/path/file.bin  open_clip:hf-hub:ORG/NAME
+    builtin:dinov2_vits14          the offline DINOv2 ViT-S/14 (timm); builtin:dinov2_vits14-hf (HF)
+    /a/local/path                  an HF model folder (config.json), or a .safetensors file (or a
+                                   folder holding one) written by :func:`save_model`
+
+``transform`` maps a PIL image to a normalised ``(C, H, W)`` tensor, as the model expects.
+Every failure is a :class:`ModelLoadError` with a one-line message; downloads that fail say
+``could not download <what> — no network? pass a local path``. When the Hugging Face Hub cannot
+be reached, hub downloads run in offline mode (the local cache is used, nothing is retried).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Any, Callable, Iterator
+from urllib.parse import urlparse
+
+import torch.nn as nn
+
+KINDS = ("timm", "hf", "open_clip", "builtin")
+SPEC_HELP = ("timm:NAME[@/path/weights], hf:ORG/NAME, open_clip:ARCH/PRETRAINED, "
+             "builtin:dinov2_vits14[-hf], or a local path")
+#: metadata keys of a safetensors file written by :func:`save_model`
+META_SPEC, META_KWARGS = "ttreg.spec", "ttreg.kwargs"
+
+
+class ModelLoadError(ValueError):
+    """A model that cannot be loaded; the message says why in one line."""
+
+
+def load_model(spec: str, device: str = "cpu", *, library: str | None = None
+               ) -> tuple[nn.Module, Callable]:
+    """Load ``spec`` (see the module docstring) in eval mode on ``device``; return
+    ``(model, transform)``. ``library`` (``"timm"`` or ``"hf"``) picks the built-in model's
+    library (same as the ``-hf`` suffix)."""
+    spec = str(spec).strip()
+    kind, sep, rest = spec.partition(":")
+    if kind in KINDS and sep:
+        if not rest:
+            raise ModelLoadError(f"empty model name in {spec!r}; use {SPEC_HELP}")
+        model, transform = _LOADERS[kind](rest, library=library)
+    elif Path(spec).expanduser().exists():
+        model, transform = load_local(Path(spec).expanduser(), library=library)
+    else:
+        what = f"unknown model kind {kind!r}" if sep else f"no such file or folder {spec!r}"
+        raise ModelLoadError(f"{what}; model specs: {SPEC_HELP}")
+    return model.to(device).eval(), transform
+
+
+# --- downloads: offline-friendly, one-line failures -----------------------------------------
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Can a TCP connection to the Hub's endpoint be opened? (Assumed yes behind a proxy.)"""
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    try:
+        from huggingface_hub import constants
+        url = urlparse(constants.ENDPOINT)
+    except ImportError:
+        return True
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _env_offline() -> bool:
+    return any(os.environ.get(k, "").upper() in ("1", "ON", "YES", "TRUE")
+               for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+@contextlib.contextmanager
+def _hub_offline_if_unreachable() -> Iterator[None]:
+    """Put huggingface_hub in offline mode for this block when ``HF_HUB_OFFLINE`` is set now or
+    the Hub is unreachable, so a load uses the local cache or fails at once instead of retrying
+    for a minute."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        yield
+        return
+    before = constants.HF_HUB_OFFLINE
+    if not before and (_env_offline() or not _hub_reachable()):
+        constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
+
+
+def _network_types() -> tuple[type, ...]:
+    import urllib.error
+    types: list[type] = [ConnectionError, TimeoutError, socket.gaierror, urllib.error.URLError]
+    for mod, names in (("huggingface_hub.errors", ("LocalEntryNotFoundError", "HfHubHTTPError",
+                                                   "OfflineModeIsEnabled")),
+                       ("httpx2", ("HTTPError",)), ("httpx", ("HTTPError",)),
+                       ("requests", ("RequestException",))):
+        try:
+            m = __import__(mod, fromlist=list(names))
+        except ImportError:
+            continue
+        types += [getattr(m, n) for n in names if hasattr(m, n)]
+    return tuple(types)
+
+
+def _is_network_error(err: BaseException) -> bool:
+    """Is a network failure anywhere in the exception's cause/context chain?"""
+    types, seen = _network_types(), set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, types):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def _one_line(err: BaseException, limit: int = 160) -> str:
+    text = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@contextlib.contextmanager
+def _loading(what: str, network: bool = True) -> Iterator[None]:
+    """Turn any failure inside into a one-line :class:`ModelLoadError` about ``what``
+    (``network``: the block may download from the Hub)."""
+    with _hub_offline_if_unreachable() if network else contextlib.nullcontext():
+        try:
+            yield
+        except ModelLoadError:
+            raise
+        except Exception as e:
+            if _is_network_error(e):
+                msg = f"could not download {what} — no network? pass a local path ({_one_line(e)})"
+            else:
+                msg = f"could not load {what}: {_one_line(e)}"
+            err = ModelLoadError(msg)
+            err.original = e
+            raise err from None
+
+
+# --- the kinds ----------------------------------------------------------------------------------
+def _load_timm(rest: str, **_: Any) -> tuple[nn.Module, Callable]:
+    try:
+        import timm
+        from timm.data import create_transform, resolve_model_data_config
+    except ImportError:
+        raise ModelLoadError("timm models need timm: pip install timm") from None
+    name, _, file = rest.partition("@")
+    kwargs: dict[str, Any] = {}
+    if file:
+        path = Path(file).expanduser()
+        if not path.is_file():
+            raise ModelLoadError(f"no such checkpoint file: {path}")
+        kwargs["pretrained_cfg_overlay"] = {"file": str(path)}
+    on_hub = name.startswith(("hf-hub:", "hf_hub:"))
+    if not on_hub and not timm.is_model(name):
+        raise ModelLoadError(f"timm {timm.__version__} has no model {name!r}")
+    if not (on_hub or file):
+        try:
+            cfg = timm.models.get_pretrained_cfg(name)
+        except RuntimeError as e:  # an unknown pretrained tag
+            raise ModelLoadError(f"timm: {_one_line(e)}") from None
+        if not (cfg and (cfg.hf_hub_id or cfg.url or cfg.file)):
+            raise ModelLoadError(f"timm has no pretrained weights for {name!r}; "
+                                 f"pass a checkpoint: timm:{name}@/path/to/weights")
+    with _loading(f"timm:{rest}"):
+        model = timm.create_model(name, pretrained=True, **kwargs)
+    return model, create_transform(**resolve_model_data_config(model), is_training=False)
+
+
+class HFImageTransform:
+    """PIL image -> ``(C, H, W)`` tensor through a transformers image processor (exactly what
+    the model's ``AutoImageProcessor`` does)."""
+
+    def __init__(self, processor) -> None:
+        self.processor = processor
+
+    def __call__(self, image):
+        return self.processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+    def __repr__(self) -> str:
+        return f"HFImageTransform({type(self.processor).__name__})"
+
+
+def _load_hf(name: str, **_: Any) -> tuple[nn.Module, Callable]:
+    try:
+        from transformers import AutoImageProcessor, AutoModel
+    except ImportError:
+        raise ModelLoadError("Hugging Face models need transformers: pip install transformers") from None
+    local = Path(name).expanduser().is_dir()
+    with _loading(name if local else f"hf:{name}", network=not local):
+        model = AutoModel.from_pretrained(name)
+    try:
+        with _hub_offline_if_unreachable() if not local else contextlib.nullcontext():
+            transform: Callable = HFImageTransform(AutoImageProcessor.from_pretrained(name))
+    except Exception:  # no preprocessor config: the adapter's size and statistics
+        from .adapters import wrap
+        from .data import default_transform
+        transform = default_transform(wrap(model))
+    return model, transform
+
+
+def _load_open_clip(rest: str, **_: Any) -> tuple[nn.Module, Callable]:
+    try:
+        import open_clip
+    except ImportError:
+        raise ModelLoadError("open_clip models need open_clip_torch: pip install open_clip_torch") from None
+    if rest.startswith(("hf-hub:", "local-dir:")):
+        arch, pretrained = rest, None
+    else:
+        arch, _, pretrained = rest.partition("@") if "@" in rest else rest.partition("/")
+    with _loading(f"open_clip:{rest}"):
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            arch, pretrained=pretrained or None, require_pretrained=True)
+    return model, preprocess
+
+
+def _load_builtin(rest: str, library: str | None = None, **_: Any) -> tuple[nn.Module, Callable]:
+    from . import builtin
+    name = rest
+    if name.endswith("-hf") or name.endswith("-timm"):
+        name, _, suffix = name.rpartition("-")
+        if library and library != suffix:
+            raise ModelLoadError(f"builtin:{rest} is the {suffix} version but library={library!r}")
+        library = suffix
+    model = builtin.load_builtin(name, library=library or "timm")
+    return model, builtin.builtin_transform()
+
+
+_LOADERS = {"timm": _load_timm, "hf": _load_hf, "open_clip": _load_open_clip,
+            "builtin": _load_builtin}
+
+
+# --- local files ---------------------------------------------------------------------------------
+def load_local(path: Path, library: str | None = None) -> tuple[nn.Module, Callable]:
+    """An HF model folder, an open_clip folder, or a ttreg safetensors file (or its folder)."""
+    if path.is_dir() and (path / "config.json").is_file():
+        return _load_hf(str(path))
+    if path.is_dir() and (path / "open_clip_config.json").is_file():
+        return _load_open_clip(f"local-dir:{path}")
+    file = path
+    if path.is_dir():
+        found = sorted(path.glob("*.safetensors"))
+        if len(found) != 1:
+            raise ModelLoadError(f"{path}: expected an HF model folder (config.json) or one .safetensors "
+                                 f"file written by ttreg; found {len(found)} .safetensors files")
+        file = found[0]
+    return _load_ttreg_file(file, library=library)
+
+
+def _load_ttreg_file(file: Path, library: str | None = None) -> tuple[nn.Module, Callable]:
+    from safetensors import safe_open
+    from .builtin import read_safetensors
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:
+        raise ModelLoadError(f"{file}: not a safetensors file ({_one_line(e)})") from None
+    spec = meta.get(META_SPEC)
+    if not spec:
+        raise ModelLoadError(f"{file}: no '{META_SPEC}' metadata, so not a model saved by ttreg; "
+                             f"for a timm checkpoint use timm:NAME@{file}")
+    kind, _, name = spec.partition(":")
+    sd = read_safetensors(file)
+    if kind == "builtin" and "embeddings.cls_token" in sd:  # the built-in model's cache file
+        from . import builtin
+        builtin._check_name(name)
+        model = builtin.build_hf(sd) if library == "hf" else builtin.build_timm(sd)
+        return model, builtin.builtin_transform()
+    if kind in ("timm", "builtin"):
+        import timm
+        from timm.data import create_transform, resolve_model_data_config
+        kwargs = json.loads(meta.get(META_KWARGS) or "{}")
+        arch = meta.get("timm.architecture", name)
+        try:
+            model = timm.create_model(arch, pretrained=False, **kwargs)
+            model.load_state_dict(sd, strict=True)
+        except Exception as e:
+            raise ModelLoadError(f"{file}: cannot rebuild {spec} ({_one_line(e)})") from None
+        cfg = json.loads(meta.get("timm.pretrained_cfg") or "{}")
+        if cfg:
+            model.pretrained_cfg = {**model.pretrained_cfg, **cfg}
+        return model, create_transform(**resolve_model_data_config(model), is_training=False)
+    raise ModelLoadError(f"{file}: cannot rebuild a {kind!r} model (saved spec {spec!r})")
+
+
+def save_model(model: nn.Module, path: str | os.PathLike, spec: str | None = None) -> Path:
+    """Write a timm ``VisionTransformer`` created by name (e.g. the built-in model, perhaps with
+    planted neurons) as one safetensors file that :func:`load_model` rebuilds from its path.
+
+    ``path``: a ``.safetensors`` file, or a folder (``model.safetensors`` inside). Written
+    atomically. The metadata records the timm architecture and the constructor arguments that
+    change the weights' shapes or the forward pass (classes, image size, dynamic size, pooling).
+    """
+    from timm.models.vision_transformer import VisionTransformer
+    from .builtin import write_safetensors
+    if not isinstance(model, VisionTransformer):
+        raise TypeError(f"save_model writes timm VisionTransformers, not {type(model).__name__}")
+    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+    arch = cfg.get("architecture")
+    if not arch:
+        raise ValueError("this VisionTransformer was not created by name (timm.create_model), "
+                         "so it cannot be rebuilt from a file")
+    kwargs = {"num_classes": int(model.num_classes), "global_pool": model.global_pool,
+              "img_size": list(model.patch_embed.img_size),
+              "dynamic_img_size": bool(model.dynamic_img_size)}
+    keep = {k: cfg[k] for k in ("mean", "std", "input_size", "crop_pct", "interpolation") if k in cfg}
+    meta = {META_SPEC: spec or f"timm:{arch}", META_KWARGS: json.dumps(kwargs),
+            "timm.architecture": arch, "timm.pretrained_cfg": json.dumps(keep),
+            "format": "ttreg.weights/1"}
+    p = Path(path)
+    if p.suffix != ".safetensors":
+        p = p / "model.safetensors"
+    write_safetensors({k: v.detach().cpu() for k, v in model.state_dict().items()}, p, meta)
+    return p
