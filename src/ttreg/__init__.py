@@ -7,6 +7,7 @@ Jiang et al., NeurIPS 2025).
 from .adapters import Adapter, wrap
 from .calibrate import Calibration, calibrate
 from .data import ImageError
+from .models import ModelLoadError
 from .neurons import SearchStats, find_register_neurons
 from .registers import add_test_time_registers, test_time_registers
 from .spec import ModelMismatchError, RegisterNeurons
@@ -23,6 +24,6 @@ def load_model(spec: str, *args, **kwargs):
 
 
 __all__ = [
-    "Adapter", "Calibration", "ImageError", "ModelMismatchError", "RegisterNeurons", "SearchStats", "Trace",
+    "Adapter", "Calibration", "ImageError", "ModelLoadError", "ModelMismatchError", "RegisterNeurons", "SearchStats", "Trace",
     "add_test_time_registers", "calibrate", "find_register_neurons", "load_model", "test_time_registers", "trace", "wrap",
 ]

@@ -247,7 +247,10 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import warnings
     args = build_parser().parse_args(argv)
+    # the CLI prints the same facts itself
+    warnings.filterwarnings("ignore", message="no outlier tokens", category=UserWarning)
     if getattr(args, "batch_size", 1) is not None and getattr(args, "batch_size", 1) < 1:
         print("ttreg: error: --batch-size must be at least 1", file=sys.stderr)
         return 2

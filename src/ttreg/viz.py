@@ -72,7 +72,8 @@ def overview(image: np.ndarray, plain, reg, i: int, layer: int, name: str, path)
     per-layer max/median norm curves."""
     plt = _plt()
     fig = plt.figure(figsize=(15, 7.2))
-    gs = fig.add_gridspec(2, 5, height_ratios=[1, 0.9], hspace=0.35, wspace=0.15)
+    gs = fig.add_gridspec(2, 7, height_ratios=[1, 0.9], width_ratios=[1, 1, 1, 0.07, 0.3, 1, 1],
+                          hspace=0.35, wspace=0.18)
     L = plain.norms.shape[1]
     layer = layer % L
     nm_p, nm_r = plain.norm_map(layer)[i], reg.norm_map(layer)[i]
@@ -84,16 +85,16 @@ def overview(image: np.ndarray, plain, reg, i: int, layer: int, name: str, path)
                vmax=vmax, mark_max=True)
     _heat(fig.add_subplot(gs[0, 2]), nm_r, f"patch norms, layer {layer}\n"
           f"test-time register (max/median {rr:.1f})", vmax=vmax, mark_max=True)
-    fig.colorbar(im, ax=fig.axes[1:3], fraction=0.025, pad=0.01, label="token norm")
+    fig.colorbar(im, cax=fig.add_subplot(gs[0, 3]), label="token norm")
     last = L - 1
     if last in plain.attention and last in reg.attention and plain.num_prefix_tokens > 0:
         a_p = plain.cls_attention(last)[i].mean(0)
         a_r = reg.cls_attention(last)[i].mean(0)
         lo = min(float(a_p.min()), float(a_r.min()))
         hi = max(float(a_p.max()), float(a_r.max()))
-        _overlay(fig.add_subplot(gs[0, 3]), image, a_p,
+        _overlay(fig.add_subplot(gs[0, 5]), image, a_p,
                  f"CLS attention, layer {last}\nplain (mean of heads)", vmin=lo, vmax=hi)
-        _overlay(fig.add_subplot(gs[0, 4]), image, a_r,
+        _overlay(fig.add_subplot(gs[0, 6]), image, a_r,
                  f"CLS attention, layer {last}\ntest-time register", vmin=lo, vmax=hi)
     ax = fig.add_subplot(gs[1, :])
     x = np.arange(L)

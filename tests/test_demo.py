@@ -1,0 +1,49 @@
+"""``ttreg demo`` and the CLI on the built-in real model, end to end (subprocess)."""
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from test_cli import ENV, assert_png
+
+
+def test_demo_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    r = subprocess.run([sys.executable, "-m", "ttreg", "demo", "--out", str(out)], capture_output=True,
+                       text=True, env=ENV, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "no outlier tokens at layer 11" in r.stdout and "does not need registers" in r.stdout
+    assert "recovered exactly" in r.stdout and f"report: {out / 'report.md'}" in r.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    real, syn = summary["real"], summary["synthetic"]
+    assert real["neurons"]["neurons"] == [] and real["report"]["heldout_before"]["mean_norm_ratio"] < 2
+    assert sorted((n["layer"], n["neuron"]) for n in syn["neurons"]["neurons"]) == [(5, 100), (8, 1000)]
+    assert syn["report"]["emergence_layer"] == 8
+    assert syn["report"]["heldout_before"]["mean_norm_ratio"] >= 4
+    assert syn["report"]["heldout_after"]["mean_norm_ratio"] <= 2
+    report = (out / "report.md").read_text()
+    assert "artifact" in report and "fine-tuned for saliency" in report
+    links = re.findall(r"\]\(([^)]+\.png)\)", report)
+    assert len(links) >= 9
+    for link in links:
+        assert_png(out / link)
+
+
+def test_calibrate_builtin_subprocess(tmp_path):
+    from ttreg.data import skimage_photos
+    d = tmp_path / "photos"
+    d.mkdir()
+    for name, im in skimage_photos(["astronaut", "coffee", "chelsea", "rocket", "horse"]):
+        im.save(d / f"{name}.png")
+    out = tmp_path / "n.json"
+    r = subprocess.run([sys.executable, "-m", "ttreg", "calibrate", "--model", "builtin:dinov2_vits14",
+                        "--images", str(d), "--out", str(out), "--quiet"],
+                       capture_output=True, text=True, env=ENV, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "no outlier tokens at layer 11 over 4 images" in r.stdout
+    spec = json.loads(out.read_text())
+    assert spec["neurons"] == [] and spec["num_images"] == 4 and spec["num_images_with_outliers"] == 0
+    assert spec["fingerprint"]["architecture"]["num_layers"] == 12
+    ratio = spec["statistics"]["mean_norm_ratio"][11]
+    assert 1.0 < ratio < 2.0
