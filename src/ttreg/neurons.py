@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 
 from .adapters import Adapter, wrap
-from .data import count_images, iter_batches
+from .data import ImageSource, count_images, iter_batches, resolve_images
 from .outliers import AUTO_MIN_RATIO, emergence_layer, layers_with_outliers, norm_ratio, outlier_mask
 from .registers import active_stream
 from .spec import RegisterNeurons
@@ -68,6 +68,19 @@ class SearchStats:
             "mean_max_patch_norm": (self.max_norm_sum / n).tolist(),
             "mean_median_patch_norm": (self.median_norm_sum / n).tolist(),
         }
+
+
+def shard_for_rank(images, strict: bool = False):
+    """Under ``torch.distributed``, this rank's share of the images (every world-size-th one);
+    the statistics are summed over ranks afterwards. Unchanged in a single process."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return images
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if torch.is_tensor(images):
+        return images[rank::world]
+    src = images if isinstance(images, ImageSource) else resolve_images(images, strict=strict)
+    return src.subset(range(rank, len(src), world))
 
 
 def _resolve_layer(layer: int, num_layers: int, what: str) -> int:
@@ -133,6 +146,7 @@ def find_register_neurons(model, images, *, threshold: float | str = "auto",
         raise ValueError(f"top_k must be >= 0, got {top_k}")
     width = ad.mlp_width(0)
     stats = SearchStats.zeros(L, search_layers, width)
+    images = shard_for_rank(images, strict)
     batches = iter_batches(images, ad, batch_size, transform, strict=strict)
     if progress:
         from tqdm.auto import tqdm
