@@ -1,0 +1,33 @@
+"""The paper's experiments, each comparing the plain model with test-time registers in one run.
+
+One module per experiment: :mod:`.outliers` (outlier and attention statistics), :mod:`.lost`
+(unsupervised object discovery, CorLoc), :mod:`.probe` (linear probes: classification,
+segmentation, depth), :mod:`.zeroshot` (CLIP zero-shot classification and segmentation) and
+:mod:`.typographic` (typographic attacks). Shared pieces: :mod:`.arms` (plain / test-time
+registers / random-neuron control), :mod:`.backbone` (what each model family exposes),
+:mod:`.metrics`, :mod:`.datasets`, :mod:`.report`; :mod:`.synthetic` (tiny models and data sets
+in the real layouts, for tests and trying things out); :mod:`.cli` adds ``ttreg eval ...``.
+
+Every ``evaluate_*`` function returns a JSON-able dict and can print a table
+(:func:`ttreg.eval.report.format_table`). Modules import lazily, so ``import ttreg.eval`` is cheap.
+"""
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "evaluate_outliers": "outliers",
+    "evaluate_lost": "lost",
+    "evaluate_probe": "probe",
+    "evaluate_zeroshot": "zeroshot",
+    "evaluate_zeroshot_segmentation": "zeroshot",
+    "evaluate_typographic": "typographic",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(name)

@@ -1,0 +1,356 @@
+"""``ttreg eval ...``: one sub-command per experiment (outliers, lost, probe, zeroshot,
+typographic). ``add_eval_parsers`` plugs them into the main ``ttreg`` parser; ``python -m
+ttreg.eval.cli <experiment> ...`` runs them alone. Each prints a table and, with ``--out``,
+writes the JSON result."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+#: synthetic models that need no download (tests, demos)
+SYNTHETIC = {"planted": "a tiny timm ViT with planted register neurons (64 px)",
+             "planted-clip": "a tiny open_clip CLIP whose image tower is the planted ViT (64 px)"}
+
+
+# --- resolving the model and the neurons ------------------------------------------------------------
+def resolve_model(spec: str, device: str = "cpu") -> tuple[Any, Callable, Callable | None]:
+    """``(model in eval mode, transform, tokenizer or None)`` for a model spec."""
+    import torch
+    from ..data import make_transform
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} is not available here; use --device cpu")
+    if spec == "planted":
+        from ..adapters import wrap
+        from ..testing import planted_vit
+        model, tokenizer = planted_vit(), None
+        ad = wrap(model)
+        transform = make_transform(ad.image_size(), *ad.mean_std())
+    elif spec == "planted-clip":
+        from .synthetic import OPENAI_MEAN, OPENAI_STD, planted_clip
+        model, tokenizer = planted_clip()
+        transform = make_transform((64, 64), OPENAI_MEAN, OPENAI_STD)
+    else:
+        try:
+            from ..models import load_model
+        except ImportError as e:  # pragma: no cover - the models module is optional here
+            raise ValueError(f"cannot load {spec!r}: ttreg.models is unavailable ({e})") from None
+        model, transform = load_model(spec)
+        tokenizer = None
+        if spec.startswith("open_clip:"):
+            import open_clip
+            rest = spec.split(":", 1)[1]
+            arch = rest if rest.startswith(("hf-hub:", "local-dir:")) else rest.replace("@", "/").split("/")[0]
+            tokenizer = open_clip.get_tokenizer(arch)
+    return model.to(device).eval(), transform, tokenizer
+
+
+def resolve_neurons(args, model, images, transform):
+    """``--neurons``: ``auto`` (search ``images``), a published name, or a JSON file."""
+    from ..spec import RegisterNeurons
+    from .arms import resolve_neurons as _resolve
+    arg = args.neurons
+    if arg == "auto":
+        imgs = list(images)[: args.search_images]
+        rn = _resolve(model, "auto", imgs, threshold=_num_or_auto(args.threshold),
+                      detection_layer=args.detection_layer,
+                      top_layer=_int_or_auto(args.top_layer, "--top-layer"),
+                      top_k=args.top_k, batch_size=args.batch_size, transform=transform)
+        _say(args, f"register neurons (searched on {len(imgs)} images): "
+                   f"{[list(p) for p in rn.neurons]}" + (f" -- {rn.note}" if not len(rn) else ""))
+        return rn
+    try:
+        from ..published import is_published
+        if is_published(arg):
+            return RegisterNeurons.from_name(arg)
+    except ImportError:  # pragma: no cover
+        pass
+    if not Path(arg).is_file():
+        raise FileNotFoundError(f"no neuron file {arg!r} (a JSON from 'ttreg calibrate', a published "
+                                "name, or 'auto')")
+    rn = RegisterNeurons.load(arg)
+    rn.check_model(model)
+    return rn
+
+
+def _num_or_auto(v: str):
+    if v == "auto":
+        return v
+    try:
+        return float(v)
+    except ValueError:
+        raise ValueError(f"--threshold must be a number or 'auto', got {v!r}") from None
+
+
+def _int_or_auto(v: str, what: str):
+    if v == "auto":
+        return v
+    try:
+        return int(v)
+    except ValueError:
+        raise ValueError(f"{what} must be a whole number or 'auto', got {v!r}") from None
+
+
+def _say(args, msg: str) -> None:
+    if not args.quiet:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def _controls(args) -> list[int]:
+    return list(range(args.controls))
+
+
+def _finish(args, result: dict, t0: float) -> int:
+    from .report import write_json
+    result["model"] = args.model
+    result["seconds"] = round(time.time() - t0, 2)
+    if args.out:
+        write_json(args.out, result)
+        _say(args, f"wrote {args.out} in {result['seconds']:.1f} s")
+    return 0
+
+
+def _limit(items: list, args) -> list:
+    return items[: args.limit] if args.limit else items
+
+
+# --- the commands ---------------------------------------------------------------------------------------
+def cmd_outliers(args) -> int:
+    from ..data import resolve_images
+    from .outliers import evaluate_outliers
+    t0 = time.time()
+    model, transform, _ = resolve_model(args.model, args.device)
+    src = resolve_images(args.images)
+    images = _limit(list(src.items), args)
+    neurons = resolve_neurons(args, model, images, transform)
+    result = evaluate_outliers(model, images, neurons, threshold=_num_or_auto(args.threshold),
+                               detection_layer=args.detection_layer, control_seeds=_controls(args),
+                               num_registers=args.num_registers, preset=args.preset,
+                               batch_size=args.batch_size, transform=transform,
+                               progress=not args.quiet and sys.stderr.isatty())
+    return _finish(args, result, t0)
+
+
+def cmd_lost(args) -> int:
+    from .datasets import coco_boxes, voc_boxes
+    from .lost import evaluate_lost
+    t0 = time.time()
+    if bool(args.voc) == bool(args.coco):
+        raise ValueError("give one of --voc ROOT or --coco FILE.json")
+    samples = voc_boxes(args.voc, args.split, args.no_hards) if args.voc else \
+        coco_boxes(args.coco, args.coco_images)
+    samples = _limit(samples, args)
+    model, transform, _ = resolve_model(args.model, args.device)
+    neurons = resolve_neurons(args, model, [s.path for s in samples], transform)
+    result = evaluate_lost(model, samples, neurons, k_patches=args.k_patches, native=args.native,
+                           control_seeds=_controls(args), num_registers=args.num_registers,
+                           preset=args.preset, batch_size=args.batch_size, keep_boxes=args.keep_boxes,
+                           progress=not args.quiet and sys.stderr.isatty())
+    result["dataset"] = str(args.voc or args.coco)
+    return _finish(args, result, t0)
+
+
+def cmd_probe(args) -> int:
+    from .datasets import dense_splits, image_folder_splits
+    from .probe import evaluate_probe
+    t0 = time.time()
+    num_classes = args.num_classes
+    if args.task == "classification":
+        train, val, classes = image_folder_splits(args.data)
+        num_classes = len(classes)
+    else:
+        train, val = dense_splits(args.data, "masks" if args.task == "segmentation" else "depth")
+    train = _limit(train, args)
+    model, transform, _ = resolve_model(args.model, args.device)
+    neurons = resolve_neurons(args, model, [p for p, _ in train], transform)
+    result = evaluate_probe(model, args.task, train, val, neurons=neurons, num_classes=num_classes,
+                            seeds=list(range(args.seeds)), val_fraction=args.val_fraction,
+                            cache_dir=args.cache, control_seeds=_controls(args),
+                            num_registers=args.num_registers, preset=args.preset,
+                            batch_size=args.batch_size, transform=transform,
+                            ignore_index=args.ignore_index, reduce_zero_label=args.reduce_zero_label,
+                            depth_png_scale=args.depth_scale, max_depth=args.max_depth,
+                            steps=args.steps, progress=not args.quiet and sys.stderr.isatty())
+    result["dataset"] = str(args.data)
+    return _finish(args, result, t0)
+
+
+def _classes(args, folder_classes):
+    from .zeroshot import folder_classnames, load_classnames
+    return load_classnames(args.classnames) if args.classnames else folder_classnames(folder_classes)
+
+
+def _class_items(args):
+    from .datasets import image_folder_splits
+    train, val, classes = image_folder_splits(args.data)
+    return _limit(val if val is not None else train, args), classes
+
+
+def cmd_zeroshot(args) -> int:
+    from .zeroshot import (evaluate_zeroshot, evaluate_zeroshot_segmentation, load_classnames,
+                           load_templates, segmentation_items)
+    t0 = time.time()
+    model, transform, tokenizer = resolve_model(args.model, args.device)
+    templates = load_templates(args.templates)
+    if args.task == "classification":
+        if tokenizer is None:
+            raise ValueError("zero-shot classification needs a CLIP model (open_clip:ARCH/PRETRAINED)")
+        items, classes = _class_items(args)
+        classnames = _classes(args, classes)
+        neurons = resolve_neurons(args, model, [p for p, _ in items], transform)
+        result = evaluate_zeroshot(model, tokenizer, items, classnames, neurons, templates=templates,
+                                   control_seeds=_controls(args), num_registers=args.num_registers,
+                                   preset=args.preset, batch_size=args.batch_size, transform=transform,
+                                   progress=not args.quiet and sys.stderr.isatty())
+    else:
+        items = _limit(segmentation_items(args.data), args)
+        heatmap = args.heatmap or ("text" if tokenizer is not None else "attention")
+        classnames = load_classnames(args.classnames) if heatmap == "text" else None
+        neurons = resolve_neurons(args, model, [i for i, _, _ in items], transform)
+        result = evaluate_zeroshot_segmentation(
+            model, items, neurons, heatmap=heatmap, tokenizer=tokenizer, classnames=classnames,
+            templates=templates, control_seeds=_controls(args), num_registers=args.num_registers,
+            preset=args.preset, batch_size=args.batch_size,
+            progress=not args.quiet and sys.stderr.isatty())
+    result["dataset"] = str(args.data)
+    return _finish(args, result, t0)
+
+
+def cmd_typographic(args) -> int:
+    from .typographic import evaluate_typographic
+    from .zeroshot import load_templates
+    t0 = time.time()
+    model, transform, tokenizer = resolve_model(args.model, args.device)
+    if tokenizer is None:
+        raise ValueError("the typographic attack needs a CLIP model (open_clip:ARCH/PRETRAINED)")
+    items, classes = _class_items(args)
+    classnames = _classes(args, classes)
+    neurons = resolve_neurons(args, model, [p for p, _ in items], transform)
+    result = evaluate_typographic(model, tokenizer, items, classnames, neurons,
+                                  templates=load_templates(args.templates),
+                                  control_seeds=_controls(args), preset=args.preset,
+                                  position=args.position, font_size=args.font_size, seed=args.seed,
+                                  batch_size=args.batch_size,
+                                  progress=not args.quiet and sys.stderr.isatty())
+    result["dataset"] = str(args.data)
+    return _finish(args, result, t0)
+
+
+# --- the parsers ---------------------------------------------------------------------------------------------
+def _common(p: argparse.ArgumentParser, controls: int) -> None:
+    g = p.add_argument_group("model and register neurons")
+    g.add_argument("--model", required=True,
+                   help="model spec: timm:NAME, hf:ORG/NAME, open_clip:ARCH/PRETRAINED, "
+                        "builtin:dinov2_vits14, a local path, or " + ", ".join(SYNTHETIC))
+    g.add_argument("--neurons", default="auto",
+                   help="register neurons: a JSON from 'ttreg calibrate', a published name, or "
+                        "'auto' (search the evaluation images; default)")
+    g.add_argument("--top-k", type=int, default=10, help="neurons to keep with --neurons auto (10)")
+    g.add_argument("--threshold", default="auto", help="outlier norm threshold or 'auto' (mean + 3 std)")
+    g.add_argument("--detection-layer", type=int, default=-1, help="block checked for outliers (-1)")
+    g.add_argument("--top-layer", default="auto", help="last layer searched, or 'auto'")
+    g.add_argument("--search-images", type=int, default=64,
+                   help="evaluation images the 'auto' search uses (64)")
+    g.add_argument("--num-registers", type=int, default=1, help="test-time registers (1)")
+    g.add_argument("--preset", default="paper", choices=("paper", "official"))
+    g.add_argument("--controls", type=int, default=controls,
+                   help=f"random-neuron control draws ({controls})")
+    o = p.add_argument_group("run")
+    o.add_argument("--limit", type=int, default=None, help="use only the first N images")
+    o.add_argument("--batch-size", type=int, default=16)
+    o.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
+    o.add_argument("--out", default=None, help="write the JSON result here")
+    o.add_argument("--quiet", action="store_true", help="no progress or notes on stderr")
+
+
+def add_eval_parsers(subparsers) -> None:
+    """Add ``outliers``, ``lost``, ``probe``, ``zeroshot`` and ``typographic`` to ``subparsers``;
+    each sets ``func`` (call ``args.func(args)``)."""
+    p = subparsers.add_parser("outliers", help="outlier tokens and attention: plain vs registers vs control",
+                              description="Fraction of images with outlier tokens, max/median patch "
+                                          "norm per layer, CLS attention entropy and top-5 mass.")
+    p.add_argument("--images", required=True, help="a folder, a list file, or 'skimage'")
+    _common(p, controls=3)
+    p.set_defaults(func=cmd_outliers)
+
+    p = subparsers.add_parser("lost", help="LOST object discovery, CorLoc (VOC07/VOC12/COCO20k)",
+                              description="LOST on the last layer's patch keys; CorLoc at IoU 0.5.")
+    p.add_argument("--voc", help="a Pascal VOC folder (JPEGImages/, Annotations/)")
+    p.add_argument("--split", default="trainval", help="ImageSets/Main/<split>.txt if present (trainval)")
+    p.add_argument("--no-hards", action="store_true", help="drop difficult and truncated VOC objects")
+    p.add_argument("--coco", help="a COCO-style JSON (e.g. COCO20k)")
+    p.add_argument("--coco-images", help="folder of the COCO images (default: images/ beside the JSON)")
+    p.add_argument("--k-patches", type=int, default=100, help="LOST's k (100)")
+    p.add_argument("--native", action="store_true",
+                   help="full resolution cropped to the patch size (LOST's protocol; needs a model "
+                        "that accepts any size) instead of resizing to the model's input size")
+    p.add_argument("--keep-boxes", action="store_true", help="store the predicted boxes in the JSON")
+    _common(p, controls=1)
+    p.set_defaults(func=cmd_lost)
+
+    p = subparsers.add_parser("probe", help="linear probes: classification, segmentation, depth",
+                              description="Linear probes on frozen features, mean ± 95% CI over seeds.")
+    p.add_argument("--task", required=True, choices=("classification", "segmentation", "depth"))
+    p.add_argument("--data", required=True,
+                   help="classification: ROOT/<class>/<img> or ROOT/{train,val}/<class>/<img>; "
+                        "segmentation: ROOT/images + ROOT/masks (or ROOT/{train,val}/..., or ADE20k's "
+                        "images/ + annotations/); depth: ROOT/images + ROOT/depth")
+    p.add_argument("--seeds", type=int, default=3, help="probe seeds (3)")
+    p.add_argument("--val-fraction", type=float, default=0.25, help="held-out share without a val split")
+    p.add_argument("--cache", default=None, help="feature cache folder (default: no cache)")
+    p.add_argument("--num-classes", type=int, default=None, help="segmentation classes (default: from masks)")
+    p.add_argument("--ignore-index", type=int, default=255)
+    p.add_argument("--reduce-zero-label", action="store_true", help="label 0 is ignore (ADE20k)")
+    p.add_argument("--depth-scale", type=float, default=1000.0, help="16-bit depth PNG units per metre")
+    p.add_argument("--max-depth", type=float, default=10.0, help="depth evaluated up to (10 m, NYUd)")
+    p.add_argument("--steps", type=int, default=300, help="optimiser steps per probe")
+    _common(p, controls=0)
+    p.set_defaults(func=cmd_probe)
+
+    p = subparsers.add_parser("zeroshot", help="CLIP zero-shot classification or segmentation",
+                              description="Zero-shot classification (ImageFolder) or segmentation "
+                                          "(images/ + masks/ [+ labels.json]).")
+    p.add_argument("--task", default="classification", choices=("classification", "segmentation"))
+    p.add_argument("--data", required=True, help="classification: ImageFolder root (val/ used if "
+                                                 "present); segmentation: ROOT/images + ROOT/masks")
+    p.add_argument("--classnames", default=None, help="class names file, one a line (default: "
+                                                      "folder names, or ImageNet's for WordNet-id folders)")
+    p.add_argument("--templates", default=None, help="prompt templates file (default: CLIP's 80)")
+    p.add_argument("--heatmap", default=None, choices=("text", "attention"),
+                   help="segmentation heat maps (default: text for CLIP, attention otherwise)")
+    _common(p, controls=0)
+    p.set_defaults(func=cmd_zeroshot)
+
+    p = subparsers.add_parser("typographic", help="typographic attacks on CLIP",
+                              description="Write a wrong class name on each image; attack success for "
+                                          "plain, register neurons shifted onto the text, random "
+                                          "neurons, and pixel ablation.")
+    p.add_argument("--data", required=True, help="ImageFolder root (val/ used if present)")
+    p.add_argument("--classnames", default=None)
+    p.add_argument("--templates", default=None)
+    p.add_argument("--position", default="random", choices=("random", "center"))
+    p.add_argument("--font-size", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0, help="seed for the written class and its position")
+    _common(p, controls=3)
+    p.set_defaults(func=cmd_typographic)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ttreg eval", description=__doc__.split("\n")[0])
+    add_eval_parsers(parser.add_subparsers(dest="eval_cmd", required=True, metavar="EXPERIMENT"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"ttreg eval: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""Outlier-token and attention statistics over images, plain vs test-time registers vs a
+random-neuron control.
+
+Per arm: the fraction of images with outlier tokens at the detection layer, the mean
+max/median patch-norm ratio per layer, and, at the last layer, the entropy of the first (CLS)
+token's attention over the patches (renormalised over the patches) and the share of that
+attention on the 5 most-attended patches, plus the attention the CLS token pays to the
+test-time registers.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ..adapters import wrap
+from ..data import iter_batches
+from ..outliers import norm_ratio, outlier_mask
+from ..trace import trace
+from .arms import make_arms, summarize_random
+from .metrics import attention_entropy, topk_mass
+from .report import draws, format_table
+
+METRICS = ("fraction_with_outliers", "norm_ratio", "max_patch_norm", "cls_entropy", "cls_to_registers")
+
+
+def _batch_stats(tr, det: int, threshold, top: int) -> dict[str, torch.Tensor]:
+    """Per-image numbers ``(B, ...)`` from one traced batch."""
+    npre, R = tr.num_prefix_tokens, tr.num_registers
+    norms = tr.norms                                            # (B, L, T)
+    B, L, T = norms.shape
+    out = outlier_mask(norms[:, det], npre, R, threshold)
+    ratio = norm_ratio(norms.reshape(B * L, T), npre, R).reshape(B, L)
+    patch = norms[:, :, tr.patch_slice]
+    attn = tr.attention[L - 1][:, :, 0, :].float()              # (B, heads, T): CLS row
+    to_patches = attn[..., tr.patch_slice]
+    to_regs = attn[..., T - R:].sum(-1) if R else torch.zeros(attn.shape[:2])
+    return {"outliers": out.any(dim=1).float(), "ratio": ratio,
+            "max_norm": patch[:, det].amax(-1),
+            "entropy": attention_entropy(to_patches).mean(1),
+            "topk": topk_mass(to_patches, top).mean(1),
+            "to_regs": to_regs.mean(1)}
+
+
+def evaluate_outliers(model, images, neurons, *, threshold: float | str = "auto",
+                      detection_layer: int = -1, control_seeds: Sequence[int] = (0, 1, 2),
+                      num_registers: int = 1, preset: str = "paper", batch_size: int = 16,
+                      transform: Callable | None = None, top: int = 5, progress: bool = False,
+                      print_table: bool = True) -> dict[str, Any]:
+    """Outlier and attention statistics for each arm (see the module docstring).
+
+    ``images``: anything :func:`ttreg.data.iter_batches` takes (folder, paths, tensor batch).
+    Returns ``{"arms": {name: metrics}, "random": mean ± CI over the random arms, ...}``.
+    """
+    ad = wrap(model)
+    L = ad.num_layers
+    det = detection_layer % L
+    arms = make_arms(model, neurons, control_seeds=control_seeds, num_registers=num_registers,
+                     preset=preset)
+    acc: dict[str, dict[str, list]] = {a.name: {} for a in arms}
+    batches = iter_batches(images, ad, batch_size, transform)
+    if progress:
+        from tqdm.auto import tqdm
+        batches = tqdm(batches, desc="outliers", unit="batch")
+    for x in batches:
+        for arm in arms:
+            with arm.context(model):
+                tr = trace(model, x, norms=True, attention=[L - 1])
+            for k, v in _batch_stats(tr, det, threshold, top).items():
+                acc[arm.name].setdefault(k, []).append(v)
+    per_arm: dict[str, dict[str, Any]] = {}
+    for arm in arms:
+        s = {k: torch.cat(v).double() for k, v in acc[arm.name].items()}
+        per_arm[arm.name] = {
+            "images": int(len(s["outliers"])),
+            "fraction_with_outliers": float(s["outliers"].mean()),
+            "norm_ratio": float(s["ratio"][:, det].mean()),
+            "norm_ratio_per_layer": s["ratio"].mean(0).tolist(),
+            "max_patch_norm": float(s["max_norm"].mean()),
+            "cls_entropy": float(s["entropy"].mean()),
+            f"top{top}_mass": float(s["topk"].mean()),
+            "cls_to_registers": float(s["to_regs"].mean()),
+            "setup": arm.describe(),
+        }
+    result = {
+        "experiment": "outliers",
+        "config": {"threshold": threshold, "detection_layer": det, "num_registers": num_registers,
+                   "preset": preset, "control_seeds": list(control_seeds), "top": top},
+        "neurons": arms[1].describe()["neurons"] if len(arms) > 1 else [],
+        "arms": per_arm,
+        "random": summarize_random(per_arm, [*METRICS, f"top{top}_mass"]),
+    }
+    if print_table:
+        print(table(result))
+    return result
+
+
+def table(result: dict[str, Any]) -> str:
+    top = result["config"]["top"]
+    cols = [("arm", "arm"), ("images", "images"), ("fraction_with_outliers", "outlier imgs"),
+            ("norm_ratio", f"max/median @{result['config']['detection_layer']}"),
+            ("max_patch_norm", "max norm"), ("cls_entropy", "CLS entropy"),
+            (f"top{top}_mass", f"top-{top} mass"), ("cls_to_registers", "CLS->reg")]
+    rows = [{"arm": k, **v} for k, v in result["arms"].items() if not k.startswith("random-")]
+    if result.get("random"):
+        rows.append({"arm": f"random ({draws(result)})",
+                     "images": rows[0]["images"], **result["random"]})
+    return format_table(rows, cols, title="Outlier tokens and last-layer CLS attention")
