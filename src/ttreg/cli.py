@@ -24,7 +24,7 @@ MODEL_HELP = ("model spec: timm:NAME, hf:ORG/NAME, open_clip:ARCH/PRETRAINED, bu
               "(offline), a local path, or 'planted' (a tiny synthetic ViT with planted register neurons)")
 
 
-class UserError(Exception):
+class UserError(ValueError):
     """A problem with the command's inputs; printed as one line."""
 
 

@@ -22,7 +22,7 @@ def load_published(name: str) -> RegisterNeurons:
     key = ALIASES.get(name, name)
     if key not in NAMES:
         raise ValueError(f"no published neuron set named {name!r}; known: {', '.join(NAMES)}")
-    text = resources.files("ttreg").joinpath("data", NAMES[key]).read_text()
+    text = resources.files("ttreg").joinpath("resources", NAMES[key]).read_text()
     return RegisterNeurons.from_dict(json.loads(text))
 
 

@@ -16,8 +16,18 @@ SUPPORTED = (
 )
 
 
-def _register_optional() -> None:
-    for modname, clsname in (("hf", "HF_ADAPTERS"), ("open_clip", "OPEN_CLIP_ADAPTERS")):
+def _libraries(model: nn.Module) -> set[str]:
+    """Top-level packages that define the model's class or any of its submodules' classes."""
+    return {type(m).__module__.split(".")[0] for m in (model, *model.children())}
+
+
+def _register_optional(model: nn.Module) -> None:
+    """Import the transformers / open_clip adapters only for models from those libraries."""
+    libs = _libraries(model)
+    for modname, clsname, lib in (("hf", "HF_ADAPTERS", "transformers"),
+                                  ("open_clip", "OPEN_CLIP_ADAPTERS", "open_clip")):
+        if lib not in libs:
+            continue
         try:
             mod = __import__(f"{__name__}.{modname}", fromlist=[clsname])
         except ImportError:
@@ -31,7 +41,7 @@ def wrap(model: nn.Module | Adapter) -> Adapter:
     """Return the adapter for ``model`` (an adapter is returned as is)."""
     if isinstance(model, Adapter):
         return model
-    _register_optional()
+    _register_optional(model)
     for cls in ADAPTERS:
         if cls.matches(model):
             return cls(model)

@@ -22,22 +22,13 @@ def resolve_model(spec: str, device: str = "cpu") -> tuple[Any, Callable, Callab
     from ..data import make_transform
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} is not available here; use --device cpu")
-    if spec == "planted":
-        from ..adapters import wrap
-        from ..testing import planted_vit
-        model, tokenizer = planted_vit(), None
-        ad = wrap(model)
-        transform = make_transform(ad.image_size(), *ad.mean_std())
-    elif spec == "planted-clip":
+    if spec == "planted-clip":
         from .synthetic import OPENAI_MEAN, OPENAI_STD, planted_clip
         model, tokenizer = planted_clip()
         transform = make_transform((64, 64), OPENAI_MEAN, OPENAI_STD)
     else:
-        try:
-            from ..models import load_model
-        except ImportError as e:  # pragma: no cover - the models module is optional here
-            raise ValueError(f"cannot load {spec!r}: ttreg.models is unavailable ({e})") from None
-        model, transform = load_model(spec)
+        from ..cli import load_model  # the main CLI's resolver: real specs, 'planted', '+planted'
+        model, transform = load_model(spec, device)
         tokenizer = None
         if spec.startswith("open_clip:"):
             import open_clip

@@ -2,7 +2,7 @@
 
 Classification: class embeddings are the mean over prompt templates of the normalised text
 embeddings (renormalised); an image goes to the class of highest cosine similarity. Class
-names and the 80 prompt templates of OpenAI's CLIP ship in ``ttreg/data/``.
+names and the 80 prompt templates of OpenAI's CLIP ship in ``ttreg/resources/``.
 
 Segmentation (ImageNet-segmentation style: one binary foreground mask per image): the heat map
 is the cosine similarity of each *projected* patch token with the text embedding of the image's
@@ -28,7 +28,7 @@ from .datasets import load_mask, load_rgb, paired_files, resize, resize_center_c
 from .metrics import binary_heatmap_scores, summarize_heatmaps, topk_accuracy
 from .report import draws, format_table
 
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+DATA_DIR = Path(__file__).resolve().parent.parent / "resources"
 
 
 def _read_lines(path: Path) -> list[str]:
