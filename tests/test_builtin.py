@@ -27,17 +27,6 @@ POS = "/backbone/embeddings/Concat_6_output_0"          # CLS row + resized patc
 BLOCKS = [f"/backbone/encoder/layer.{i}/Add_1_output_0" for i in range(12)]
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    try:
-        builtin.onnx_path()
-    except ModelLoadError as e:
-        pytest.skip(str(e))
-    mp = pytest.MonkeyPatch()
-    path = tmp_path_factory.mktemp("ttreg_cache")
-    mp.setenv("TTREG_CACHE", str(path))
-    yield path
-    mp.undo()
 
 
 @pytest.fixture(scope="module")

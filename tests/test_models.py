@@ -28,17 +28,6 @@ def offline(monkeypatch, tmp_path):
     return constants
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    try:
-        builtin.onnx_path()
-    except ModelLoadError as e:
-        pytest.skip(str(e))
-    mp = pytest.MonkeyPatch()
-    path = tmp_path_factory.mktemp("ttreg_cache")
-    mp.setenv("TTREG_CACHE", str(path))
-    yield path
-    mp.undo()
 
 
 @pytest.mark.parametrize("spec, start", [

@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from ..cli import _int_or_auto, _num_or_auto
+
 #: synthetic models that need no download (tests, demos)
 SYNTHETIC = {"planted": "a tiny timm ViT with planted register neurons (64 px)",
              "planted-clip": "a tiny open_clip CLIP whose image tower is the planted ViT (64 px)"}
@@ -47,7 +49,7 @@ def resolve_neurons(args, model, images, transform):
         imgs = list(images)[: args.search_images]
         rn = _resolve(model, "auto", imgs, threshold=_num_or_auto(args.threshold),
                       detection_layer=args.detection_layer,
-                      top_layer=_int_or_auto(args.top_layer, "--top-layer"),
+                      top_layer=_int_or_auto(args.top_layer),
                       top_k=args.top_k, batch_size=args.batch_size, transform=transform)
         _say(args, f"register neurons (searched on {len(imgs)} images): "
                    f"{[list(p) for p in rn.neurons]}" + (f" -- {rn.note}" if not len(rn) else ""))
@@ -64,24 +66,6 @@ def resolve_neurons(args, model, images, transform):
     rn = RegisterNeurons.load(arg)
     rn.check_model(model)
     return rn
-
-
-def _num_or_auto(v: str):
-    if v == "auto":
-        return v
-    try:
-        return float(v)
-    except ValueError:
-        raise ValueError(f"--threshold must be a number or 'auto', got {v!r}") from None
-
-
-def _int_or_auto(v: str, what: str):
-    if v == "auto":
-        return v
-    try:
-        return int(v)
-    except ValueError:
-        raise ValueError(f"{what} must be a whole number or 'auto', got {v!r}") from None
 
 
 def _say(args, msg: str) -> None:
