@@ -248,3 +248,22 @@ def test_ctrl_c_during_calibration_writes_nothing(tmp_path):
     assert p.returncode == 130, err
     assert "interrupted; nothing was written" in err
     assert list(tmp_path.glob("n.json*")) == [] and not any(x.name.startswith(".n.json") for x in tmp_path.iterdir())
+
+
+def test_calibrate_measures_a_given_set_and_reads_list_files(tmp_path, capsys, folder):
+    import ttreg
+    from ttreg.testing import planted_vit
+    ttreg.RegisterNeurons.from_dict({1: [7], 3: [21]}, model=planted_vit()).save(tmp_path / "given.json")
+    listing = tmp_path / "list.txt"
+    listing.write_text("# my images\n" + "\n".join(str(p) for p in sorted(folder.rglob("*.png"))[:6]) + "\n")
+    out = tmp_path / "measured.json"
+    code = main(["calibrate", "--model", "planted", "--images", str(listing), "--neurons",
+                 str(tmp_path / "given.json"), "--out", str(out), "--quiet"])
+    text = capsys.readouterr().out
+    assert code == 0 and "measured 2 given neurons on 6 images" in text
+    st = json.loads(out.read_text())["statistics"]
+    assert st["measured_on_images"] == 6
+    assert st["measured_before"]["mean_norm_ratio"] >= 5 and st["measured_after"]["mean_norm_ratio"] <= 2
+    assert st["measured_before"]["fraction_with_outliers"] == 1 and st["measured_after"]["fraction_with_outliers"] == 0
+    _one_line_error(capsys, ["calibrate", "--model", "planted", "--images", str(listing), "--neurons",
+                             "dinov2_vitl14", "--out", str(tmp_path / "x.json")], "another architecture (num_layers=24")

@@ -39,6 +39,12 @@ class Calibration:
     def summary(self) -> str:
         r = self.report
         rn = self.neurons
+        if r.get("given_neurons"):
+            b, a = r["heldout_before"], r["heldout_after"]
+            return (f"measured {len(rn)} given neurons on {r['num_heldout_images']} images\n"
+                    f"max/median patch norm at layer {r['detection_layer']}: "
+                    f"{b['mean_norm_ratio']:.2f} -> {a['mean_norm_ratio']:.2f}; images with outliers: "
+                    f"{b['fraction_with_outliers']:.0%} -> {a['fraction_with_outliers']:.0%}")
         lines = [f"images: {r['num_search_images']} searched, {r['num_heldout_images']} held out"
                  + (f", {r['num_skipped']} skipped" if r.get("num_skipped") else "")]
         lines.append(f"outliers at layer {r['detection_layer']}: "
@@ -54,6 +60,34 @@ class Calibration:
                      f"{b['mean_norm_ratio']:.2f} -> {a['mean_norm_ratio']:.2f}; images with "
                      f"outliers: {b['fraction_with_outliers']:.0%} -> {a['fraction_with_outliers']:.0%}")
         return "\n".join(lines)
+
+
+def _measure_given(model, images, neurons: RegisterNeurons, threshold, detection_layer: int,
+                   batch_size: int, transform, strict: bool) -> Calibration:
+    ad = wrap(model)
+    neurons.check_model(ad)
+    det = _resolve_layer(detection_layer, ad.num_layers, "detection_layer")
+    skipped = []
+    if not torch.is_tensor(images):
+        images = images if isinstance(images, ImageSource) else resolve_images(images, strict=strict)
+        skipped = [s.__dict__ for s in images.skipped]
+    batches = list(iter_batches(images, ad, batch_size, transform))
+    base = _detection_norms(ad, batches, det)
+    thr = thresholds(base[:, ad.num_prefix_tokens:], threshold, AUTO_MIN_RATIO)
+    before = heldout_outcome(ad, batches, det, thr, None)
+    after = heldout_outcome(ad, batches, det, thr, neurons)
+    n = int(base.shape[0])
+    report = {"detection_layer": det, "threshold": threshold, "emergence_layer": None,
+              "top_layer": neurons.hyperparameters.get("top_layer"), "top_k": len(neurons),
+              "num_search_images": 0, "num_heldout_images": n, "num_skipped": len(skipped),
+              "skipped": skipped, "sweep": [], "given_neurons": True,
+              "heldout_before": before, "heldout_after": after}
+    out = RegisterNeurons.from_dict(neurons.to_dict())
+    out.statistics.update({"measured_on_images": n, "measured_detection_layer": det,
+                           "measured_before": before, "measured_after": after})
+    out.note = (f"{len(out)} given register neurons measured on {n} images: max/median patch norm "
+                f"at layer {det} {before['mean_norm_ratio']:.2f} -> {after['mean_norm_ratio']:.2f}")
+    return Calibration(out, report)
 
 
 def _split(src: ImageSource | torch.Tensor, heldout: float) -> tuple[Any, Any]:
@@ -101,13 +135,19 @@ def calibrate(model, images, *, threshold: float | str = "auto", detection_layer
               top_layer: int | str = "auto", top_k: int | str = "auto", max_k: int | None = None,
               heldout: float = 0.2, tolerance: float = 0.0, batch_size: int = 16,
               transform: Callable | None = None, strict: bool = False,
-              progress: bool = False) -> Calibration:
+              progress: bool = False, neurons: RegisterNeurons | None = None) -> Calibration:
     """Find register neurons with every hyperparameter chosen automatically (or as given).
 
     ``heldout``: share of the images kept out of the search and used to pick ``top_k``.
     ``max_k``: the largest k the sweep considers (default: 1% of the searched neurons, at least
     16). ``tolerance``: share of held-out images allowed to keep outliers.
+
+    With ``neurons`` (e.g. a published set) nothing is searched: the set is measured on all the
+    images (outliers before and after test-time registers) and returned with those statistics.
     """
+    if neurons is not None:
+        return _measure_given(model, images, neurons, threshold, detection_layer, batch_size,
+                              transform, strict)
     ad = wrap(model)
     L = ad.num_layers
     det = _resolve_layer(detection_layer, L, "detection_layer")

@@ -68,7 +68,9 @@ def load_neurons(arg: str | None, model):
     if arg is None or arg == "auto":
         return None
     if is_published(arg):
-        return RegisterNeurons.from_name(arg)
+        rn = RegisterNeurons.from_name(arg)
+        rn.check_model(model)
+        return rn
     p = Path(arg)
     if not p.exists():
         raise UserError(f"no neuron file {arg!r} (give a JSON from 'ttreg calibrate', a published "
@@ -91,13 +93,14 @@ def cmd_calibrate(args) -> int:
     if out.exists() and out.is_dir():
         raise UserError(f"--out {out} is a folder; give a file name such as neurons.json")
     model, transform = load_model(args.model, args.device)
+    given = load_neurons(args.neurons, model) if args.neurons else None
     t0 = time.time()
     print(f"calibrating {args.model} on {args.images} ...", flush=True)
     cal = calibrate(model, args.images, threshold=_num_or_auto(args.threshold),
                     detection_layer=args.detection_layer, top_layer=_int_or_auto(args.top_layer),
                     top_k=_int_or_auto(args.top_k), max_k=args.max_k, heldout=args.heldout,
                     batch_size=args.batch_size, transform=transform, strict=args.strict,
-                    progress=not args.quiet and _progress_ok())
+                    progress=not args.quiet and _progress_ok(), neurons=given)
     rn = cal.neurons
     rn.provenance.update({"model_spec": args.model, "images": str(args.images)})
     rn.save(out)
@@ -207,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="number of neurons, or 'auto' (smallest k that clears held-out images)")
     c.add_argument("--max-k", type=int, default=None, help="largest k the automatic sweep tries")
     c.add_argument("--heldout", type=float, default=0.2, help="share of images held out for the sweep")
+    c.add_argument("--neurons", help="measure a given set instead of searching: a neuron JSON or a "
+                                     "published name (dinov2_vitl14); written to --out with the numbers")
     _common(c)
     c.set_defaults(func=cmd_calibrate)
 

@@ -91,6 +91,14 @@ class RegisterNeurons:
         """Raise :class:`ModelMismatchError` if this set was found on another model."""
         from .adapters import wrap
         ad = wrap(model)
+        fp = self.fingerprint or {}
+        arch = ad.architecture()
+        for key, want in (fp.get("architecture") or {}).items():
+            have = arch.get(key)
+            if have is not None and _norm(have) != _norm(want):
+                raise ModelMismatchError(
+                    f"these neurons were found on another architecture ({key}={want!r}, this model "
+                    f"has {have!r}); calibrate on this model or pass check=False")
         for l, n in self.neurons:
             if not 0 <= l < ad.num_layers:
                 raise ModelMismatchError(
@@ -100,16 +108,6 @@ class RegisterNeurons:
                 raise ModelMismatchError(
                     f"neuron ({l}, {n}): block {l} has {ad.mlp_width(l)} MLP neurons; "
                     "this neuron set is for another model")
-        fp = self.fingerprint
-        if not fp:
-            return
-        arch = ad.architecture()
-        for key, want in (fp.get("architecture") or {}).items():
-            have = arch.get(key)
-            if have is not None and _norm(have) != _norm(want):
-                raise ModelMismatchError(
-                    f"these neurons were found on another architecture ({key}={want!r}, this model "
-                    f"has {have!r}); calibrate on this model or pass check=False")
         want_w = fp.get("weights")
         if want_w and want_w != ad.weights_hash():
             raise ModelMismatchError(
