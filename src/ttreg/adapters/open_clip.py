@@ -75,7 +75,23 @@ def custom_attention_probs(attn: nn.Module, x: torch.Tensor,
     return logits.softmax(dim=-1)
 
 
-class OpenCLIPViTAdapter(Adapter):
+class _OpenCLIPModel(Adapter):
+    """What both open_clip adapters share: running the model and its preprocessing."""
+
+    visual: nn.Module
+    whole: bool
+
+    def run(self, x: torch.Tensor):
+        return self.model.encode_image(x) if self.whole else self.visual(x)
+
+    def image_size(self) -> tuple[int, int]:
+        return _size2(self.visual.image_size)
+
+    def mean_std(self):
+        return _preprocess(self.visual)
+
+
+class OpenCLIPViTAdapter(_OpenCLIPModel):
     """open_clip ``VisionTransformer`` towers, alone or inside a CLIP model."""
 
     family = "open_clip"
@@ -120,15 +136,6 @@ class OpenCLIPViTAdapter(Adapter):
         return None if isinstance(pre, nn.Identity) else pre
 
     # --- running -------------------------------------------------------------------------------
-    def run(self, x: torch.Tensor):
-        return self.model.encode_image(x) if self.whole else self.visual(x)
-
-    def image_size(self) -> tuple[int, int]:
-        return _size2(self.visual.image_size)
-
-    def mean_std(self):
-        return _preprocess(self.visual)
-
     def parameter(self) -> torch.Tensor:
         return next(self.visual.parameters())
 
@@ -178,7 +185,7 @@ class OpenCLIPViTAdapter(Adapter):
                 f"MLP {self.mlp_width(0)})")
 
 
-class OpenCLIPTimmAdapter(Adapter):
+class OpenCLIPTimmAdapter(_OpenCLIPModel):
     """open_clip towers around a timm ``VisionTransformer`` (``visual.trunk``).
 
     Everything structural is the timm adapter's on the trunk; ``run`` goes through the open_clip
@@ -231,15 +238,6 @@ class OpenCLIPTimmAdapter(Adapter):
 
     def attention_probs(self, layers: Sequence[int]):
         return self.trunk.attention_probs(layers)
-
-    def run(self, x: torch.Tensor):
-        return self.model.encode_image(x) if self.whole else self.visual(x)
-
-    def image_size(self) -> tuple[int, int]:
-        return _size2(self.visual.image_size)
-
-    def mean_std(self):
-        return _preprocess(self.visual)
 
     def parameter(self) -> torch.Tensor:
         return self.trunk.parameter()
