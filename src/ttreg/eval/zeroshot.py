@@ -78,9 +78,13 @@ def classify(model, x: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:
     return 100 * F.normalize(img.float(), dim=-1) @ classifier.T.to(img.device)
 
 
-def _batches(items: Sequence, batch_size: int):
-    for i in range(0, len(items), batch_size):
-        yield items[i:i + batch_size]
+def _batches(items: Sequence, batch_size: int, progress: bool = False, desc: str = ""):
+    """Consecutive chunks of ``items``, with a progress bar if asked."""
+    chunks = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
+    if progress:
+        from tqdm.auto import tqdm
+        return tqdm(chunks, desc=desc, unit="batch")
+    return chunks
 
 
 def evaluate_zeroshot(model, tokenizer: Callable, items: Sequence[tuple], classnames: Sequence[str],
@@ -97,10 +101,7 @@ def evaluate_zeroshot(model, tokenizer: Callable, items: Sequence[tuple], classn
     arms = make_arms(model, neurons, control_seeds=control_seeds, num_registers=num_registers,
                      preset=preset)
     logits: dict[str, list] = {a.name: [] for a in arms}
-    chunks = list(_batches(items, batch_size))
-    if progress:
-        from tqdm.auto import tqdm
-        chunks = tqdm(chunks, desc="zero-shot", unit="batch")
+    chunks = _batches(items, batch_size, progress, "zero-shot")
     for chunk in chunks:
         x = torch.stack([tf(load_rgb(q)) for q, _ in chunk]).to(p.device, p.dtype)
         for arm in arms:
@@ -215,10 +216,7 @@ def evaluate_zeroshot_segmentation(model, items: Sequence[tuple], neurons, *,
     arms = make_arms(model, neurons, control_seeds=control_seeds, num_registers=num_registers,
                      preset=preset)
     scores: dict[str, list] = {a.name: [] for a in arms}
-    chunks = list(_batches(items, batch_size))
-    if progress:
-        from tqdm.auto import tqdm
-        chunks = tqdm(chunks, desc="zero-shot segmentation", unit="batch")
+    chunks = _batches(items, batch_size, progress, "zero-shot segmentation")
     for chunk in chunks:
         _segment_chunk(model, ad, chunk, arms, scores, heatmap, W, classnames, size, mean, std)
     per_arm = {a.name: {**summarize_heatmaps(scores[a.name]), "images": len(items),
