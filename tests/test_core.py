@@ -317,3 +317,12 @@ def test_trace_attention_and_neurons(planted, images):
     with ttreg.test_time_registers(planted, {1: [7], 3: [21]}):
         tr2 = ttreg.trace(planted, images[:2], attention=True)
     assert tr2.attention[5].shape == (2, 4, 66, 66)
+
+
+def test_zero_neurons_zeroes_every_token(planted, images):
+    with ttreg.zero_neurons(planted, {3: [21]}):
+        tr = ttreg.trace(planted, images, neurons=[(3, 21), (1, 7)])
+        assert tr.num_registers == 0
+    assert torch.equal(tr.activations[:, 0], torch.zeros_like(tr.activations[:, 0]))
+    assert tr.activations[:, 1].abs().max() > 1     # other neurons untouched
+    assert all_hooks(planted) == 0

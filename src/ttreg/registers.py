@@ -118,7 +118,8 @@ class RegistersHandle:
     """Test-time registers installed on a model; ``remove()`` (or leaving the ``with``) undoes them."""
 
     def __init__(self, model: nn.Module | Adapter, neurons, num_registers: int | None = None,
-                 preset: str = "paper", shift_to=None, check: bool = True) -> None:
+                 preset: str = "paper", shift_to=None, check: bool = True,
+                 zero_only: bool = False) -> None:
         self.adapter = ad = wrap(model)
         self.neurons: RegisterNeurons = as_register_neurons(neurons, ad)
         if check:
@@ -131,7 +132,10 @@ class RegistersHandle:
             raise ValueError(f"num_registers must be >= 0, got {num_registers}")
         if shift_to is not None and num_registers:
             raise ValueError("shift_to writes into patch tokens; pass num_registers=0 with it")
-        if num_registers == 0 and shift_to is None and len(self.neurons):
+        if zero_only:
+            if num_registers or shift_to is not None:
+                raise ValueError("zeroing neurons moves nothing: no registers, no shift_to")
+        elif num_registers == 0 and shift_to is None and len(self.neurons):
             raise ValueError("num_registers=0 with register neurons needs shift_to=[patch indices]")
         self.num_registers = num_registers
         self.preset = preset
@@ -228,3 +232,14 @@ def test_time_registers(model, neurons, num_registers: int | None = None, preset
 
 
 test_time_registers.__test__ = False  # not a pytest test
+
+
+@contextlib.contextmanager
+def zero_neurons(model, neurons, check: bool = True) -> Iterator[RegistersHandle]:
+    """Ablation: ``neurons`` set to 0 on every token, nothing moved anywhere (the paper's
+    "register neurons zeroed" control arm). Hooks are removed on exit."""
+    handle = RegistersHandle(model, neurons, 0, "paper", None, check, zero_only=True)
+    try:
+        yield handle
+    finally:
+        handle.remove()
