@@ -9,7 +9,8 @@ from .calibrate import Calibration, calibrate
 from .data import ImageError
 from .models import ModelLoadError
 from .neurons import SearchStats, find_register_neurons
-from .registers import add_test_time_registers, test_time_registers, zero_neurons
+from .registers import (add_test_time_registers, remove_test_time_registers, test_time_registers,
+                        zero_neurons)
 from .spec import ModelMismatchError, RegisterNeurons
 from .trace import Trace, trace
 
@@ -25,5 +26,5 @@ def load_model(spec: str, *args, **kwargs):
 
 __all__ = [
     "Adapter", "Calibration", "ImageError", "ModelLoadError", "ModelMismatchError", "RegisterNeurons", "SearchStats", "Trace",
-    "add_test_time_registers", "calibrate", "find_register_neurons", "load_model", "test_time_registers", "trace", "wrap", "zero_neurons",
+    "add_test_time_registers", "calibrate", "find_register_neurons", "load_model", "test_time_registers", "remove_test_time_registers", "trace", "wrap", "zero_neurons",
 ]

@@ -19,7 +19,7 @@ import torch
 from .adapters import Adapter, wrap
 from .data import ImageSource, count_images, iter_batches, resolve_images
 from .outliers import AUTO_MIN_RATIO, emergence_layer, layers_with_outliers, norm_ratio, outlier_mask
-from .registers import active_stream
+from .registers import active_registers
 from .spec import RegisterNeurons
 from .trace import record
 
@@ -131,7 +131,7 @@ def find_register_neurons(model, images, *, threshold: float | str = "auto",
     A model with no outlier tokens gets an empty set whose ``note`` says so (and a warning).
     """
     ad = wrap(model)
-    if active_stream(ad) is not None:
+    if active_registers(ad):
         raise RuntimeError("remove test-time registers before searching for register neurons")
     L = ad.num_layers
     det = _resolve_layer(detection_layer, L, "detection_layer")

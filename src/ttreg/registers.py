@@ -1,14 +1,26 @@
 """Test-time registers (the paper's Algorithm 2): append R tokens, move register neurons into them.
 
-Two pieces of plumbing, both plain hooks held in a :class:`~ttreg.hooks.HookSet`:
+Small :class:`~ttreg.hooks.OwnedHook` objects, holding only configuration (never data of one
+forward pass):
 
-* the **register stream** carries R extra tokens through the blocks. A pre-hook on each block
-  appends them to the block's input, a forward hook splits them off the block's output again.
-  Between blocks -- where ``forward_intermediates``, ``output_hidden_states``, pooling heads and
-  final norms look -- the hidden state keeps its usual shape, so every output the user sees does.
-* the **neuron edit** is a pre-hook on each MLP down-projection that has register neurons. For
-  every image and every register neuron it writes the neuron's value into the target tokens
-  (the registers, or chosen patches with ``shift_to``) and zeroes it on the other tokens.
+* :class:`AppendRegisters`, a pre-hook on every block: block 0 appends R register tokens to its
+  input (zeros after the position embedding, through any ``ln_pre``); every later block takes the
+  registers its input carries (:mod:`ttreg.carry`) and appends them again;
+* :class:`SplitRegisters`, a forward hook on every block: cuts the registers off the block's
+  output and lets that output carry them, so every hidden state a user or a library sees between
+  blocks keeps its usual shape;
+* :class:`EditNeurons`, a pre-hook on each MLP down-projection with register neurons: for every
+  image and neuron it writes the neuron's value into the target tokens (the registers, or chosen
+  patches with ``shift_to``) and zeroes it elsewhere -- in block calls whose input carries the
+  registers (:class:`MarkCall` on the block's first module tells it, also in a checkpoint
+  recomputation that skips block-level hooks).
+
+When do registers apply? An installation has an :class:`Activation`. A handle from
+:func:`add_test_time_registers` is *persistent*: every forward of the model, from any thread,
+gets registers until ``remove()``. The ``with test_time_registers(...)`` block is *scoped*, like
+``torch.no_grad()``: forwards run by this thread (this context) inside the block get registers;
+other threads using the same model meanwhile run it plain. Under ``torch.compile`` /
+``torch.export`` an installed set always applies to the traced graph.
 
 Presets (see docs/method.md):
 
@@ -23,57 +35,200 @@ Presets (see docs/method.md):
 from __future__ import annotations
 
 import contextlib
-import weakref
-from typing import Iterator, Sequence
+import contextvars
+from typing import Iterator
 
 import torch
 import torch.nn as nn
 
 from .adapters import Adapter, wrap
-from .hooks import HookSet
+from .adapters.base import BlockIO, initial_registers
+from .carry import ATTR, attach, carried
+from .hooks import HookSet, OwnedHook, owned_hooks, remove_owned_hooks
 from .spec import RegisterNeurons, as_register_neurons
 
 PRESETS = ("paper", "official")
 
-# Block 0 of a model -> the register stream active on it (read by ``trace``).
-_ACTIVE: "weakref.WeakKeyDictionary[nn.Module, RegisterStream]" = weakref.WeakKeyDictionary()
+#: scoped activations entered by this context (``with test_time_registers(...)``)
+_SCOPE: contextvars.ContextVar[tuple] = contextvars.ContextVar("ttreg_scope", default=())
+#: the activation whose registers the block running now (in this context) carries
+_CALL: contextvars.ContextVar = contextvars.ContextVar("ttreg_block_call", default=None)
+#: attribute set on block 0's input when registers were appended to it, so that a checkpoint
+#: recomputation (possibly in another thread, after the scope) appends them again
+_STARTED = "_ttreg_started"
+#: attribute of the tensor a block receives with registers appended: their number
+_APPENDED = "_ttreg_appended"
 
 
-def active_stream(adapter: Adapter) -> "RegisterStream | None":
-    blocks = adapter.blocks
-    return _ACTIVE.get(blocks[0]) if len(blocks) else None
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
 
 
-class RegisterStream:
-    """Carries ``num`` register tokens from block to block (batch-first ``(B, R, D)``)."""
+class Activation:
+    """When one installation's registers apply: always (``persistent``), or in the contexts that
+    entered it (a ``with`` block). ``closed`` once removed.
 
-    def __init__(self, adapter: Adapter, num: int) -> None:
-        self.adapter = adapter
-        self.num = num
-        self.tokens: torch.Tensor | None = None  # registers after the last block that ran
+    ``copy.deepcopy`` of a model gives a persistent installation its own activation (the copy's
+    registers are independent of the original's handle) and shares a scoped one (inside the
+    ``with`` block the copy has registers too; after it, neither has).
+    """
 
-    def install(self, hooks: HookSet) -> None:
-        ad = self.adapter
-        td = ad.token_dim
-        for i, block in enumerate(ad.blocks):
-            def append(mod, args, kwargs, first=(i == 0)):
-                x = ad.block_input(args, kwargs)
-                bdim = 1 - td
-                if first or self.tokens is None or self.tokens.shape[0] != x.shape[bdim]:
-                    self.tokens = ad.register_init(x.shape[bdim], self.num, x)
-                regs = self.tokens if td == 1 else self.tokens.transpose(0, 1)
-                return ad.replace_block_input(args, kwargs, torch.cat([x, regs.to(x.dtype)], dim=td))
+    def __init__(self, persistent: bool) -> None:
+        self.persistent = persistent
+        self.closed = False
 
-            def split(mod, args, output):
-                y = ad.block_output(output)
-                n = y.shape[td] - self.num
-                regs = y.narrow(td, n, self.num)
-                self.tokens = regs if td == 1 else regs.transpose(0, 1)
-                return ad.replace_block_output(output, y.narrow(td, 0, n))
+    def __deepcopy__(self, memo) -> "Activation":
+        if not self.persistent:
+            return self
+        new = Activation(True)
+        new.closed = self.closed
+        return new
 
-            hooks.pre(block, append, prepend=True, with_kwargs=True)
-            hooks.forward(block, split, prepend=True)
-        ad.stream_hooks(hooks, self.num)
+    def active(self) -> bool:
+        if self.closed:
+            return False
+        if self.persistent or _compiling():
+            return True
+        return self in _SCOPE.get()
+
+
+class RegisterHook(OwnedHook):
+    """Base of the three register hooks: they share their installation's activation."""
+
+    activation: Activation
+
+
+class AppendRegisters(RegisterHook):
+    """Block pre-hook: append the registers (made fresh at block 0, carried after it)."""
+
+    def __init__(self, activation: Activation, layer: int, num: int, io: BlockIO,
+                 pre: nn.Module | None) -> None:
+        self.activation, self.layer, self.num, self.io, self.pre = activation, layer, num, io, pre
+
+    def __call__(self, mod, args, kwargs):
+        act, io = self.activation, self.io
+        x = io.input(args, kwargs)
+        xb = io.batch_first(x)
+        if self.layer == 0:
+            if not (act.active() or getattr(x, _STARTED, None) is act):
+                return self._off()
+            regs = initial_registers(self.pre, xb.shape[0], self.num, xb)
+            if not (act.persistent or _compiling()):
+                setattr(x, _STARTED, act)
+        else:
+            regs = carried(x, act)
+            if regs is None:
+                if act.active():
+                    raise RuntimeError(
+                        f"block {self.layer} received hidden states without the test-time registers "
+                        "the previous block returned: the model replaces the hidden state between "
+                        "blocks, or runs them under re-entrant gradient checkpointing "
+                        "(use use_reentrant=False); ttreg cannot carry registers through it")
+                return self._off()
+            if regs.shape[0] != xb.shape[0]:
+                raise RuntimeError(f"block {self.layer}: the carried registers are for a batch of "
+                                   f"{regs.shape[0]}, the hidden state has {xb.shape[0]}")
+        if not _compiling():
+            _CALL.set(act)
+        if self.num:
+            new = torch.cat([xb, regs.to(xb.dtype)], dim=1)
+            new = new if io.token_dim == 1 else new.transpose(0, 1)
+        else:
+            new = x
+        setattr(new, _APPENDED, (act, regs))
+        args, kwargs = io.replace_input(args, kwargs, new)
+        return io.extend_inputs(args, kwargs, self.num)
+
+    def _off(self):
+        if not _compiling():
+            _CALL.set(None)
+        return None
+
+
+class MarkCall(RegisterHook):
+    """Pre-hook on the first module inside a block (its pre-attention norm): if the block's input
+    carries this installation's registers, the block call is on for the edits below. Block-level
+    hooks already say so; this one also runs where a library recomputes a block's ``forward``
+    for gradient checkpointing without its block-level hooks (transformers 5)."""
+
+    def __init__(self, activation: Activation) -> None:
+        self.activation = activation
+
+    def __call__(self, mod, args):
+        if _compiling() or not args:
+            return None
+        appended = getattr(args[0], _APPENDED, None)
+        if appended is not None and appended[0] is self.activation:
+            _CALL.set(self.activation)
+        return None
+
+
+class SplitRegisters(RegisterHook):
+    """Block forward hook: cut the registers off the output; the output carries them on."""
+
+    def __init__(self, activation: Activation, num: int, io: BlockIO) -> None:
+        self.activation, self.num, self.io = activation, num, io
+
+    def __call__(self, mod, args, kwargs, output):
+        io, act = self.io, self.activation
+        appended = getattr(io.input(args, kwargs), _APPENDED, None)
+        if appended is None or appended[0] is not act:
+            return None
+        if not _compiling():
+            _CALL.set(None)
+        y = io.output(output)
+        if not self.num:  # shift_to / zeroing: nothing to cut; carry the (empty) marker on
+            return io.replace_output(output, attach(y.view_as(y), appended[1], act))
+        td = io.token_dim
+        n = y.shape[td] - self.num
+        regs = io.batch_first(y.narrow(td, n, self.num))
+        return io.replace_output(output, attach(y.narrow(td, 0, n), regs, act))
+
+
+def parse_shift_to(shift_to) -> torch.Tensor | None:
+    """``shift_to`` as a long tensor of patch indices (1-D, the same for every image) or a bool
+    mask ``(1 or B, num_patches)``; raise a one-line ValueError for anything else."""
+    if shift_to is None:
+        return None
+    try:
+        t = shift_to if torch.is_tensor(shift_to) else torch.as_tensor(
+            shift_to.tolist() if hasattr(shift_to, "tolist") else shift_to)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError("shift_to must be a list of patch indices or a bool mask "
+                         "(num_patches,) / (batch, num_patches)") from None
+    if t.dtype == torch.bool:
+        if t.dim() not in (1, 2):
+            raise ValueError(f"a shift_to mask must be (num_patches,) or (batch, num_patches); "
+                             f"got shape {tuple(t.shape)}")
+        return t.reshape(1, -1) if t.dim() == 1 else t
+    if t.numel() == 0:
+        return torch.zeros(0, dtype=torch.long)
+    if t.is_floating_point() or t.is_complex():
+        bad = t[t != t.round()] if t.is_floating_point() else t
+        raise ValueError("shift_to must hold whole patch indices (or bools for a mask); got "
+                         f"{bad.flatten()[0].item() if len(bad.flatten()) else t.flatten()[0].item()}")
+    if t.dim() > 1:
+        raise ValueError("shift_to indices must be 1-D (the same patches for every image); for "
+                         "per-image positions pass a (batch, num_patches) bool mask")
+    return t.reshape(-1).long()
+
+
+def shift_mask(shift: torch.Tensor | None, batch: int, num_patches: int,
+               device) -> torch.Tensor | None:
+    """The ``(B, num_patches)`` bool mask of a parsed ``shift_to`` for one forward."""
+    if shift is None:
+        return None
+    if shift.dtype == torch.bool:
+        if shift.shape[1] != num_patches:
+            raise ValueError(f"shift_to mask has {shift.shape[1]} patches, the image has {num_patches}")
+        if shift.shape[0] not in (1, batch):
+            raise ValueError(f"shift_to mask is for {shift.shape[0]} images, the batch has {batch}")
+        return shift.to(device).expand(batch, -1)
+    if len(shift) and (int(shift.min()) < -num_patches or int(shift.max()) >= num_patches):
+        raise ValueError(f"shift_to indices must lie in [0, {num_patches}); got {shift.tolist()}")
+    m = torch.zeros(batch, num_patches, dtype=torch.bool, device=device)
+    m[:, shift.to(device)] = True
+    return m
 
 
 def _target_and_zero_masks(batch: int, tokens: int, num_prefix: int, num_registers: int,
@@ -114,91 +269,128 @@ def edit_activations(h: torch.Tensor, neurons: torch.Tensor, target: torch.Tenso
     return h.index_copy(-1, neurons, out)
 
 
+class EditNeurons(RegisterHook):
+    """Down-projection pre-hook: move the register neurons of one layer into the targets."""
+
+    def __init__(self, activation: Activation, neurons: torch.Tensor, num_prefix: int,
+                 num_registers: int, preset: str, shift: torch.Tensor | None,
+                 token_dim: int) -> None:
+        self.activation, self.neurons, self.num_prefix = activation, neurons, num_prefix
+        self.num_registers, self.preset, self.shift, self.token_dim = num_registers, preset, shift, token_dim
+
+    def __call__(self, mod, args):
+        if not _compiling() and _CALL.get() is not self.activation:
+            return None
+        h = args[0]
+        hb = h if self.token_dim == 1 else h.transpose(0, 1)
+        B, T = hb.shape[0], hb.shape[1]
+        R, npre = self.num_registers, self.num_prefix
+        shift = shift_mask(self.shift, B, T - npre - R, hb.device)
+        target, zero = _target_and_zero_masks(B, T, npre, R, shift, self.preset, hb.device)
+        hb = edit_activations(hb, self.neurons.to(hb.device), target, zero, self.preset)
+        return (hb if self.token_dim == 1 else hb.transpose(0, 1), *args[1:])
+
+
+def _check_not_compiled(ad: Adapter) -> None:
+    """``module.compile()`` compiles in place; compiled code would ignore our hooks."""
+    if any(getattr(m, "_compiled_call_impl", None) is not None for m in (ad.model, *ad.blocks)):
+        raise RuntimeError(
+            "this model was compiled with torch.compile before test-time registers were installed, "
+            "and compiled code ignores hooks added later: install registers on the original module "
+            "first, then compile (e.g. ttreg.add_test_time_registers(model, neurons); "
+            "model = torch.compile(model))")
+
+
+def _closed(hook) -> bool:
+    act = getattr(hook, "activation", None)
+    return act is not None and act.closed
+
+
+def installed(model) -> list[Activation]:
+    """The activations of the test-time registers installed on ``model`` and not yet removed."""
+    m = model.model if isinstance(model, Adapter) else model
+    seen: dict[int, Activation] = {}
+    for _, _, hook in owned_hooks(m, AppendRegisters):
+        if not hook.activation.closed:
+            seen[id(hook.activation)] = hook.activation
+    return list(seen.values())
+
+
+def active_registers(model) -> bool:
+    """Would a forward of ``model`` run now, in this context, get test-time registers?"""
+    return any(a.active() for a in installed(model))
+
+
+def remove_test_time_registers(model) -> int:
+    """Remove every test-time register hook from ``model`` -- also from a copy made while they
+    were installed, or ones whose handle was lost; return how many hooks were removed."""
+    m = model.model if isinstance(model, Adapter) else model
+    return remove_owned_hooks(m, OwnedHook)
+
+
 class RegistersHandle:
     """Test-time registers installed on a model; ``remove()`` (or leaving the ``with``) undoes them."""
 
     def __init__(self, model: nn.Module | Adapter, neurons, num_registers: int | None = None,
-                 preset: str = "paper", shift_to=None, check: bool = True,
-                 zero_only: bool = False) -> None:
+                 preset: str = "paper", shift_to=None, check: bool = True, *,
+                 scoped: bool = False, zero_only: bool = False) -> None:
         self.adapter = ad = wrap(model)
+        _check_not_compiled(ad)
         self.neurons: RegisterNeurons = as_register_neurons(neurons, ad)
-        if check:
-            self.neurons.check_model(ad)
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        if num_registers is not None and (isinstance(num_registers, bool) or not isinstance(num_registers, int)):
+            raise ValueError(f"num_registers must be a whole number, got {num_registers!r}")
         if num_registers is None:
-            num_registers = 0 if shift_to is not None else 1
+            num_registers = 0 if shift_to is not None or zero_only else 1
         if num_registers < 0:
             raise ValueError(f"num_registers must be >= 0, got {num_registers}")
-        if shift_to is not None and num_registers:
-            raise ValueError("shift_to writes into patch tokens; pass num_registers=0 with it")
         if zero_only:
             if num_registers or shift_to is not None:
                 raise ValueError("zeroing neurons moves nothing: no registers, no shift_to")
+        elif shift_to is not None and num_registers:
+            raise ValueError("shift_to writes into patch tokens; pass num_registers=0 with it")
         elif num_registers == 0 and shift_to is None and len(self.neurons):
             raise ValueError("num_registers=0 with register neurons needs shift_to=[patch indices]")
-        self.num_registers = num_registers
-        self.preset = preset
-        self.shift_to = shift_to
+        shift = parse_shift_to(shift_to)
+        if check:
+            self.neurons.check_model(ad)
+        self.num_registers, self.preset, self.shift_to = num_registers, preset, shift_to
+        self.activation = Activation(persistent=not scoped)
+        remove_owned_hooks(ad.model, OwnedHook, _closed)
+        clash = [a for a in installed(ad) if a.persistent or a.active()]
+        if clash:
+            raise RuntimeError("test-time registers are already active on this model; remove them "
+                               "first (handle.remove(), or ttreg.remove_test_time_registers(model))")
         self.hooks = HookSet()
         try:
-            self._install()
+            if num_registers or len(self.neurons):
+                self._install(shift)
         except BaseException:
-            self.hooks.remove()
+            self.remove()
             raise
 
-    def _shift_mask(self, batch: int, num_patches: int, device) -> torch.Tensor | None:
-        s = self.shift_to
-        if s is None:
-            return None
-        if torch.is_tensor(s) and s.dtype == torch.bool:
-            m = s.reshape(s.shape[0] if s.dim() > 1 else 1, -1)
-            if m.shape[1] != num_patches:
-                raise ValueError(f"shift_to mask has {m.shape[1]} patches, the image has {num_patches}")
-            return m.expand(batch, -1) if m.shape[0] == 1 else m
-        idx = torch.as_tensor(s, dtype=torch.long).reshape(-1)
-        if len(idx) and (idx.min() < 0 or idx.max() >= num_patches):
-            raise ValueError(f"shift_to indices must lie in [0, {num_patches}); got {idx.tolist()}")
-        m = torch.zeros(batch, num_patches, dtype=torch.bool)
-        m[:, idx] = True
-        return m
-
-    def _install(self) -> None:
-        ad = self.adapter
-        if self.num_registers and active_stream(ad) is not None:
-            raise RuntimeError("test-time registers are already active on this model; remove them first")
-        if self.num_registers:
-            stream = RegisterStream(ad, self.num_registers)
-            stream.install(self.hooks)
-            _ACTIVE[ad.blocks[0]] = stream
-            self._stream_key = ad.blocks[0]
-        npre, R, preset, td = ad.num_prefix_tokens, self.num_registers, self.preset, ad.token_dim
-        cache: dict = {}
+    def _install(self, shift: torch.Tensor | None) -> None:
+        ad, act, R = self.adapter, self.activation, self.num_registers
+        io, pre = ad.block_io, ad.pre_block_module()
+        for i, block in enumerate(ad.blocks):
+            self.hooks.pre(block, AppendRegisters(act, i, R, io, pre), prepend=True, with_kwargs=True)
+            self.hooks.forward(block, SplitRegisters(act, R, io), prepend=True, with_kwargs=True)
+            self.hooks.pre(ad.entry_module(i), MarkCall(act), prepend=True)
+        if R:
+            for mod, hook in ad.output_trims(R):
+                hook.activation = act
+                self.hooks.forward(mod, hook, prepend=True)
         for layer, idx in self.neurons.by_layer().items():
-            site = ad.down_proj(layer)
-            index = torch.tensor(idx, dtype=torch.long)
-
-            def edit(mod, args, index=index):
-                h = args[0]
-                hb = h if td == 1 else h.transpose(0, 1)
-                B, T = hb.shape[0], hb.shape[1]
-                key = (B, T, hb.device)
-                if key not in cache:
-                    shift = self._shift_mask(B, T - npre - R, hb.device)
-                    cache.clear()
-                    cache[key] = _target_and_zero_masks(B, T, npre, R, shift, preset, hb.device)
-                target, zero = cache[key]
-                hb = edit_activations(hb, index.to(hb.device), target, zero, preset)
-                return (hb if td == 1 else hb.transpose(0, 1), *args[1:])
-
-            self.hooks.pre(site, edit, prepend=True)
+            edit = EditNeurons(act, torch.tensor(idx, dtype=torch.long), ad.num_prefix_tokens, R,
+                               self.preset, shift, ad.token_dim)
+            self.hooks.pre(ad.down_proj(layer), edit, prepend=True)
 
     def remove(self) -> None:
+        """Remove the hooks; idempotent. Copies of the model made inside a ``with`` block lose
+        their registers too (their hooks stay, inert, until ``ttreg.remove_test_time_registers``)."""
+        self.activation.closed = True
         self.hooks.remove()
-        key = getattr(self, "_stream_key", None)
-        if key is not None and _ACTIVE.get(key) is not None:
-            del _ACTIVE[key]
-        self._stream_key = None
 
     def __enter__(self) -> "RegistersHandle":
         return self
@@ -209,13 +401,20 @@ class RegistersHandle:
 
 def add_test_time_registers(model, neurons, num_registers: int | None = None, preset: str = "paper",
                             shift_to=None, check: bool = True) -> RegistersHandle:
-    """Install test-time registers on ``model`` and return a handle with ``.remove()``.
+    """Install test-time registers on ``model`` for every forward, from any thread, until the
+    returned handle's ``remove()``.
 
     ``neurons``: a :class:`RegisterNeurons`, a ``{layer: [neuron, ...]}`` dict, or a list of
     ``(layer, neuron)`` pairs. ``num_registers`` (default 1; 0 when ``shift_to`` is given) extra
-    tokens are appended after the patch tokens and removed from every output. ``shift_to``
-    (patch indices, or a ``(B, num_patches)`` bool mask) writes the values into those patches
-    instead. ``check=False`` skips the model-fingerprint check.
+    tokens are appended after the patch tokens and removed from every output, so outputs keep
+    their shapes. ``preset``: ``"paper"`` (default) or ``"official"`` (see the module docstring).
+    ``shift_to`` writes the values into patches instead of registers: a 1-D list of patch
+    indices (the same for every image) or a bool mask ``(num_patches,)`` or
+    ``(batch, num_patches)``. ``check=False`` skips the model-fingerprint check.
+
+    Works with gradient checkpointing (non-reentrant), threads, ``copy.deepcopy`` (the copy has
+    its own registers; ``ttreg.remove_test_time_registers(copy)`` removes them) and
+    ``torch.compile`` when compiled *after* installing.
     """
     return RegistersHandle(model, neurons, num_registers, preset, shift_to, check)
 
@@ -223,12 +422,15 @@ def add_test_time_registers(model, neurons, num_registers: int | None = None, pr
 @contextlib.contextmanager
 def test_time_registers(model, neurons, num_registers: int | None = None, preset: str = "paper",
                         shift_to=None, check: bool = True) -> Iterator[RegistersHandle]:
-    """Context manager form of :func:`add_test_time_registers`; hooks are removed on exit."""
-    handle = add_test_time_registers(model, neurons, num_registers, preset, shift_to, check)
-    try:
+    """Test-time registers for the forwards this thread runs inside the ``with`` block.
+
+    Arguments as :func:`add_test_time_registers`. Scoped like ``torch.no_grad()``: other threads
+    using the same model meanwhile run it plain. Every hook is removed on exit, also on an
+    exception. With gradient checkpointing, call ``backward()`` inside the block.
+    """
+    handle = RegistersHandle(model, neurons, num_registers, preset, shift_to, check, scoped=True)
+    with _entered(handle):
         yield handle
-    finally:
-        handle.remove()
 
 
 test_time_registers.__test__ = False  # not a pytest test
@@ -237,9 +439,22 @@ test_time_registers.__test__ = False  # not a pytest test
 @contextlib.contextmanager
 def zero_neurons(model, neurons, check: bool = True) -> Iterator[RegistersHandle]:
     """Ablation: ``neurons`` set to 0 on every token, nothing moved anywhere (the paper's
-    "register neurons zeroed" control arm). Hooks are removed on exit."""
-    handle = RegistersHandle(model, neurons, 0, "paper", None, check, zero_only=True)
+    "register neurons zeroed" control arm), for this thread's forwards inside the block."""
+    handle = RegistersHandle(model, neurons, 0, "paper", None, check, scoped=True, zero_only=True)
+    with _entered(handle):
+        yield handle
+
+
+@contextlib.contextmanager
+def _entered(handle: RegistersHandle) -> Iterator[RegistersHandle]:
+    token = _SCOPE.set(_SCOPE.get() + (handle.activation,))
     try:
         yield handle
     finally:
+        _SCOPE.reset(token)
         handle.remove()
+
+
+__all__ = ["PRESETS", "RegistersHandle", "add_test_time_registers", "test_time_registers",
+           "zero_neurons", "remove_test_time_registers", "installed", "active_registers",
+           "edit_activations", "ATTR"]

@@ -7,14 +7,16 @@ The file is what ``ttreg calibrate`` writes and what anyone can load::
       "neurons": [{"layer": 17, "neuron": 884, "score": 12.3}, ...],   # best first
       "hyperparameters": {"threshold": "auto", "detection_layer": -1, ...},
       "num_images": 200, "num_images_with_outliers": 197,
-      "fingerprint": {"architecture": {...}, "weights": "9c0e..."},
+      "fingerprint": {"architecture": {...}, "weights": "9c0e...", "weights_sample": [...]},
       "provenance": {...},          # where the set comes from (calibration run, paper, ...)
       "statistics": {...},          # what the search measured (emergence layer, norm ratios)
       "note": "..."                 # a human sentence, e.g. why the set is empty
     }
 
 The fingerprint ties a set to the model it was found on. ``architecture`` keys that are present
-must match the model's; ``weights`` (a hash of the weights) must match unless it is null.
+must match the model's; ``weights`` (a hash of the weights) must match unless it is null -- or,
+for the same weights cast to another dtype (``.half()``, bfloat16), ``weights_sample`` (64 weight
+values at fixed places) must match to within 16-bit rounding.
 """
 from __future__ import annotations
 
@@ -109,7 +111,7 @@ class RegisterNeurons:
                     f"neuron ({l}, {n}): block {l} has {ad.mlp_width(l)} MLP neurons; "
                     "this neuron set is for another model")
         want_w = fp.get("weights")
-        if want_w and want_w != ad.weights_hash():
+        if want_w and want_w != ad.weights_hash() and not _same_values(fp.get("weights_sample"), ad):
             raise ModelMismatchError(
                 "these neurons were found on the same architecture with other weights "
                 f"(fingerprint {want_w} != {ad.weights_hash()}); calibrate on this model "
@@ -119,7 +121,8 @@ class RegisterNeurons:
     def fingerprint_of(model) -> dict[str, Any]:
         from .adapters import wrap
         ad = wrap(model)
-        return {"architecture": ad.architecture(), "weights": ad.weights_hash()}
+        return {"architecture": ad.architecture(), "weights": ad.weights_hash(),
+                "weights_sample": ad.weights_sample()}
 
     # --- (de)serialisation -----------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -192,6 +195,20 @@ class RegisterNeurons:
         """A published neuron set shipped with ttreg (see ``ttreg.published.NAMES``)."""
         from .published import load_published
         return load_published(name)
+
+
+def _same_values(sample, adapter) -> bool:
+    """Do the model's weights equal the recorded sample up to 16-bit rounding? (The hash is exact,
+    so a model cast with ``.half()`` or to bfloat16 is recognised through the sample.)"""
+    if not isinstance(sample, list) or not sample:
+        return False
+    import torch
+    have = torch.tensor(adapter.weights_sample(), dtype=torch.float64)
+    want = torch.tensor([float(v) for v in sample], dtype=torch.float64)
+    if have.shape != want.shape:
+        return False
+    scale = want.abs().max().clamp_min(1e-12)
+    return bool(torch.allclose(have, want, rtol=1e-2, atol=1e-3 * float(scale)))
 
 
 def _norm(v: Any) -> Any:

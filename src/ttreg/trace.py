@@ -14,8 +14,8 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from .adapters import Adapter, wrap
+from .carry import carried, num_carried
 from .hooks import HookSet
-from .registers import active_stream
 
 
 @dataclass
@@ -23,6 +23,7 @@ class Recording:
     norms: dict[int, torch.Tensor] = field(default_factory=dict)        # layer -> (B, T)
     activations: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (B, T, K)
     attention: dict[int, torch.Tensor] = field(default_factory=dict)    # layer -> (B, h, T, T)
+    num_registers: int = 0  # test-time registers the last block's output carried
 
     def clear(self) -> None:
         self.norms.clear()
@@ -47,14 +48,17 @@ def record(model, norm_layers: Sequence[int] = (), activation_layers: dict[int, 
     td = ad.token_dim
     with contextlib.ExitStack() as stack:
         hooks = stack.enter_context(HookSet())
+
+        def on_last(mod, args, output):
+            rec.num_registers = num_carried(ad.block_output(output))
+        hooks.forward(ad.blocks[-1], on_last)
         for layer in norm_layers:
             def on_block(mod, args, output, layer=layer):
-                y = _batch_first(ad.block_output(output), td)
-                n = y.detach().float().norm(dim=-1)
-                stream = active_stream(ad)
-                if stream is not None and stream.tokens is not None \
-                        and stream.tokens.shape[0] == n.shape[0]:
-                    n = torch.cat([n, stream.tokens.detach().float().norm(dim=-1)], dim=1)
+                out = ad.block_output(output)
+                n = _batch_first(out, td).detach().float().norm(dim=-1)
+                regs = carried(out)
+                if regs is not None and regs.shape[1]:
+                    n = torch.cat([n, regs.detach().float().norm(dim=-1)], dim=1)
                 rec.norms[layer] = n
             hooks.forward(ad.blocks[layer], on_block)
         for layer, idx in (activation_layers or {}).items():
@@ -68,6 +72,31 @@ def record(model, norm_layers: Sequence[int] = (), activation_layers: dict[int, 
             store = stack.enter_context(ad.attention_probs(list(attention_layers)))
             rec.attention = store
         yield rec
+
+
+def check_layer(layer, num_layers: int, what: str = "layer") -> int:
+    """``layer`` as an index in ``[0, num_layers)`` (negative counts from the end); a one-line
+    ValueError when it is not a whole number in ``[-num_layers, num_layers)``."""
+    if isinstance(layer, bool) or not isinstance(layer, int) and not (
+            hasattr(layer, "__index__") and not isinstance(layer, float)):
+        raise ValueError(f"{what} must be a whole number, got {layer!r}")
+    layer = int(layer)
+    if not -num_layers <= layer < num_layers:
+        raise ValueError(f"{what} {layer} does not exist: the model has {num_layers} blocks "
+                         f"(0..{num_layers - 1}, or -1..-{num_layers} from the end)")
+    return layer % num_layers
+
+
+def check_neuron(adapter: Adapter, layer, neuron) -> tuple[int, int]:
+    """``(layer, neuron)`` checked against the model (layer as :func:`check_layer`)."""
+    l = check_layer(layer, adapter.num_layers, "neuron layer")
+    if isinstance(neuron, bool) or not hasattr(neuron, "__index__"):
+        raise ValueError(f"neuron ({layer}, {neuron!r}): the neuron must be a whole number")
+    width = adapter.mlp_width(l)
+    if not 0 <= int(neuron) < width:
+        raise ValueError(f"neuron ({layer}, {neuron}) does not exist: block {l} has {width} MLP "
+                         f"neurons (0..{width - 1})")
+    return l, int(neuron)
 
 
 @dataclass
@@ -120,16 +149,16 @@ def trace(model, x: torch.Tensor, norms: bool = True, attention: bool | Sequence
     """
     ad: Adapter = wrap(model)
     L = ad.num_layers
-    att_layers = list(range(L)) if attention is True else [a % L for a in (attention or [])]
-    pairs = [(int(l) % L, int(n)) for l, n in (neurons or [])]
+    att_layers = list(range(L)) if attention is True else [
+        check_layer(a, L, "attention layer") for a in (attention or [])]
+    pairs = [check_neuron(ad, l, n) for l, n in (neurons or [])]
     act_layers: dict[int, torch.Tensor] = {}
     for l in sorted({l for l, _ in pairs}):
         act_layers[l] = torch.tensor(sorted({n for ll, n in pairs if ll == l}), dtype=torch.long)
     with torch.no_grad(), record(ad, range(L) if norms else (), act_layers, att_layers) as rec:
         out = ad.run(x)
         attn = {l: rec.attention[l].cpu() for l in att_layers}
-    stream = active_stream(ad)
-    R = stream.num if stream is not None else 0
+    R = rec.num_registers
     npre = ad.num_prefix_tokens
     grid = ad.grid_size(x)
     T = npre + grid[0] * grid[1] + R

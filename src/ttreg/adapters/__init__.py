@@ -41,6 +41,10 @@ def wrap(model: nn.Module | Adapter) -> Adapter:
     """Return the adapter for ``model`` (an adapter is returned as is)."""
     if isinstance(model, Adapter):
         return model
+    if hasattr(model, "_orig_mod") and type(model).__name__ == "OptimizedModule":
+        raise TypeError("this model was compiled with torch.compile, and compiled code ignores "
+                        "hooks added afterwards: give ttreg the original module (install test-time "
+                        "registers first, then compile)")
     _register_optional(model)
     for cls in ADAPTERS:
         if cls.matches(model):

@@ -17,7 +17,7 @@ from typing import Any, Iterator, Sequence
 import torch
 import torch.nn as nn
 
-from ..hooks import HookSet
+from ..hooks import HookSet, OwnedHook
 from .base import Adapter
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -108,6 +108,31 @@ def _trim(obj: Any, tokens: int, keep: int) -> Any:
     return obj
 
 
+def visible_tokens(output: Any) -> int | None:
+    """Token count of the hidden states a user sees in a model output (``last_hidden_state``,
+    else the shortest recorded hidden state), or None."""
+    last = output.get("last_hidden_state") if isinstance(output, dict) else None
+    if torch.is_tensor(last) and last.dim() == 3:
+        return int(last.shape[1])
+    states = output.get("hidden_states") if isinstance(output, dict) else None
+    sizes = [int(h.shape[1]) for h in states or () if torch.is_tensor(h) and h.dim() == 3]
+    return min(sizes) if sizes else None
+
+
+class TrimRecordedOutputs(OwnedHook):
+    """Forward hook: cut ``num`` test-time registers out of the ``hidden_states`` / ``attentions``
+    a transformers model recorded inside its layers. The visible token count is read from the
+    output itself, so the hook keeps no per-call state, and on a forward without registers no
+    tensor has the extra tokens and nothing is cut."""
+
+    def __init__(self, num: int) -> None:
+        self.num = num
+
+    def __call__(self, mod, args, output):
+        keep = visible_tokens(output)
+        return None if keep is None else _trim(output, keep + self.num, keep)
+
+
 class HFVisionAdapter(Adapter):
     """A ``transformers`` vision encoder. Subclasses name the classes they accept and, for
     composite models, which submodule is the vision encoder (:meth:`vision_module`)."""
@@ -163,25 +188,13 @@ class HFVisionAdapter(Adapter):
     def pre_block_module(self) -> nn.Module | None:
         return get_path(self.vision, "pre_layrnorm", "vision_model.pre_layrnorm")
 
-    def stream_hooks(self, hooks: HookSet, num_registers: int) -> None:
+    def output_trims(self, num_registers: int) -> list[tuple[nn.Module, Any]]:
         """transformers records ``hidden_states`` and ``attentions`` from inside the layers, where
-        the registers are present (5.x: ``hidden_states[0]`` is layer 0's input; 4.5x: every
-        entry); cut them off in the outputs of the models that return those."""
+        the registers are present (5.x: ``hidden_states[0]`` is layer 0's input, and every
+        attention map); cut them off in the outputs of the models that return those."""
         from transformers import PreTrainedModel
-        seen: dict[str, int] = {}
-
-        def remember(mod, args, output):
-            if args and torch.is_tensor(args[0]):
-                seen["tokens"] = args[0].shape[1]
-
-        def trim(mod, args, output):
-            n = seen.get("tokens")
-            return None if n is None else _trim(output, n, n - num_registers)
-
-        hooks.forward(self._layers[0], remember)
-        for mod in self.vision.modules():
-            if mod is self.vision or isinstance(mod, PreTrainedModel):
-                hooks.forward(mod, trim)
+        return [(mod, TrimRecordedOutputs(num_registers)) for mod in self.vision.modules()
+                if mod is self.vision or isinstance(mod, PreTrainedModel)]
 
     # --- running ---------------------------------------------------------------------------
     def run(self, x: torch.Tensor) -> Any:

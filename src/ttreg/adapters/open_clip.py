@@ -131,6 +131,9 @@ class OpenCLIPViTAdapter(_OpenCLIPModel):
     def attention(self, layer: int) -> nn.Module:
         return self.blocks[layer].attn
 
+    def entry_module(self, layer: int) -> nn.Module:
+        return self.blocks[layer].ln_1
+
     def pre_block_module(self) -> nn.Module | None:
         pre = self.visual.ln_pre
         return None if isinstance(pre, nn.Identity) else pre
@@ -229,6 +232,9 @@ class OpenCLIPTimmAdapter(_OpenCLIPModel):
 
     def attention(self, layer: int) -> nn.Module:
         return self.trunk.attention(layer)
+
+    def entry_module(self, layer: int) -> nn.Module:
+        return self.trunk.entry_module(layer)
 
     def pre_block_module(self) -> nn.Module | None:
         return self.trunk.pre_block_module()

@@ -50,6 +50,9 @@ class TimmViTAdapter(Adapter):
     def attention(self, layer: int) -> nn.Module:
         return self.blocks[layer].attn
 
+    def entry_module(self, layer: int) -> nn.Module:
+        return self.blocks[layer].norm1
+
     def pre_block_module(self) -> nn.Module | None:
         pre = self.model.norm_pre
         return None if isinstance(pre, nn.Identity) else pre
