@@ -240,6 +240,25 @@ def test_lost_resize_is_labelled_a_deviation(tmp_path):
     assert np.allclose(b[:, [0, 2]] % 12, 0) and np.allclose(b[:, [1, 3]] % 6, 0)   # scaled back
 
 
+@pytest.mark.parametrize("family", ["dinov2", "vit"])
+def test_lost_native_resolution_on_hugging_face_models(tmp_path, family):
+    """Hugging Face DINOv2 always interpolates its position embeddings, ViTModel when asked
+    (``interpolate_pos_encoding``, which the adapter passes): both run LOST on 48 x 72 images,
+    a 6 x 9 grid of 8-px patches."""
+    pytest.importorskip("transformers")
+    from ttreg.convert.hf import timm_to_hf_dinov2, timm_to_hf_vit
+    from ttreg.eval.backbone import accepts_any_size
+    from ttreg.eval.lost import evaluate_lost
+    convert, kw = {"dinov2": (timm_to_hf_dinov2, dict(init_values=1e-5)), "vit": (timm_to_hf_vit, {})}[family]
+    model = convert(planted_vit(**kw))
+    assert accepts_any_size(model)
+    write_voc(tmp_path / "voc", n=2, size=(48, 72))
+    res = evaluate_lost(model, voc_boxes(tmp_path / "voc"), [(1, 7), (3, 21)], control_seeds=(),
+                        keep_boxes=True, print_table=False)
+    b = np.array(res["arms"]["registers"]["boxes"])
+    assert b.shape == (2, 4) and (b % 8 == 0).all() and (b[:, 2] <= 72).all() and (b[:, 3] <= 48).all()
+
+
 def test_fixed_size_models_need_resize(capsys):
     import open_clip
     from ttreg.convert.open_clip import TINY_TEXT_CFG
