@@ -1,7 +1,6 @@
 """Results out: mean with a 95% confidence interval, plain-text tables, JSON files."""
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any, Sequence
