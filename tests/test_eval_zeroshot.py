@@ -191,9 +191,9 @@ def test_direct_heatmaps_equal_gandelsman_restated(native_clip, tower, registers
 def test_recomputed_attention_is_the_modules_own_output(native_clip):
     """Summed over sources (and heads), the recomputed class-token terms are exactly what each
     attention module wrote for the class token."""
-    from ttreg.eval.direct import _cls_attention_output, _tower
+    from ttreg.eval.direct import _cls_attention_output, clip_tower
     model = native_clip[0]
-    tower = _tower(model)
+    tower = clip_tower(model)
     got, ins = {}, {}
     hooks = []
     for i, layer in enumerate(tower.layers):
@@ -205,6 +205,15 @@ def test_recomputed_attention_is_the_modules_own_output(native_clip):
         h.remove()
     for i, layer in enumerate(tower.layers):
         assert torch.allclose(_cls_attention_output(layer, ins[i]).sum(1), got[i][:, 0], atol=1e-5)
+
+
+def test_unsupported_towers_fail_in_one_line_before_any_work(native_clip):
+    import open_clip
+    vcfg = dict(layers=1, width=64, head_width=16, patch_size=16, image_size=64, block_type="custom")
+    custom = open_clip.model.CLIP(32, vcfg, dict(context_length=77, vocab_size=49408, width=32,
+                                                 heads=2, layers=1)).eval()
+    with pytest.raises(ValueError, match="does not support open_clip blocks with Attention; use --heatmap cosine"):
+        Z.evaluate_zeroshot_segmentation(custom, [], [], tokenizer=native_clip[1], print_table=False)
 
 
 def test_segmentation_pipeline_equals_the_references_restated(native_clip, tmp_path):

@@ -59,9 +59,9 @@ class _Tower:
     run: Callable
 
 
-def _unsupported(what: str) -> TypeError:
-    return TypeError(f"the direct-contribution heat map does not support {what}; "
-                     "use --heatmap cosine")
+def _unsupported(what: str) -> ValueError:
+    return ValueError(f"the direct-contribution heat map does not support {what}; "
+                      "use --heatmap cosine")
 
 
 def _native_tower(model, visual) -> _Tower:
@@ -104,7 +104,9 @@ def _timm_tower(model, visual) -> _Tower:
                   if visual is not model else visual)
 
 
-def _tower(model) -> _Tower:
+def clip_tower(model) -> _Tower:
+    """What the computation needs from ``model``; a one-line ``ValueError`` if unsupported
+    (cheap: call it before a long run)."""
     visual = _open_clip_visual(model)
     if visual is None:
         raise _unsupported(f"{type(model).__name__} (open_clip CLIP models only)")
@@ -137,7 +139,7 @@ def direct_token_embeddings(model, x: torch.Tensor) -> tuple[torch.Tensor, torch
     every attention layer to the image embedding, summed over layers and heads, through the final
     norm (linearised as in the reference) and the projection; ``T`` counts every token the
     attention saw (class token, patches, test-time registers). One forward pass."""
-    tower = _tower(model)
+    tower = clip_tower(model)
     L = len(tower.layers)
     inputs: dict[int, torch.Tensor] = {}
     box: dict[str, torch.Tensor] = {}

@@ -40,7 +40,7 @@ from ..trace import trace
 from .arms import control_rows, make_arms, summarize_draws, summarize_random
 from .backbone import clip_embeddings, preprocessing
 from .datasets import load_mask, load_rgb, paired_files, resize, resize_center_crop, resize_target, to_tensor
-from .direct import direct_heatmaps
+from .direct import clip_tower, direct_heatmaps
 from .metrics import binary_heatmap_scores, summarize_heatmaps, topk_accuracy
 from .report import format_table
 
@@ -239,6 +239,8 @@ def evaluate_zeroshot_segmentation(model, items: Sequence[tuple], neurons, *,
     if heatmap != "attention":
         if tokenizer is None:
             raise ValueError(f"heatmap={heatmap!r} needs a CLIP model and its tokenizer")
+        if heatmap == "direct":
+            clip_tower(model)                                    # unsupported towers fail here
         classnames = list(classnames) if classnames is not None else load_classnames()
         W = text_classifier(model, tokenizer, classnames,
                             list(templates) if templates is not None else load_templates())
