@@ -46,6 +46,22 @@ def test_planted_outliers_move_into_the_register(planted, images):
     assert rnd["norm_ratio"]["mean"] == pytest.approx(plain["norm_ratio"], rel=0.05)
 
 
+def test_cls_to_register_attention_is_the_max_over_heads(planted, images):
+    """As the authors' register_neurons.ipynb: per image the largest last-layer CLS attention over
+    heads and registers (and over heads and patches for comparison); the mean over heads too."""
+    import ttreg
+    res = evaluate_outliers(planted, images, PLANTS, control_seeds=(), num_registers=2, print_table=False)
+    with ttreg.test_time_registers(planted, PLANTS, num_registers=2, check=False):
+        tr = ttreg.trace(planted, images, norms=False, attention=[-1])
+    cls = tr.attention[5][:, :, 0].double()                            # (B, heads, T)
+    reg = res["arms"]["registers"]
+    assert reg["cls_to_registers"] == pytest.approx(float(cls[..., -2:].amax(dim=(1, 2)).mean()))
+    assert reg["cls_to_registers_median"] == pytest.approx(float(cls[..., -2:].amax(dim=(1, 2)).median()))
+    assert reg["cls_to_registers_mean_heads"] == pytest.approx(float(cls[..., -2:].sum(-1).mean()))
+    assert reg["cls_to_patches_max"] == pytest.approx(float(cls[..., 1:-2].amax(dim=(1, 2)).mean()))
+    assert reg["cls_to_registers"] > reg["cls_to_registers_mean_heads"] / 2
+
+
 def test_cli_outliers_end_to_end(tmp_path):
     write_image_folder(tmp_path / "imgs", per_class=3)
     out = tmp_path / "out.json"

@@ -66,13 +66,20 @@ def test_typographic_experiment(tmp_path, clip_model):
     items, classes = image_folder(tmp_path / "cls")
     res = evaluate_typographic(model, tok, items, classes, [(1, 7), (3, 21)], templates=["a {}."],
                                control_seeds=(0, 1), print_table=False)
-    assert list(res["arms"]) == ["clean", "plain", "registers", "random-0", "random-1", "pixel ablation"]
+    assert list(res["arms"]) == ["clean", "plain", "registers", "random-0", "random-1", "zeroed",
+                                 "pixel ablation"]
+    assert res["arms"]["zeroed"]["setup"]["kind"] == "zeroed" and res["arms"]["zeroed"]["setup"]["shift_to"] is None
     assert res["arms"]["clean"]["attack_success"] is None
     for name, arm in res["arms"].items():
         assert arm["images"] == 9 and 0 <= arm["accuracy"] <= 1
         if name != "clean":
             assert 0 <= arm["attack_success"] <= 1
     assert res["random"]["attack_success"]["n"] == 2
+    from ttreg.eval.typographic import table
+    lines = table(res).splitlines()
+    assert [l.split("  ")[0] for l in lines[3:]] == [
+        "clean", "plain", "register neurons -> text", "random neurons -> text (2 draws)",
+        "register neurons zeroed", "pixel ablation"]
     # the written class is never the true one: success and accuracy cannot both be 1
     for arm in list(res["arms"].values())[1:]:
         assert arm["attack_success"] + arm["accuracy"] <= 1 + 1e-9
@@ -91,6 +98,6 @@ def test_typographic_command(tmp_path):
                  "--templates", str(tmp_path / "tpl.txt"), "--top-k", "2", "--controls", "1",
                  "--quiet", "--out", str(out)]) == 0
     res = json.loads(out.read_text())
-    assert set(res["arms"]) == {"clean", "plain", "registers", "random-0", "pixel ablation"}
+    assert set(res["arms"]) == {"clean", "plain", "registers", "random-0", "zeroed", "pixel ablation"}
     assert res["arms"]["registers"]["setup"]["shift_to"] == "text patches"
     assert res["arms"]["registers"]["setup"]["num_registers"] == 0

@@ -1,12 +1,15 @@
 """The paper's experiments, each comparing the plain model with test-time registers in one run.
 
-One module per experiment: :mod:`.outliers` (outlier and attention statistics), :mod:`.lost`
-(unsupervised object discovery, CorLoc), :mod:`.probe` (linear probes: classification,
-segmentation, depth), :mod:`.zeroshot` (CLIP zero-shot classification and segmentation) and
-:mod:`.typographic` (typographic attacks). Shared pieces: :mod:`.arms` (plain / test-time
-registers / random-neuron control), :mod:`.backbone` (what each model family exposes),
-:mod:`.metrics`, :mod:`.datasets`, :mod:`.report`; :mod:`.synthetic` (tiny models and data sets
-in the real layouts, for tests and trying things out); :mod:`.cli` adds ``ttreg eval ...``.
+One module per experiment, each following the reference code its docstring names:
+:mod:`.outliers` (outlier and attention statistics), :mod:`.lost` (unsupervised object
+discovery, CorLoc; valeoai/LOST), :mod:`.probe` (linear probes: classification, segmentation,
+depth; DINOv2's protocol), :mod:`.zeroshot` (CLIP zero-shot classification and segmentation;
+Chefer et al.'s metrics, Gandelsman et al.'s heat map in :mod:`.direct`) and :mod:`.typographic`
+(typographic attacks). Shared pieces: :mod:`.arms` (plain / test-time registers / random-neuron
+control / register neurons zeroed / random neurons zeroed), :mod:`.backbone` (what each model
+family exposes), :mod:`.metrics`, :mod:`.datasets`, :mod:`.report`; :mod:`.synthetic` (tiny
+models and data sets in the real layouts, for tests and trying things out); :mod:`.cli` adds
+``ttreg eval ...``.
 
 Every ``evaluate_*`` function returns a JSON-able dict and can print a table
 (:func:`ttreg.eval.report.format_table`). Modules import lazily, so ``import ttreg.eval`` is cheap.

@@ -1,10 +1,14 @@
-"""The arms every experiment compares: the plain model, test-time registers, and a control.
+"""The arms every experiment compares: the plain model, test-time registers, and controls.
 
 * ``plain``: the model as it is.
 * ``registers``: the register neurons moved into ``num_registers`` appended tokens (or, for the
   typographic attack, shifted onto chosen patches with ``shift_to``).
 * ``random-<seed>``: the *same* edit applied to random neurons drawn from the same layers, with
   the same count per layer (the register neurons themselves excluded) -- the negative control.
+* ``zeroed``: the register neurons set to 0 on every token, nothing appended
+  (:func:`ttreg.zero_neurons`; the paper's "register neurons zeroed" ablation).
+* ``random-zeroed-<seed>``: random neurons from the same layers, same per-layer counts, zeroed
+  (the paper's "random neurons zeroed" control).
 """
 from __future__ import annotations
 
@@ -15,8 +19,11 @@ from typing import Any, ContextManager, Sequence
 import torch
 
 from ..adapters import wrap
-from ..registers import test_time_registers
+from ..registers import test_time_registers, zero_neurons
 from ..spec import RegisterNeurons, as_register_neurons
+
+#: arm kinds; the two random kinds are summarised over their draws
+KINDS = ("plain", "registers", "random", "zeroed", "random-zeroed")
 
 
 def random_neurons(neurons: RegisterNeurons, model, seed: int) -> RegisterNeurons:
@@ -40,7 +47,7 @@ def random_neurons(neurons: RegisterNeurons, model, seed: int) -> RegisterNeuron
 
 @dataclass
 class Arm:
-    """One condition of an experiment. ``kind``: ``plain``, ``registers`` or ``random``."""
+    """One condition of an experiment; ``kind`` is one of :data:`KINDS`."""
 
     name: str
     kind: str
@@ -49,53 +56,98 @@ class Arm:
     num_registers: int = 1
     preset: str = "paper"
 
+    @property
+    def zeroes(self) -> bool:
+        return self.kind in ("zeroed", "random-zeroed")
+
     def context(self, model, shift_to=None) -> ContextManager[Any]:
         """The edit as a context manager (nothing for ``plain``). With ``shift_to`` (patch
         indices or a ``(B, num_patches)`` bool mask) the values go to those patches instead of
-        appended registers."""
+        appended registers; zeroing arms ignore it (they move nothing)."""
         if self.kind == "plain" or self.neurons is None:
             return contextlib.nullcontext()
+        check = self.kind in ("registers", "zeroed")
+        if self.zeroes:
+            return zero_neurons(model, self.neurons, check=check)
         if shift_to is not None:
             return test_time_registers(model, self.neurons, num_registers=0, preset=self.preset,
-                                       shift_to=shift_to, check=self.kind == "registers")
+                                       shift_to=shift_to, check=check)
         return test_time_registers(model, self.neurons, num_registers=self.num_registers,
-                                   preset=self.preset, check=self.kind == "registers")
+                                   preset=self.preset, check=check)
 
     def key(self) -> str:
         """What distinguishes this arm's outputs (for feature caches)."""
         if self.kind == "plain":
             return "plain"
-        return (f"{self.kind}|R={self.num_registers}|{self.preset}|"
-                f"{sorted(self.neurons.neurons) if self.neurons is not None else []}")
+        neurons = sorted(self.neurons.neurons) if self.neurons is not None else []
+        if self.zeroes:
+            return f"zeroed|{neurons}"
+        return f"{self.kind}|R={self.num_registers}|{self.preset}|{neurons}"
 
     def describe(self) -> dict[str, Any]:
+        edits = self.kind in ("registers", "random")
         return {"name": self.name, "kind": self.kind, "seed": self.seed,
-                "num_registers": self.num_registers if self.kind != "plain" else 0,
-                "preset": self.preset if self.kind != "plain" else None,
+                "num_registers": self.num_registers if edits else 0,
+                "preset": self.preset if edits else None,
                 "neurons": [list(p) for p in self.neurons] if self.neurons is not None else []}
 
 
 def make_arms(model, neurons, *, control_seeds: Sequence[int] = (0, 1, 2), num_registers: int = 1,
-              preset: str = "paper", plain: bool = True) -> list[Arm]:
-    """``[plain, registers, random-<s> for s in control_seeds]``; no random arm when the set is
-    empty (there is nothing to match)."""
+              preset: str = "paper", plain: bool = True, random: bool = True,
+              zeroed: bool = False, random_zeroed: bool | None = None) -> list[Arm]:
+    """``[plain, registers, random-<s>...]`` and, with ``zeroed``, ``[zeroed,
+    random-zeroed-<s>...]`` after them (``s`` in ``control_seeds``; ``random_zeroed`` defaults
+    to ``zeroed``). No random or zeroed arm when the set is empty (nothing to match or zero)."""
     rn = as_register_neurons(neurons)
     arms = [Arm("plain", "plain")] if plain else []
     arms.append(Arm("registers", "registers", rn, None, num_registers, preset))
-    if len(rn):
-        for s in control_seeds:
-            arms.append(Arm(f"random-{s}", "random", random_neurons(rn, model, s), int(s),
-                            num_registers, preset))
+    if not len(rn):
+        return arms
+    draws = {int(s): random_neurons(rn, model, s) for s in control_seeds}
+    if random:
+        arms += [Arm(f"random-{s}", "random", r, s, num_registers, preset) for s, r in draws.items()]
+    if zeroed:
+        arms.append(Arm("zeroed", "zeroed", rn))
+    if zeroed if random_zeroed is None else random_zeroed:
+        arms += [Arm(f"random-zeroed-{s}", "random-zeroed", r, s) for s, r in draws.items()]
     return arms
 
 
-def summarize_random(per_arm: dict[str, dict[str, Any]], keys: Sequence[str]) -> dict[str, Any] | None:
-    """Mean ± 95% CI over the ``random-*`` arms for each metric in ``keys`` (None if none)."""
+def arms_of(arms: Sequence[Arm], kind: str) -> list[Arm]:
+    return [a for a in arms if a.kind == kind]
+
+
+def summarize_draws(per_arm: dict[str, dict[str, Any]], keys: Sequence[str],
+                    kind: str = "random") -> dict[str, Any] | None:
+    """Mean ± 95% CI over the arms of ``kind`` (``random`` or ``random-zeroed``) for each metric
+    in ``keys``; None if there are none. Arms are recognised by their ``setup.kind``."""
     from .report import mean_ci
-    rand = [v for k, v in per_arm.items() if k.startswith("random-")]
+    rand = [v for v in per_arm.values() if (v.get("setup") or {}).get("kind") == kind]
     if not rand:
         return None
     return {k: mean_ci([r[k] for r in rand]) for k in keys if all(r.get(k) is not None for r in rand)}
+
+
+def summarize_random(per_arm: dict[str, dict[str, Any]], keys: Sequence[str]) -> dict[str, Any] | None:
+    """:func:`summarize_draws` over the ``random`` arms."""
+    return summarize_draws(per_arm, keys, "random")
+
+
+def control_rows(result: dict[str, Any], first: str = "images") -> list[dict[str, Any]]:
+    """Table rows: every single arm (draws left out) and one summary row per random kind."""
+    from .report import draws
+    arms = result["arms"]
+    single = [{"arm": k, **v} for k, v in arms.items()
+              if (v.get("setup") or {}).get("kind") not in ("random", "random-zeroed")]
+    rows = []
+    for r in single:
+        rows.append(r)
+        kind = (r.get("setup") or {}).get("kind")
+        follow = {"registers": ("random", "random"), "zeroed": ("random_zeroed", "random zeroed")}
+        if kind in follow and result.get(follow[kind][0]):
+            key, label = follow[kind]
+            rows.append({"arm": f"{label} ({draws(result)})", first: r.get(first), **result[key]})
+    return rows
 
 
 def resolve_neurons(model, neurons, images=None, **search) -> RegisterNeurons:

@@ -1,11 +1,13 @@
-"""What the experiments read from a model, per family: preprocessing, token features, the last
-layer's keys, CLIP embeddings, and a fingerprint. The one place that knows model internals
-beyond the adapters."""
+"""What the experiments read from a model, per family: preprocessing, token features (last
+layer or any blocks, with or without the final norm), the last layer's keys, CLIP embeddings,
+any-size input (timm ``dynamic_img_size``), and a fingerprint. The one place besides
+:mod:`.direct` that knows model internals beyond the adapters."""
 from __future__ import annotations
 
 import contextlib
 import hashlib
-from typing import Iterator
+import inspect
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -167,3 +169,101 @@ def patch_keys(model, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
     if k.shape[1] < npre + P:
         raise RuntimeError(f"expected at least {npre + P} tokens, got {k.shape[1]}")
     return k[:, npre:npre + P], grid
+
+
+# --- any input size ------------------------------------------------------------------------------
+def _timm_vit(model) -> nn.Module | None:
+    """The timm ``VisionTransformer`` of a model (itself, or an open_clip tower's trunk)."""
+    try:
+        from timm.models.vision_transformer import VisionTransformer
+    except ImportError:  # pragma: no cover
+        return None
+    if isinstance(model, VisionTransformer):
+        return model
+    visual = _open_clip_visual(model)
+    trunk = getattr(visual, "trunk", None) if visual is not None else None
+    return trunk if isinstance(trunk, VisionTransformer) else None
+
+
+def accepts_any_size(model) -> bool:
+    """Whether the model runs on any image size (a multiple of the patch size): timm ViTs (made
+    dynamic by :func:`dynamic_size`), Hugging Face DINOv2 (always interpolates) and HF models
+    whose ``forward`` takes ``interpolate_pos_encoding``. open_clip's own towers do not."""
+    if _timm_vit(model) is not None:
+        return True
+    if type(model).__module__.startswith("transformers"):
+        if "Dinov2" in type(model).__name__:
+            return True
+        try:
+            return "interpolate_pos_encoding" in inspect.signature(model.forward).parameters
+        except (TypeError, ValueError):  # pragma: no cover
+            return False
+    return False
+
+
+@contextlib.contextmanager
+def dynamic_size(model) -> Iterator[None]:
+    """Within the context a timm ViT (or an open_clip tower's timm trunk) accepts any input size
+    as if built with ``dynamic_img_size=True``: its position embedding is resampled to each
+    input's grid (timm's ``resample_abs_pos_embed``). The four switches that flag sets are
+    restored on exit, also on an exception. Other models are left alone (Hugging Face models
+    interpolate through their adapter's ``interpolate_pos_encoding``)."""
+    vit = _timm_vit(model)
+    if vit is None or vit.dynamic_img_size:
+        yield
+        return
+    from timm.layers import Format
+    pe = vit.patch_embed
+    with HookSet() as switches:
+        switches.set_attr(vit, "dynamic_img_size", True)
+        switches.set_attr(pe, "strict_img_size", False)
+        switches.set_attr(pe, "flatten", False)
+        switches.set_attr(pe, "output_fmt", Format.NHWC)
+        yield
+
+
+# --- tokens of any block --------------------------------------------------------------------------
+def final_norm(model) -> nn.Module:
+    """The norm a model applies to its last block's output (timm ``norm``, open_clip ``ln_post``,
+    Hugging Face ``layernorm`` / ``post_layernorm``)."""
+    visual = _open_clip_visual(model)
+    if visual is not None:
+        return visual.trunk.norm if hasattr(visual, "trunk") else visual.ln_post
+    vit = _timm_vit(model)
+    if vit is not None:
+        return vit.norm
+    for owner in (model, getattr(model, "vision_model", None)):
+        for name in ("layernorm", "post_layernorm"):
+            mod = getattr(owner, name, None) if owner is not None else None
+            if isinstance(mod, nn.Module):
+                return mod
+    raise TypeError(f"cannot find the final norm of {type(model).__name__}")
+
+
+def block_tokens(model, x: torch.Tensor, layers: Sequence[int], norm: bool = False
+                 ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """``{layer: (prefix (B, npre, D), patches (B, P, D))}``: the residual stream after each of
+    ``layers`` (negative indexes allowed), test-time registers left out; with ``norm`` the
+    model's final norm applied to each (DINOv2's ``get_intermediate_layers(norm=True)``)."""
+    ad = wrap(model)
+    L = ad.num_layers
+    want = sorted({int(l) % L for l in layers})
+    td = ad.token_dim
+    box: dict[int, torch.Tensor] = {}
+    with HookSet() as hooks:
+        for l in want:
+            def grab(mod, args, out, l=l):
+                y = ad.block_output(out)                  # test-time registers already split off
+                box[l] = y if td == 1 else y.transpose(0, 1)
+            hooks.forward(ad.blocks[l], grab)
+        ad.run(x)
+    npre = ad.num_prefix_tokens
+    rows, cols = ad.grid_size(x)
+    ln = final_norm(model) if norm else None
+    out = {}
+    for l in layers:
+        y = box[int(l) % L]
+        if ln is not None:
+            y = ln(y)
+        out[l] = (y[:, :npre], y[:, npre:npre + rows * cols])
+    return out

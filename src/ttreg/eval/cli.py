@@ -109,21 +109,32 @@ def cmd_outliers(args) -> int:
 
 
 def cmd_lost(args) -> int:
-    from .datasets import coco_boxes, voc_boxes
-    from .lost import evaluate_lost
+    from .datasets import coco20k_filenames, coco20k_ids, coco_boxes, voc_boxes
+    from .lost import check_native, evaluate_lost
     t0 = time.time()
     if bool(args.voc) == bool(args.coco):
         raise ValueError("give one of --voc ROOT or --coco FILE.json")
-    samples = voc_boxes(args.voc, args.split, args.no_hards) if args.voc else \
-        coco_boxes(args.coco, args.coco_images)
+    if args.coco20k and not args.coco:
+        raise ValueError("--coco20k selects images of a COCO JSON: give --coco instances_train2014.json")
+    if args.voc:
+        samples = voc_boxes(args.voc, args.split, args.no_hards)
+    else:
+        ids = None
+        if args.coco20k:
+            ids = coco20k_ids(coco20k_filenames(None if args.coco20k == "download" else args.coco20k))
+        samples = coco_boxes(args.coco, args.coco_images, remove_empty=args.no_hards, image_ids=ids)
     samples = _limit(samples, args)
     model, transform, _ = resolve_model(args.model, args.device)
+    if not args.resize:
+        check_native(model)                       # before the neuron search
     neurons = resolve_neurons(args, model, [s.path for s in samples], transform)
-    result = evaluate_lost(model, samples, neurons, k_patches=args.k_patches, native=args.native,
+    result = evaluate_lost(model, samples, neurons, k_patches=args.k_patches, resize=args.resize,
                            control_seeds=_controls(args), num_registers=args.num_registers,
                            preset=args.preset, batch_size=args.batch_size, keep_boxes=args.keep_boxes,
                            progress=not args.quiet and sys.stderr.isatty())
     result["dataset"] = str(args.voc or args.coco)
+    if args.coco20k:
+        result["dataset"] += " (COCO20k images)"
     return _finish(args, result, t0)
 
 
@@ -146,7 +157,11 @@ def cmd_probe(args) -> int:
                             num_registers=args.num_registers, preset=args.preset,
                             batch_size=args.batch_size, transform=transform,
                             ignore_index=args.ignore_index, reduce_zero_label=args.reduce_zero_label,
-                            depth_png_scale=args.depth_scale, max_depth=args.max_depth,
+                            depth_png_scale=args.depth_scale, min_depth=args.min_depth,
+                            max_depth=args.max_depth, quick=args.quick, select_on=args.select_on,
+                            holdout=args.holdout, **({"learning_rates": args.learning_rates}
+                                                     if args.learning_rates else {}),
+                            iterations=args.iterations, probe_batch_size=args.probe_batch_size,
                             steps=args.steps, progress=not args.quiet and sys.stderr.isatty())
     result["dataset"] = str(args.data)
     return _finish(args, result, t0)
@@ -181,8 +196,11 @@ def cmd_zeroshot(args) -> int:
                                    progress=not args.quiet and sys.stderr.isatty())
     else:
         items = _limit(segmentation_items(args.data), args)
-        heatmap = args.heatmap or ("text" if tokenizer is not None else "attention")
-        classnames = load_classnames(args.classnames) if heatmap == "text" else None
+        heatmap = args.heatmap or ("direct" if tokenizer is not None else "attention")
+        if heatmap != "attention" and tokenizer is None:
+            raise ValueError(f"--heatmap {heatmap} needs a CLIP model (open_clip:ARCH/PRETRAINED); "
+                             "use --heatmap attention")
+        classnames = load_classnames(args.classnames) if heatmap != "attention" else None
         neurons = resolve_neurons(args, model, [i for i, _, _ in items], transform)
         result = evaluate_zeroshot_segmentation(
             model, items, neurons, heatmap=heatmap, tokenizer=tokenizer, classnames=classnames,
@@ -251,22 +269,31 @@ def add_eval_parsers(subparsers) -> None:
     p.set_defaults(func=cmd_outliers)
 
     p = subparsers.add_parser("lost", help="LOST object discovery, CorLoc (VOC07/VOC12/COCO20k)",
-                              description="LOST on the last layer's patch keys; CorLoc at IoU 0.5.")
+                              description="LOST (valeoai/LOST) on the last layer's patch keys, each "
+                                          "image at full resolution zero-padded to a multiple of the "
+                                          "patch size; CorLoc at IoU 0.5.")
     p.add_argument("--voc", help="a Pascal VOC folder (JPEGImages/, Annotations/)")
     p.add_argument("--split", default="trainval", help="ImageSets/Main/<split>.txt if present (trainval)")
-    p.add_argument("--no-hards", action="store_true", help="drop difficult and truncated VOC objects")
-    p.add_argument("--coco", help="a COCO-style JSON (e.g. COCO20k)")
+    p.add_argument("--no-hards", action="store_true",
+                   help="VOC: drop difficult and truncated objects and images left without any; "
+                        "COCO: drop images without non-crowd boxes (LOST's --no_hard)")
+    p.add_argument("--coco", help="a COCO-style JSON (instances_train2014.json for COCO20k)")
     p.add_argument("--coco-images", help="folder of the COCO images (default: images/ beside the JSON)")
+    p.add_argument("--coco20k", nargs="?", const="download", default=None, metavar="LIST",
+                   help="keep LOST's COCO20k images only: its coco_20k_filenames.txt, downloaded once "
+                        "from the LOST repository and checked (or give a local copy)")
     p.add_argument("--k-patches", type=int, default=100, help="LOST's k (100)")
-    p.add_argument("--native", action="store_true",
-                   help="full resolution cropped to the patch size (LOST's protocol; needs a model "
-                        "that accepts any size) instead of resizing to the model's input size")
+    p.add_argument("--resize", action="store_true",
+                   help="squash images to the model's input size and scale boxes back, for models "
+                        "that take one size only (a deviation from LOST's protocol)")
     p.add_argument("--keep-boxes", action="store_true", help="store the predicted boxes in the JSON")
     _common(p, controls=1)
     p.set_defaults(func=cmd_lost)
 
     p = subparsers.add_parser("probe", help="linear probes: classification, segmentation, depth",
-                              description="Linear probes on frozen features, mean ± 95% CI over seeds.")
+                              description="Linear probes on frozen features, DINOv2's protocol "
+                                          "(dinov2/eval/linear.py; BNHead for dense tasks) or "
+                                          "--quick; mean ± 95%% CI over seeds.")
     p.add_argument("--task", required=True, choices=("classification", "segmentation", "depth"))
     p.add_argument("--data", required=True,
                    help="classification: ROOT/<class>/<img> or ROOT/{train,val}/<class>/<img>; "
@@ -279,29 +306,47 @@ def add_eval_parsers(subparsers) -> None:
     p.add_argument("--ignore-index", type=int, default=255)
     p.add_argument("--reduce-zero-label", action="store_true", help="label 0 is ignore (ADE20k)")
     p.add_argument("--depth-scale", type=float, default=1000.0, help="16-bit depth PNG units per metre")
-    p.add_argument("--max-depth", type=float, default=10.0, help="depth evaluated up to (10 m, NYUd)")
-    p.add_argument("--steps", type=int, default=300, help="optimiser steps per probe")
+    p.add_argument("--min-depth", type=float, default=1e-3, help="depth range start (0.001 m)")
+    p.add_argument("--max-depth", type=float, default=10.0, help="depth range end (10 m, NYUd)")
+    d = p.add_argument_group("DINOv2 protocol (default)")
+    d.add_argument("--select-on", default="eval", choices=("eval", "holdout"),
+                   help="choose the head on the evaluation split (DINOv2's linear.py; default) or on "
+                        "a --holdout share of the training split")
+    d.add_argument("--holdout", type=float, default=0.1, help="training share for --select-on holdout")
+    d.add_argument("--learning-rates", type=float, nargs="+", default=None, metavar="LR",
+                   help="grid before scaling by batch/256 (default: DINOv2's 13 values, 1e-5 to 0.1)")
+    d.add_argument("--iterations", type=int, default=None,
+                   help="SGD steps per head (12500 classification, 2000 dense)")
+    d.add_argument("--probe-batch-size", type=int, default=None, help="probe batch (128 / 16 dense)")
+    q = p.add_argument_group("quick probe")
+    q.add_argument("--quick", action="store_true",
+                   help="ttreg's fast probe: one linear layer on standardised features, AdamW")
+    q.add_argument("--steps", type=int, default=300, help="AdamW steps per --quick probe")
     _common(p, controls=0)
     p.set_defaults(func=cmd_probe)
 
     p = subparsers.add_parser("zeroshot", help="CLIP zero-shot classification or segmentation",
-                              description="Zero-shot classification (ImageFolder) or segmentation "
-                                          "(images/ + masks/ [+ labels.json]).")
+                              description="Zero-shot classification (ImageFolder; arms plain, "
+                                          "registers, zeroed, random-zeroed) or segmentation "
+                                          "(images/ + masks/ [+ labels.json]; Chefer et al.'s "
+                                          "metrics).")
     p.add_argument("--task", default="classification", choices=("classification", "segmentation"))
     p.add_argument("--data", required=True, help="classification: ImageFolder root (val/ used if "
                                                  "present); segmentation: ROOT/images + ROOT/masks")
     p.add_argument("--classnames", default=None, help="class names file, one a line (default: "
                                                       "folder names, or ImageNet's for WordNet-id folders)")
     p.add_argument("--templates", default=None, help="prompt templates file (default: CLIP's 80)")
-    p.add_argument("--heatmap", default=None, choices=("text", "attention"),
-                   help="segmentation heat maps (default: text for CLIP, attention otherwise)")
-    _common(p, controls=0)
+    p.add_argument("--heatmap", default=None, choices=("direct", "cosine", "attention"),
+                   help="segmentation heat maps: direct (Gandelsman et al.'s direct contributions; "
+                        "default for CLIP), cosine (patch tokens vs text), attention (last-layer CLS "
+                        "attention; default otherwise)")
+    _common(p, controls=3)
     p.set_defaults(func=cmd_zeroshot)
 
     p = subparsers.add_parser("typographic", help="typographic attacks on CLIP",
                               description="Write a wrong class name on each image; attack success for "
                                           "plain, register neurons shifted onto the text, random "
-                                          "neurons, and pixel ablation.")
+                                          "neurons, register neurons zeroed, and pixel ablation.")
     p.add_argument("--data", required=True, help="ImageFolder root (val/ used if present)")
     p.add_argument("--classnames", default=None)
     p.add_argument("--templates", default=None)

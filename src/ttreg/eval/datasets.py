@@ -1,7 +1,8 @@
 """Datasets on disk, in the layouts the paper's benchmarks ship in, read into plain lists.
 
 * boxes: Pascal VOC (``JPEGImages/``, ``Annotations/*.xml``, optional ``ImageSets/Main/<split>.txt``)
-  and COCO-style JSON (``images`` + ``annotations`` with ``bbox`` as x, y, w, h), for LOST;
+  and COCO-style JSON (``images`` + ``annotations`` with ``bbox`` as x, y, w, h), for LOST, with
+  LOST's COCO20k image list (downloaded from the LOST repository and checked, or a local copy);
 * classes: ImageFolder (``root/<class>/<image>``, or ``root/{train,val}/<class>/<image>``);
 * dense targets: image and target folders matched by file stem (segmentation masks as PNG/NPY
   class indices, depth maps as NPY metres or 16-bit PNG), optionally under ``train/`` and
@@ -10,7 +11,10 @@
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import tempfile
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,11 +64,18 @@ def resize_target(arr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 @dataclass
 class BoxSample:
     """One image with ground-truth boxes ``(M, 4)`` as x1, y1, x2, y2 in pixels (0-based,
-    continuous: a box covering a W-pixel-wide image is 0..W)."""
+    continuous: a box covering a W-pixel-wide image is 0..W). Integer boxes are kept as
+    integers (LOST compares integer boxes, see :func:`ttreg.eval.metrics.box_iou`)."""
 
     path: Path
     boxes: np.ndarray
     name: str = ""
+
+
+def _box_array(boxes: list) -> np.ndarray:
+    """``(M, 4)``: int64 when every coordinate is a whole number (LOST's case), else float64."""
+    a = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    return a.astype(np.int64) if np.all(a == np.round(a)) else a
 
 
 def _voc_objects(xml_path: Path, remove_hards: bool) -> tuple[str | None, np.ndarray]:
@@ -80,14 +91,16 @@ def _voc_objects(xml_path: Path, remove_hards: bool) -> tuple[str | None, np.nda
             continue
         x1, y1, x2, y2 = (float(bb.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax"))
         boxes.append([x1 - 1, y1 - 1, x2, y2])      # 1-based inclusive -> 0-based continuous
-    return filename, np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    return filename, _box_array(boxes)
 
 
 def voc_boxes(root, split: str | None = "trainval", remove_hards: bool = False) -> list[BoxSample]:
-    """Images with boxes from a Pascal VOC folder (VOC2007 / VOC2012 layout).
+    """Images with boxes from a Pascal VOC folder (VOC2007 / VOC2012 layout), as LOST reads them.
 
     ``split``: the image list ``ImageSets/Main/<split>.txt`` if that file exists; otherwise (or
-    with None) every ``Annotations/*.xml``. Images without objects are left out.
+    with None) every ``Annotations/*.xml``. ``remove_hards`` (LOST's ``--no_hard``) drops
+    difficult and truncated objects and then the images left without objects; otherwise every
+    image counts (one without boxes is a miss).
     """
     root = Path(root)
     ann = root / "Annotations"
@@ -101,7 +114,7 @@ def voc_boxes(root, split: str | None = "trainval", remove_hards: bool = False) 
     out = []
     for i in ids:
         filename, boxes = _voc_objects(ann / f"{i}.xml", remove_hards)
-        if not len(boxes):
+        if remove_hards and not len(boxes):
             continue
         path = root / "JPEGImages" / (filename or f"{i}.jpg")
         if not path.exists():
@@ -112,29 +125,99 @@ def voc_boxes(root, split: str | None = "trainval", remove_hards: bool = False) 
     return out
 
 
-def coco_boxes(json_path, image_root=None, remove_iscrowd: bool = True) -> list[BoxSample]:
-    """Images with boxes from a COCO-style JSON (e.g. COCO20k). ``image_root``: where the
-    ``file_name``s live (default: ``images/`` beside the JSON if it exists, else its folder)."""
+def coco_boxes(json_path, image_root=None, remove_iscrowd: bool = True, remove_empty: bool = False,
+               image_ids=None) -> list[BoxSample]:
+    """Images with boxes from a COCO-style JSON (e.g. ``instances_train2014.json``), as LOST
+    reads them (``extract_gt_COCO``): crowd boxes dropped, coordinates rounded to integers;
+    images in id order. ``image_ids``: keep only these images (COCO20k, see
+    :func:`coco20k_ids`). An image left without boxes counts as a miss unless ``remove_empty``.
+    ``image_root``: where the ``file_name``s live (default: ``images/`` beside the JSON if it
+    exists, else its folder)."""
     jp = Path(json_path)
     data = json.loads(jp.read_text())
     if image_root is None:
         image_root = jp.parent / "images" if (jp.parent / "images").is_dir() else jp.parent
     image_root = Path(image_root)
+    keep = None if image_ids is None else {int(i) for i in image_ids}
     by_image: dict = {}
     for a in data.get("annotations", []):
         if remove_iscrowd and a.get("iscrowd", 0):
             continue
         x, y, w, h = (float(v) for v in a["bbox"])
-        by_image.setdefault(a["image_id"], []).append([x, y, x + w, y + h])
+        by_image.setdefault(a["image_id"], []).append([round(x), round(y), round(x + w), round(y + h)])
     out = []
-    for im in data.get("images", []):
-        boxes = by_image.get(im["id"])
-        if boxes:
-            out.append(BoxSample(image_root / im["file_name"], np.asarray(boxes, dtype=np.float64),
-                                 str(im["id"])))
+    for im in sorted(data.get("images", []), key=lambda im: im["id"]):
+        if keep is not None and int(im["id"]) not in keep:
+            continue
+        boxes = by_image.get(im["id"], [])
+        if remove_empty and not boxes:
+            continue
+        out.append(BoxSample(image_root / im["file_name"], _box_array(boxes), str(im["id"])))
+    if keep is not None:
+        missing = len(keep - {int(im["id"]) for im in data.get("images", [])})
+        if missing:
+            raise ImageError(f"{jp} lacks {missing} of the {len(keep)} listed images "
+                             "(COCO20k needs COCO's instances_train2014.json)")
     if not out:
         raise ImageError(f"no annotated images in {jp}")
     return out
+
+
+# COCO20k: the 19,817 train2014 images LOST evaluates on, listed in its repository. Not shipped
+# here (it is LOST's file); downloaded once from the commit that added it and checked.
+COCO20K_URL = ("https://raw.githubusercontent.com/valeoai/LOST/"
+               "72f762fcf7e0913f565f964b368cf8b917e98806/datasets/coco_20k_filenames.txt")
+COCO20K_SHA256 = "74637e9b4f93f2ebef9b1f664aff53edd1f41ef08dad97bd22ce8e455052b335"
+COCO20K_LINES = 19817
+
+
+def _check_list(data: bytes, what: str, sha256: str, lines: int) -> list[str]:
+    names = [l for l in data.decode("utf-8").splitlines() if l.strip()]
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != sha256 or len(names) != lines:
+        raise ImageError(f"{what} is not LOST's COCO20k list ({len(names)} lines, sha256 "
+                         f"{digest[:12]}...; expected {lines} lines, {sha256[:12]}...)")
+    return names
+
+
+def coco20k_filenames(path=None, *, url: str = COCO20K_URL, sha256: str = COCO20K_SHA256,
+                      lines: int = COCO20K_LINES, timeout: float = 30.0) -> list[str]:
+    """LOST's COCO20k list (``train2014/COCO_train2014_<id>.jpg`` per line).
+
+    ``path``: a local copy; otherwise the cached download (``<ttreg cache>/lost/`` -- see
+    :func:`ttreg.builtin.cache_dir`; ``$TTREG_CACHE`` overrides), fetched from ``url`` the first
+    time. Either way the bytes must have ``sha256`` and ``lines`` lines; a download is cached
+    only once it passes. Without network: one :class:`ImageError` line saying what to pass."""
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ImageError(f"no COCO20k list at {p}")
+        return _check_list(p.read_bytes(), str(p), sha256, lines)
+    from ..builtin import cache_dir
+    cached = cache_dir() / "lost" / "coco_20k_filenames.txt"
+    if cached.is_file():
+        return _check_list(cached.read_bytes(), str(cached), sha256, lines)
+    import urllib.request
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            data = r.read()
+    except Exception as e:  # no network, proxy, HTTP error: all say the same
+        raise ImageError(f"could not download the COCO20k list from {url} ({type(e).__name__}); "
+                         "no network? pass a local copy of LOST's datasets/coco_20k_filenames.txt "
+                         "with --coco20k FILE") from None
+    names = _check_list(data, url, sha256, lines)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".coco20k.", dir=cached.parent)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, cached)
+    return names
+
+
+def coco20k_ids(names) -> list[int]:
+    """COCO image ids of list entries such as ``train2014/COCO_train2014_000000560992.jpg``
+    (LOST's ``select_coco_20k``: the number after the last ``_``)."""
+    return [int(str(n).rsplit("_", 1)[-1].split(".")[0]) for n in names]
 
 
 # --- classes ---------------------------------------------------------------------------------------

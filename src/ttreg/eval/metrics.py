@@ -10,21 +10,26 @@ import torch
 
 
 # --- boxes ----------------------------------------------------------------------------------
-def box_iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    """IoU of one ``(x1, y1, x2, y2)`` box with each of ``boxes`` ``(M, 4)`` (continuous
-    coordinates, as LOST computes it): ``(M,)``."""
-    b = np.asarray(box, dtype=np.float64)
-    g = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-    iw = (np.minimum(b[2], g[:, 2]) - np.maximum(b[0], g[:, 0])).clip(min=0)
-    ih = (np.minimum(b[3], g[:, 3]) - np.maximum(b[1], g[:, 1])).clip(min=0)
-    inter = iw * ih
-    area = lambda x: (x[..., 2] - x[..., 0]).clip(min=0) * (x[..., 3] - x[..., 1]).clip(min=0)
-    union = area(b) + area(g) - inter
-    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+def box_iou(box, boxes) -> np.ndarray:
+    """IoU of one ``(x1, y1, x2, y2)`` box with each of ``boxes`` ``(M, 4)``, exactly as LOST
+    computes it (valeoai/LOST ``datasets.bbox_iou``, after yolov5): continuous coordinates, an
+    ``eps`` of 1e-7 added to both heights and to the union, in torch arithmetic on the inputs'
+    own dtypes -- integer boxes (LOST's predictions and ground truth) are compared in float32,
+    so an IoU of exactly 0.5 counts as 0.5. Returns ``(M,)`` float64."""
+    eps = 1e-7
+    b = torch.as_tensor(np.asarray(box))
+    g = torch.as_tensor(np.asarray(boxes)).reshape(-1, 4).T
+    inter = (torch.min(b[2], g[2]) - torch.max(b[0], g[0])).clamp(0) * \
+        (torch.min(b[3], g[3]) - torch.max(b[1], g[1])).clamp(0)
+    w1, h1 = b[2] - b[0], b[3] - b[1] + eps
+    w2, h2 = g[2] - g[0], g[3] - g[1] + eps
+    union = w1 * h1 + w2 * h2 - inter + eps
+    return (inter / union).double().numpy()
 
 
 def corloc_hits(pred_boxes: Sequence, gt_boxes: Sequence, threshold: float = 0.5) -> np.ndarray:
-    """Per image: does the predicted box reach IoU >= ``threshold`` with any ground-truth box."""
+    """Per image: does the predicted box reach IoU >= ``threshold`` with any ground-truth box
+    (an image without ground-truth boxes is a miss, as in LOST)."""
     return np.array([bool(len(g)) and bool((box_iou(p, g) >= threshold).any())
                      for p, g in zip(pred_boxes, gt_boxes)], dtype=bool)
 
@@ -73,7 +78,8 @@ def pixel_accuracy(conf: np.ndarray) -> float:
 
 def average_precision(scores, labels) -> float:
     """Average precision of ``scores`` ranking the positives of binary ``labels`` (scikit-learn's
-    definition: sum over distinct thresholds of (R_n - R_{n-1}) * P_n). 0 without positives."""
+    ``average_precision_score``: sum over distinct thresholds of (R_n - R_{n-1}) * P_n).
+    0 without positives (scikit-learn gives NaN there, which Chefer et al. turn into 0)."""
     s = np.asarray(scores, dtype=np.float64).reshape(-1)
     y = np.asarray(labels).reshape(-1).astype(bool)
     npos = int(y.sum())
@@ -90,33 +96,43 @@ def average_precision(scores, labels) -> float:
 
 
 def binary_heatmap_scores(heat, mask) -> dict[str, float]:
-    """One image of ImageNet-segmentation-style evaluation (Chefer et al.'s protocol).
+    """One image of the ImageNet-segmentation evaluation, as Chefer et al. score it
+    (hila-chefer/Transformer-Explainability, ``baselines/ViT/imagenet_seg_eval.py`` with
+    ``utils/metrices.py``; Gandelsman et al.'s ``compute_segmentations.py`` does the same).
 
-    ``heat``: ``(H, W)`` scores, min-max normalised here; the prediction is ``heat > mean``.
-    Returns per-image counts (``correct``, ``labeled``, ``inter`` and ``union`` for background
-    and foreground) and ``ap``, the mean of the foreground AP (scores ``heat``) and the background
-    AP (scores ``1 - heat``).
+    ``heat``: ``(H, W)`` scores at the mask's resolution. In float32, as the reference: min-max
+    normalised (a constant map becomes all 0, the reference's NaN set to 0); the prediction is
+    ``heat > mean`` (``batch_pix_accuracy`` / ``batch_intersection_union``); the AP is
+    ``get_ap_scores``: **one** AP over both channels pooled -- background scores ``1 - heat``
+    against ``mask == 0`` and foreground scores ``heat`` against ``mask == 1`` ranked together.
+    Returns per-image counts (``correct``, ``labeled``, ``inter``/``union`` for background and
+    foreground) and ``ap``.
     """
-    h = np.asarray(heat, dtype=np.float64)
-    m = np.asarray(mask).astype(bool)
-    rng = h.max() - h.min()
-    h = (h - h.min()) / rng if rng > 0 else np.zeros_like(h)
-    pred = h > h.mean()
-    conf = confusion_matrix(pred.astype(np.int64), m.astype(np.int64), 2, None)
+    h = torch.as_tensor(np.asarray(heat), dtype=torch.float32)
+    m = torch.as_tensor(np.asarray(mask)).bool()
+    h = (h - h.min()) / (h.max() - h.min())
+    bad = torch.isnan(h)
+    fg = (h > h.mean()) & ~bad                         # NaN maps: both channels 0 -> background
+    fg_ap = h.masked_fill(bad, 0.0)
+    bg_ap = (1 - h).masked_fill(bad, 0.0)
+    conf = confusion_matrix(fg.numpy().astype(np.int64), m.numpy().astype(np.int64), 2, None)
     tp = np.diag(conf).astype(np.float64)
     union = conf.sum(0) + conf.sum(1) - tp
-    ap = 0.5 * (average_precision(h, m) + average_precision(1 - h, ~m))
+    ap = average_precision(torch.cat([bg_ap.reshape(-1), fg_ap.reshape(-1)]).numpy(),
+                           torch.cat([~m.reshape(-1), m.reshape(-1)]).numpy())
     return {"correct": float(tp.sum()), "labeled": float(conf.sum()),
             "inter_bg": tp[0], "inter_fg": tp[1], "union_bg": float(union[0]),
             "union_fg": float(union[1]), "ap": ap}
 
 
 def summarize_heatmaps(per_image: Sequence[dict[str, float]]) -> dict[str, float]:
-    """Dataset totals of :func:`binary_heatmap_scores`: pixel accuracy and mIoU (background and
-    foreground IoU from summed intersections and unions) and mAP (mean of per-image AP)."""
+    """Dataset totals of :func:`binary_heatmap_scores`, as Chefer et al.: pixel accuracy =
+    total correct / total labelled, IoU per class = total intersection / total union (each
+    denominator plus ``np.spacing(1)``), mIoU = their mean, mAP = mean of the per-image APs."""
     tot = {k: sum(r[k] for r in per_image) for k in per_image[0]}
-    iou = [tot["inter_bg"] / max(tot["union_bg"], 1e-12), tot["inter_fg"] / max(tot["union_fg"], 1e-12)]
-    return {"pixel_accuracy": tot["correct"] / max(tot["labeled"], 1e-12),
+    eps = np.spacing(1, dtype=np.float64)
+    iou = [tot["inter_bg"] / (eps + tot["union_bg"]), tot["inter_fg"] / (eps + tot["union_fg"])]
+    return {"pixel_accuracy": tot["correct"] / (eps + tot["labeled"]),
             "miou": float(np.mean(iou)), "iou_background": iou[0], "iou_foreground": iou[1],
             "map": tot["ap"] / len(per_image)}
 

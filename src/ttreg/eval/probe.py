@@ -1,34 +1,63 @@
-"""Linear probes on frozen features, plain vs test-time registers: image classification
-(CLS + mean patch token, DINOv2's protocol), semantic segmentation (a linear classifier per
-patch, scored by mIoU at pixel level) and monocular depth (a linear regressor per patch, scored
-by RMSE). Several seeds (training order and initialisation, and the split when no validation
-set is given), reported as mean ± 95% CI. Features are cached on disk per model fingerprint,
-arm and image list, so each arm runs the model once.
+"""Linear probes on frozen features, plain vs test-time registers: image classification,
+semantic segmentation and monocular depth, mean ± 95% CI over seeds.
+
+Default protocol: DINOv2's (facebookresearch/dinov2).
+
+* classification -- ``dinov2/eval/linear.py``: inputs are ``create_linear_input``'s: the class
+  token of the last 1 or 4 blocks (each through the final norm, ``get_intermediate_layers``),
+  with or without the mean patch token of the last block; one linear layer per (blocks,
+  avgpool, learning rate) -- weights N(0, 0.01), bias 0 -- trained with SGD, momentum 0.9, no
+  weight decay, cosine schedule to 0, learning rates ``lr * batch / 256`` from the 13-value grid;
+  the head with the best top-1 on the selection split wins (first on ties);
+* segmentation -- ``dinov2/eval/segmentation/models/decode_heads/linear_head.py`` (``BNHead``):
+  BatchNorm + a 1x1 linear layer on the last block's patch tokens (final norm applied), logits
+  upsampled bilinearly to the label and trained with cross-entropy at pixel level; the best mIoU
+  wins;
+* depth -- ``dinov2/hub/depthers.py`` + ``dinov2/hub/depth/decode_heads.py`` (linear ``BNHead``):
+  the last block's patch tokens with the class token concatenated to each (no final norm),
+  upsampled x4, a 1x1 linear layer to 256 depth bins spread uniformly over ``(min, max)``, the
+  "linear" bin normalisation (ReLU + 0.1, divide by the sum), depth = expected bin centre,
+  clamped to the range, trained with the scale-invariant log loss of
+  ``dinov2/eval/depth/models/losses/sigloss.py``; the lowest RMSE wins.
+
+Differences, stated in every result's ``protocol``: features are computed once per arm and cached
+(no training augmentation; images resized to the model's input size, dense targets alike,
+nearest); the dense heads are trained with the same SGD and learning-rate grid as the
+classifier (DINOv2's dense schedules live in configs outside its repository); the head is chosen
+on the evaluation split by default as ``linear.py`` does (``select_on="holdout"`` chooses on
+part of the training split instead). ``quick=True`` keeps ttreg's fast probe: one linear layer
+on standardised features (class token + mean patch token of the last block; patch tokens for
+dense tasks) trained with AdamW.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from ..adapters import wrap
 from .arms import Arm, make_arms
-from .backbone import model_fingerprint, preprocessing, token_features
+from .backbone import block_tokens, model_fingerprint, preprocessing
 from .datasets import (load_depth, load_mask, load_rgb, resize, resize_center_crop, resize_target,
                        split_indices, to_tensor)
 from .metrics import confusion_matrix, mean_iou, pixel_accuracy
 from .report import format_table, mean_ci
 
 TASKS = ("classification", "segmentation", "depth")
+#: dinov2/eval/linear.py's grid (before scaling by batch / 256)
+LEARNING_RATES = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1)
+DEPTH_BINS = 256
 
 
-# --- the probe ----------------------------------------------------------------------------------
+# --- ttreg's quick probe ---------------------------------------------------------------------------
 @dataclass
 class LinearProbe:
     """A linear map on standardised features (targets standardised too for regression)."""
@@ -50,8 +79,8 @@ class LinearProbe:
 def fit_linear(x: torch.Tensor, y: torch.Tensor, *, num_outputs: int, regression: bool = False,
                seed: int = 0, steps: int = 300, lr: float = 3e-2, weight_decay: float = 1e-4,
                batch_size: int = 4096) -> LinearProbe:
-    """Train a linear classifier (cross-entropy) or regressor (squared error) with AdamW on
-    mini-batches; ``seed`` fixes the initialisation and the batch order."""
+    """The quick probe: a linear classifier (cross-entropy) or regressor (squared error) trained
+    with AdamW on mini-batches; ``seed`` fixes the initialisation and the batch order."""
     g = torch.Generator().manual_seed(int(seed))
     x = x.float()
     x_mean, x_std = x.mean(0), x.std(0).clamp_min(1e-6) if len(x) > 1 else torch.ones(x.shape[1])
@@ -78,6 +107,218 @@ def fit_linear(x: torch.Tensor, y: torch.Tensor, *, num_outputs: int, regression
         sched.step()
     lin.requires_grad_(False)
     return LinearProbe(x_mean, x_std, lin, y_mean, y_std)
+
+
+# --- DINOv2's protocol: training with a learning-rate grid ------------------------------------------
+def batch_indices(n: int, batch_size: int, iterations: int, seed: int) -> torch.Tensor:
+    """``(iterations, batch_size)`` sample indices from an endless stream of shuffled epochs
+    (DINOv2's infinite sampler with ``drop_last``)."""
+    g = torch.Generator().manual_seed(int(seed))
+    need = iterations * batch_size
+    epochs = [torch.randperm(n, generator=g) for _ in range(math.ceil(need / n))]
+    return torch.cat(epochs)[:need].reshape(iterations, batch_size)
+
+
+def train_sgd(head: nn.Module, loss_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor],
+              batches: torch.Tensor, lr: float) -> nn.Module:
+    """Train ``head`` as DINOv2's linear eval does: SGD (momentum 0.9, no weight decay) with a
+    cosine schedule from ``lr`` to 0 over ``len(batches)`` steps; ``loss_fn(head, idx)`` gives the
+    loss of one batch of sample indices. Returns the head in eval mode, frozen."""
+    params = [p for p in head.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=0, foreach=False)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, len(batches), eta_min=0)
+    head.train()
+    for idx in batches:
+        loss = loss_fn(head, idx)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    return head.eval().requires_grad_(False)
+
+
+def select_best(scores: dict[str, float], higher_is_better: bool = True) -> str:
+    """The key of the best score; the first one wins a tie (``evaluate_linear_classifiers``
+    keeps a head only if it beats the best so far)."""
+    best = None
+    for k, v in scores.items():
+        if best is None or (v > scores[best] if higher_is_better else v < scores[best]):
+            best = k
+    return best
+
+
+def linear_input(feats: torch.Tensor, n_blocks: int, avgpool: bool) -> torch.Tensor:
+    """DINOv2's ``create_linear_input`` on cached features ``(N, n + 1, D)`` (class tokens of
+    the last ``n`` blocks, oldest first, then the last block's mean patch token): the class
+    tokens of the last ``n_blocks`` concatenated, then the mean patch token if ``avgpool``."""
+    n = feats.shape[1] - 1
+    out = feats[:, n - n_blocks:n].reshape(len(feats), -1)
+    if avgpool:
+        out = torch.cat([out, feats[:, n]], dim=-1)
+    return out.float()
+
+
+def _scaled(lr: float, batch_size: int) -> float:
+    return lr * batch_size / 256.0
+
+
+def _name(lr: float, batch_size: int, **kw) -> str:
+    """DINOv2's head name (``classifier_{n}_blocks_avgpool_{pool}_lr_...``) without its prefix,
+    with the scaled rate written in full (``.5f`` merges 1e-5 and 2e-5 at batch 128)."""
+    return "_".join([*(f"{k}_{v}" for k, v in kw.items()), f"lr_{_scaled(lr, batch_size):.6g}"])
+
+
+def classify_grid(ftr, ytr, fsel, ysel, num_classes: int, *, seed: int = 0, iterations: int = 12500,
+                  batch_size: int = 128, learning_rates: Sequence[float] = LEARNING_RATES,
+                  n_last_blocks: Sequence[int] = (1, 4), avgpool: Sequence[bool] = (False, True)):
+    """Train DINOv2's grid of linear classifiers on cached features ``ftr`` ``(N, n + 1, D)`` and
+    choose by top-1 on ``(fsel, ysel)``. Returns ``(best name, {name: (head, n_blocks, avgpool)},
+    {name: selection top-1})``."""
+    batches = batch_indices(len(ftr), batch_size, iterations, seed)
+    ce = nn.CrossEntropyLoss()
+    heads, scores = {}, {}
+    usable = [n for n in n_last_blocks if n <= ftr.shape[1] - 1]
+    for n in usable:
+        for pool in avgpool:
+            x, xs = linear_input(ftr, n, pool), linear_input(fsel, n, pool)
+            for lr in learning_rates:
+                g = torch.Generator().manual_seed(int(seed))
+                head = nn.Linear(x.shape[1], num_classes)
+                with torch.no_grad():
+                    head.weight.normal_(0.0, 0.01, generator=g)
+                    head.bias.zero_()
+                train_sgd(head, lambda h, idx: ce(h(x[idx]), ytr[idx]), batches, _scaled(lr, batch_size))
+                name = _name(lr, batch_size, blocks=n, avgpool=pool)
+                with torch.no_grad():
+                    scores[name] = float((head(xs).argmax(-1) == ysel).float().mean())
+                heads[name] = (head, n, pool)
+    return select_best(scores), heads, scores
+
+
+class SegmentationHead(nn.Module):
+    """DINOv2's linear segmentation head: BatchNorm over the channels, then a 1x1 linear layer
+    (weights N(0, 0.01), bias 0, as mmseg's ``conv_seg``), at patch resolution."""
+
+    def __init__(self, dim: int, num_classes: int, generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(dim)
+        self.conv = nn.Conv2d(dim, num_classes, 1)
+        with torch.no_grad():
+            self.conv.weight.normal_(0.0, 0.01, generator=generator)
+            self.conv.bias.zero_()
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        """``(B, rows, cols, D)`` patch features -> ``(B, classes, rows, cols)`` logits."""
+        return self.conv(self.bn(feats.permute(0, 3, 1, 2).float()))
+
+
+class DepthHead(nn.Module):
+    """DINOv2's linear depth head (``BNHead(classify=True, bins_strategy="UD",
+    norm_strategy="linear", upsample=4)``, without its commented-out BatchNorm): patch tokens
+    with the class token concatenated, a 1x1 linear layer to ``bins`` logits, ReLU + 0.1
+    normalised to weights over bin centres ``linspace(min_depth, max_depth, bins)``, depth = the
+    weighted centre, clamped to the range. The 1x1 layer runs before the x4 bilinear
+    upsampling (both are linear, so the order does not change the result, only the cost)."""
+
+    def __init__(self, dim: int, min_depth: float, max_depth: float, bins: int = DEPTH_BINS,
+                 upsample: int = 4) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2 * dim, bins, 1)
+        self.register_buffer("centres", torch.linspace(min_depth, max_depth, bins))
+        self.min_depth, self.max_depth, self.upsample = min_depth, max_depth, upsample
+
+    def forward(self, patches: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
+        """``(B, rows, cols, D)`` and ``(B, D)`` -> depth ``(B, 1, upsample*rows, upsample*cols)``."""
+        x = patches.permute(0, 3, 1, 2).float()
+        x = torch.cat([x, cls.float()[:, :, None, None].expand_as(x)], dim=1)
+        logit = self.conv(x)
+        logit = F.interpolate(logit, scale_factor=self.upsample, mode="bilinear", align_corners=False)
+        w = torch.relu(logit) + 0.1
+        w = w / w.sum(dim=1, keepdim=True)
+        depth = torch.einsum("bkhw,k->bhw", w, self.centres)[:, None]
+        return depth.clamp(self.min_depth, self.max_depth)
+
+
+def sig_loss(pred: torch.Tensor, target: torch.Tensor, max_depth: float | None = None) -> torch.Tensor:
+    """DINOv2's ``SigLoss``: over valid pixels (target > 0, <= ``max_depth``),
+    ``g = log(pred + 1e-3) - log(target + 1e-3)``, loss ``sqrt(var(g) + 0.15 * mean(g)^2)``."""
+    valid = target > 0
+    if max_depth is not None:
+        valid &= target <= max_depth
+    g = torch.log(pred[valid] + 1e-3) - torch.log(target[valid] + 1e-3)
+    return torch.sqrt(torch.var(g) + 0.15 * g.mean() ** 2)
+
+
+def _seg_confusion(head, feats, masks, num_classes, ignore_index, chunk: int = 16) -> np.ndarray:
+    conf = np.zeros((num_classes, num_classes), dtype=np.int64)
+    with torch.no_grad():
+        for i in range(0, len(feats), chunk):
+            logits = head(feats[i:i + chunk])
+            up = F.interpolate(logits, size=masks.shape[1:], mode="bilinear", align_corners=False)
+            conf += confusion_matrix(up.argmax(1).numpy(), masks[i:i + chunk], num_classes, ignore_index)
+    return conf
+
+
+def segment_grid(ftr, mtr, fsel, msel, num_classes: int, *, ignore_index: int = 255, seed: int = 0,
+                 iterations: int = 1000, batch_size: int = 16,
+                 learning_rates: Sequence[float] = LEARNING_RATES):
+    """Train one :class:`SegmentationHead` per learning rate (pixel-level cross-entropy on
+    labels ``(N, H, W)``) and choose by mIoU on the selection split."""
+    batches = batch_indices(len(ftr), batch_size, iterations, seed)
+    labels = torch.from_numpy(np.asarray(mtr)).long()
+
+    def loss(head, idx):
+        logits = F.interpolate(head(ftr[idx]), size=labels.shape[1:], mode="bilinear", align_corners=False)
+        return F.cross_entropy(logits, labels[idx], ignore_index=ignore_index)
+    heads, scores = {}, {}
+    for lr in learning_rates:
+        head = SegmentationHead(ftr.shape[-1], num_classes, torch.Generator().manual_seed(int(seed)))
+        train_sgd(head, loss, batches, _scaled(lr, batch_size))
+        name = _name(lr, batch_size)
+        scores[name] = mean_iou(_seg_confusion(head, fsel, msel, num_classes, ignore_index))
+        heads[name] = head
+    return select_best(scores), heads, scores
+
+
+def _depth_rmse(pred_fn, feats, cls, depths, min_depth, max_depth, clamp: bool = False,
+                chunk: int = 16) -> float:
+    """Mean over images of the RMSE over valid pixels (min < depth < max) of ``pred_fn``'s maps
+    resized bilinearly to the targets (then clamped to the range with ``clamp``)."""
+    errs = []
+    with torch.no_grad():
+        for i in range(0, len(feats), chunk):
+            pred = pred_fn(feats[i:i + chunk], None if cls is None else cls[i:i + chunk])
+            pred = F.interpolate(pred, size=depths.shape[1:], mode="bilinear", align_corners=False)[:, 0]
+            if clamp:
+                pred = pred.clamp(min_depth, max_depth)
+            for p, d in zip(pred.numpy(), depths[i:i + chunk]):
+                v = (d > min_depth) & (d < max_depth) & np.isfinite(d)
+                if v.any():
+                    errs.append(float(np.sqrt(np.mean((p[v] - d[v]) ** 2))))
+    return float(np.mean(errs)) if errs else float("nan")
+
+
+def depth_grid(ftr, ctr, dtr, fsel, csel, dsel, *, min_depth: float = 1e-3, max_depth: float = 10.0,
+               seed: int = 0, iterations: int = 1000, batch_size: int = 16,
+               learning_rates: Sequence[float] = LEARNING_RATES):
+    """Train one :class:`DepthHead` per learning rate (SigLoss on depth ``(N, H, W)`` at full
+    resolution) and choose by RMSE on the selection split."""
+    batches = batch_indices(len(ftr), batch_size, iterations, seed)
+    target = torch.from_numpy(np.asarray(dtr)).float()
+
+    def loss(head, idx):
+        pred = F.interpolate(head(ftr[idx], ctr[idx]), size=target.shape[1:], mode="bilinear",
+                             align_corners=False)[:, 0]
+        return sig_loss(pred, target[idx], max_depth)
+    heads, scores = {}, {}
+    for lr in learning_rates:
+        torch.manual_seed(int(seed))                       # the 1x1 layer's default init
+        head = DepthHead(ftr.shape[-1], min_depth, max_depth)
+        train_sgd(head, loss, batches, _scaled(lr, batch_size))
+        name = _name(lr, batch_size)
+        scores[name] = _depth_rmse(head, fsel, csel, dsel, min_depth, max_depth)
+        heads[name] = head
+    return select_best(scores, higher_is_better=False), heads, scores
 
 
 # --- features, cached -------------------------------------------------------------------------------
@@ -108,22 +349,44 @@ def feature_cache_key(model, arm: Arm, paths: Sequence[Path], kind: str, geometr
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
+#: feature kinds: what each task's heads read (one cache file per kind and arm)
+FEATURE_KINDS = {
+    "global": "class token of the last 4 blocks + mean patch token of the last, final norm: (N, 5, D)",
+    "patch": "patch tokens of the last block, final norm: (N, rows, cols, D) float16",
+    "patch+cls": "patch tokens and class token of the last block, no final norm: "
+                 "{'patches': (N, rows, cols, D) float16, 'cls': (N, D)}",
+}
+
+
+def _features_of(model, x: torch.Tensor, kind: str, grid: tuple[int, int]):
+    L = wrap(model).num_layers
+    if kind == "global":
+        layers = list(range(max(0, L - 4), L))
+        toks = block_tokens(model, x, layers, norm=True)
+        cls = [toks[l][0][:, 0] for l in layers]
+        return torch.stack([*cls, toks[L - 1][1].mean(1)], dim=1).float().cpu()
+    prefix, patches = block_tokens(model, x, [L - 1], norm=kind == "patch")[L - 1]
+    patches = patches.reshape(len(x), *grid, -1).half().cpu()
+    return patches if kind == "patch" else {"patches": patches, "cls": prefix[:, 0].float().cpu()}
+
+
 def extract_features(model, arm: Arm, paths: Sequence[Path], kind: str, *,
                      cache_dir=None, batch_size: int = 16, transform: Callable | None = None,
-                     progress: bool = False) -> torch.Tensor:
-    """Frozen features of ``paths`` under ``arm``: ``kind="global"`` -> ``(N, 2D)`` (CLS and
-    mean patch token), ``kind="patch"`` -> ``(N, rows, cols, D)`` float16 (images resized to
-    the model's input size). Loaded from ``cache_dir`` when there."""
+                     progress: bool = False):
+    """Frozen features of ``paths`` under ``arm``, of a kind in :data:`FEATURE_KINDS` (images
+    resized to the model's input size for dense kinds, resized and centre-cropped -- or
+    ``transform`` -- for ``global``). Loaded from ``cache_dir`` when there, written there
+    atomically otherwise."""
     ad = wrap(model)
     size, mean, std = preprocessing(model)
+    if kind not in FEATURE_KINDS:
+        raise ValueError(f"unknown feature kind {kind!r}")
     if kind == "global":
         tf = transform or (lambda im: to_tensor(resize_center_crop(im, size), mean, std))
         geometry = ["center-crop", size, mean, std] if transform is None else transform_digest(transform)
-    elif kind == "patch":
+    else:
         tf = lambda im: to_tensor(resize(im, size), mean, std)
         geometry = ["resize", size, mean, std]
-    else:
-        raise ValueError(f"unknown feature kind {kind!r}")
     path = None
     if cache_dir is not None:
         path = Path(cache_dir) / f"{feature_cache_key(model, arm, paths, kind, geometry)}.pt"
@@ -138,13 +401,9 @@ def extract_features(model, arm: Arm, paths: Sequence[Path], kind: str, *,
     with torch.no_grad(), arm.context(model):
         for i in starts:
             x = torch.stack([tf(load_rgb(q)) for q in paths[i:i + batch_size]]).to(p.device, p.dtype)
-            prefix, patches = token_features(model, x)
-            if kind == "global":
-                chunks.append(torch.cat([prefix[:, 0], patches.mean(1)], dim=-1).float().cpu())
-            else:
-                rows, cols = ad.grid_size(x)
-                chunks.append(patches.reshape(len(x), rows, cols, -1).half().cpu())
-    feats = torch.cat(chunks)
+            chunks.append(_features_of(model, x, kind, tuple(ad.grid_size(x))))
+    feats = {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]} if isinstance(chunks[0], dict) \
+        else torch.cat(chunks)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
@@ -153,7 +412,7 @@ def extract_features(model, arm: Arm, paths: Sequence[Path], kind: str, *,
     return feats
 
 
-# --- dense targets at patch level -----------------------------------------------------------------------
+# --- dense targets at patch level (quick probe) -----------------------------------------------------
 def patch_labels(masks: np.ndarray, grid: tuple[int, int], num_classes: int,
                  ignore_index: int = 255) -> np.ndarray:
     """Majority class of each patch ``(N, rows, cols)``; -1 where a patch has no valid pixel."""
@@ -189,12 +448,13 @@ def _upsample(pred: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 # --- one seed of each task -----------------------------------------------------------------------------------
-def _score_classification(ftr, ytr, fva, yva, num_classes, seed, **fit) -> dict[str, float]:
-    probe = fit_linear(ftr, ytr, num_outputs=num_classes, seed=seed, **fit)
-    return {"top1": float((probe(fva).argmax(-1) == yva).float().mean())}
+def _quick_classification(ftr, ytr, fva, yva, num_classes, seed, **fit) -> dict[str, float]:
+    take = lambda f: torch.cat([f[:, -2], f[:, -1]], dim=-1)        # last class token + mean patch
+    probe = fit_linear(take(ftr), ytr, num_outputs=num_classes, seed=seed, **fit)
+    return {"top1": float((probe(take(fva)).argmax(-1) == yva).float().mean())}
 
 
-def _score_segmentation(ftr, mtr, fva, mva, num_classes, seed, ignore_index=255, **fit) -> dict[str, float]:
+def _quick_segmentation(ftr, mtr, fva, mva, num_classes, seed, ignore_index=255, **fit) -> dict[str, float]:
     grid = tuple(ftr.shape[1:3])
     lab = torch.from_numpy(patch_labels(mtr, grid, num_classes, ignore_index)).reshape(-1)
     x = ftr.reshape(-1, ftr.shape[-1])
@@ -209,7 +469,7 @@ def _score_segmentation(ftr, mtr, fva, mva, num_classes, seed, ignore_index=255,
     return {"miou": mean_iou(conf), "pixel_accuracy": pixel_accuracy(conf)}
 
 
-def _score_depth(ftr, dtr, fva, dva, seed, min_depth=1e-3, max_depth=10.0, **fit) -> dict[str, float]:
+def _quick_depth(ftr, dtr, fva, dva, seed, min_depth=1e-3, max_depth=10.0, **fit) -> dict[str, float]:
     grid = tuple(ftr.shape[1:3])
     valid = lambda d: (d > min_depth) & (d < max_depth) & np.isfinite(d)
     target, has = patch_means(dtr, valid(dtr), grid)
@@ -217,16 +477,53 @@ def _score_depth(ftr, dtr, fva, dva, seed, min_depth=1e-3, max_depth=10.0, **fit
     keep = torch.from_numpy(has.reshape(-1))
     y = torch.from_numpy(target.reshape(-1)).float()
     probe = fit_linear(x[keep], y[keep], num_outputs=1, regression=True, seed=seed, **fit)
-    errs = []
-    for i in range(0, len(fva), 64):
-        f = fva[i:i + 64]
-        pred = _upsample(probe(f.reshape(-1, f.shape[-1])).reshape(*f.shape[:3], 1), dva.shape[1:])[:, 0]
-        pred = pred.clamp(min_depth, max_depth).numpy()
-        for p, d in zip(pred, dva[i:i + 64]):
-            v = valid(d)
-            if v.any():
-                errs.append(float(np.sqrt(np.mean((p[v] - d[v]) ** 2))))
-    return {"rmse": float(np.mean(errs)) if errs else float("nan")}
+
+    def predict(f, _):
+        return probe(f.reshape(-1, f.shape[-1])).reshape(*f.shape[:3], 1).permute(0, 3, 1, 2)
+    return {"rmse": _depth_rmse(predict, fva, None, dva, min_depth, max_depth, clamp=True)}
+
+
+def _dinov2_seed(task, feats, targets, tr, se, ev, num_classes, seed, opts) -> dict[str, Any]:
+    """One seed of DINOv2's protocol: train the grid on ``tr``, choose on ``se``, score on ``ev``."""
+    grid = {k: opts[k] for k in ("iterations", "batch_size", "learning_rates")}
+    ti, si, ei = (torch.from_numpy(i) for i in (tr, se, ev))
+    if task == "classification":
+        y = torch.from_numpy(targets)
+        best, heads, sel = classify_grid(feats[ti], y[ti], feats[si], y[si], num_classes, seed=seed,
+                                         n_last_blocks=opts["n_last_blocks"], **grid)
+        head, n, pool = heads[best]
+        with torch.no_grad():
+            top1 = float((head(linear_input(feats[ei], n, pool)).argmax(-1) == y[ei]).float().mean())
+        out = {"top1": top1}
+    elif task == "segmentation":
+        best, heads, sel = segment_grid(feats[ti], targets[tr], feats[si], targets[se], num_classes,
+                                        ignore_index=opts["ignore_index"], seed=seed, **grid)
+        conf = _seg_confusion(heads[best], feats[ei], targets[ev], num_classes, opts["ignore_index"])
+        out = {"miou": mean_iou(conf), "pixel_accuracy": pixel_accuracy(conf)}
+    else:
+        p, c = feats["patches"], feats["cls"]
+        lo, hi = opts["min_depth"], opts["max_depth"]
+        best, heads, sel = depth_grid(p[ti], c[ti], targets[tr], p[si], c[si], targets[se],
+                                      min_depth=lo, max_depth=hi, seed=seed, **grid)
+        out = {"rmse": _depth_rmse(heads[best], p[ei], c[ei], targets[ev], lo, hi)}
+    return {**out, "selected": best, "selection_scores": sel}
+
+
+def _splits(task, targets, n_train, n_items, has_val, val_fraction, select_on, holdout, seed):
+    """(train, selection, evaluation) index arrays for one seed."""
+    if has_val:
+        tr, ev = np.arange(n_train), np.arange(n_train, n_items)
+    elif task == "classification":
+        tr, ev = split_indices(targets, val_fraction, seed)
+    else:
+        perm = np.random.default_rng(seed).permutation(n_items)
+        nv = max(1, int(round(n_items * val_fraction)))
+        tr, ev = np.sort(perm[nv:]), np.sort(perm[:nv])
+    if select_on == "eval":
+        return tr, ev, ev
+    perm = np.random.default_rng(seed + 7919).permutation(tr)
+    ns = max(1, int(round(len(tr) * holdout)))
+    return np.sort(perm[ns:]), np.sort(perm[:ns]), ev
 
 
 # --- the experiment -----------------------------------------------------------------------------------------------
@@ -236,18 +533,29 @@ def evaluate_probe(model, task: str, train: Sequence[tuple], val: Sequence[tuple
                    num_registers: int = 1, preset: str = "paper", batch_size: int = 16,
                    transform: Callable | None = None, ignore_index: int = 255,
                    reduce_zero_label: bool = False, depth_png_scale: float = 1000.0,
-                   max_depth: float = 10.0, steps: int = 300, lr: float = 3e-2,
-                   weight_decay: float = 1e-4, progress: bool = False,
-                   print_table: bool = True) -> dict[str, Any]:
-    """Linear probe ``task`` for each arm; mean ± 95% CI over ``seeds``.
+                   min_depth: float = 1e-3, max_depth: float = 10.0, quick: bool = False,
+                   select_on: str = "eval", holdout: float = 0.1,
+                   learning_rates: Sequence[float] = LEARNING_RATES, iterations: int | None = None,
+                   probe_batch_size: int | None = None, n_last_blocks: Sequence[int] = (1, 4),
+                   steps: int = 300, lr: float = 3e-2, weight_decay: float = 1e-4,
+                   progress: bool = False, print_table: bool = True) -> dict[str, Any]:
+    """Linear probe ``task`` for each arm; mean ± 95% CI over ``seeds`` (see the module
+    docstring for the protocol).
 
     ``train``/``val``: ``[(image path, target)]`` where target is a class index
-    (classification), a mask file (segmentation) or a depth file (depth). Without ``val``,
-    each seed draws its own ``val_fraction`` split of ``train``. ``reduce_zero_label``: label 0
-    is "ignore" and classes are shifted down by one (ADE20k).
+    (classification), a mask file (segmentation) or a depth file (depth). Without ``val``, each
+    seed draws its own ``val_fraction`` split of ``train``. ``reduce_zero_label``: label 0 is
+    "ignore" and classes are shifted down by one (ADE20k). DINOv2 protocol: ``iterations``
+    (default 12500 for classification -- ``linear.py``'s 10 epochs of 1250 -- and 2000 for the
+    dense heads), ``probe_batch_size`` (128 / 16), ``learning_rates``, ``select_on``
+    (``"eval"``: choose on the reported split, as ``linear.py``; ``"holdout"``: on a ``holdout``
+    share of the training split). ``quick``: ttreg's AdamW probe (``steps``, ``lr``,
+    ``weight_decay``).
     """
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    if select_on not in ("eval", "holdout"):
+        raise ValueError(f"select_on must be 'eval' or 'holdout', got {select_on!r}")
     items = list(train) + list(val or [])
     n_train = len(train)
     paths = [Path(p) for p, _ in items]
@@ -268,9 +576,15 @@ def evaluate_probe(model, task: str, train: Sequence[tuple], val: Sequence[tuple
             num_classes = int(present.max()) + 1 if present.size else 1
     else:
         targets = np.stack([resize_target(load_depth(t, depth_png_scale), size) for _, t in items])
-    kind = "global" if task == "classification" else "patch"
+    kind = {"classification": "global", "segmentation": "patch",
+            "depth": "patch" if quick else "patch+cls"}[task]
     arms = make_arms(model, neurons, control_seeds=control_seeds, num_registers=num_registers,
                      preset=preset)
+    dense = task != "classification"
+    opts = {"iterations": iterations or (2000 if dense else 12500),
+            "batch_size": probe_batch_size or (16 if dense else 128),
+            "learning_rates": list(learning_rates), "n_last_blocks": list(n_last_blocks),
+            "ignore_index": ignore_index, "min_depth": min_depth, "max_depth": max_depth}
     fit = {"steps": steps, "lr": lr, "weight_decay": weight_decay}
     per_arm: dict[str, Any] = {}
     for arm in arms:
@@ -278,32 +592,48 @@ def evaluate_probe(model, task: str, train: Sequence[tuple], val: Sequence[tuple
                                  transform=transform if kind == "global" else None, progress=progress)
         runs = []
         for seed in seeds:
-            if val:
-                tr, va = np.arange(n_train), np.arange(n_train, len(items))
+            tr, se, ev = _splits(task, targets, n_train, len(items), bool(val), val_fraction,
+                                 "eval" if quick else select_on, holdout, seed)
+            if not quick:
+                runs.append(_dinov2_seed(task, feats, targets, tr, se, ev, num_classes, seed, opts))
             elif task == "classification":
-                tr, va = split_indices(targets, val_fraction, seed)
-            else:
-                perm = np.random.default_rng(seed).permutation(len(items))
-                nv = max(1, int(round(len(items) * val_fraction)))
-                tr, va = np.sort(perm[nv:]), np.sort(perm[:nv])
-            ti, vi = torch.from_numpy(tr), torch.from_numpy(va)
-            if task == "classification":
                 y = torch.from_numpy(targets)
-                runs.append(_score_classification(feats[ti], y[ti], feats[vi], y[vi], num_classes, seed, **fit))
+                ti, ei = torch.from_numpy(tr), torch.from_numpy(ev)
+                runs.append(_quick_classification(feats[ti], y[ti], feats[ei], y[ei], num_classes, seed, **fit))
             elif task == "segmentation":
-                runs.append(_score_segmentation(feats[ti], targets[tr], feats[vi], targets[va],
+                runs.append(_quick_segmentation(feats[torch.from_numpy(tr)], targets[tr],
+                                                feats[torch.from_numpy(ev)], targets[ev],
                                                 num_classes, seed, ignore_index, **fit))
             else:
-                runs.append(_score_depth(feats[ti], targets[tr], feats[vi], targets[va], seed,
-                                         max_depth=max_depth, **fit))
-        per_arm[arm.name] = {k: mean_ci([r[k] for r in runs]) for k in runs[0]}
+                runs.append(_quick_depth(feats[torch.from_numpy(tr)], targets[tr],
+                                         feats[torch.from_numpy(ev)], targets[ev], seed,
+                                         min_depth=min_depth, max_depth=max_depth, **fit))
+        metrics = [k for k in runs[0] if k not in ("selected", "selection_scores")]
+        per_arm[arm.name] = {k: mean_ci([r[k] for r in runs]) for k in metrics}
+        if not quick:
+            per_arm[arm.name]["selected"] = [r["selected"] for r in runs]
+            per_arm[arm.name]["selection_scores"] = [r["selection_scores"] for r in runs]
         per_arm[arm.name]["setup"] = arm.describe()
+    protocol = {"name": "quick" if quick else "dinov2",
+                "reference": "ttreg (AdamW on standardised features)" if quick else {
+                    "classification": "facebookresearch/dinov2 dinov2/eval/linear.py",
+                    "segmentation": "facebookresearch/dinov2 dinov2/eval/segmentation/models/"
+                                    "decode_heads/linear_head.py (BNHead)",
+                    "depth": "facebookresearch/dinov2 dinov2/hub/depthers.py, dinov2/hub/depth/"
+                             "decode_heads.py (BNHead), dinov2/eval/depth/models/losses/sigloss.py"}[task],
+                "deviations": ["features cached: no training augmentation",
+                               "images resized to the model's input size"]
+                + ([] if quick or not dense else ["dense heads trained with linear.py's SGD and "
+                                                  "learning-rate grid (DINOv2's dense schedules "
+                                                  "are not in its repository)"])
+                + ([] if quick or select_on == "eval" else [f"head chosen on {holdout:.0%} of the "
+                                                            "training split"])}
     result = {
-        "experiment": "probe", "task": task,
+        "experiment": "probe", "task": task, "protocol": protocol,
         "config": {"seeds": list(seeds), "num_classes": num_classes, "images": len(items),
                    "train_images": n_train if val else None, "val_fraction": None if val else val_fraction,
                    "num_registers": num_registers, "preset": preset, "control_seeds": list(control_seeds),
-                   **fit},
+                   **({"fit": fit} if quick else {"select_on": select_on, **opts})},
         "neurons": arms[1].describe()["neurons"],
         "arms": per_arm,
     }
@@ -319,4 +649,5 @@ def table(result: dict[str, Any]) -> str:
     rows = [{"arm": k, **v} for k, v in result["arms"].items()]
     n = len(result["config"]["seeds"])
     return format_table(rows, [("arm", "arm"), *cols], digits=4,
-                        title=f"Linear probe: {result['task']} (mean ± 95% CI over {n} seeds)")
+                        title=f"Linear probe: {result['task']}, {result['protocol']['name']} protocol "
+                              f"(mean ± 95% CI over {n} seeds)")

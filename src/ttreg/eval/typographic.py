@@ -1,8 +1,10 @@
 """Typographic attacks on CLIP: write a wrong class name onto each image and measure how often
 the model then predicts the written class (attack success), for: the plain model; register
 neurons shifted onto the patches under the text (``shift_to``, the paper's mitigation); the same
-edit on random neurons from the same layers; and pixel ablation of the text region (set to the
-normalisation mean). The clean images give the reference accuracy."""
+edit on random neurons from the same layers; the register neurons zeroed (no shift, the paper's
+ablation); and pixel ablation of the text region (set to the normalisation mean). The clean
+images give the reference accuracy. The paper's attack images are not released; the label
+rendering here is ttreg's own."""
 from __future__ import annotations
 
 from typing import Any, Callable, Sequence
@@ -11,10 +13,10 @@ import numpy as np
 import torch
 
 from ..adapters import wrap
-from .arms import make_arms, summarize_random
+from .arms import control_rows, make_arms, summarize_random
 from .backbone import preprocessing
 from .datasets import load_rgb, resize_center_crop, to_tensor
-from .report import draws, format_table
+from .report import format_table
 from .zeroshot import classify, load_templates, text_classifier
 
 
@@ -92,7 +94,8 @@ def evaluate_typographic(model, tokenizer: Callable, items: Sequence[tuple], cla
     W = text_classifier(model, tokenizer, classnames,
                         list(templates) if templates is not None else load_templates())
     rng = np.random.default_rng(seed)
-    arms = make_arms(model, neurons, control_seeds=control_seeds, num_registers=0, preset=preset)
+    arms = make_arms(model, neurons, control_seeds=control_seeds, num_registers=0, preset=preset,
+                     zeroed=True, random_zeroed=False)
     names = ["clean", "plain", *[a.name for a in arms[1:]], "pixel ablation"]
     preds: dict[str, list] = {n: [] for n in names}
     written: list[int] = []
@@ -131,7 +134,8 @@ def evaluate_typographic(model, tokenizer: Callable, items: Sequence[tuple], cla
         per_arm[n] = {"images": len(items), "accuracy": float((pr == labels).float().mean()),
                       "attack_success": None if n == "clean" else float((pr == target).float().mean())}
     for a in arms[1:]:
-        per_arm[a.name]["setup"] = {**a.describe(), "shift_to": "text patches"}
+        per_arm[a.name]["setup"] = {**a.describe(),
+                                    "shift_to": None if a.zeroes else "text patches"}
     result = {"experiment": "typographic",
               "config": {"classes": len(classnames), "position": position, "font_size": font_size,
                          "seed": seed, "preset": preset, "control_seeds": list(control_seeds),
@@ -144,12 +148,11 @@ def evaluate_typographic(model, tokenizer: Callable, items: Sequence[tuple], cla
 
 
 def table(result: dict[str, Any]) -> str:
-    rows = [{"arm": k if k != "registers" else "register neurons -> text", **v}
-            for k, v in result["arms"].items() if not k.startswith("random-")]
-    if result.get("random"):
-        rows.insert(-1, {"arm": f"random neurons -> text ({draws(result)})",
-                         "images": rows[0]["images"], **result["random"]})
+    names = {"registers": "register neurons -> text", "random": "random neurons -> text",
+             "zeroed": "register neurons zeroed"}
+    rows = control_rows(result)
     for r in rows:
+        r["arm"] = names.get(r["arm"], r["arm"]).replace("random (", "random neurons -> text (")
         for k in ("attack_success", "accuracy"):
             v = r.get(k)
             r[k] = {**v, "mean": 100 * v["mean"], "ci95": 100 * v["ci95"]} if isinstance(v, dict) \

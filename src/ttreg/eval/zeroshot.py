@@ -1,15 +1,30 @@
 """CLIP zero-shot classification and zero-shot segmentation, plain vs test-time registers.
 
-Classification: class embeddings are the mean over prompt templates of the normalised text
-embeddings (renormalised); an image goes to the class of highest cosine similarity. Class
-names and the 80 prompt templates of OpenAI's CLIP ship in ``ttreg/resources/``.
+Classification (OpenAI's CLIP protocol, as open_clip's ``zero_shot_classifier``): class
+embeddings are the mean over prompt templates of the normalised text embeddings
+(renormalised); an image goes to the class of highest cosine similarity. Class names and the 80
+prompt templates of OpenAI's CLIP ship in ``ttreg/resources/``. Arms: plain, registers, the
+register neurons zeroed and random neurons zeroed (the paper's controls).
 
-Segmentation (ImageNet-segmentation style: one binary foreground mask per image): the heat map
-is the cosine similarity of each *projected* patch token with the text embedding of the image's
-class (given, or the zero-shot prediction); or, with ``heatmap="attention"`` (models without a
-text tower), the last layer's CLS attention. Heat maps are upsampled bilinearly, min-max
-normalised and thresholded at their mean; scored by pixel accuracy, mIoU (background and
-foreground) and mAP (Chefer et al.'s protocol).
+Segmentation (ImageNet-segmentation: one binary foreground mask per image). Heat maps:
+
+* ``direct`` (default for CLIP): Gandelsman et al.'s (clip_text_span, ``compute_segmentations.py``),
+  each patch's direct contribution to the image embedding summed over layers and heads, its
+  score for the class minus its mean score over all classes (:mod:`.direct`); upsampled, then
+  negatives clipped to 0;
+* ``cosine``: the cosine similarity of each projected patch token with the class's text
+  embedding;
+* ``attention`` (models without a text tower, e.g. DINOv2): the last layer's CLS attention to
+  the patches, mean over heads.
+
+The class is the image's label when the data set gives one, else the arm's zero-shot prediction
+(the reference always uses the prediction). Geometry: image and mask are both resized to the
+model's input size (image bicubic, mask nearest), as Chefer et al.'s loader does; the reference
+CLIP pipeline centre-crops the image but resizes the mask, which misaligns them on non-square
+images, so it is not followed there. Heat maps are upsampled bilinearly to that size and scored
+exactly as Chefer et al. (:func:`ttreg.eval.metrics.binary_heatmap_scores`: min-max
+normalisation, threshold at the mean, pixel accuracy and mIoU from dataset totals, mAP = mean of
+per-image APs pooled over both channels).
 """
 from __future__ import annotations
 
@@ -22,11 +37,14 @@ import torch.nn.functional as F
 
 from ..adapters import wrap
 from ..trace import trace
-from .arms import make_arms, summarize_random
+from .arms import control_rows, make_arms, summarize_draws, summarize_random
 from .backbone import clip_embeddings, preprocessing
 from .datasets import load_mask, load_rgb, paired_files, resize, resize_center_crop, resize_target, to_tensor
+from .direct import clip_tower, direct_heatmaps
 from .metrics import binary_heatmap_scores, summarize_heatmaps, topk_accuracy
-from .report import draws, format_table
+from .report import format_table
+
+HEATMAPS = ("direct", "cosine", "attention")
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "resources"
 
@@ -92,14 +110,18 @@ def evaluate_zeroshot(model, tokenizer: Callable, items: Sequence[tuple], classn
                       control_seeds: Sequence[int] = (), num_registers: int = 1,
                       preset: str = "paper", batch_size: int = 32, transform: Callable | None = None,
                       progress: bool = False, print_table: bool = True) -> dict[str, Any]:
-    """Zero-shot top-1/top-5 accuracy for each arm; ``items``: ``[(image path, class index)]``."""
+    """Zero-shot top-1/top-5 accuracy for each arm; ``items``: ``[(image path, class index)]``.
+
+    Arms: plain, registers, ``zeroed`` (register neurons set to 0, no register) and
+    ``random-zeroed-<s>`` for ``s`` in ``control_seeds`` (random neurons of the same layers,
+    same counts, zeroed)."""
     templates = list(templates) if templates is not None else load_templates()
     size, mean, std = preprocessing(model)
     tf = transform or (lambda im: to_tensor(resize_center_crop(im, size), mean, std))
     p = wrap(model).parameter()
     W = text_classifier(model, tokenizer, classnames, templates)
     arms = make_arms(model, neurons, control_seeds=control_seeds, num_registers=num_registers,
-                     preset=preset)
+                     preset=preset, random=False, zeroed=True)
     logits: dict[str, list] = {a.name: [] for a in arms}
     chunks = _batches(items, batch_size, progress, "zero-shot")
     for chunk in chunks:
@@ -115,7 +137,7 @@ def evaluate_zeroshot(model, tokenizer: Callable, items: Sequence[tuple], classn
                          "num_registers": num_registers, "preset": preset,
                          "control_seeds": list(control_seeds)},
               "neurons": arms[1].describe()["neurons"], "arms": per_arm,
-              "random": summarize_random(per_arm, ["top1", "top5"])}
+              "random_zeroed": summarize_draws(per_arm, ["top1", "top5"], "random-zeroed")}
     if print_table:
         print(table(result))
     return result
@@ -178,38 +200,47 @@ def _segment_chunk(model, ad, chunk, arms, scores, heatmap, W, classnames, size,
     x = torch.stack([to_tensor(resize(load_rgb(i), size), mean, std) for i, _, _ in chunk])
     x = x.to(p.device, p.dtype)
     masks = [resize_target(load_mask(m), size) > 0 for _, m, _ in chunk]
-    given = [_label_index(l, classnames or []) if heatmap == "text" else None for _, _, l in chunk]
+    given = [_label_index(l, classnames or []) if heatmap != "attention" else None for _, _, l in chunk]
+    labels = torch.tensor([-1 if g is None else g for g in given])
     for arm in arms:
         with arm.context(model):
-            if heatmap == "text":
+            if heatmap == "direct":
+                heat = direct_heatmaps(model, x, W, labels)[0]
+            elif heatmap == "cosine":
                 img, patches = clip_embeddings(model, x)
                 pred = (F.normalize(img.float(), dim=-1) @ W.T.to(img.device)).argmax(-1).cpu()
-                idx = torch.tensor([g if g is not None else int(q) for g, q in zip(given, pred)])
+                idx = torch.where(labels >= 0, labels, pred)
                 heat = patch_similarity(patches, W[idx.to(W.device)].to(patches.device),
                                         tuple(ad.grid_size(x)))
             else:
                 heat = attention_heatmaps(model, x)
         up = F.interpolate(heat[:, None].float().cpu(), size=size, mode="bilinear", align_corners=False)[:, 0]
-        scores[arm.name] += [binary_heatmap_scores(h.numpy(), m) for h, m in zip(up, masks)]
+        if heatmap == "direct":
+            up = up.clamp_min(0)                # Gandelsman et al.: clip after upsampling
+        scores[arm.name] += [binary_heatmap_scores(h, m) for h, m in zip(up, masks)]
 
 
 def evaluate_zeroshot_segmentation(model, items: Sequence[tuple], neurons, *,
-                                   heatmap: str = "text", tokenizer: Callable | None = None,
+                                   heatmap: str = "direct", tokenizer: Callable | None = None,
                                    classnames: Sequence[str] | None = None,
                                    templates: Sequence[str] | None = None,
                                    control_seeds: Sequence[int] = (), num_registers: int = 1,
                                    preset: str = "paper", batch_size: int = 16,
                                    progress: bool = False, print_table: bool = True) -> dict[str, Any]:
     """Zero-shot segmentation scores for each arm. ``items``: ``[(image, mask, label)]`` with
-    ``label`` a class index, a class name or None (then the arm's own zero-shot prediction)."""
-    if heatmap not in ("text", "attention"):
-        raise ValueError(f"heatmap must be 'text' or 'attention', got {heatmap!r}")
+    ``label`` a class index, a class name or None (then the arm's own zero-shot prediction).
+    ``heatmap``: ``direct``, ``cosine`` (both need a CLIP model and its tokenizer) or
+    ``attention`` (see the module docstring)."""
+    if heatmap not in HEATMAPS:
+        raise ValueError(f"heatmap must be one of {', '.join(HEATMAPS)}, got {heatmap!r}")
     size, mean, std = preprocessing(model)
     ad = wrap(model)
     W = None
-    if heatmap == "text":
+    if heatmap != "attention":
         if tokenizer is None:
-            raise ValueError("heatmap='text' needs a CLIP model and its tokenizer")
+            raise ValueError(f"heatmap={heatmap!r} needs a CLIP model and its tokenizer")
+        if heatmap == "direct":
+            clip_tower(model)                                    # unsupported towers fail here
         classnames = list(classnames) if classnames is not None else load_classnames()
         W = text_classifier(model, tokenizer, classnames,
                             list(templates) if templates is not None else load_templates())
@@ -222,6 +253,12 @@ def evaluate_zeroshot_segmentation(model, items: Sequence[tuple], neurons, *,
     per_arm = {a.name: {**summarize_heatmaps(scores[a.name]), "images": len(items),
                         "setup": a.describe()} for a in arms}
     result = {"experiment": "zeroshot", "task": "segmentation",
+              "protocol": {"metrics": "hila-chefer/Transformer-Explainability utils/metrices.py "
+                                      "(batch_pix_accuracy, batch_intersection_union, get_ap_scores)",
+                           "heatmap": {"direct": "yossigandelsman/clip_text_span compute_segmentations.py",
+                                       "cosine": "ttreg (projected patch tokens vs text)",
+                                       "attention": "last-layer CLS attention, mean over heads"}[heatmap],
+                           "geometry": "image and mask resized to the model's input size"},
               "config": {"heatmap": heatmap, "input_size": list(size), "num_registers": num_registers,
                          "preset": preset, "control_seeds": list(control_seeds)},
               "neurons": arms[1].describe()["neurons"], "arms": per_arm,
@@ -233,17 +270,14 @@ def evaluate_zeroshot_segmentation(model, items: Sequence[tuple], neurons, *,
 
 def table(result: dict[str, Any]) -> str:
     if result["task"] == "classification":
-        cols, title, scale = [("top1", "top-1 %"), ("top5", "top-5 %")], "CLIP zero-shot classification", 100
+        cols, title = [("top1", "top-1 %"), ("top5", "top-5 %")], "CLIP zero-shot classification"
     else:
         cols = [("miou", "mIoU %"), ("pixel_accuracy", "pixel acc %"), ("map", "mAP %")]
-        title, scale = f"Zero-shot segmentation ({result['config']['heatmap']} heat maps)", 100
-    rows = [{"arm": k, **v} for k, v in result["arms"].items() if not k.startswith("random-")]
-    if result.get("random"):
-        rows.append({"arm": f"random ({draws(result)})",
-                     "images": rows[0]["images"], **result["random"]})
+        title = f"Zero-shot segmentation ({result['config']['heatmap']} heat maps)"
+    rows = control_rows(result)
     for r in rows:
         for k, _ in cols:
             v = r.get(k)
-            r[k] = {**v, "mean": scale * v["mean"], "ci95": scale * v["ci95"]} if isinstance(v, dict) \
-                else (None if v is None else scale * v)
+            r[k] = {**v, "mean": 100 * v["mean"], "ci95": 100 * v["ci95"]} if isinstance(v, dict) \
+                else (None if v is None else 100 * v)
     return format_table(rows, [("arm", "arm"), ("images", "images"), *cols], title=title, digits=1)
