@@ -1,7 +1,6 @@
 """Results out: mean with a 95% confidence interval, plain-text tables, JSON files."""
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any, Sequence
@@ -93,8 +92,6 @@ def jsonable(obj: Any) -> Any:
 
 
 def write_json(path, result: dict) -> Path:
-    """Write ``result`` as indented JSON (parents created)."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps(jsonable(result), indent=2) + "\n")
-    return p
+    """Write ``result`` as indented JSON, atomically (parents created)."""
+    from ..files import write_json as _write
+    return _write(path, jsonable(result))
