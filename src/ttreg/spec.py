@@ -23,7 +23,6 @@ not ``1.9`` or ``true``), ``version`` is one this ttreg reads, and a wrong file 
 from __future__ import annotations
 
 import json
-import math
 import operator
 import os
 from dataclasses import dataclass, field
@@ -72,12 +71,10 @@ def as_index(v: Any, what: str) -> int:
 
 
 def _number(v: Any, what: str) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) and not hasattr(v, "__float__"):
+    """A score: a real number (not a bool, not a string)."""
+    if isinstance(v, (bool, str, bytes)) or not hasattr(v, "__float__"):
         raise ValueError(f"{what} must be a number, got {v!r}")
-    f = float(v)
-    if not math.isfinite(f):
-        raise ValueError(f"{what} must be a finite number, got {v!r}")
-    return f
+    return float(v)
 
 
 def _mapping(v: Any, what: str) -> dict:
