@@ -3,18 +3,33 @@
 Find the register neurons that create high-norm outlier tokens, and at inference move their
 activations into an extra appended token ("Vision Transformers Don't Need Trained Registers",
 Jiang et al., NeurIPS 2025).
+
+The names below load on first use, so ``import ttreg`` (and the command line's start-up, where
+Ctrl-C must end cleanly) does not import torch until something needs it.
 """
-from .adapters import Adapter, wrap
-from .calibrate import Calibration, calibrate
-from .data import ImageError
-from .models import ModelLoadError
-from .neurons import SearchStats, find_register_neurons
-from .registers import (add_test_time_registers, remove_test_time_registers, test_time_registers,
-                        zero_neurons)
-from .spec import ModelMismatchError, RegisterNeurons
-from .trace import Trace, trace
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+import types
 
 __version__ = "0.1.0"
+
+#: public name -> the submodule that defines it
+_EXPORTS = {
+    "Adapter": "adapters", "wrap": "adapters",
+    "Calibration": "calibrate", "calibrate": "calibrate",
+    "ImageError": "data",
+    "ModelLoadError": "models",
+    "SearchStats": "neurons", "find_register_neurons": "neurons",
+    "add_test_time_registers": "registers", "test_time_registers": "registers",
+    "zero_neurons": "registers", "remove_test_time_registers": "registers",
+    "ModelMismatchError": "spec", "RegisterNeurons": "spec",
+    "Trace": "trace", "trace": "trace",
+}
+#: functions named like the submodule that defines them: ``ttreg.trace`` is the function
+_SHADOWED = {name for name, mod in _EXPORTS.items() if name == mod}
 
 
 def load_model(spec: str, *args, **kwargs):
@@ -24,7 +39,32 @@ def load_model(spec: str, *args, **kwargs):
     return _load(spec, *args, **kwargs)
 
 
-__all__ = [
-    "Adapter", "Calibration", "ImageError", "ModelLoadError", "ModelMismatchError", "RegisterNeurons", "SearchStats", "Trace",
-    "add_test_time_registers", "calibrate", "find_register_neurons", "load_model", "test_time_registers", "remove_test_time_registers", "trace", "wrap", "zero_neurons",
-]
+def __getattr__(name: str):
+    mod = _EXPORTS.get(name)
+    if mod is not None:
+        value = getattr(importlib.import_module(f".{mod}", __name__), name)
+    elif not name.startswith("__") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        value = importlib.import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+class _Package(types.ModuleType):
+    """Importing the submodules ``ttreg.calibrate`` / ``ttreg.trace`` must not replace the
+    functions of the same name on the package (as the import system would)."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in _SHADOWED and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+
+__all__ = sorted([*_EXPORTS, "load_model"])

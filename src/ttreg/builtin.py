@@ -30,7 +30,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
-import uuid
 from pathlib import Path
 
 import torch
@@ -145,16 +144,11 @@ def read_onnx_weights(path: str | os.PathLike | None = None) -> dict[str, torch.
 
 # --- cache ---------------------------------------------------------------------------------------
 def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    """Write a safetensors file atomically: a temporary file beside it, renamed into place."""
+    """Write a safetensors file atomically (:func:`ttreg.files.atomic_write`)."""
     from safetensors.torch import save_file
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    from .files import atomic_write
+    atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()},
+                                             str(tmp), metadata=metadata))
 
 
 def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:

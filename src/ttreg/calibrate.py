@@ -21,11 +21,11 @@ from typing import Any, Callable
 import torch
 
 from .adapters import wrap
-from .data import ImageSource, iter_batches, resolve_images
-from .neurons import _resolve_layer, find_register_neurons
-from .outliers import AUTO_MIN_RATIO, norm_ratio, thresholds
+from .data import ImageSource, check_images_given, iter_batches, resolve_images
+from .neurons import _resolve_layer, eval_mode, find_register_neurons
+from .outliers import AUTO_MIN_RATIO, check_threshold, norm_ratio, thresholds
 from .registers import test_time_registers
-from .spec import RegisterNeurons
+from .spec import RegisterNeurons, as_index
 from .trace import record
 
 
@@ -144,11 +144,36 @@ def calibrate(model, images, *, threshold: float | str = "auto", detection_layer
 
     With ``neurons`` (e.g. a published set) nothing is searched: the set is measured on all the
     images (outliers before and after test-time registers) and returned with those statistics.
+
+    The whole calibration runs with the model in eval mode (no dropout); the model's mode is
+    restored afterwards. Bad arguments (threshold -1 or nan, heldout 1.5, no images, ...) are a
+    one-line ``ValueError`` before any work. When ``top_k="auto"`` finds no k up to ``max_k``
+    that clears the held-out images, the best set is still returned and
+    ``report["top_k_cleared"]`` is False (``top_k_reason`` says why).
     """
-    if neurons is not None:
-        return _measure_given(model, images, neurons, threshold, detection_layer, batch_size,
-                              transform, strict)
+    threshold = check_threshold(threshold)
+    if isinstance(heldout, bool) or not isinstance(heldout, (int, float)) or not 0 <= heldout < 1:
+        raise ValueError(f"heldout must be a share in [0, 1), got {heldout!r}")
+    if not (isinstance(tolerance, (int, float)) and 0 <= tolerance <= 1):
+        raise ValueError(f"tolerance must be a share in [0, 1], got {tolerance!r}")
+    if max_k is not None and as_index(max_k, "max_k") < 1:
+        raise ValueError(f"max_k must be at least 1, got {max_k!r}")
+    if top_k != "auto":
+        top_k = as_index(top_k, "top_k")
+    if as_index(batch_size, "batch_size") < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size!r}")
+    check_images_given(images)
     ad = wrap(model)
+    with eval_mode(ad.model):
+        if neurons is not None:
+            return _measure_given(ad, images, neurons, threshold, detection_layer, batch_size,
+                                  transform, strict)
+        return _calibrate(ad, images, threshold, detection_layer, top_layer, top_k, max_k, heldout,
+                          tolerance, batch_size, transform, strict, progress)
+
+
+def _calibrate(ad, images, threshold, detection_layer, top_layer, top_k, max_k, heldout,
+               tolerance, batch_size, transform, strict, progress) -> Calibration:
     L = ad.num_layers
     det = _resolve_layer(detection_layer, L, "detection_layer")
     skipped = []
@@ -202,9 +227,11 @@ def calibrate(model, images, *, threshold: float | str = "auto", detection_layer
                 mid = (lo + hi) // 2
                 lo, hi = (lo, mid) if ok(mid) else (mid, hi)
             k = hi
+            report["top_k_cleared"] = True
             report["top_k_reason"] = f"smallest k that clears the held-out images (bisection over 1..{len(ranked)})"
         else:
             k = hi
+            report["top_k_cleared"] = False
             report["top_k_reason"] = (f"no k up to {hi} clears the held-out images "
                                       f"({outcome(hi)['fraction_with_outliers']:.0%} keep outliers); "
                                       f"raise max_k")

@@ -1,82 +1,232 @@
 """The ``ttreg`` command line: ``demo``, ``calibrate``, ``inspect`` and ``eval``.
 
-Every error a user can cause ends as one line on stderr and exit status 2 (1 for a failure
-inside the model, 130 for Ctrl-C); output files are written atomically, so an interrupted run
-leaves nothing half-written.
+Exit status (README's "Command line" section repeats this list):
+
+* 0 -- done.
+* 1 -- an unexpected failure inside a model or a library (a traceback is printed).
+* 2 -- a user error, printed as one line on stderr that says what to do: a bad argument, an
+  unreadable input, an output path ttreg will not write, a missing optional package, a neuron
+  set for another model. Paths and images are checked before the model loads.
+* 3 -- ``calibrate --top-k auto`` found no k up to ``--max-k`` that clears the held-out images;
+  the neuron file (the ``max-k`` best neurons) and the report are written, the reason printed.
+* 130 -- interrupted (Ctrl-C), also during start-up; one line says whether anything was written.
+
+Output files are written all or nothing (:mod:`ttreg.files`): an interrupted or failed run
+leaves no half-written file, and a device, FIFO, socket or symbolic link given as an output is
+refused, never replaced.
 """
 from __future__ import annotations
 
 import argparse
-import json
+import math
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_NOT_CLEARED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 EXAMPLES = """examples:
   ttreg demo
   ttreg calibrate --model timm:vit_large_patch14_dinov2.lvd142m --images imgs/ --out dinov2_l.json
   ttreg inspect --model builtin:dinov2_vits14 --neurons auto photo.jpg --out figs/
   ttreg inspect --model timm:vit_large_patch14_dinov2.lvd142m --neurons dinov2_vitl14 photo.jpg --out figs/
+
+exit status: 0 done, 1 unexpected failure, 2 user error (one line), 3 calibrate's automatic
+top-k cleared no held-out image set up to --max-k, 130 interrupted
 """
 
-MODEL_HELP = ("model spec: timm:NAME, hf:ORG/NAME, open_clip:ARCH/PRETRAINED, builtin:dinov2_vits14 "
-              "(offline), a local path, or 'planted' (a tiny synthetic ViT with planted register neurons)")
+#: synthetic models the command line accepts besides the specs of :mod:`ttreg.models`
+SYNTHETIC = {
+    "planted": "a tiny timm ViT with planted register neurons (64 px)",
+    "planted-clip": "a tiny open_clip CLIP whose image tower is the planted ViT (64 px)",
+    "builtin:dinov2_vits14+planted": "the built-in model with two planted register neurons",
+}
+
+#: pip commands for optional packages, by the module name a failed import reports
+PIP_NAMES = {"timm": "timm", "matplotlib": "matplotlib", "transformers": "transformers",
+             "open_clip": "open_clip_torch", "onnx": "onnx", "skimage": "scikit-image",
+             "safetensors": "safetensors", "tqdm": "tqdm", "PIL": "pillow"}
+
+
+def model_help() -> str:
+    from .models import SPEC_HELP
+    return f"model spec: {SPEC_HELP}; or a synthetic model: {', '.join(SYNTHETIC)}"
 
 
 class UserError(ValueError):
     """A problem with the command's inputs; printed as one line."""
 
 
-# --- shared helpers ------------------------------------------------------------------------------
+# --- argument types: refused by the parser, in one line ----------------------------------------------
 
-def load_model(spec: str, device: str = "cpu"):
-    """(model, transform) for a spec; 'planted' and 'builtin:...+planted' are synthetic."""
-    import torch
-    from . import testing
-    from .data import make_transform
-    from .adapters import wrap
-    if spec == "planted":
-        model = testing.planted_vit()
-        ad = wrap(model)
-        transform = make_transform(ad.image_size(), *ad.mean_std())
-    else:
-        base, _, variant = spec.partition("+")
+def int_at_least(lo: int | None) -> Callable[[str], int]:
+    """An argparse type: a whole number (>= ``lo`` unless None)."""
+    def parse(text: str) -> int:
         try:
-            from .models import load_model as _load
-        except ImportError as e:  # pragma: no cover - optional pieces missing
-            raise UserError(f"cannot load models: {e}") from None
-        model, transform = _load(base)
-        if variant == "planted":
-            testing.plant_register_neurons(model, DEMO_PLANTS)
-        elif variant:
-            raise UserError(f"unknown model variant '+{variant}' (only '+planted')")
-    if device != "cpu" and not (device.startswith("cuda") and torch.cuda.is_available()) \
-            and device != "mps":
-        raise UserError(f"device {device!r} is not available here; use --device cpu")
-    return model.to(device).eval(), transform
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if lo is not None and v < lo:
+            raise argparse.ArgumentTypeError(f"must be at least {lo}, got {v}")
+        return v
+    parse.__name__ = "whole number" + (f" >= {lo}" if lo is not None else "")
+    return parse
 
+
+def number_in(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite number in the interval (bounds open or closed)."""
+    interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        ok = math.isfinite(v) and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+        if not ok:
+            raise argparse.ArgumentTypeError(f"must be in {interval}, got {text}")
+        return v
+    parse.__name__ = f"number in {interval}"
+    return parse
+
+
+def positive_number(text: str) -> float:
+    """An argparse type: a finite number > 0."""
+    return number_in(0, math.inf, lo_open=True, hi_open=True)(text)
+
+
+def threshold_arg(text: str) -> float | str:
+    """An argparse type: ``auto`` or a finite norm > 0."""
+    if text == "auto":
+        return text
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive number or 'auto', got {text!r}") from None
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive token norm or 'auto', got {text}")
+    return v
+
+
+def int_or_auto(lo: int | None = None) -> Callable[[str], int | str]:
+    """An argparse type: ``auto`` or a whole number (>= ``lo`` unless None)."""
+    whole = int_at_least(lo)
+
+    def parse(text: str) -> int | str:
+        if text == "auto":
+            return text
+        try:
+            return whole(text)
+        except argparse.ArgumentTypeError as e:
+            raise argparse.ArgumentTypeError(f"{e} (or give 'auto')") from None
+    return parse
+
+
+def device_arg(text: str) -> str:
+    """An argparse type: a torch device that exists here (``cpu:0`` is ``cpu``)."""
+    import torch
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device; use cpu, cuda, cuda:1 or mps") from None
+    if dev.type == "cpu":
+        return "cpu"
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise argparse.ArgumentTypeError(f"device {text!r} is not available here (no CUDA GPU); use --device cpu")
+        if dev.index is not None and dev.index >= n:
+            raise argparse.ArgumentTypeError(f"device {text!r} is not available here ({n} CUDA "
+                                             f"device{'s' if n > 1 else ''}: cuda:0..cuda:{n - 1})")
+        return str(dev)
+    if dev.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if not (mps is not None and mps.is_available()):
+            raise argparse.ArgumentTypeError(f"device {text!r} is not available here (no Apple MPS); use --device cpu")
+        return str(dev)
+    backend = getattr(torch, dev.type, None)
+    available = getattr(backend, "is_available", None)
+    if not (callable(available) and available()):
+        raise argparse.ArgumentTypeError(f"device {text!r} is not available here; use --device cpu")
+    return str(dev)
+
+
+class BadArguments(SystemExit):
+    """A command line the parser refused (already printed); exit status 2."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line (with where to find help), exit status 2."""
+
+    def error(self, message: str):
+        print(f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)", file=sys.stderr)
+        raise BadArguments(EXIT_USAGE)
+
+
+# --- shared helpers ------------------------------------------------------------------------------
 
 #: plants used by ``builtin:dinov2_vits14+planted`` (a synthetic demo variant of the real model):
 #: two neurons on the same token, a small write at block 5 and a large one at block 8.
 DEMO_PLANTS = [(5, 100, 7 * 16 + 4, 0.4), (8, 1000, 7 * 16 + 4, 60.0)]
 
 
-def load_neurons(arg: str | None, model):
-    from .spec import RegisterNeurons
+def resolve_model(spec: str, device: str = "cpu") -> tuple[Any, Callable, Callable | None]:
+    """``(model in eval mode on device, transform, tokenizer or None)`` for a model spec:
+    the specs of :func:`ttreg.load_model` and the synthetic :data:`SYNTHETIC` ones. The one
+    resolver of ``ttreg calibrate``, ``inspect``, ``demo`` and ``eval``."""
+    from .models import KINDS, SPEC_HELP
+    kind, sep, _ = spec.partition(":")
+    base, _, variant = spec.partition("+")
+    if spec not in SYNTHETIC and not (kind in KINDS and sep) and not Path(spec).expanduser().exists():
+        raise UserError(f"unknown model spec {spec!r}; use {SPEC_HELP}, or a synthetic model: "
+                        f"{', '.join(SYNTHETIC)}")
+    tokenizer = None
+    if spec == "planted":
+        from . import testing
+        from .adapters import wrap
+        from .data import default_transform
+        model = testing.planted_vit()
+        transform = default_transform(wrap(model))
+    elif spec == "planted-clip":
+        from .data import make_transform
+        from .eval.synthetic import OPENAI_MEAN, OPENAI_STD, planted_clip
+        model, tokenizer = planted_clip()
+        transform = make_transform((64, 64), OPENAI_MEAN, OPENAI_STD)
+    else:
+        from .models import load_model, open_clip_tokenizer
+        if variant and spec not in SYNTHETIC:
+            raise UserError(f"unknown model variant '+{variant}' (only {', '.join(s for s in SYNTHETIC if '+' in s)})")
+        model, transform = load_model(base)
+        if variant:
+            from . import testing
+            testing.plant_register_neurons(model, DEMO_PLANTS)
+        if kind == "open_clip":
+            tokenizer = open_clip_tokenizer(base)
+    return model.to(device).eval(), transform, tokenizer
+
+
+def read_neurons(arg: str | None):
+    """``--neurons``: None/``auto`` (search) -> None; a published name or a neuron JSON -> the
+    set, read and validated (done before the model loads; :func:`load_neurons` then checks it
+    against the model)."""
     from .published import is_published
+    from .spec import RegisterNeurons
     if arg is None or arg == "auto":
         return None
     if is_published(arg):
-        rn = RegisterNeurons.from_name(arg)
-        rn.check_model(model)
-        return rn
-    p = Path(arg)
-    if not p.exists():
+        return RegisterNeurons.from_name(arg)
+    if not Path(arg).is_file():
         raise UserError(f"no neuron file {arg!r} (give a JSON from 'ttreg calibrate', a published "
                         f"name such as dinov2_vitl14, or 'auto')")
-    rn = RegisterNeurons.load(p)
-    rn.check_model(model)
+    return RegisterNeurons.load(arg)
+
+
+def load_neurons(given, model):
+    """A set from :func:`read_neurons` (or a ``--neurons`` value), checked against the model."""
+    rn = read_neurons(given) if given is None or isinstance(given, str) else given
+    if rn is not None:
+        rn.check_model(model)
     return rn
 
 
@@ -88,47 +238,39 @@ def _progress_ok() -> bool:
 
 def cmd_calibrate(args) -> int:
     from .calibrate import calibrate
-    from .spec import write_json_atomic
-    out = Path(args.out)
-    if out.exists() and out.is_dir():
-        raise UserError(f"--out {out} is a folder; give a file name such as neurons.json")
-    model, transform = load_model(args.model, args.device)
-    given = load_neurons(args.neurons, model) if args.neurons else None
+    from .data import resolve_images
+    from .files import Outputs, check_output_file, same_file
+    out = check_output_file(args.out, "--out")
+    if args.report:
+        check_output_file(args.report, "--report")
+        if same_file(args.out, args.report):
+            raise UserError(f"--out and --report both name {args.out}; give two different files")
+    given = read_neurons(args.neurons)
+    images = resolve_images(args.images, strict=args.strict)
+    for s in images.skipped:
+        print(f"skipped {s.path}: {s.reason}", file=sys.stderr)
+    model, transform, _ = resolve_model(args.model, args.device)
+    given = load_neurons(given, model)
     t0 = time.time()
-    print(f"calibrating {args.model} on {args.images} ...", flush=True)
-    cal = calibrate(model, args.images, threshold=_num_or_auto(args.threshold),
-                    detection_layer=args.detection_layer, top_layer=_int_or_auto(args.top_layer),
-                    top_k=_int_or_auto(args.top_k), max_k=args.max_k, heldout=args.heldout,
-                    batch_size=args.batch_size, transform=transform, strict=args.strict,
-                    progress=not args.quiet and _progress_ok(), neurons=given)
+    print(f"calibrating {args.model} on {len(images)} images from {args.images} ...", flush=True)
+    cal = calibrate(model, images, threshold=args.threshold, detection_layer=args.detection_layer,
+                    top_layer=args.top_layer, top_k=args.top_k, max_k=args.max_k,
+                    heldout=args.heldout, batch_size=args.batch_size, transform=transform,
+                    strict=args.strict, progress=not args.quiet and _progress_ok(), neurons=given)
     rn = cal.neurons
     rn.provenance.update({"model_spec": args.model, "images": str(args.images)})
-    rn.save(out)
-    if args.report:
-        write_json_atomic(args.report, cal.report)
-    for s in cal.report.get("skipped", []):
-        print(f"skipped {s['path']}: {s['reason']}", file=sys.stderr)
+    with Outputs() as o:
+        rn.save(out, outputs=o)
+        if args.report:
+            from .files import write_json
+            write_json(args.report, cal.report, outputs=o)
     print(cal.summary())
     print(f"wrote {out} ({len(rn)} neurons) in {time.time() - t0:.1f} s")
-    return 0
-
-
-def _num_or_auto(v: str):
-    if v == "auto":
-        return v
-    try:
-        return float(v)
-    except ValueError:
-        raise UserError(f"--threshold must be a number or 'auto', got {v!r}") from None
-
-
-def _int_or_auto(v):
-    if v is None or v == "auto":
-        return "auto"
-    try:
-        return int(v)
-    except ValueError:
-        raise UserError(f"expected a whole number or 'auto', got {v!r}") from None
+    if cal.report.get("top_k_cleared") is False:
+        print(f"ttreg: automatic top-k failed: {cal.report['top_k_reason']}; {out} holds the "
+              f"{len(rn)} best neurons (exit status {EXIT_NOT_CLEARED})", file=sys.stderr)
+        return EXIT_NOT_CLEARED
+    return EXIT_OK
 
 
 # --- inspect -------------------------------------------------------------------------------------
@@ -136,29 +278,34 @@ def _int_or_auto(v):
 def cmd_inspect(args) -> int:
     from .calibrate import calibrate
     from .data import resolve_images
+    from .files import check_output_folder
     from .report import inspect_images
-
-    model, transform = load_model(args.model, args.device)
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file; give a folder")
+    from .viz import require_matplotlib
+    out = check_output_folder(args.out, "--out")
+    require_matplotlib()
+    given = read_neurons(args.neurons)
     src = resolve_images(list(args.images), strict=args.strict)
     for s in src.skipped:
         print(f"skipped {s.path}: {s.reason}", file=sys.stderr)
-    neurons = load_neurons(args.neurons, model)
+    model, transform, _ = resolve_model(args.model, args.device)
+    from .adapters import wrap
+    from .neurons import _resolve_layer
+    _resolve_layer(args.layer, wrap(model).num_layers, "--layer")
+    neurons = load_neurons(given, model)
     if neurons is None:
         neurons = calibrate(model, src, heldout=0, transform=transform, batch_size=args.batch_size).neurons
     results, written = inspect_images(model, transform, src, neurons, out, layer=args.layer,
                                       num_registers=args.num_registers, preset=args.preset,
-                                      num_neurons=args.num_neurons, model_name=args.model)
+                                      num_neurons=args.num_neurons, model_name=args.model,
+                                      batch_size=args.batch_size)
     det = results["detection_layer"]
     print(f"{len(src.items)} images, {len(neurons)} register neurons"
           + (f" ({neurons.note})" if neurons.note else ""))
     for r in results["images"]:
         print(f"  {r['image']}: max/median patch norm at layer {det}: "
               f"{r['plain']['norm_ratio'][det]:.2f} -> {r['registers']['norm_ratio'][det]:.2f}")
-    print(f"wrote {len(written)} figures and inspect.json to {out}")
-    return 0
+    print(f"wrote {len(written) - 1} figures and inspect.json to {out}")
+    return EXIT_OK
 
 
 # --- demo ----------------------------------------------------------------------------------------
@@ -166,20 +313,22 @@ def cmd_inspect(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
     run_demo(Path(args.out), batch_size=args.batch_size)
-    return 0
+    return EXIT_OK
 
 
 # --- parser --------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = OneLineParser(
         prog="ttreg", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Test-time registers for Vision Transformers: find the register neurons that "
                     "make high-norm outlier tokens and move them into an extra token.",
         epilog=EXAMPLES)
     from . import __version__
-    ap.add_argument("--version", action="version", version=f"ttreg {__version__}")
+    ap.add_argument("--version", action="version", version=f"ttreg {__version__}",
+                    help="print the version and exit")
     sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    mhelp = model_help()
 
     d = sub.add_parser("demo", help="offline demo on the built-in DINOv2-S/14 and scikit-image photos",
                        description="Offline demo: calibrate the built-in real DINOv2 ViT-S/14 on the "
@@ -187,29 +336,33 @@ def build_parser() -> argparse.ArgumentParser:
                                    "negative result), then run the whole pipeline on a synthetic "
                                    "variant with planted register neurons and write a report.")
     d.add_argument("--out", default="ttreg-demo", help="report folder (default: ttreg-demo)")
-    d.add_argument("--batch-size", type=int, default=8)
+    d.add_argument("--batch-size", type=int_at_least(1), default=8,
+                   help="images per forward pass (default 8)")
     d.set_defaults(func=cmd_demo)
 
     c = sub.add_parser("calibrate", help="find register neurons and write them as JSON",
                        description="Find a model's register neurons from images, choosing threshold, "
                                    "top layer and top k automatically unless given, and write the "
-                                   "neuron set as JSON.")
-    c.add_argument("--model", required=True, help=MODEL_HELP)
+                                   "neuron set as JSON. Exit status 3 when --top-k auto finds no k "
+                                   "up to --max-k that clears the held-out images.")
+    c.add_argument("--model", required=True, help=mhelp)
     c.add_argument("--images", required=True,
                    help="a folder (searched recursively), a .txt list of paths, an image file, or "
                         "'skimage' for the photos bundled with scikit-image")
     c.add_argument("--out", required=True, help="neuron file to write (JSON)")
-    c.add_argument("--report", help="also write what calibration measured (JSON)")
-    c.add_argument("--threshold", default="auto",
-                   help="outlier norm threshold, or 'auto' (mean + 3 std of patch norms, at least 2x median)")
+    c.add_argument("--report", help="also write what calibration measured (JSON; not the --out file)")
+    c.add_argument("--threshold", type=threshold_arg, default="auto",
+                   help="outlier norm threshold (> 0), or 'auto' (mean + 3 std of patch norms, at least 2x median)")
     c.add_argument("--detection-layer", type=int, default=-1,
                    help="block whose output is checked for outliers (default -1, the last)")
-    c.add_argument("--top-layer", default="auto",
+    c.add_argument("--top-layer", type=int_or_auto(), default="auto",
                    help="last block searched, or 'auto' (where outliers first appear)")
-    c.add_argument("--top-k", default="auto",
+    c.add_argument("--top-k", type=int_or_auto(0), default="auto",
                    help="number of neurons, or 'auto' (smallest k that clears held-out images)")
-    c.add_argument("--max-k", type=int, default=None, help="largest k the automatic sweep tries")
-    c.add_argument("--heldout", type=float, default=0.2, help="share of images held out for the sweep")
+    c.add_argument("--max-k", type=int_at_least(1), default=None,
+                   help="largest k the automatic sweep tries (default: 1%% of the neurons, at least 16)")
+    c.add_argument("--heldout", type=number_in(0, 1, hi_open=True), default=0.2,
+                   help="share of images held out for the sweep, in [0, 1) (default 0.2)")
     c.add_argument("--neurons", help="measure a given set instead of searching: a neuron JSON or a "
                                      "published name (dinov2_vitl14); written to --out with the numbers")
     _common(c)
@@ -220,64 +373,91 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the detection layer, last-layer CLS attention (mean and per head) "
                                    "and register-neuron activation maps, each plain and with "
                                    "test-time registers, plus inspect.json with the numbers.")
-    i.add_argument("images", nargs="+", help="image files (or folders)")
-    i.add_argument("--model", required=True, help=MODEL_HELP)
+    i.add_argument("images", nargs="+", help="image files, folders (searched recursively) or .txt lists of paths")
+    i.add_argument("--model", required=True, help=mhelp)
     i.add_argument("--neurons", default="auto",
                    help="neuron JSON file, a published name (dinov2_vitl14), or 'auto' to calibrate on the images")
     i.add_argument("--out", required=True, help="folder for the PNGs and inspect.json")
     i.add_argument("--layer", type=int, default=-1, help="detection layer for the norm map (default -1)")
-    i.add_argument("--num-registers", type=int, default=1)
-    i.add_argument("--preset", choices=["paper", "official"], default="paper")
-    i.add_argument("--num-neurons", type=int, default=6, help="neuron maps to draw (default 6)")
+    i.add_argument("--num-registers", type=int_at_least(1), default=1,
+                   help="test-time registers appended (default 1)")
+    i.add_argument("--preset", choices=["paper", "official"], default="paper",
+                   help="the paper's edit or the authors' released code's (default paper)")
+    i.add_argument("--num-neurons", type=int_at_least(0), default=6, help="neuron maps to draw (default 6)")
     _common(i)
     i.set_defaults(func=cmd_inspect)
 
-    try:
-        from .eval.cli import add_eval_parsers
-    except ImportError:
-        add_eval_parsers = None
-    if add_eval_parsers is not None:
-        e = sub.add_parser("eval", help="the paper's evaluations, plain vs. test-time registers",
-                           description="Run one of the paper's experiments with and without "
-                                       "test-time registers (see docs/evaluations.md).")
-        add_eval_parsers(e.add_subparsers(dest="eval_cmd", required=True, metavar="EXPERIMENT"))
+    from .eval.cli import add_eval_parsers
+    e = sub.add_parser("eval", help="the paper's evaluations, plain vs. test-time registers",
+                       description="Run one of the paper's experiments with and without "
+                                   "test-time registers (see docs/evaluations.md).")
+    add_eval_parsers(e.add_subparsers(dest="eval_cmd", required=True, metavar="EXPERIMENT"))
     return ap
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
+    p.add_argument("--batch-size", type=int_at_least(1), default=16,
+                   help="images per forward pass (default 16)")
+    p.add_argument("--device", type=device_arg, default="cpu",
+                   help="cpu, cuda, cuda:1, mps, ... (default cpu)")
     p.add_argument("--strict", action="store_true", help="fail on an unreadable image instead of skipping it")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def main(argv: list[str] | None = None) -> int:
-    import warnings
-    args = build_parser().parse_args(argv)
-    # the CLI prints the same facts itself
-    warnings.filterwarnings("ignore", message="no outlier tokens", category=UserWarning)
-    if getattr(args, "batch_size", 1) is not None and getattr(args, "batch_size", 1) < 1:
-        print("ttreg: error: --batch-size must be at least 1", file=sys.stderr)
-        return 2
+    """Run ``ttreg`` with ``argv``; return the exit status (see the module docstring)."""
+    return run(lambda: build_parser().parse_args(argv), "ttreg")
+
+
+def run(parse: Callable[[], argparse.Namespace], prog: str) -> int:
+    """Parse and run a command, turning every user error into one line and an exit status."""
+    mark = None
     try:
+        from .files import committed_count
+        mark = committed_count()
+        import warnings
+        args = parse()
+        # the CLI prints the same facts itself
+        warnings.filterwarnings("ignore", message="no outlier tokens", category=UserWarning)
         return int(args.func(args) or 0)
+    except BadArguments:
+        return EXIT_USAGE
     except KeyboardInterrupt:
-        print("ttreg: interrupted; nothing was written", file=sys.stderr)
-        return 130
-    except (UserError, FileNotFoundError) as e:
-        print(f"ttreg: error: {_one_line(e)}", file=sys.stderr)
-        return 2
-    except ValueError as e:  # ImageError, ModelMismatchError, ModelLoadError, bad values
-        print(f"ttreg: error: {_one_line(e)}", file=sys.stderr)
-        return 2
-    except TypeError as e:
-        if "does not support" in str(e):
-            print(f"ttreg: error: {_one_line(e)}", file=sys.stderr)
-            return 2
-        raise
+        n = 0 if mark is None else committed_count() - mark
+        done = "nothing was written" if n == 0 else f"{n} file{'s' if n > 1 else ''} had been written"
+        print(f"{prog}: interrupted; {done}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BaseException as e:  # noqa: B036 -- SystemExit passes through below
+        message = user_error_message(e)
+        if message is None:
+            raise
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        return EXIT_USAGE
 
 
-def _one_line(e: BaseException) -> str:
+def user_error_message(e: BaseException) -> str | None:
+    """The one-line message for an error a user can fix, or None for anything else."""
+    from .files import OutputPathError
+    if isinstance(e, (SystemExit, KeyboardInterrupt)):
+        return None
+    try:
+        from .spec import ModelMismatchError
+    except ImportError:  # pragma: no cover
+        ModelMismatchError = ()  # type: ignore[assignment]
+    if ModelMismatchError and isinstance(e, ModelMismatchError):
+        return _one_line(e.cli_message)
+    if isinstance(e, ModuleNotFoundError) and e.name and e.name.split(".")[0] in PIP_NAMES \
+            and "pip install" not in str(e):
+        top = e.name.split(".")[0]
+        return f"{top} is not installed: pip install {PIP_NAMES[top]}"
+    if isinstance(e, (UserError, ValueError, ImportError, OutputPathError, OSError)):
+        return _one_line(e)
+    if isinstance(e, TypeError) and "does not support" in str(e):
+        return _one_line(e)
+    return None
+
+
+def _one_line(e: BaseException | str) -> str:
     return " ".join(str(e).split())
 
 

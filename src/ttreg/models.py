@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import socket
 from pathlib import Path
@@ -29,8 +30,11 @@ from urllib.parse import urlparse
 import torch.nn as nn
 
 KINDS = ("timm", "hf", "open_clip", "builtin")
-SPEC_HELP = ("timm:NAME[@/path/weights], hf:ORG/NAME, open_clip:ARCH/PRETRAINED, "
-             "builtin:dinov2_vits14[-hf], or a local path")
+#: the spec forms, as README's "Model specs" lists them
+SPEC_FORMS = ("timm:NAME", "timm:NAME@/path/weights.safetensors", "hf:ORG/NAME", "hf:/local/folder",
+              "open_clip:ARCH/PRETRAINED", "builtin:dinov2_vits14", "builtin:dinov2_vits14-hf",
+              "a local path")
+SPEC_HELP = ", ".join(SPEC_FORMS[:-1]) + f" or {SPEC_FORMS[-1]}"
 #: metadata keys of a safetensors file written by :func:`save_model`
 META_SPEC, META_KWARGS = "ttreg.spec", "ttreg.kwargs"
 
@@ -211,6 +215,35 @@ def _load_hf(name: str, **_: Any) -> tuple[nn.Module, Callable]:
     return model, transform
 
 
+class _Held(logging.Handler):
+    """Keeps log records back (see :func:`_root_log_held`)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.NOTSET)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@contextlib.contextmanager
+def _root_log_held() -> Iterator[None]:
+    """Hold back what a library logs through the root logger (open_clip's ``logging.error``
+    would otherwise print an ``ERROR:root:`` line before our one-line error). On failure the
+    records are dropped (the error says it); on success they are passed on."""
+    root = logging.getLogger()
+    held = _Held()
+    root.addHandler(held)
+    try:
+        yield
+    except BaseException:
+        root.removeHandler(held)
+        raise
+    root.removeHandler(held)
+    for record in held.records:
+        root.handle(record)
+
+
 def _load_open_clip(rest: str, **_: Any) -> tuple[nn.Module, Callable]:
     try:
         import open_clip
@@ -220,10 +253,22 @@ def _load_open_clip(rest: str, **_: Any) -> tuple[nn.Module, Callable]:
         arch, pretrained = rest, None
     else:
         arch, _, pretrained = rest.partition("@") if "@" in rest else rest.partition("/")
-    with _loading(f"open_clip:{rest}"):
+    with _root_log_held(), _loading(f"open_clip:{rest}"):
         model, _, preprocess = open_clip.create_model_and_transforms(
             arch, pretrained=pretrained or None, require_pretrained=True)
     return model, preprocess
+
+
+def open_clip_tokenizer(spec: str) -> Callable:
+    """The text tokenizer of an ``open_clip:...`` spec."""
+    try:
+        import open_clip
+    except ImportError:
+        raise ModelLoadError("open_clip models need open_clip_torch: pip install open_clip_torch") from None
+    rest = spec.split(":", 1)[1]
+    arch = rest if rest.startswith(("hf-hub:", "local-dir:")) else rest.replace("@", "/").split("/")[0]
+    with _root_log_held(), _loading(f"the tokenizer of {spec}"):
+        return open_clip.get_tokenizer(arch)
 
 
 def _load_builtin(rest: str, library: str | None = None, **_: Any) -> tuple[nn.Module, Callable]:
@@ -279,20 +324,77 @@ def _load_ttreg_file(file: Path, library: str | None = None) -> tuple[nn.Module,
         model = builtin.build_hf(sd) if library == "hf" else builtin.build_timm(sd)
         return model, builtin.builtin_transform()
     if kind in ("timm", "builtin"):
-        import timm
-        from timm.data import create_transform, resolve_model_data_config
-        kwargs = json.loads(meta.get(META_KWARGS) or "{}")
+        try:
+            import timm
+            from timm.data import create_transform, resolve_model_data_config
+        except ImportError:
+            raise ModelLoadError(f"{file} is a timm model, which needs timm: pip install timm") from None
         arch = meta.get("timm.architecture", name)
+        kwargs = _checked_kwargs(file, meta.get(META_KWARGS))
+        cfg = _checked_cfg(file, meta.get("timm.pretrained_cfg"))
+        if not timm.is_model(arch):
+            raise ModelLoadError(f"{file}: timm {timm.__version__} has no model {arch!r}")
         try:
             model = timm.create_model(arch, pretrained=False, **kwargs)
             model.load_state_dict(sd, strict=True)
         except Exception as e:
             raise ModelLoadError(f"{file}: cannot rebuild {spec} ({_one_line(e)})") from None
-        cfg = json.loads(meta.get("timm.pretrained_cfg") or "{}")
         if cfg:
             model.pretrained_cfg = {**model.pretrained_cfg, **cfg}
         return model, create_transform(**resolve_model_data_config(model), is_training=False)
     raise ModelLoadError(f"{file}: cannot rebuild a {kind!r} model (saved spec {spec!r})")
+
+
+#: the constructor arguments :func:`save_model` writes, and the check each must pass
+_KWARG_CHECKS: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "num_classes": ("a whole number >= 0", lambda v: type(v) is int and v >= 0),
+    "global_pool": ("one of '', 'token', 'avg', 'avgmax', 'max', 'map'",
+                    lambda v: v in ("", "token", "avg", "avgmax", "max", "map")),
+    "img_size": ("two whole numbers > 0",
+                 lambda v: isinstance(v, list) and len(v) == 2 and all(type(x) is int and 0 < x <= 65536 for x in v)),
+    "dynamic_img_size": ("true or false", lambda v: type(v) is bool),
+}
+_CFG_CHECKS: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "mean": ("three numbers", lambda v: isinstance(v, list) and len(v) == 3
+             and all(type(x) in (int, float) for x in v)),
+    "std": ("three numbers > 0", lambda v: isinstance(v, list) and len(v) == 3
+            and all(type(x) in (int, float) and x > 0 for x in v)),
+    "input_size": ("three whole numbers > 0", lambda v: isinstance(v, list) and len(v) == 3
+                   and all(type(x) is int and 0 < x <= 65536 for x in v)),
+    "crop_pct": ("a number in (0, 2]", lambda v: type(v) in (int, float) and 0 < v <= 2),
+    "interpolation": ("a resampling name such as 'bicubic'",
+                      lambda v: v in ("bicubic", "bilinear", "nearest", "lanczos", "box", "hamming")),
+}
+
+
+def _checked_meta(file: Path, key: str, text: str | None, checks: dict) -> dict[str, Any]:
+    """Metadata ``key`` of a ttreg model file as a dict holding only the keys ttreg writes, each
+    of the right type; anything else is a one-line :class:`ModelLoadError` (the values reach
+    ``timm.create_model``, so nothing unexpected may pass)."""
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except (json.JSONDecodeError, RecursionError):
+        raise ModelLoadError(f"{file}: metadata '{key}' is not valid JSON") from None
+    if not isinstance(value, dict):
+        raise ModelLoadError(f"{file}: metadata '{key}' must be an object")
+    for k, v in value.items():
+        if k not in checks:
+            raise ModelLoadError(f"{file}: metadata '{key}' has an unexpected key {k!r} (ttreg writes "
+                                 f"only {', '.join(checks)}); not a file ttreg wrote")
+        what, ok = checks[k]
+        if not ok(v):
+            raise ModelLoadError(f"{file}: metadata '{key}.{k}' must be {what}, got {v!r}")
+    return value
+
+
+def _checked_kwargs(file: Path, text: str | None) -> dict[str, Any]:
+    return _checked_meta(file, META_KWARGS, text, _KWARG_CHECKS)
+
+
+def _checked_cfg(file: Path, text: str | None) -> dict[str, Any]:
+    return _checked_meta(file, "timm.pretrained_cfg", text, _CFG_CHECKS)
 
 
 def save_model(model: nn.Module, path: str | os.PathLike, spec: str | None = None) -> Path:
@@ -319,6 +421,8 @@ def save_model(model: nn.Module, path: str | os.PathLike, spec: str | None = Non
     meta = {META_SPEC: spec or f"timm:{arch}", META_KWARGS: json.dumps(kwargs),
             "timm.architecture": arch, "timm.pretrained_cfg": json.dumps(keep),
             "format": "ttreg.weights/1"}
+    if kwargs["global_pool"] not in ("", "token", "avg", "avgmax", "max", "map"):
+        raise ValueError(f"global_pool {kwargs['global_pool']!r} cannot be saved")
     p = Path(path)
     if p.suffix != ".safetensors":
         p = p / "model.safetensors"

@@ -10,17 +10,19 @@ number of images, and shards computed in separate processes merge exactly (``mer
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
 from .adapters import Adapter, wrap
-from .data import ImageSource, count_images, iter_batches, resolve_images
-from .outliers import AUTO_MIN_RATIO, emergence_layer, layers_with_outliers, norm_ratio, outlier_mask
+from .data import ImageError, ImageSource, check_images_given, count_images, iter_batches, resolve_images
+from .outliers import (AUTO_MIN_RATIO, check_threshold, emergence_layer, layers_with_outliers,
+                       norm_ratio, outlier_mask)
 from .registers import active_registers
-from .spec import RegisterNeurons
+from .spec import RegisterNeurons, as_index
 from .trace import record
 
 
@@ -83,6 +85,19 @@ def shard_for_rank(images, strict: bool = False):
     return src.subset(range(rank, len(src), world))
 
 
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """The model in eval mode (no dropout) for the block; each module's own mode is restored
+    afterwards, also on an exception."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
 def _resolve_layer(layer: int, num_layers: int, what: str) -> int:
     if not -num_layers <= layer < num_layers:
         raise ValueError(f"{what}={layer} is out of range for a model with {num_layers} blocks")
@@ -133,6 +148,10 @@ def find_register_neurons(model, images, *, threshold: float | str = "auto",
     ad = wrap(model)
     if active_registers(ad):
         raise RuntimeError("remove test-time registers before searching for register neurons")
+    threshold = check_threshold(threshold)
+    check_images_given(images)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     L = ad.num_layers
     det = _resolve_layer(detection_layer, L, "detection_layer")
     if top_layer != "auto":
@@ -142,8 +161,7 @@ def find_register_neurons(model, images, *, threshold: float | str = "auto",
         search_layers = top + 1
     else:
         search_layers = det + 1
-    if top_k < 0:
-        raise ValueError(f"top_k must be >= 0, got {top_k}")
+    top_k = as_index(top_k, "top_k")
     width = ad.mlp_width(0)
     stats = SearchStats.zeros(L, search_layers, width)
     images = shard_for_rank(images, strict)
@@ -153,13 +171,9 @@ def find_register_neurons(model, images, *, threshold: float | str = "auto",
         total = count_images(images)
         batches = tqdm(batches, total=None if total is None else -(-total // batch_size),
                        desc="searching register neurons", unit="batch")
-    was_training = ad.model.training
-    ad.model.eval()
-    try:
+    with eval_mode(ad.model):
         for x in batches:
             accumulate(ad, x, stats, det, threshold, include_prefix)
-    finally:
-        ad.model.train(was_training)
     stats.all_reduce()
     return neurons_from_stats(ad, stats, det=det, threshold=threshold, top_layer=top_layer,
                               top_k=top_k, include_prefix=include_prefix)
@@ -169,6 +183,8 @@ def neurons_from_stats(adapter: Adapter, stats: SearchStats, *, det: int, thresh
                        top_layer, top_k: int, include_prefix: bool = False) -> RegisterNeurons:
     """Rank neurons from accumulated statistics (the last step of Algorithm 1)."""
     L = adapter.num_layers
+    if stats.images == 0:
+        raise ImageError("no images were searched (the inputs were empty); give at least one image")
     per_layer = stats.per_layer()
     emerge = emergence_layer(per_layer["fraction_with_outliers"])
     if top_layer == "auto":

@@ -5,6 +5,8 @@ All functions take token norms of one layer, ``(B, T)``, with the token layout
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 #: an ``auto`` outlier must also exceed this multiple of the image's median patch norm
@@ -13,6 +15,25 @@ AUTO_MIN_RATIO = 2.0
 
 def patch_slice(num_tokens: int, num_prefix: int, num_registers: int = 0) -> slice:
     return slice(num_prefix, num_tokens - num_registers)
+
+
+def check_threshold(threshold: float | str) -> float | str:
+    """``threshold`` as ``"auto"`` or a finite norm > 0; anything else (-1, 0, nan, "high") is a
+    one-line ``ValueError`` raised before any work."""
+    if isinstance(threshold, str):
+        if threshold == "auto":
+            return threshold
+        raise ValueError(f"threshold must be a positive number or 'auto', got {threshold!r}")
+    if isinstance(threshold, bool):
+        raise ValueError(f"threshold must be a positive number or 'auto', got {threshold!r}")
+    try:
+        value = float(threshold)
+    except (TypeError, ValueError):
+        raise ValueError(f"threshold must be a positive number or 'auto', got {threshold!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"threshold must be a positive token norm (> 0, finite) or 'auto', "
+                         f"got {threshold!r}")
+    return value
 
 
 def thresholds(patch_norms: torch.Tensor, threshold: float | str = "auto",
@@ -24,9 +45,7 @@ def thresholds(patch_norms: torch.Tensor, threshold: float | str = "auto",
     normal tail of a model *without* outliers is not called an outlier.
     """
     pn = patch_norms.float()
-    if isinstance(threshold, str):
-        if threshold != "auto":
-            raise ValueError(f"threshold must be a number or 'auto', got {threshold!r}")
+    if check_threshold(threshold) == "auto":
         stat = pn.mean(dim=1) + 3 * pn.std(dim=1)
         return torch.maximum(stat, min_ratio * pn.median(dim=1).values)
     return torch.full((pn.shape[0],), float(threshold), device=pn.device)

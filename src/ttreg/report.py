@@ -1,11 +1,13 @@
 """``inspect_images``: figures and numbers for a few images, plain vs. test-time registers.
 
-Runs two traces (plain, and with the given register neurons), then writes the PNGs of
+Runs two traces per batch (plain, and with the given register neurons), then writes the PNGs of
 :mod:`ttreg.viz` and ``inspect.json`` with the same numbers. Used by ``ttreg inspect`` and
-``ttreg demo``.
+``ttreg demo``. Every file is staged in a :class:`ttreg.files.Outputs` and renamed into place at
+the end, so an interrupted run leaves no figure behind.
 """
 from __future__ import annotations
 
+import contextlib
 import re
 from pathlib import Path
 from typing import Any
@@ -14,27 +16,29 @@ import torch
 
 from . import viz
 from .adapters import wrap
-from .data import ImageSource
+from .data import ImageSource, display_name
+from .files import Outputs, write_json
+from .neurons import _resolve_layer
 from .registers import test_time_registers
-from .spec import RegisterNeurons, write_json_atomic
+from .spec import RegisterNeurons
 from .trace import Trace, trace
 
 
 def inspect_images(model, transform, src: ImageSource, neurons: RegisterNeurons, out: Path, *,
                    layer: int = -1, num_registers: int = 1, preset: str = "paper",
-                   num_neurons: int = 6, model_name: str = "") -> tuple[dict, list[Path]]:
+                   num_neurons: int = 6, model_name: str = "", batch_size: int = 16,
+                   outputs: Outputs | None = None) -> tuple[dict, list[Path]]:
+    """Figures and ``inspect.json`` for the images of ``src`` in ``out``, ``batch_size`` images
+    per forward pass. With ``outputs`` the files are staged there (the caller commits);
+    otherwise they are all written at the end, or none on an error or Ctrl-C."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    viz.require_matplotlib()
     ad = wrap(model)
     p = ad.parameter()
-    x = torch.stack([transform(src.image(i)) for i in range(len(src))]).to(p.device, p.dtype)
     L = ad.num_layers
-    det = layer % L
+    det = _resolve_layer(layer, L, "layer")
     top = list(neurons.neurons[:num_neurons])
-    plain = trace(model, x, attention=[L - 1], neurons=top)
-    if len(neurons):
-        with test_time_registers(model, neurons, num_registers=num_registers, preset=preset, check=False):
-            reg = trace(model, x, attention=[L - 1], neurons=top)
-    else:
-        reg = plain
     mean, std = ad.mean_std()
     results: dict[str, Any] = {"model": model_name or ad.describe(), "detection_layer": det,
                                "num_registers": num_registers if len(neurons) else 0,
@@ -42,19 +46,33 @@ def inspect_images(model, transform, src: ImageSource, neurons: RegisterNeurons,
                                "note": neurons.note, "images": []}
     out = Path(out)
     written: list[Path] = []
-    for i, name in enumerate(src.names):
-        stem = _stem(name, i)
-        title = Path(name).name
-        img = viz.denormalize(x[i], mean, std)
-        written.append(viz.overview(img, plain, reg, i, det, title, out / f"{stem}_overview.png"))
-        if plain.attention and plain.num_prefix_tokens:
-            written.append(viz.heads(img, plain, reg, i, title, out / f"{stem}_heads.png"))
-        if top:
-            written.append(viz.neuron_maps(img, plain, reg, i, title, out / f"{stem}_neurons.png"))
-        results["images"].append({"image": name, "figures": [w.name for w in written if w.name.startswith(stem)],
-                                  "plain": arm_numbers(plain, i, det),
-                                  "registers": arm_numbers(reg, i, det)})
-    write_json_atomic(out / "inspect.json", results)
+    with contextlib.nullcontext(outputs) if outputs is not None else Outputs() as o:
+        for start in range(0, len(src), batch_size):
+            idx = range(start, min(start + batch_size, len(src)))
+            x = torch.stack([transform(src.image(i)) for i in idx]).to(p.device, p.dtype)
+            plain = trace(model, x, attention=[L - 1], neurons=top)
+            if len(neurons):
+                with test_time_registers(model, neurons, num_registers=num_registers, preset=preset,
+                                         check=False):
+                    reg = trace(model, x, attention=[L - 1], neurons=top)
+            else:
+                reg = plain
+            for b, i in enumerate(idx):
+                name = display_name(src.names[i])
+                stem = _stem(name, i)
+                title = Path(name).name
+                img = viz.denormalize(x[b], mean, std)
+                figs = [viz.overview(img, plain, reg, b, det, title, out / f"{stem}_overview.png", outputs=o)]
+                if plain.attention and plain.num_prefix_tokens:
+                    figs.append(viz.heads(img, plain, reg, b, title, out / f"{stem}_heads.png", outputs=o))
+                if top:
+                    figs.append(viz.neuron_maps(img, plain, reg, b, title, out / f"{stem}_neurons.png",
+                                                outputs=o))
+                written += figs
+                results["images"].append({"image": name, "figures": [f.name for f in figs],
+                                          "plain": arm_numbers(plain, b, det),
+                                          "registers": arm_numbers(reg, b, det)})
+        written.append(write_json(out / "inspect.json", results, outputs=o))
     return results, written
 
 

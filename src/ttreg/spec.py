@@ -17,22 +17,92 @@ The fingerprint ties a set to the model it was found on. ``architecture`` keys t
 must match the model's; ``weights`` (a hash of the weights) must match unless it is null -- or,
 for the same weights cast to another dtype (``.half()``, bfloat16), ``weights_sample`` (64 weight
 values at fixed places) must match to within 16-bit rounding.
+
+Loading validates the schema: every field has the type above (indices are whole numbers >= 0,
+not ``1.9`` or ``true``), ``version`` is one this ttreg reads, and a wrong file is a one-line
+``ValueError`` that names the field.
 """
 from __future__ import annotations
 
 import json
+import operator
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 FORMAT = "ttreg.register_neurons"
 VERSION = 1
+#: deepest nesting accepted in the free-form fields (hyperparameters, provenance, statistics)
+MAX_DEPTH = 32
 
 
 class ModelMismatchError(ValueError):
-    """A neuron set applied to a model other than the one it was found on."""
+    """A neuron set applied to a model other than the one it was found on.
+
+    ``reason`` says what differs and ``found_for`` names the model the set was found for;
+    ``str(err)`` is the Python advice (``check=False``), :attr:`cli_message` the command line's.
+    """
+
+    def __init__(self, reason: str, found_for: str | None = None) -> None:
+        self.reason, self.found_for = reason, found_for
+        super().__init__(self._text("calibrate on this model or pass check=False"))
+
+    def _text(self, advice: str) -> str:
+        where = f"; the set was found for {self.found_for}" if self.found_for else ""
+        return f"{self.reason}{where}; {advice}"
+
+    @property
+    def cli_message(self) -> str:
+        """The message for command-line users (no ``check=False`` there)."""
+        return self._text("use a neuron set made for this model, or make one with "
+                          "'ttreg calibrate --model SPEC --images DIR --out neurons.json'")
+
+
+def as_index(v: Any, what: str) -> int:
+    """A layer or neuron index: a whole number >= 0 (not a bool, not 1.9)."""
+    if isinstance(v, bool) or "bool" in type(v).__name__.lower() or "bool" in str(getattr(v, "dtype", "")):
+        raise ValueError(f"{what} must be a whole number, got {v!r}")
+    try:
+        i = operator.index(v)
+    except TypeError:
+        raise ValueError(f"{what} must be a whole number, got {v!r}") from None
+    if i < 0:
+        raise ValueError(f"{what} must be >= 0, got {i}")
+    return i
+
+
+def _number(v: Any, what: str) -> float:
+    """A score: a real number (not a bool, not a string)."""
+    if isinstance(v, (bool, str, bytes)) or not hasattr(v, "__float__"):
+        raise ValueError(f"{what} must be a number, got {v!r}")
+    return float(v)
+
+
+def _mapping(v: Any, what: str) -> dict:
+    if v is None:
+        return {}
+    if not isinstance(v, Mapping):
+        raise ValueError(f"{what} must be an object, got {type(v).__name__}")
+    _check_depth(v, what)
+    return dict(v)
+
+
+def _check_depth(obj: Any, what: str) -> None:
+    """Refuse nesting deeper than :data:`MAX_DEPTH` (without recursion)."""
+    stack = [(obj, 1)]
+    while stack:
+        o, d = stack.pop()
+        if d > MAX_DEPTH:
+            raise ValueError(f"{what} is nested more than {MAX_DEPTH} levels deep")
+        if isinstance(o, Mapping):
+            stack.extend((v, d + 1) for v in o.values())
+        elif isinstance(o, (list, tuple)):
+            stack.extend((v, d + 1) for v in o)
+
+
+def _count(v: Any, what: str) -> int:
+    return 0 if v is None else as_index(v, what)
 
 
 @dataclass
@@ -50,9 +120,14 @@ class RegisterNeurons:
     note: str = ""
 
     def __post_init__(self) -> None:
-        self.neurons = [(int(l), int(n)) for l, n in self.neurons]
+        pairs = []
+        for i, p in enumerate(self.neurons):
+            if isinstance(p, (str, bytes, Mapping)) or not hasattr(p, "__len__") or len(p) != 2:
+                raise ValueError(f"neurons[{i}] must be a (layer, neuron) pair, got {p!r}")
+            pairs.append((as_index(p[0], f"neurons[{i}] layer"), as_index(p[1], f"neurons[{i}] neuron")))
+        self.neurons = pairs
         if self.scores is not None:
-            self.scores = [float(s) for s in self.scores]
+            self.scores = [_number(s, f"scores[{i}]") for i, s in enumerate(self.scores)]
             if len(self.scores) != len(self.neurons):
                 raise ValueError("scores and neurons differ in length")
         if len(set(self.neurons)) != len(self.neurons):
@@ -95,27 +170,45 @@ class RegisterNeurons:
         ad = wrap(model)
         fp = self.fingerprint or {}
         arch = ad.architecture()
+        found_for = self.found_for()
         for key, want in (fp.get("architecture") or {}).items():
             have = arch.get(key)
             if have is not None and _norm(have) != _norm(want):
                 raise ModelMismatchError(
                     f"these neurons were found on another architecture ({key}={want!r}, this model "
-                    f"has {have!r}); calibrate on this model or pass check=False")
+                    f"has {have!r})", found_for)
         for l, n in self.neurons:
             if not 0 <= l < ad.num_layers:
                 raise ModelMismatchError(
-                    f"neuron ({l}, {n}): the model has {ad.num_layers} blocks; "
-                    "this neuron set is for another model")
+                    f"neuron ({l}, {n}): this model has {ad.num_layers} blocks, so the neuron set "
+                    "is for another model", found_for)
             if not 0 <= n < ad.mlp_width(l):
                 raise ModelMismatchError(
-                    f"neuron ({l}, {n}): block {l} has {ad.mlp_width(l)} MLP neurons; "
-                    "this neuron set is for another model")
+                    f"neuron ({l}, {n}): block {l} of this model has {ad.mlp_width(l)} MLP neurons, "
+                    "so the neuron set is for another model", found_for)
         want_w = fp.get("weights")
         if want_w and want_w != ad.weights_hash() and not _same_values(fp.get("weights_sample"), ad):
             raise ModelMismatchError(
                 "these neurons were found on the same architecture with other weights "
-                f"(fingerprint {want_w} != {ad.weights_hash()}); calibrate on this model "
-                "or pass check=False")
+                f"(fingerprint {want_w} != {ad.weights_hash()})", found_for)
+
+    def found_for(self) -> str | None:
+        """The model this set was found for, in words (from its provenance or fingerprint)."""
+        prov = self.provenance or {}
+        if prov.get("model_spec"):
+            return str(prov["model_spec"])
+        if prov.get("valid_on"):
+            on = prov["valid_on"]
+            return " or ".join(map(str, on)) if isinstance(on, (list, tuple)) else str(on)
+        if prov.get("model"):
+            return str(prov["model"])
+        arch = (self.fingerprint or {}).get("architecture") or {}
+        if arch:
+            parts = [str(arch[k]) for k in ("family", "class") if arch.get(k)]
+            sizes = [f"{arch[k]} {n}" for k, n in (("num_layers", "blocks"), ("embed_dim", "wide"))
+                     if arch.get(k) is not None]
+            return " ".join(parts) + (f" ({', '.join(sizes)})" if sizes else "") or None
+        return None
 
     @staticmethod
     def fingerprint_of(model) -> dict[str, Any]:
@@ -145,27 +238,21 @@ class RegisterNeurons:
     def from_dict(cls, data: Mapping, model=None) -> "RegisterNeurons":
         """Build from a file's dict, or from a plain ``{layer: [neuron, ...]}`` mapping.
 
-        With ``model``, a plain mapping is fingerprinted to that model (so applying it to
-        another model is caught) and checked against its size.
+        The file form is validated field by field (a one-line ``ValueError`` names the wrong
+        field). With ``model``, a plain mapping is fingerprinted to that model (so applying it
+        to another model is caught) and checked against its size.
         """
-        if "neurons" in data and "format" in data:
-            if data.get("format") != FORMAT:
-                raise ValueError(f"not a ttreg register-neuron file (format {data.get('format')!r})")
-            rows = data["neurons"]
-            scores = [r.get("score") for r in rows]
-            rn = cls(
-                neurons=[(r["layer"], r["neuron"]) for r in rows],
-                scores=None if any(s is None for s in scores) else scores,
-                hyperparameters=dict(data.get("hyperparameters") or {}),
-                num_images=int(data.get("num_images") or 0),
-                num_images_with_outliers=int(data.get("num_images_with_outliers") or 0),
-                fingerprint=data.get("fingerprint"),
-                provenance=dict(data.get("provenance") or {}),
-                statistics=dict(data.get("statistics") or {}),
-                note=data.get("note") or "",
-            )
+        if not isinstance(data, Mapping):
+            raise ValueError(f"a neuron set must be an object, got {type(data).__name__}")
+        if "format" in data or "neurons" in data:
+            rn = cls._from_file_dict(data)
         else:
-            pairs = [(int(l), int(n)) for l, ns in data.items() for n in ns]
+            pairs = []
+            for l, ns in data.items():
+                layer = as_index(int(l) if isinstance(l, str) and l.strip().isdigit() else l, f"layer {l!r}")
+                if isinstance(ns, (str, bytes, Mapping)) or not hasattr(ns, "__iter__"):
+                    raise ValueError(f"layer {l!r}: expected a list of neuron indices, got {ns!r}")
+                pairs += [(layer, as_index(n, f"layer {l!r} neuron")) for n in ns]
             rn = cls(neurons=pairs, provenance={"source": "from_dict"})
         if model is not None:
             if rn.fingerprint is None:
@@ -173,9 +260,62 @@ class RegisterNeurons:
             rn.check_model(model)
         return rn
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write the JSON file atomically (a temporary file renamed into place)."""
-        return write_json_atomic(path, self.to_dict())
+    @classmethod
+    def _from_file_dict(cls, data: Mapping) -> "RegisterNeurons":
+        if data.get("format") != FORMAT:
+            raise ValueError(f"not a ttreg register-neuron file: 'format' is {data.get('format')!r}, "
+                             f"expected {FORMAT!r}")
+        version = data.get("version", VERSION)
+        if isinstance(version, bool) or not isinstance(version, int) or version != VERSION:
+            raise ValueError(f"'version' is {version!r}; this ttreg reads version {VERSION} "
+                             "(upgrade ttreg to read newer files)")
+        rows = data.get("neurons")
+        if not isinstance(rows, list):
+            raise ValueError(f"'neurons' must be a list of {{\"layer\", \"neuron\", \"score\"}} objects, "
+                             f"got {type(rows).__name__}")
+        pairs, scores = [], []
+        for i, r in enumerate(rows):
+            if not isinstance(r, Mapping):
+                raise ValueError(f"neurons[{i}] must be an object with 'layer' and 'neuron', got {r!r}")
+            for key in ("layer", "neuron"):
+                if r.get(key) is None:
+                    raise ValueError(f"neurons[{i}] has no '{key}'")
+            pairs.append((as_index(r["layer"], f"neurons[{i}].layer"), as_index(r["neuron"], f"neurons[{i}].neuron")))
+            s = r.get("score")
+            scores.append(None if s is None else _number(s, f"neurons[{i}].score"))
+        fp = data.get("fingerprint")
+        if fp is not None:
+            if not isinstance(fp, Mapping):
+                raise ValueError(f"'fingerprint' must be an object or null, got {type(fp).__name__}")
+            fp = dict(fp)
+            fp["architecture"] = _mapping(fp.get("architecture"), "fingerprint.architecture") or None
+            if fp.get("weights") is not None and not isinstance(fp["weights"], str):
+                raise ValueError(f"fingerprint.weights must be a string or null, got {fp['weights']!r}")
+            sample = fp.get("weights_sample")
+            if sample is not None:
+                if not isinstance(sample, list):
+                    raise ValueError("fingerprint.weights_sample must be a list of numbers or null")
+                fp["weights_sample"] = [_number(v, "fingerprint.weights_sample") for v in sample]
+        note = data.get("note")
+        if note is not None and not isinstance(note, str):
+            raise ValueError(f"'note' must be a string, got {type(note).__name__}")
+        return cls(
+            neurons=pairs,
+            scores=None if any(s is None for s in scores) else scores,
+            hyperparameters=_mapping(data.get("hyperparameters"), "hyperparameters"),
+            num_images=_count(data.get("num_images"), "num_images"),
+            num_images_with_outliers=_count(data.get("num_images_with_outliers"), "num_images_with_outliers"),
+            fingerprint=fp,
+            provenance=_mapping(data.get("provenance"), "provenance"),
+            statistics=_mapping(data.get("statistics"), "statistics"),
+            note=note or "",
+        )
+
+    def save(self, path: str | os.PathLike, outputs=None) -> Path:
+        """Write the JSON file atomically (a temporary file renamed into place), or stage it in
+        ``outputs`` (a :class:`ttreg.files.Outputs`)."""
+        from .files import write_json
+        return write_json(path, self.to_dict(), outputs)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "RegisterNeurons":
@@ -183,12 +323,19 @@ class RegisterNeurons:
         if not p.is_file():
             raise FileNotFoundError(f"no neuron file at {p}")
         try:
-            data = json.loads(p.read_text())
+            data = json.loads(p.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{p} is not a ttreg neuron file (not valid JSON: {e})") from None
+        except RecursionError:
+            raise ValueError(f"{p} is not a ttreg neuron file (nested too deeply)") from None
         if not isinstance(data, dict):
-            raise ValueError(f"{p} is not a ttreg neuron file")
-        return cls.from_dict(data)
+            raise ValueError(f"{p} is not a ttreg neuron file (the top level is not an object)")
+        try:
+            return cls.from_dict(data)
+        except ModelMismatchError:
+            raise
+        except ValueError as e:
+            raise ValueError(f"{p}: {e}") from None
 
     @classmethod
     def from_name(cls, name: str) -> "RegisterNeurons":
@@ -226,21 +373,3 @@ def as_register_neurons(neurons, model=None) -> RegisterNeurons:
     if isinstance(neurons, (str, os.PathLike)):
         return RegisterNeurons.load(neurons)
     return RegisterNeurons(neurons=list(neurons))
-
-
-def write_json_atomic(path: str | os.PathLike, data: Any) -> Path:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, p)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return p
-
-

@@ -1,40 +1,46 @@
 """Figures: what a person looks at to see outlier tokens and what test-time registers do to them.
 
 Plain functions that take :class:`~ttreg.trace.Trace` objects (plain and with registers) and
-write PNGs with matplotlib's Agg backend. Nothing here runs a model.
+write PNGs with matplotlib's Agg backend, atomically (:mod:`ttreg.files`; with ``outputs``,
+staged with the rest of a run's files). Nothing here runs a model.
 """
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
+from .files import Outputs, atomic_write
+
+MATPLOTLIB_MISSING = "figures need matplotlib: pip install matplotlib"
+
+
+def require_matplotlib() -> None:
+    """Raise a one-line ``ImportError`` naming the pip command when matplotlib is missing."""
+    _plt()
+
 
 def _plt():
-    import matplotlib
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    try:
+        import matplotlib
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ImportError(MATPLOTLIB_MISSING) from None
     return plt
 
 
-def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
-    """Save atomically: a temporary file in the same folder, renamed into place."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.stem}.", suffix=".png", dir=p.parent)
-    os.close(fd)
+def save_figure(fig, path: str | os.PathLike, dpi: int = 110, outputs: Outputs | None = None) -> Path:
+    """Save as PNG atomically (or stage it in ``outputs``); the figure is closed either way."""
+    def write(tmp: Path) -> None:
+        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight", facecolor="white")
     try:
-        fig.savefig(tmp, dpi=dpi, bbox_inches="tight", facecolor="white")
-        os.replace(tmp, p)
+        return outputs.stage(path, write) if outputs is not None else atomic_write(path, write)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
         _plt().close(fig)
-    return p
 
 
 def denormalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
@@ -67,7 +73,8 @@ def _heat(ax, heat: torch.Tensor, title: str, cmap="inferno", vmax=None, mark_ma
     return im
 
 
-def overview(image: np.ndarray, plain, reg, i: int, layer: int, name: str, path) -> Path:
+def overview(image: np.ndarray, plain, reg, i: int, layer: int, name: str, path,
+             outputs: Outputs | None = None) -> Path:
     """One image: input, norm maps and last-layer CLS attention, plain vs. registers, and the
     per-layer max/median norm curves."""
     plt = _plt()
@@ -108,10 +115,10 @@ def overview(image: np.ndarray, plain, reg, i: int, layer: int, name: str, path)
     ax.set_xlabel("block"); ax.set_ylabel("token norm (log)"); ax.set_xticks(x)
     ax.grid(alpha=0.3); ax.legend(fontsize=8, ncol=3, loc="upper left")
     ax.set_title("token norms after each block", fontsize=9)
-    return save_figure(fig, path)
+    return save_figure(fig, path, outputs=outputs)
 
 
-def heads(image: np.ndarray, plain, reg, i: int, name: str, path) -> Path:
+def heads(image: np.ndarray, plain, reg, i: int, name: str, path, outputs: Outputs | None = None) -> Path:
     """CLS attention of the last block, one panel per head: plain (top) and with registers."""
     plt = _plt()
     last = plain.norms.shape[1] - 1 if plain.norms is not None else max(plain.attention)
@@ -125,10 +132,11 @@ def heads(image: np.ndarray, plain, reg, i: int, name: str, path) -> Path:
     axes[0, 0].text(-0.15, 0.5, "plain", transform=axes[0, 0].transAxes, rotation=90, va="center", ha="right")
     axes[1, 0].text(-0.15, 0.5, "register", transform=axes[1, 0].transAxes, rotation=90, va="center", ha="right")
     fig.suptitle(f"{name}: CLS attention per head, block {last}", fontsize=10)
-    return save_figure(fig, path)
+    return save_figure(fig, path, outputs=outputs)
 
 
-def neuron_maps(image: np.ndarray, plain, reg, i: int, name: str, path, max_neurons: int = 6) -> Path:
+def neuron_maps(image: np.ndarray, plain, reg, i: int, name: str, path, max_neurons: int = 6,
+                outputs: Outputs | None = None) -> Path:
     """Activation maps of the top register neurons on the patches, plain vs. with registers."""
     plt = _plt()
     n = min(max_neurons, len(plain.neurons))
@@ -141,4 +149,4 @@ def neuron_maps(image: np.ndarray, plain, reg, i: int, name: str, path, max_neur
         reg_val = float(reg.activations[i, k, -reg.num_registers:].max()) if reg.num_registers else 0.0
         _heat(axes[1, k], m_r.abs(), f"with register\npatches 0, register {reg_val:.1f}", vmax=vmax)
     fig.suptitle(f"{name}: register-neuron activations on the patches", fontsize=10)
-    return save_figure(fig, path)
+    return save_figure(fig, path, outputs=outputs)

@@ -7,65 +7,33 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
-from typing import Any, Callable
 
-from ..cli import _int_or_auto, _num_or_auto
-
-#: synthetic models that need no download (tests, demos)
-SYNTHETIC = {"planted": "a tiny timm ViT with planted register neurons (64 px)",
-             "planted-clip": "a tiny open_clip CLIP whose image tower is the planted ViT (64 px)"}
+from ..cli import (OneLineParser, device_arg, int_at_least, int_or_auto, load_neurons, model_help,
+                   number_in, positive_number, read_neurons, resolve_model, run, threshold_arg)
 
 
-# --- resolving the model and the neurons ------------------------------------------------------------
-def resolve_model(spec: str, device: str = "cpu") -> tuple[Any, Callable, Callable | None]:
-    """``(model in eval mode, transform, tokenizer or None)`` for a model spec."""
-    import torch
-    from ..data import make_transform
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} is not available here; use --device cpu")
-    if spec == "planted-clip":
-        from .synthetic import OPENAI_MEAN, OPENAI_STD, planted_clip
-        model, tokenizer = planted_clip()
-        transform = make_transform((64, 64), OPENAI_MEAN, OPENAI_STD)
-    else:
-        from ..cli import load_model  # the main CLI's resolver: real specs, 'planted', '+planted'
-        model, transform = load_model(spec, device)
-        tokenizer = None
-        if spec.startswith("open_clip:"):
-            import open_clip
-            rest = spec.split(":", 1)[1]
-            arch = rest if rest.startswith(("hf-hub:", "local-dir:")) else rest.replace("@", "/").split("/")[0]
-            tokenizer = open_clip.get_tokenizer(arch)
-    return model.to(device).eval(), transform, tokenizer
-
-
+# --- the model's neurons, and checks before the model loads ------------------------------------------
 def resolve_neurons(args, model, images, transform):
     """``--neurons``: ``auto`` (search ``images``), a published name, or a JSON file."""
-    from ..spec import RegisterNeurons
     from .arms import resolve_neurons as _resolve
-    arg = args.neurons
-    if arg == "auto":
+    if args.neurons == "auto":
         imgs = list(images)[: args.search_images]
-        rn = _resolve(model, "auto", imgs, threshold=_num_or_auto(args.threshold),
-                      detection_layer=args.detection_layer,
-                      top_layer=_int_or_auto(args.top_layer),
+        rn = _resolve(model, "auto", imgs, threshold=args.threshold,
+                      detection_layer=args.detection_layer, top_layer=args.top_layer,
                       top_k=args.top_k, batch_size=args.batch_size, transform=transform)
         _say(args, f"register neurons (searched on {len(imgs)} images): "
                    f"{[list(p) for p in rn.neurons]}" + (f" -- {rn.note}" if not len(rn) else ""))
         return rn
-    try:
-        from ..published import is_published
-        if is_published(arg):
-            return RegisterNeurons.from_name(arg)
-    except ImportError:  # pragma: no cover
-        pass
-    if not Path(arg).is_file():
-        raise FileNotFoundError(f"no neuron file {arg!r} (a JSON from 'ttreg calibrate', a published "
-                                "name, or 'auto')")
-    rn = RegisterNeurons.load(arg)
-    rn.check_model(model)
-    return rn
+    return load_neurons(args.given_neurons, model)
+
+
+def _check_paths(args) -> None:
+    """``--out`` is usable and ``--neurons`` readable (checked before any data or model is
+    loaded; the set read is kept in ``args.given_neurons``)."""
+    from ..files import check_output_file
+    if args.out:
+        check_output_file(args.out, "--out")
+    args.given_neurons = read_neurons(args.neurons)
 
 
 def _say(args, msg: str) -> None:
@@ -96,11 +64,12 @@ def cmd_outliers(args) -> int:
     from ..data import resolve_images
     from .outliers import evaluate_outliers
     t0 = time.time()
-    model, transform, _ = resolve_model(args.model, args.device)
+    _check_paths(args)
     src = resolve_images(args.images)
     images = _limit(list(src.items), args)
+    model, transform, _ = resolve_model(args.model, args.device)
     neurons = resolve_neurons(args, model, images, transform)
-    result = evaluate_outliers(model, images, neurons, threshold=_num_or_auto(args.threshold),
+    result = evaluate_outliers(model, images, neurons, threshold=args.threshold,
                                detection_layer=args.detection_layer, control_seeds=_controls(args),
                                num_registers=args.num_registers, preset=args.preset,
                                batch_size=args.batch_size, transform=transform,
@@ -112,6 +81,7 @@ def cmd_lost(args) -> int:
     from .datasets import coco20k_filenames, coco20k_ids, coco_boxes, voc_boxes
     from .lost import check_native, evaluate_lost
     t0 = time.time()
+    _check_paths(args)
     if bool(args.voc) == bool(args.coco):
         raise ValueError("give one of --voc ROOT or --coco FILE.json")
     if args.coco20k and not args.coco:
@@ -142,6 +112,7 @@ def cmd_probe(args) -> int:
     from .datasets import dense_splits, image_folder_splits
     from .probe import evaluate_probe
     t0 = time.time()
+    _check_paths(args)
     num_classes = args.num_classes
     if args.task == "classification":
         train, val, classes = image_folder_splits(args.data)
@@ -182,13 +153,14 @@ def cmd_zeroshot(args) -> int:
     from .zeroshot import (evaluate_zeroshot, evaluate_zeroshot_segmentation, load_classnames,
                            load_templates, segmentation_items)
     t0 = time.time()
-    model, transform, tokenizer = resolve_model(args.model, args.device)
+    _check_paths(args)
     templates = load_templates(args.templates)
     if args.task == "classification":
-        if tokenizer is None:
-            raise ValueError("zero-shot classification needs a CLIP model (open_clip:ARCH/PRETRAINED)")
         items, classes = _class_items(args)
         classnames = _classes(args, classes)
+        model, transform, tokenizer = resolve_model(args.model, args.device)
+        if tokenizer is None:
+            raise ValueError("zero-shot classification needs a CLIP model (open_clip:ARCH/PRETRAINED)")
         neurons = resolve_neurons(args, model, [p for p, _ in items], transform)
         result = evaluate_zeroshot(model, tokenizer, items, classnames, neurons, templates=templates,
                                    control_seeds=_controls(args), num_registers=args.num_registers,
@@ -196,6 +168,7 @@ def cmd_zeroshot(args) -> int:
                                    progress=not args.quiet and sys.stderr.isatty())
     else:
         items = _limit(segmentation_items(args.data), args)
+        model, transform, tokenizer = resolve_model(args.model, args.device)
         heatmap = args.heatmap or ("direct" if tokenizer is not None else "attention")
         if heatmap != "attention" and tokenizer is None:
             raise ValueError(f"--heatmap {heatmap} needs a CLIP model (open_clip:ARCH/PRETRAINED); "
@@ -215,14 +188,16 @@ def cmd_typographic(args) -> int:
     from .typographic import evaluate_typographic
     from .zeroshot import load_templates
     t0 = time.time()
+    _check_paths(args)
+    items, classes = _class_items(args)
+    classnames = _classes(args, classes)
+    templates = load_templates(args.templates)
     model, transform, tokenizer = resolve_model(args.model, args.device)
     if tokenizer is None:
         raise ValueError("the typographic attack needs a CLIP model (open_clip:ARCH/PRETRAINED)")
-    items, classes = _class_items(args)
-    classnames = _classes(args, classes)
     neurons = resolve_neurons(args, model, [p for p, _ in items], transform)
     result = evaluate_typographic(model, tokenizer, items, classnames, neurons,
-                                  templates=load_templates(args.templates),
+                                  templates=templates,
                                   control_seeds=_controls(args), preset=args.preset,
                                   position=args.position, font_size=args.font_size, seed=args.seed,
                                   batch_size=args.batch_size,
@@ -234,26 +209,27 @@ def cmd_typographic(args) -> int:
 # --- the parsers ---------------------------------------------------------------------------------------------
 def _common(p: argparse.ArgumentParser, controls: int) -> None:
     g = p.add_argument_group("model and register neurons")
-    g.add_argument("--model", required=True,
-                   help="model spec: timm:NAME, hf:ORG/NAME, open_clip:ARCH/PRETRAINED, "
-                        "builtin:dinov2_vits14, a local path, or " + ", ".join(SYNTHETIC))
+    g.add_argument("--model", required=True, help=model_help())
     g.add_argument("--neurons", default="auto",
                    help="register neurons: a JSON from 'ttreg calibrate', a published name, or "
                         "'auto' (search the evaluation images; default)")
-    g.add_argument("--top-k", type=int, default=10, help="neurons to keep with --neurons auto (10)")
-    g.add_argument("--threshold", default="auto", help="outlier norm threshold or 'auto' (mean + 3 std)")
+    g.add_argument("--top-k", type=int_at_least(0), default=10,
+                   help="neurons to keep with --neurons auto (10)")
+    g.add_argument("--threshold", type=threshold_arg, default="auto",
+                   help="outlier norm threshold (> 0) or 'auto' (mean + 3 std)")
     g.add_argument("--detection-layer", type=int, default=-1, help="block checked for outliers (-1)")
-    g.add_argument("--top-layer", default="auto", help="last layer searched, or 'auto'")
-    g.add_argument("--search-images", type=int, default=64,
+    g.add_argument("--top-layer", type=int_or_auto(), default="auto", help="last layer searched, or 'auto'")
+    g.add_argument("--search-images", type=int_at_least(1), default=64,
                    help="evaluation images the 'auto' search uses (64)")
-    g.add_argument("--num-registers", type=int, default=1, help="test-time registers (1)")
-    g.add_argument("--preset", default="paper", choices=("paper", "official"))
-    g.add_argument("--controls", type=int, default=controls,
+    g.add_argument("--num-registers", type=int_at_least(1), default=1, help="test-time registers (1)")
+    g.add_argument("--preset", default="paper", choices=("paper", "official"),
+                   help="the paper's edit or the authors' released code's (paper)")
+    g.add_argument("--controls", type=int_at_least(0), default=controls,
                    help=f"random-neuron control draws ({controls})")
     o = p.add_argument_group("run")
-    o.add_argument("--limit", type=int, default=None, help="use only the first N images")
-    o.add_argument("--batch-size", type=int, default=16)
-    o.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
+    o.add_argument("--limit", type=int_at_least(1), default=None, help="use only the first N images")
+    o.add_argument("--batch-size", type=int_at_least(1), default=16, help="images per forward pass (16)")
+    o.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda, cuda:1, mps, ... (default cpu)")
     o.add_argument("--out", default=None, help="write the JSON result here")
     o.add_argument("--quiet", action="store_true", help="no progress or notes on stderr")
 
@@ -282,7 +258,7 @@ def add_eval_parsers(subparsers) -> None:
     p.add_argument("--coco20k", nargs="?", const="download", default=None, metavar="LIST",
                    help="keep LOST's COCO20k images only: its coco_20k_filenames.txt, downloaded once "
                         "from the LOST repository and checked (or give a local copy)")
-    p.add_argument("--k-patches", type=int, default=100, help="LOST's k (100)")
+    p.add_argument("--k-patches", type=int_at_least(1), default=100, help="LOST's k (100)")
     p.add_argument("--resize", action="store_true",
                    help="squash images to the model's input size and scale boxes back, for models "
                         "that take one size only (a deviation from LOST's protocol)")
@@ -294,34 +270,40 @@ def add_eval_parsers(subparsers) -> None:
                               description="Linear probes on frozen features, DINOv2's protocol "
                                           "(dinov2/eval/linear.py; BNHead for dense tasks) or "
                                           "--quick; mean ± 95%% CI over seeds.")
-    p.add_argument("--task", required=True, choices=("classification", "segmentation", "depth"))
+    p.add_argument("--task", required=True, choices=("classification", "segmentation", "depth"),
+                   help="what the probe predicts")
     p.add_argument("--data", required=True,
                    help="classification: ROOT/<class>/<img> or ROOT/{train,val}/<class>/<img>; "
                         "segmentation: ROOT/images + ROOT/masks (or ROOT/{train,val}/..., or ADE20k's "
                         "images/ + annotations/); depth: ROOT/images + ROOT/depth")
-    p.add_argument("--seeds", type=int, default=3, help="probe seeds (3)")
-    p.add_argument("--val-fraction", type=float, default=0.25, help="held-out share without a val split")
+    p.add_argument("--seeds", type=int_at_least(1), default=3, help="probe seeds (3)")
+    p.add_argument("--val-fraction", type=number_in(0, 1, lo_open=True, hi_open=True), default=0.25,
+                   help="held-out share without a val split, in (0, 1) (0.25)")
     p.add_argument("--cache", default=None, help="feature cache folder (default: no cache)")
-    p.add_argument("--num-classes", type=int, default=None, help="segmentation classes (default: from masks)")
-    p.add_argument("--ignore-index", type=int, default=255)
+    p.add_argument("--num-classes", type=int_at_least(1), default=None,
+                   help="segmentation classes (default: from masks)")
+    p.add_argument("--ignore-index", type=int, default=255, help="mask label to ignore (255)")
     p.add_argument("--reduce-zero-label", action="store_true", help="label 0 is ignore (ADE20k)")
-    p.add_argument("--depth-scale", type=float, default=1000.0, help="16-bit depth PNG units per metre")
-    p.add_argument("--min-depth", type=float, default=1e-3, help="depth range start (0.001 m)")
-    p.add_argument("--max-depth", type=float, default=10.0, help="depth range end (10 m, NYUd)")
+    p.add_argument("--depth-scale", type=positive_number, default=1000.0,
+                   help="16-bit depth PNG units per metre (1000)")
+    p.add_argument("--min-depth", type=positive_number, default=1e-3, help="depth range start (0.001 m)")
+    p.add_argument("--max-depth", type=positive_number, default=10.0, help="depth range end (10 m, NYUd)")
     d = p.add_argument_group("DINOv2 protocol (default)")
     d.add_argument("--select-on", default="eval", choices=("eval", "holdout"),
                    help="choose the head on the evaluation split (DINOv2's linear.py; default) or on "
                         "a --holdout share of the training split")
-    d.add_argument("--holdout", type=float, default=0.1, help="training share for --select-on holdout")
-    d.add_argument("--learning-rates", type=float, nargs="+", default=None, metavar="LR",
+    d.add_argument("--holdout", type=number_in(0, 1, lo_open=True, hi_open=True), default=0.1,
+                   help="training share for --select-on holdout, in (0, 1) (0.1)")
+    d.add_argument("--learning-rates", type=positive_number, nargs="+", default=None, metavar="LR",
                    help="grid before scaling by batch/256 (default: DINOv2's 13 values, 1e-5 to 0.1)")
-    d.add_argument("--iterations", type=int, default=None,
+    d.add_argument("--iterations", type=int_at_least(1), default=None,
                    help="SGD steps per head (12500 classification, 2000 dense)")
-    d.add_argument("--probe-batch-size", type=int, default=None, help="probe batch (128 / 16 dense)")
+    d.add_argument("--probe-batch-size", type=int_at_least(1), default=None,
+                   help="probe batch (128 / 16 dense)")
     q = p.add_argument_group("quick probe")
     q.add_argument("--quick", action="store_true",
                    help="ttreg's fast probe: one linear layer on standardised features, AdamW")
-    q.add_argument("--steps", type=int, default=300, help="AdamW steps per --quick probe")
+    q.add_argument("--steps", type=int_at_least(1), default=300, help="AdamW steps per --quick probe (300)")
     _common(p, controls=0)
     p.set_defaults(func=cmd_probe)
 
@@ -330,7 +312,8 @@ def add_eval_parsers(subparsers) -> None:
                                           "registers, zeroed, random-zeroed) or segmentation "
                                           "(images/ + masks/ [+ labels.json]; Chefer et al.'s "
                                           "metrics).")
-    p.add_argument("--task", default="classification", choices=("classification", "segmentation"))
+    p.add_argument("--task", default="classification", choices=("classification", "segmentation"),
+                   help="classification (default) or segmentation")
     p.add_argument("--data", required=True, help="classification: ImageFolder root (val/ used if "
                                                  "present); segmentation: ROOT/images + ROOT/masks")
     p.add_argument("--classnames", default=None, help="class names file, one a line (default: "
@@ -348,28 +331,26 @@ def add_eval_parsers(subparsers) -> None:
                                           "plain, register neurons shifted onto the text, random "
                                           "neurons, register neurons zeroed, and pixel ablation.")
     p.add_argument("--data", required=True, help="ImageFolder root (val/ used if present)")
-    p.add_argument("--classnames", default=None)
-    p.add_argument("--templates", default=None)
-    p.add_argument("--position", default="random", choices=("random", "center"))
-    p.add_argument("--font-size", type=int, default=None)
+    p.add_argument("--classnames", default=None, help="class names file, one a line (default: folder names)")
+    p.add_argument("--templates", default=None, help="prompt templates file (default: CLIP's 80)")
+    p.add_argument("--position", default="random", choices=("random", "center"),
+                   help="where the text goes (random)")
+    p.add_argument("--font-size", type=int_at_least(1), default=None,
+                   help="text size in pixels (default: from the image size)")
     p.add_argument("--seed", type=int, default=0, help="seed for the written class and its position")
     _common(p, controls=3)
     p.set_defaults(func=cmd_typographic)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ttreg eval", description=__doc__.split("\n")[0])
+    parser = OneLineParser(prog="ttreg eval", description=__doc__.split("\n")[0])
     add_eval_parsers(parser.add_subparsers(dest="eval_cmd", required=True, metavar="EXPERIMENT"))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"ttreg eval: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
+    """``ttreg eval`` alone; exit status as for ``ttreg`` (see :mod:`ttreg.cli`)."""
+    return run(lambda: build_parser().parse_args(argv), "ttreg eval")
 
 
 if __name__ == "__main__":

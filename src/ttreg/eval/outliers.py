@@ -17,7 +17,7 @@ import torch
 
 from ..adapters import wrap
 from ..data import iter_batches
-from ..outliers import norm_ratio, outlier_mask
+from ..outliers import check_threshold, norm_ratio, outlier_mask
 from ..trace import trace
 from .arms import control_rows, make_arms, summarize_random
 from .metrics import attention_entropy, topk_mass
@@ -57,6 +57,7 @@ def evaluate_outliers(model, images, neurons, *, threshold: float | str = "auto"
     ``images``: anything :func:`ttreg.data.iter_batches` takes (folder, paths, tensor batch).
     Returns ``{"arms": {name: metrics}, "random": mean ± CI over the random arms, ...}``.
     """
+    threshold = check_threshold(threshold)
     ad = wrap(model)
     L = ad.num_layers
     det = detection_layer % L

@@ -391,7 +391,7 @@ def extract_features(model, arm: Arm, paths: Sequence[Path], kind: str, *,
     if cache_dir is not None:
         path = Path(cache_dir) / f"{feature_cache_key(model, arm, paths, kind, geometry)}.pt"
         if path.is_file():
-            return torch.load(path)
+            return torch.load(path, weights_only=True)
     p = ad.parameter()
     chunks = []
     starts = range(0, len(paths), batch_size)
@@ -405,10 +405,8 @@ def extract_features(model, arm: Arm, paths: Sequence[Path], kind: str, *,
     feats = {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]} if isinstance(chunks[0], dict) \
         else torch.cat(chunks)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save(feats, tmp)
-        tmp.replace(path)
+        from ..files import atomic_write
+        atomic_write(path, lambda tmp: torch.save(feats, tmp))
     return feats
 
 

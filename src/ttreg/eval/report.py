@@ -92,7 +92,6 @@ def jsonable(obj: Any) -> Any:
 
 
 def write_json(path, result: dict) -> Path:
-    """Write ``result`` as indented JSON (parents created), atomically: an interrupted run leaves
-    the old file or none, never half of one."""
-    from ..spec import write_json_atomic
-    return write_json_atomic(path, jsonable(result))
+    """Write ``result`` as indented JSON, atomically (parents created)."""
+    from ..files import write_json as _write
+    return _write(path, jsonable(result))
