@@ -33,7 +33,7 @@ class TimmViTAdapter(Adapter):
 
     @property
     def patch_embed(self) -> nn.Module:
-        return self.patch_embed
+        return self.model.patch_embed
 
     @property
     def blocks(self) -> Sequence[nn.Module]:
