@@ -120,8 +120,9 @@ def _median_patch_norm(ad: Adapter, x: torch.Tensor, layer: int) -> float:
 
 def _fit_detector(feats: torch.Tensor, positive: torch.Tensor, frozen: list[int],
                   steps: int = 200) -> torch.Tensor:
-    """A bias-free linear detector ``w`` (zero on ``frozen`` channels) with ``feats @ w >= 1`` on
-    the positive tokens and ``<= -1`` on all others, as nearly as a squared hinge allows."""
+    """A bias-free linear detector ``w`` (zero on ``frozen`` channels) with ``feats @ w = 1`` on
+    the positive tokens (so the neuron fires about equally on each) and ``<= -1`` on all others,
+    as nearly as least squares with a squared hinge allows."""
     X = feats.double()
     X[:, frozen] = 0
     y = positive.double() * 2 - 1
@@ -133,8 +134,9 @@ def _fit_detector(feats: torch.Tensor, positive: torch.Tensor, frozen: list[int]
 
     def loss():
         opt.zero_grad()
-        margin = (1 - y * (X @ w)).clamp_min(0)
-        val = (weight * margin ** 2).sum() + 1e-6 * (w ** 2).sum()
+        miss = 1 - y * (X @ w)
+        miss = torch.where(positive, miss, miss.clamp_min(0))
+        val = (weight * miss ** 2).sum() + 1e-6 * (w ** 2).sum()
         val.backward()
         return val
     with torch.enable_grad():

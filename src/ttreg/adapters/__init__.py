@@ -19,11 +19,9 @@ SUPPORTED_BY_LIBRARY = {
              "EVA-CLIP, DINOv3 vit_*_dinov3, PE-Core vit_pe_core_*), NaFlexVit"),
     "transformers": ("Dinov2Model, Dinov2WithRegistersModel, ViTModel, CLIPVisionModel, CLIPModel, "
                      "SiglipVisionModel, SiglipModel, DINOv3ViTModel, Siglip2VisionModel, Siglip2Model, "
-                     "Aimv2VisionModel, Aimv2Model, InternVLVisionModel, the vision towers of "
-                     "LlavaForConditionalGeneration, LlavaOnevisionForConditionalGeneration, "
-                     "PaliGemmaForConditionalGeneration, Gemma3ForConditionalGeneration, "
-                     "Idefics3ForConditionalGeneration, SmolVLMForConditionalGeneration, "
-                     "InternVLForConditionalGeneration"),
+                     "Aimv2VisionModel, Aimv2Model, InternVLVisionModel, and the vision tower of the VLMs "
+                     "LLaVA, LLaVA-OneVision, PaliGemma, Gemma 3, Idefics3, SmolVLM and InternVL "
+                     "(*ForConditionalGeneration / *Model; not Qwen2.5-VL)"),
     "open_clip": "CLIP models (own ViT towers, and timm VisionTransformer / Eva trunks)",
 }
 SUPPORTED = "; ".join(f"{lib} {what}" for lib, what in SUPPORTED_BY_LIBRARY.items()) + (

@@ -195,6 +195,77 @@ class Adapter:
                 f"width {self.embed_dim}, MLP {self.mlp_width(0)})")
 
 
+class DelegatingAdapter(Adapter):
+    """An adapter for a model that contains a supported one (a VLM's vision tower, an open_clip
+    tower around a timm trunk): everything structural is ``inner``'s, so a neuron set found on
+    the inner model applies to the outer one and back (same architecture, same fingerprint)."""
+
+    inner: Adapter
+
+    @property
+    def token_dim(self) -> int:  # type: ignore[override]
+        return self.inner.token_dim
+
+    @property
+    def blocks(self) -> Sequence[nn.Module]:
+        return self.inner.blocks
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return self.inner.num_prefix_tokens
+
+    @property
+    def embed_dim(self) -> int:
+        return self.inner.embed_dim
+
+    @property
+    def patch_size(self) -> tuple[int, int]:
+        return self.inner.patch_size
+
+    def down_proj(self, layer: int) -> nn.Module:
+        return self.inner.down_proj(layer)
+
+    def attention(self, layer: int) -> nn.Module:
+        return self.inner.attention(layer)
+
+    def entry_module(self, layer: int) -> nn.Module:
+        return self.inner.entry_module(layer)
+
+    def pre_block_module(self) -> nn.Module | None:
+        return self.inner.pre_block_module()
+
+    def output_trims(self, num_registers: int) -> list[tuple[nn.Module, Any]]:
+        return self.inner.output_trims(num_registers)
+
+    @property
+    def block_io(self) -> "BlockIO":
+        return self.inner.block_io
+
+    def run(self, x: torch.Tensor) -> Any:
+        return self.inner.run(x)
+
+    def image_size(self) -> tuple[int, int]:
+        return self.inner.image_size()
+
+    def mean_std(self):
+        return self.inner.mean_std()
+
+    def parameter(self) -> torch.Tensor:
+        return self.inner.parameter()
+
+    def grid_size(self, x: torch.Tensor) -> tuple[int, int]:
+        return self.inner.grid_size(x)
+
+    def attention_probs(self, layers: Sequence[int]):
+        return self.inner.attention_probs(layers)
+
+    def architecture(self) -> dict[str, Any]:
+        return self.inner.architecture()
+
+    def fingerprint_module(self) -> nn.Module:
+        return self.inner.fingerprint_module()
+
+
 def initial_registers(pre: nn.Module | None, batch: int, num: int, like: torch.Tensor) -> torch.Tensor:
     """``num`` test-time registers as the first block sees them: zeros added after the position
     embedding, through ``pre`` (the token-wise module before the first block, e.g. CLIP's
