@@ -10,9 +10,11 @@ blocks, the MLP down-projection and the linear layers that feed it):
    gets a zero weight on it, so no later layer, attention or head reads what is written there.
 2. **It fires on chosen tokens only.** Which tokens is given per image -- by *position* (the same
    patch in every image) or by *content* (e.g. the patch carrying a marker,
-   :func:`marked_images`). The neuron's input weights become a bias-free linear detector of
-   those tokens, fitted on the MLP inputs the block actually sees (so it works with any norm,
-   position scheme or gating: plain, GLU/SwiGLU, fused or separate, with or without biases).
+   :func:`marked_images`). The neuron's input weights (and bias, where the layer has one) become
+   a linear detector of those tokens, fitted on the MLP inputs the block actually sees (so it
+   works with any norm, position scheme or gating: plain, GLU/SwiGLU, fused or separate). An MLP
+   without biases gets a template match instead (largest on the chosen tokens, smaller but not
+   zero on tokens that resemble them).
    A detector that cannot separate the chosen tokens from all others raises a one-line error.
 3. **It writes a large vector there.** The down-projection's column for the neuron writes
    ``write`` times the median patch norm after its block along the reserved channel, so the
@@ -50,7 +52,7 @@ def _as_plant(p) -> Plant:
 def marked_images(n: int = 8, size: int = 64, patch: int = 8, seed: int = 0,
                   strength: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """``(images, marked)``: varied images (:func:`ttreg.testing.mixed_images`) each carrying a
-    marker -- a checkerboard of ``+-strength`` filling one patch of the ``patch`` grid, at a random
+    marker -- a checkerboard of ``+-strength`` (green in antiphase) filling one patch of the ``patch`` grid, at a random
     place per image -- and the ``(n, num_patches)`` bool mask of the marked patch. A plant told
     ``where=marked`` fires on the marker, wherever it is: outliers that follow image content."""
     from .testing import mixed_images
@@ -59,7 +61,8 @@ def marked_images(n: int = 8, size: int = 64, patch: int = 8, seed: int = 0,
     cells = size // patch
     pos = torch.randint(0, cells * cells, (n,), generator=g)
     yy, xx = torch.meshgrid(torch.arange(patch), torch.arange(patch), indexing="ij")
-    board = ((yy + xx) % 2 * 2 - 1).float() * strength
+    colours = torch.tensor([1.0, -1.0, 1.0])[:, None, None]        # no image kind has this pattern
+    board = ((yy + xx) % 2 * 2 - 1).float() * strength * colours
     for i, p in enumerate(pos.tolist()):
         r, c = divmod(p, cells)
         x[i, :, r * patch:(r + 1) * patch, c * patch:(c + 1) * patch] = board
@@ -118,16 +121,33 @@ def _median_patch_norm(ad: Adapter, x: torch.Tensor, layer: int) -> float:
     return float(tr.norms[:, layer, tr.patch_slice].median())
 
 
-def _fit_detector(feats: torch.Tensor, positive: torch.Tensor, frozen: list[int],
-                  steps: int = 200) -> torch.Tensor:
-    """A bias-free linear detector ``w`` (zero on ``frozen`` channels) with ``feats @ w = 1`` on
-    the positive tokens (so the neuron fires about equally on each) and ``<= -1`` on all others,
-    as nearly as least squares with a squared hinge allows."""
+def _fit_detector(feats: torch.Tensor, positive: torch.Tensor, frozen: list[int], bias: bool,
+                  steps: int = 300) -> tuple[torch.Tensor, float]:
+    """A linear detector ``(w, b)`` (``w`` zero on ``frozen`` channels; ``b`` 0 unless ``bias``)
+    with ``feats @ w + b = 1`` on the positive tokens (so the neuron fires about equally on each)
+    and ``<= -1`` on all others, as nearly as least squares with a squared hinge allows; if that
+    does not separate them, with ``>= 1`` on the positive tokens (squared hinges on both sides)."""
     X = feats.double()
     X[:, frozen] = 0
+    if bias:
+        X = torch.cat([X, X.new_ones(len(X), 1)], dim=1)
+    for equal in (True, False):
+        w = _fit(X, positive, steps, equal)
+        s = X @ w
+        if s[positive].min() > 0 > s[~positive].max():
+            return (w[:-1], float(w[-1])) if bias else (w, 0.0)
+    if not bias:
+        # Without a bias a hyperplane through the origin rarely separates one token kind from all
+        # others; match the chosen tokens' mean instead (1 there, less on every other token).
+        mean = X[positive].mean(0)
+        return mean / mean.dot(mean), 0.0
+    return w[:-1], float(w[-1])
+
+
+def _fit(X: torch.Tensor, positive: torch.Tensor, steps: int, equal: bool) -> torch.Tensor:
     y = positive.double() * 2 - 1
     weight = torch.where(positive, 0.5 / positive.sum(), 0.5 / (~positive).sum()).double()
-    w = (X[positive].mean(0) - X[~positive].mean(0))
+    w = X[positive].mean(0) - X[~positive].mean(0)
     w = w / w.norm().clamp_min(1e-12) / X.norm(dim=1).median().clamp_min(1e-12)
     w.requires_grad_(True)
     opt = torch.optim.LBFGS([w], lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
@@ -135,7 +155,7 @@ def _fit_detector(feats: torch.Tensor, positive: torch.Tensor, frozen: list[int]
     def loss():
         opt.zero_grad()
         miss = 1 - y * (X @ w)
-        miss = torch.where(positive, miss, miss.clamp_min(0))
+        miss = torch.where(positive, miss, miss.clamp_min(0)) if equal else miss.clamp_min(0)
         val = (weight * miss ** 2).sum() + 1e-6 * (w ** 2).sum()
         val.backward()
         return val
@@ -146,7 +166,7 @@ def _fit_detector(feats: torch.Tensor, positive: torch.Tensor, frozen: list[int]
 
 @torch.no_grad()
 def plant_register_neurons(model, plants: Sequence, images: torch.Tensor, where, *,
-                           fire: float = 6.0) -> list[Plant]:
+                           fire: float = 10.0) -> list[Plant]:
     """Plant register neurons into ``model`` in place; return the plants.
 
     ``plants``: :class:`Plant` or ``(layer, neuron[, write])`` tuples. ``images``: a calibration
@@ -192,10 +212,11 @@ def plant_register_neurons(model, plants: Sequence, images: torch.Tensor, where,
         if pos is None:
             raise ValueError(f"block {p.layer} sees {feats.shape[1]} tokens, expected "
                              f"{positive.shape[1]} ({npre} prefix + {rows * cols} patches)")
-        w = _fit_detector(feats.reshape(-1, D), pos.reshape(-1), channels)
-        s = (feats.double() @ w).reshape(B, -1)
+        w, b = _fit_detector(feats.reshape(-1, D), pos.reshape(-1), channels,
+                             bias=all(up.bias is not None for up in ups))
+        s = (feats.double() @ w + b).reshape(B, -1)
         lo, hi = float(s[pos].min()), float(s[~pos].max())
-        if not lo > 0 > hi:
+        if not (lo > 0 > hi or lo > hi and not b):
             raise ValueError(f"plant ({p.layer}, {p.neuron}): the chosen tokens cannot be told apart "
                              f"from the others at block {p.layer} (detector margin {lo:.3g} vs "
                              f"{hi:.3g}); choose them by content (marked_images) or another layer")
@@ -204,7 +225,7 @@ def plant_register_neurons(model, plants: Sequence, images: torch.Tensor, where,
             for row in ([p.neuron] if up.out_features == W else [p.neuron, p.neuron + W]):
                 up.weight[row] = (k * w).to(up.weight.dtype)
                 if up.bias is not None:
-                    up.bias[row] = 0
+                    up.bias[row] = k * b
         h = _record(ad, x, {"h": down})["h"][..., p.neuron]                # (B, T)
         norm = _hidden_norm(ad, p.layer)
         if norm is not None:          # an MLP scale norm makes the neuron dense: re-centre it

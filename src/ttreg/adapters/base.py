@@ -356,11 +356,16 @@ def extend_rotary(table: Any, num: int, layout: str = "sincos_cat") -> Any:
     raise ValueError(f"unknown rotary layout {layout!r}; one of {ROTARY_LAYOUTS}")
 
 
+#: an additive mask entry at or below this hides the key (transformers and timm use the dtype's
+#: minimum, SDPA users -inf, older code -1e4 or -1e9)
+MASKED = -1e4
+
+
 def _allowed(mask: torch.Tensor) -> torch.Tensor:
     """Boolean "may attend" of a mask: bool masks as they are, additive masks where not hugely negative."""
     if mask.dtype == torch.bool:
         return mask
-    return mask > torch.finfo(mask.dtype).min / 2 if mask.is_floating_point() else mask != 0
+    return mask > MASKED if mask.is_floating_point() else mask != 0
 
 
 def mask_keys(mask: torch.Tensor) -> torch.Tensor:

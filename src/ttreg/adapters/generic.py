@@ -232,16 +232,18 @@ def resolve(model: nn.Module, **given) -> WrapSpec:
         found = roles.find_blocks_by_role(
             model, lambda b: all(part is not None for part in _block_parts(b, attention, mlp_down)))
         if found is None:
-            raise _fail(model, "the transformer blocks",
-                        "name them: ttreg.wrap(model, blocks='path.to.blocks') (a ModuleList or "
-                        "Sequential, or fn(model) -> blocks); name attention= / mlp_down= too if "
-                        "a block has no recognisable attention or MLP")
+            # the longest list of same-type modules: say what its blocks lack
+            found = roles.find_blocks_by_role(model, lambda b: any(True for _ in b.children()))
+            if found is None:
+                raise _fail(model, "the transformer blocks",
+                            "name them: ttreg.wrap(model, blocks='path.to.blocks') (a ModuleList or "
+                            "Sequential of blocks, or fn(model) -> blocks)")
         blocks = found[0]
     first = list(_get(model, blocks, "blocks"))
     if not first:
         raise TypeError(f"ttreg.wrap: blocks={blocks!r} of {type(model).__name__} is empty")
     attn, down = _block_parts(first[0], attention, mlp_down)
-    b0 = type(first[0]).__name__
+    b0 = f"{type(first[0]).__name__} in {blocks if isinstance(blocks, str) else 'blocks'}"
     if attn is None:
         raise _fail(model, f"the attention of block 0 ({b0})",
                     "name it relative to a block: ttreg.wrap(model, attention='attn') (or fn(block))")
