@@ -15,6 +15,11 @@ forward pass):
   registers (:class:`MarkCall` on the block's first module tells it, also in a checkpoint
   recomputation that skips block-level hooks).
 
+Blocks that take per-token inputs besides the hidden state (rotary tables, attention masks) get
+them extended by the adapter's ``block_io`` (:class:`~ttreg.adapters.base.TokenInputsIO`): a
+register has no rotary position, like a prefix token, and is masked in where a batch is padded;
+the padding of that block call (``_VALID``) is kept out of the edit.
+
 When do registers apply? An installation has an :class:`Activation`. A handle from
 :func:`add_test_time_registers` is *persistent*: every forward of the model, from any thread,
 gets registers until ``remove()``. The ``with test_time_registers(...)`` block is *scoped*, like
