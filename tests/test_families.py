@@ -732,6 +732,19 @@ def test_generic_adapter_says_what_it_cannot_find():
     assert not hasattr(model, "_ttreg_wrap")                      # nothing stored after a failure
 
 
+def test_generic_adapter_takes_callables_and_pickles():
+    import pickle
+    model = TinyViT().eval()
+    ad = ttreg.wrap(model, blocks=lambda m: m.stack, attention=lambda b: b.mixer, mlp_down=lambda b: b.ff[2],
+                    num_prefix_tokens=1, token_dim=1, patch_size=PATCH, image_size=SIZE)
+    assert ad.down_proj(3) is model.stack[3].ff[2] and ad.attention(0) is model.stack[0].mixer
+    assert ttreg.trace(model, marked_images(2, SIZE, PATCH)[0]).norms.shape == (2, DEPTH, GRID + 1)
+    named = TinyViT().eval()
+    ttreg.wrap(named, attention="mixer", image_size=SIZE)
+    back = pickle.loads(pickle.dumps(named))                       # names are plain data
+    assert back._ttreg_wrap == named._ttreg_wrap and ttreg.wrap(back).down_proj(0) is back.stack[0].ff[2]
+
+
 def test_generic_adapter_runs_the_whole_pipeline(zoo, tmp_path):
     from ttreg.data import make_transform, resolve_images
     from ttreg.report import inspect_images

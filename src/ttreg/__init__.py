@@ -4,6 +4,7 @@ Find the register neurons that create high-norm outlier tokens, and at inference
 activations into an extra appended token ("Vision Transformers Don't Need Trained Registers",
 Jiang et al., NeurIPS 2025).
 """
+from . import plant
 from .adapters import Adapter, wrap
 from .calibrate import Calibration, calibrate
 from .data import ImageError

@@ -208,7 +208,7 @@ def plant_register_neurons(model, plants: Sequence, images: torch.Tensor, where,
         ups, down = _up_projections(ad, p.layer), ad.down_proj(p.layer)
         W = down.in_features
         feats = _record(ad, x, {"in": ups[0]})["in"]                     # (B, T, D)
-        pos = positive if feats.shape[1] == positive.shape[1] else None
+        pos = positive.to(feats.device) if feats.shape[1] == positive.shape[1] else None
         if pos is None:
             raise ValueError(f"block {p.layer} sees {feats.shape[1]} tokens, expected "
                              f"{positive.shape[1]} ({npre} prefix + {rows * cols} patches)")
