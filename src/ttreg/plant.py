@@ -212,11 +212,11 @@ def plant_register_neurons(model, plants: Sequence, images: torch.Tensor, where,
         if pos is None:
             raise ValueError(f"block {p.layer} sees {feats.shape[1]} tokens, expected "
                              f"{positive.shape[1]} ({npre} prefix + {rows * cols} patches)")
-        w, b = _fit_detector(feats.reshape(-1, D), pos.reshape(-1), channels,
-                             bias=all(up.bias is not None for up in ups))
+        has_bias = all(up.bias is not None for up in ups)
+        w, b = _fit_detector(feats.reshape(-1, D), pos.reshape(-1), channels, bias=has_bias)
         s = (feats.double() @ w + b).reshape(B, -1)
         lo, hi = float(s[pos].min()), float(s[~pos].max())
-        if not (lo > 0 > hi or lo > hi and not b):
+        if not (lo > 0 > hi or lo > hi and not has_bias):
             raise ValueError(f"plant ({p.layer}, {p.neuron}): the chosen tokens cannot be told apart "
                              f"from the others at block {p.layer} (detector margin {lo:.3g} vs "
                              f"{hi:.3g}); choose them by content (marked_images) or another layer")
