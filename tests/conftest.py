@@ -7,6 +7,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    """Keep each phase's report on the test item (``item.rep_call.passed`` after the call), so a
+    fixture's teardown can tell whether its test passed."""
+    rep = yield
+    setattr(item, f"rep_{rep.when}", rep)
+    return rep
+
+
 @pytest.fixture(scope="session")
 def planted():
     from ttreg.testing import planted_vit
@@ -17,6 +26,38 @@ def planted():
 def images():
     from ttreg.testing import mixed_images
     return mixed_images(10)
+
+
+def flat(o, prefix="out") -> dict[str, torch.Tensor]:
+    """Every tensor inside a model output, by path."""
+    if torch.is_tensor(o):
+        return {prefix: o}
+    items = o.items() if isinstance(o, dict) else enumerate(o) if isinstance(o, (tuple, list)) else ()
+    res = {}
+    for k, v in items:
+        res.update(flat(v, f"{prefix}.{k}"))
+    return res
+
+
+def fail_inside(model, neurons, run, x) -> None:
+    """Raise inside a ``test_time_registers`` block (after ``run(x)``) and inside block 2 of the
+    model during a trace with registers and attention maps; both errors must come through."""
+    import pytest
+    import ttreg
+    with pytest.raises(RuntimeError, match="boom"):
+        with ttreg.test_time_registers(model, neurons):
+            run(x)
+            raise RuntimeError("boom")
+
+    def explode(mod, args, out):
+        raise RuntimeError("boom inside block 2")
+    h = ttreg.wrap(model).blocks[2].register_forward_hook(explode)
+    try:
+        with pytest.raises(RuntimeError, match="boom inside"):
+            with ttreg.test_time_registers(model, neurons):
+                ttreg.trace(model, x, attention=True, neurons=list(neurons))
+    finally:
+        h.remove()
 
 
 def all_hooks(module: torch.nn.Module) -> int:

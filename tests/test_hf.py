@@ -17,6 +17,8 @@ from ttreg.convert.hf import (timm_to_hf_clip, timm_to_hf_clip_vision, timm_to_h
                               timm_to_hf_siglip_vision, timm_to_hf_vit)
 from ttreg.testing import mixed_images, planted_vit  # noqa: E402
 
+from conftest import fail_inside, flat  # noqa: E402
+
 PLANTS = [(1, 7), (3, 21)]
 POS = 12  # the planted patch
 CLIP_KW = dict(pre_norm=True, act_layer="quick_gelu")
@@ -50,17 +52,6 @@ def built():
             timm_models[key] = planted_vit(**kw)
         out[name] = (timm_models[key], convert(timm_models[key]))
     return out
-
-
-def flat(o, prefix="out") -> dict[str, torch.Tensor]:
-    """Every tensor inside a model output, by path."""
-    if torch.is_tensor(o):
-        return {prefix: o}
-    items = o.items() if isinstance(o, dict) else enumerate(o) if isinstance(o, (tuple, list)) else ()
-    res = {}
-    for k, v in items:
-        res.update(flat(v, f"{prefix}.{k}"))
-    return res
 
 
 @torch.no_grad()
@@ -211,21 +202,7 @@ def test_hooks_never_leak(built, images, name):
     with ttreg.test_time_registers(hf, PLANTS):
         ttreg.trace(hf, images, attention=[0, -1], neurons=PLANTS)
     after = user_call(name, hf, images)
-    with pytest.raises(RuntimeError, match="boom"):
-        with ttreg.test_time_registers(hf, PLANTS):
-            user_call(name, hf, images)
-            raise RuntimeError("boom")
-
-    def explode(mod, args, out):
-        raise RuntimeError("boom inside block 2")
-    ad = ttreg.wrap(hf)
-    h = ad.blocks[2].register_forward_hook(explode)
-    try:
-        with pytest.raises(RuntimeError, match="boom inside"):
-            with ttreg.test_time_registers(hf, PLANTS):
-                ttreg.trace(hf, images, attention=True)
-    finally:
-        h.remove()
+    fail_inside(hf, PLANTS, lambda x: user_call(name, hf, x), images)
     again = user_call(name, hf, images)
     assert hook_state(hf) == hooks and attn_impls(hf) == impls
     for out in (after, again):

@@ -102,7 +102,7 @@ def test_unreachable_hub_switches_to_offline(monkeypatch, tmp_path):
         except FileNotFoundError as cause:
             raise OSError("We couldn't connect to 'https://huggingface.co' to load the files") from cause
     import transformers
-    monkeypatch.setattr(transformers.AutoModel, "from_pretrained", from_pretrained)
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", from_pretrained)  # loaded first
     with pytest.raises(ModelLoadError) as e:
         ttreg.load_model("hf:org/model")
     assert seen == [True] and constants.HF_HUB_OFFLINE is False
@@ -114,7 +114,7 @@ def test_other_failures_are_not_called_downloads(monkeypatch):
 
     def from_pretrained(name, **kw):
         raise ValueError("Unrecognized model in org/model. Should have a `model_type` key\nmore")
-    monkeypatch.setattr(transformers.AutoModel, "from_pretrained", from_pretrained)
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", from_pretrained)
     with pytest.raises(ModelLoadError) as e:
         ttreg.load_model("hf:org/model")
     assert one_line(e) == "could not load hf:org/model: Unrecognized model in org/model. Should have a `model_type` key"

@@ -4,14 +4,18 @@ Specs::
 
     timm:NAME                      timm.create_model(NAME, pretrained=True)
     timm:NAME@/path/weights.safetensors   the same architecture, weights from a local file
-    hf:ORG/NAME   or  hf:/local/folder     transformers AutoModel.from_pretrained
+    hf:ORG/NAME   or  hf:/local/folder     transformers AutoModelForImageTextToText.from_pretrained for
+                                   vision-language models (LLaVA, Gemma 3, InternVL, ...), else
+                                   AutoModel.from_pretrained (DINOv3, SigLIP 2, AIMv2, ...)
     open_clip:ARCH/PRETRAINED      open_clip.create_model_and_transforms(ARCH, pretrained=PRETRAINED)
     open_clip:ARCH@/path/file.bin  open_clip:hf-hub:ORG/NAME
     builtin:dinov2_vits14          the offline DINOv2 ViT-S/14 (timm); builtin:dinov2_vits14-hf (HF)
     /a/local/path                  an HF model folder (config.json), or a .safetensors file (or a
                                    folder holding one) written by :func:`save_model`
 
-``transform`` maps a PIL image to a normalised ``(C, H, W)`` tensor, as the model expects.
+``transform`` maps a PIL image to a normalised ``(C, H, W)`` tensor, as the model expects: the
+model's image processor when it makes one such image; otherwise (NaFlex patch sequences, tiled
+VLM inputs) a resize to the adapter's input size with the processor's mean and std.
 Every failure is a :class:`ModelLoadError` with a one-line message; downloads that fail say
 ``could not download <what> — no network? pass a local path``. When the Hugging Face Hub cannot
 be reached, hub downloads run in offline mode (the local cache is used, nothing is retried).
@@ -197,22 +201,50 @@ class HFImageTransform:
         return f"HFImageTransform({type(self.processor).__name__})"
 
 
+def hf_auto_class(config):
+    """The transformers auto class that loads ``config``'s model the way transformers documents
+    it: ``AutoModelForImageTextToText`` for vision-language models, ``AutoModel`` otherwise."""
+    from transformers import AutoModel, AutoModelForImageTextToText
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+    if getattr(config, "model_type", None) in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+        return AutoModelForImageTextToText
+    return AutoModel
+
+
+def hf_transform(processor, model) -> Callable:
+    """The image processor as a transform if it turns one image into one ``(C, H, W)`` tensor;
+    else (patch sequences, tiles) the adapter's size with the processor's mean and std."""
+    from PIL import Image
+    from .adapters import wrap
+    from .data import make_transform
+    if processor is not None:
+        try:
+            probe = HFImageTransform(processor)(Image.new("RGB", (40, 30)))
+            if hasattr(probe, "dim") and probe.dim() == 3 and probe.shape[0] == 3:
+                return HFImageTransform(processor)
+        except Exception:  # a processor that wants more than an image
+            pass
+    ad = wrap(model)
+    mean, std = ad.mean_std()
+    mean = getattr(processor, "image_mean", None) or mean
+    std = getattr(processor, "image_std", None) or std
+    return make_transform(ad.image_size(), mean, std)
+
+
 def _load_hf(name: str, **_: Any) -> tuple[nn.Module, Callable]:
     try:
-        from transformers import AutoImageProcessor, AutoModel
+        from transformers import AutoConfig, AutoImageProcessor
     except ImportError:
         raise ModelLoadError("Hugging Face models need transformers: pip install transformers") from None
     local = Path(name).expanduser().is_dir()
     with _loading(name if local else f"hf:{name}", network=not local):
-        model = AutoModel.from_pretrained(name)
+        model = hf_auto_class(AutoConfig.from_pretrained(name)).from_pretrained(name)
     try:
         with _hub_offline_if_unreachable() if not local else contextlib.nullcontext():
-            transform: Callable = HFImageTransform(AutoImageProcessor.from_pretrained(name))
+            processor = AutoImageProcessor.from_pretrained(name)
     except Exception:  # no preprocessor config: the adapter's size and statistics
-        from .adapters import wrap
-        from .data import default_transform
-        transform = default_transform(wrap(model))
-    return model, transform
+        processor = None
+    return model, hf_transform(processor, model)
 
 
 class _Held(logging.Handler):

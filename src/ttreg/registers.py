@@ -15,6 +15,11 @@ forward pass):
   registers (:class:`MarkCall` on the block's first module tells it, also in a checkpoint
   recomputation that skips block-level hooks).
 
+Blocks that take per-token inputs besides the hidden state (rotary tables, attention masks) get
+them extended by the adapter's ``block_io`` (:class:`~ttreg.adapters.base.TokenInputsIO`): a
+register has no rotary position, like a prefix token, and is masked in where a batch is padded;
+the padding of that block call (``_VALID``) is kept out of the edit.
+
 When do registers apply? An installation has an :class:`Activation`. A handle from
 :func:`add_test_time_registers` is *persistent*: every forward of the model, from any thread,
 gets registers until ``remove()``. The ``with test_time_registers(...)`` block is *scoped*, like
@@ -53,6 +58,8 @@ PRESETS = ("paper", "official")
 _SCOPE: contextvars.ContextVar[tuple] = contextvars.ContextVar("ttreg_scope", default=())
 #: the activation whose registers the block running now (in this context) carries
 _CALL: contextvars.ContextVar = contextvars.ContextVar("ttreg_block_call", default=None)
+#: ``(B, T)`` bool of the real (non-padding) tokens of that block call, or None if all are real
+_VALID: contextvars.ContextVar = contextvars.ContextVar("ttreg_block_valid", default=None)
 #: attribute set on block 0's input when registers were appended to it, so that a checkpoint
 #: recomputation (possibly in another thread, after the scope) appends them again
 _STARTED = "_ttreg_started"
@@ -128,20 +135,26 @@ class AppendRegisters(RegisterHook):
             if regs.shape[0] != xb.shape[0]:
                 raise RuntimeError(f"block {self.layer}: the carried registers are for a batch of "
                                    f"{regs.shape[0]}, the hidden state has {xb.shape[0]}")
+        valid = None if _compiling() else io.valid_tokens(args, kwargs)
+        if valid is not None:
+            valid = torch.cat([valid.expand(xb.shape[0], -1),
+                               valid.new_ones(xb.shape[0], self.num)], dim=1)
         if not _compiling():
             _CALL.set(act)
+            _VALID.set(valid)
         if self.num:
             new = torch.cat([xb, regs.to(xb.dtype)], dim=1)
             new = new if io.token_dim == 1 else new.transpose(0, 1)
         else:
             new = x
-        setattr(new, _APPENDED, (act, regs))
+        setattr(new, _APPENDED, (act, regs, valid))
         args, kwargs = io.replace_input(args, kwargs, new)
         return io.extend_inputs(args, kwargs, self.num)
 
     def _off(self):
         if not _compiling():
             _CALL.set(None)
+            _VALID.set(None)
         return None
 
 
@@ -160,6 +173,7 @@ class MarkCall(RegisterHook):
         appended = getattr(args[0], _APPENDED, None)
         if appended is not None and appended[0] is self.activation:
             _CALL.set(self.activation)
+            _VALID.set(appended[2])
         return None
 
 
@@ -176,6 +190,7 @@ class SplitRegisters(RegisterHook):
             return None
         if not _compiling():
             _CALL.set(None)
+            _VALID.set(None)
         y = io.output(output)
         if not self.num:  # shift_to / zeroing: nothing to cut; carry the (empty) marker on
             return io.replace_output(output, attach(y.view_as(y), appended[1], act))
@@ -251,19 +266,25 @@ def _target_and_zero_masks(batch: int, tokens: int, num_prefix: int, num_registe
 
 
 def edit_activations(h: torch.Tensor, neurons: torch.Tensor, target: torch.Tensor,
-                     zero: torch.Tensor, preset: str = "paper") -> torch.Tensor:
+                     zero: torch.Tensor, preset: str = "paper",
+                     valid: torch.Tensor | None = None) -> torch.Tensor:
     """Return MLP hidden states ``h`` ``(B, T, H)`` with the register edit applied (out of place).
 
     ``neurons``: long tensor of K neuron indices; ``target``/``zero``: ``(B, T)`` bool masks.
-    Vectorised over batch, tokens and neurons.
+    ``valid``: ``(B, T)`` bool of the real tokens when the batch is padded (NaFlex): padding
+    neither gives the value nor receives or loses anything. Vectorised over batch, tokens and
+    neurons.
     """
     v = h.index_select(-1, neurons)                                   # (B, T, K)
+    if valid is not None:
+        target, zero = target & valid, zero & valid
     if preset == "official":
-        flat = v.reshape(v.shape[0], -1)                              # (B, T*K)
-        pick = flat.abs().argmax(dim=1, keepdim=True)
-        value = flat.gather(1, pick)[:, :, None].expand(-1, 1, v.shape[2])  # (B, 1, K)
+        mag = v.abs() if valid is None else v.abs().masked_fill(~valid[:, :, None], -1.0)
+        pick = mag.reshape(v.shape[0], -1).argmax(dim=1, keepdim=True)
+        value = v.reshape(v.shape[0], -1).gather(1, pick)[:, :, None].expand(-1, 1, v.shape[2])
     else:
-        value = v.amax(dim=1, keepdim=True)                           # (B, 1, K)
+        seen = v if valid is None else v.masked_fill(~valid[:, :, None], float("-inf"))
+        value = seen.amax(dim=1, keepdim=True)                        # (B, 1, K)
     out = torch.where(zero[:, :, None], torch.zeros((), dtype=v.dtype, device=v.device), v)
     out = torch.where(target[:, :, None], value.to(v.dtype), out)
     return h.index_copy(-1, neurons, out)
@@ -287,7 +308,11 @@ class EditNeurons(RegisterHook):
         R, npre = self.num_registers, self.num_prefix
         shift = shift_mask(self.shift, B, T - npre - R, hb.device)
         target, zero = _target_and_zero_masks(B, T, npre, R, shift, self.preset, hb.device)
-        hb = edit_activations(hb, self.neurons.to(hb.device), target, zero, self.preset)
+        valid = None if _compiling() else _VALID.get()
+        if valid is not None and tuple(valid.shape) != (B, T):
+            valid = None        # a module called outside its block's token layout
+        hb = edit_activations(hb, self.neurons.to(hb.device), target, zero, self.preset,
+                              None if valid is None else valid.to(hb.device))
         return (hb if self.token_dim == 1 else hb.transpose(0, 1), *args[1:])
 
 

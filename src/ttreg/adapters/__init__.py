@@ -1,19 +1,31 @@
-"""Model-family adapters and ``wrap``, which picks the right one for a module."""
+"""Model-family adapters and ``wrap``, which picks the right one for a module (or, given names,
+describes any ViT: :mod:`ttreg.adapters.generic`)."""
 from __future__ import annotations
 
 import torch.nn as nn
 
 from .base import Adapter
+from .generic import SPEC_ATTR, GenericAdapter, WrapSpec, wrap_custom
+from .timm_eva import TimmEvaAdapter
+from .timm_naflex import TimmNaFlexAdapter
 from .timm_vit import TimmViTAdapter
 
 #: tried in order; the first whose ``matches`` accepts the model wins
-ADAPTERS: list[type[Adapter]] = [TimmViTAdapter]
+ADAPTERS: list[type[Adapter]] = [TimmViTAdapter, TimmEvaAdapter, TimmNaFlexAdapter]
 
-SUPPORTED = (
-    "timm VisionTransformer (DINOv2, CLIP towers, DeiT, trained registers); "
-    "transformers Dinov2Model, Dinov2WithRegistersModel, ViTModel, CLIPVisionModel, CLIPModel, "
-    "SiglipVisionModel, LLaVA vision towers; open_clip CLIP models"
-)
+#: what ``wrap(model)`` recognises, by library (README's table and docs/families.md list the same)
+SUPPORTED_BY_LIBRARY = {
+    "timm": ("VisionTransformer (DINOv2, CLIP towers, DeiT, trained registers), Eva (EVA-02, "
+             "EVA-CLIP, DINOv3 vit_*_dinov3, PE-Core vit_pe_core_*), NaFlexVit"),
+    "transformers": ("Dinov2Model, Dinov2WithRegistersModel, ViTModel, CLIPVisionModel, CLIPModel, "
+                     "SiglipVisionModel, SiglipModel, DINOv3ViTModel, Siglip2VisionModel, Siglip2Model, "
+                     "Aimv2VisionModel, Aimv2Model, InternVLVisionModel, and the vision tower of the VLMs "
+                     "LLaVA, LLaVA-OneVision, PaliGemma, Gemma 3, Idefics3, SmolVLM and InternVL "
+                     "(*ForConditionalGeneration / *Model; not Qwen2.5-VL)"),
+    "open_clip": "CLIP models (own ViT towers, and timm VisionTransformer / Eva trunks)",
+}
+SUPPORTED = "; ".join(f"{lib} {what}" for lib, what in SUPPORTED_BY_LIBRARY.items()) + (
+    "; any other ViT: ttreg.wrap(model, blocks=..., attention=..., mlp_down=...)")
 
 
 def _libraries(model: nn.Module) -> set[str]:
@@ -37,14 +49,26 @@ def _register_optional(model: nn.Module) -> None:
                 ADAPTERS.append(cls)
 
 
-def wrap(model: nn.Module | Adapter) -> Adapter:
-    """Return the adapter for ``model`` (an adapter is returned as is)."""
+def wrap(model: nn.Module | Adapter, **names) -> Adapter:
+    """Return the adapter for ``model`` (an adapter is returned as is).
+
+    With keyword arguments (``blocks=``, ``attention=``, ``mlp_down=``, ``num_prefix_tokens=``,
+    ... see :mod:`ttreg.adapters.generic`) any ViT is described by the names given and the parts
+    found by role; the description is kept on the model, so later calls need no names.
+    """
     if isinstance(model, Adapter):
+        if names:
+            raise TypeError("ttreg.wrap got an adapter and names; pass the model itself with names")
         return model
     if hasattr(model, "_orig_mod") and type(model).__name__ == "OptimizedModule":
         raise TypeError("this model was compiled with torch.compile, and compiled code ignores "
                         "hooks added afterwards: give ttreg the original module (install test-time "
                         "registers first, then compile)")
+    if names:
+        return wrap_custom(model, **names)
+    spec = getattr(model, SPEC_ATTR, None)
+    if isinstance(spec, WrapSpec):
+        return GenericAdapter(model, spec)
     _register_optional(model)
     for cls in ADAPTERS:
         if cls.matches(model):
@@ -53,4 +77,5 @@ def wrap(model: nn.Module | Adapter) -> Adapter:
                     f"supported: {SUPPORTED}")
 
 
-__all__ = ["Adapter", "TimmViTAdapter", "ADAPTERS", "SUPPORTED", "wrap"]
+__all__ = ["Adapter", "GenericAdapter", "TimmViTAdapter", "TimmEvaAdapter", "TimmNaFlexAdapter",
+           "ADAPTERS", "SUPPORTED", "SUPPORTED_BY_LIBRARY", "WrapSpec", "wrap"]

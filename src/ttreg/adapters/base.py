@@ -195,6 +195,77 @@ class Adapter:
                 f"width {self.embed_dim}, MLP {self.mlp_width(0)})")
 
 
+class DelegatingAdapter(Adapter):
+    """An adapter for a model that contains a supported one (a VLM's vision tower, an open_clip
+    tower around a timm trunk): everything structural is ``inner``'s, so a neuron set found on
+    the inner model applies to the outer one and back (same architecture, same fingerprint)."""
+
+    inner: Adapter
+
+    @property
+    def token_dim(self) -> int:  # type: ignore[override]
+        return self.inner.token_dim
+
+    @property
+    def blocks(self) -> Sequence[nn.Module]:
+        return self.inner.blocks
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return self.inner.num_prefix_tokens
+
+    @property
+    def embed_dim(self) -> int:
+        return self.inner.embed_dim
+
+    @property
+    def patch_size(self) -> tuple[int, int]:
+        return self.inner.patch_size
+
+    def down_proj(self, layer: int) -> nn.Module:
+        return self.inner.down_proj(layer)
+
+    def attention(self, layer: int) -> nn.Module:
+        return self.inner.attention(layer)
+
+    def entry_module(self, layer: int) -> nn.Module:
+        return self.inner.entry_module(layer)
+
+    def pre_block_module(self) -> nn.Module | None:
+        return self.inner.pre_block_module()
+
+    def output_trims(self, num_registers: int) -> list[tuple[nn.Module, Any]]:
+        return self.inner.output_trims(num_registers)
+
+    @property
+    def block_io(self) -> "BlockIO":
+        return self.inner.block_io
+
+    def run(self, x: torch.Tensor) -> Any:
+        return self.inner.run(x)
+
+    def image_size(self) -> tuple[int, int]:
+        return self.inner.image_size()
+
+    def mean_std(self):
+        return self.inner.mean_std()
+
+    def parameter(self) -> torch.Tensor:
+        return self.inner.parameter()
+
+    def grid_size(self, x: torch.Tensor) -> tuple[int, int]:
+        return self.inner.grid_size(x)
+
+    def attention_probs(self, layers: Sequence[int]):
+        return self.inner.attention_probs(layers)
+
+    def architecture(self) -> dict[str, Any]:
+        return self.inner.architecture()
+
+    def fingerprint_module(self) -> nn.Module:
+        return self.inner.fingerprint_module()
+
+
 def initial_registers(pre: nn.Module | None, batch: int, num: int, like: torch.Tensor) -> torch.Tensor:
     """``num`` test-time registers as the first block sees them: zeros added after the position
     embedding, through ``pre`` (the token-wise module before the first block, e.g. CLIP's
@@ -237,6 +308,11 @@ class BlockIO:
         appended tokens. Nothing to adjust by default."""
         return args, kwargs
 
+    def valid_tokens(self, args: tuple, kwargs: dict) -> torch.Tensor | None:
+        """``(B, T)`` bool: which of the block input's ``T`` tokens are real (not padding), or None
+        when all are. Padding is read from the block's attention mask (see :class:`TokenInputsIO`)."""
+        return None
+
     def output(self, output: Any) -> torch.Tensor:
         return output[0] if isinstance(output, (tuple, list)) else output
 
@@ -249,3 +325,131 @@ class BlockIO:
 
     def batch_first(self, t: torch.Tensor) -> torch.Tensor:
         return t if self.token_dim == 1 else t.transpose(0, 1)
+
+
+#: rotary-table layouts :class:`TokenInputsIO` can extend
+ROTARY_LAYOUTS = ("sincos_cat", "cos_sin")
+
+
+def extend_rotary(table: Any, num: int, layout: str = "sincos_cat") -> Any:
+    """A rotary table for the patch tokens, extended by ``num`` rows that rotate by nothing.
+
+    Libraries rotate only the tokens after the prefix (timm's ``eva.py`` skips
+    ``num_prefix_tokens``; Hugging Face DINOv3 treats every token before the table's rows as
+    prefix), so the appended registers sit after the patches, inside the rotated range. Their
+    rows are the identity rotation (cos 1, sin 0): a register gets no position, exactly like a
+    prefix token. Layouts: ``"sincos_cat"`` -- one tensor ``(..., N, 2d)`` holding ``[sin | cos]``
+    (timm); ``"cos_sin"`` -- a ``(cos, sin)`` pair of ``(..., N, d)`` tensors (transformers).
+    """
+    if table is None or not num:
+        return table
+    if layout == "sincos_cat":
+        d = table.shape[-1] // 2
+        rows = torch.cat([table.new_zeros(*table.shape[:-2], num, d),
+                          table.new_ones(*table.shape[:-2], num, table.shape[-1] - d)], dim=-1)
+        return torch.cat([table, rows], dim=-2)
+    if layout == "cos_sin":
+        cos, sin = table
+        ones = cos.new_ones(*cos.shape[:-2], num, cos.shape[-1])
+        zeros = sin.new_zeros(*sin.shape[:-2], num, sin.shape[-1])
+        return type(table)((torch.cat([cos, ones], dim=-2), torch.cat([sin, zeros], dim=-2)))
+    raise ValueError(f"unknown rotary layout {layout!r}; one of {ROTARY_LAYOUTS}")
+
+
+#: an additive mask entry at or below this hides the key (transformers and timm use the dtype's
+#: minimum, SDPA users -inf, older code -1e4 or -1e9)
+MASKED = -1e4
+
+
+def _allowed(mask: torch.Tensor) -> torch.Tensor:
+    """Boolean "may attend" of a mask: bool masks as they are, additive masks where not hugely negative."""
+    if mask.dtype == torch.bool:
+        return mask
+    return mask > MASKED if mask.is_floating_point() else mask != 0
+
+
+def mask_keys(mask: torch.Tensor) -> torch.Tensor:
+    """``(B, K)`` bool: the keys (tokens) an attention mask ``(B, [heads,] Q, K)`` lets any query
+    see -- the real tokens; padding is hidden from every query."""
+    allowed = _allowed(mask if mask.dim() > 2 else mask[None])
+    return allowed.reshape(allowed.shape[0], -1, allowed.shape[-1]).any(dim=1)
+
+
+def extend_mask(mask: torch.Tensor | None, num: int) -> torch.Tensor | None:
+    """An attention mask ``(B, [heads,] Q, K)`` over ``K`` tokens extended to ``K + num``: the
+    registers are masked in, padding stays out.
+
+    A query that may attend to anything may attend to the registers (new columns); a register, as
+    a query, attends to the real tokens and the registers (new rows, when the mask has one row per
+    token; key-only masks with ``Q == 1`` broadcast). Fully masked rows (padding as queries in
+    symmetric masks) stay fully masked. Bool and additive (0 / large negative) masks keep their
+    dtype and values.
+    """
+    if mask is None or not num:
+        return mask
+    if mask.dim() == 2:                       # one (Q, K) mask for the whole batch
+        return extend_mask(mask[None], num)[0]
+    allowed = _allowed(mask)
+    if mask.dtype == torch.bool:
+        yes, no = torch.ones((), dtype=torch.bool), torch.zeros((), dtype=torch.bool)
+    else:
+        yes = torch.zeros((), dtype=mask.dtype)
+        no = mask.amin() if bool((~allowed).any()) else torch.tensor(torch.finfo(mask.dtype).min, dtype=mask.dtype)
+    yes, no = yes.to(mask.device), no.to(mask.device)
+    rows_on = allowed.any(dim=-1, keepdim=True)                          # (B, h, Q, 1)
+    cols = torch.where(rows_on, yes, no).expand(*mask.shape[:-1], num)
+    out = torch.cat([mask, cols.to(mask.dtype)], dim=-1)                 # (B, h, Q, K + num)
+    Q, K = mask.shape[-2], mask.shape[-1]
+    if Q == K and Q > 1:
+        keys = allowed.reshape(allowed.shape[0], -1, K).any(dim=1)       # (B, K)
+        keys = torch.cat([keys, keys.new_ones(keys.shape[0], num)], dim=1)
+        lead = mask.shape[1:-2]
+        row = torch.where(keys, yes, no).to(mask.dtype)                  # (B, K + num)
+        row = row.reshape(row.shape[0], *([1] * len(lead)), 1, K + num)
+        out = torch.cat([out, row.expand(mask.shape[0], *lead, num, K + num)], dim=-2)
+    return out
+
+
+@dataclass(frozen=True)
+class TokenInputsIO(BlockIO):
+    """:class:`BlockIO` for blocks that take per-token inputs besides the hidden state.
+
+    ``rotary``: keyword arguments that hold a rotary table over the patch tokens (``layout`` as
+    :func:`extend_rotary`); each is extended with identity rows for the registers.
+    ``masks``: ``(keyword, position)`` of attention masks (position: the mask's index among the
+    positional arguments, or -1 if only passed by keyword); each is extended by
+    :func:`extend_mask` and tells which tokens are padding (:meth:`valid_tokens`).
+    """
+
+    rotary: tuple[str, ...] = ()
+    layout: str = "sincos_cat"
+    masks: tuple[tuple[str, int], ...] = ()
+
+    def _find_mask(self, args: tuple, kwargs: dict) -> tuple[str | int | None, Any]:
+        for key, pos in self.masks:
+            if kwargs.get(key) is not None:
+                return key, kwargs[key]
+            if 0 <= pos < len(args) and args[pos] is not None:
+                return pos, args[pos]
+        return None, None
+
+    def extend_inputs(self, args: tuple, kwargs: dict, num_registers: int) -> tuple[tuple, dict]:
+        if not num_registers:
+            return args, kwargs
+        kwargs = dict(kwargs)
+        for key in self.rotary:
+            if kwargs.get(key) is not None:
+                kwargs[key] = extend_rotary(kwargs[key], num_registers, self.layout)
+        where, mask = self._find_mask(args, kwargs)
+        if isinstance(where, str):
+            kwargs[where] = extend_mask(mask, num_registers)
+        elif isinstance(where, int):
+            args = (*args[:where], extend_mask(mask, num_registers), *args[where + 1:])
+        return args, kwargs
+
+    def valid_tokens(self, args: tuple, kwargs: dict) -> torch.Tensor | None:
+        _, mask = self._find_mask(args, kwargs)
+        if not torch.is_tensor(mask) or mask.dim() < 2:
+            return None
+        keys = mask_keys(mask)
+        return None if bool(keys.all()) else keys

@@ -1,12 +1,20 @@
-"""Adapters for Hugging Face ``transformers`` vision models: Dinov2, Dinov2WithRegisters, ViT,
-CLIPVision, CLIP (image side), SiglipVision and the vision tower of LLaVA-style models.
+"""Adapters for Hugging Face ``transformers`` vision models.
+
+Encoders: Dinov2, Dinov2WithRegisters, ViT, CLIPVision, CLIP (image side), SiglipVision, Siglip
+(image side), DINOv3ViT (CLS + register tokens, RoPE), Siglip2Vision / Siglip2 (NaFlex:
+pre-patchified pixels, padding masks), Aimv2Vision / Aimv2, InternVLVision. VLMs -- LLaVA,
+LLaVA-OneVision, PaliGemma, Gemma 3, Idefics3, SmolVLM, InternVL -- through their vision tower
+(:class:`HFVLMAdapter`). Qwen2.5-VL is refused with a reason (:class:`HFQwen25VLRefusal`).
 
 Structure is found by role, not by attribute name, so the 4.5x and the 5.x module layouts both
 work: the blocks are the ``ModuleList`` of ``num_hidden_layers`` identical layers; in a layer the
 attention is the outermost ``*Attention*`` submodule, and the MLP down-projection is the
 ``nn.Linear`` outside it that maps the widest input back to ``hidden_size`` (``fc2``,
-``mlp.fc2``, ``output.dense``, ``down_proj``). Transformers is never imported to recognise a
-model; classes are matched by name along the model's MRO.
+``mlp.fc2``, ``output.dense``, ``down_proj``). Layers that take an ``attention_mask`` get it
+extended for the registers (registers masked in, padding kept out); DINOv3's rotary
+``position_embeddings`` get identity rows (a register has no rotary position, like CLS and the
+register tokens). Transformers is never imported to recognise a model; classes are matched by
+name along the model's MRO.
 """
 from __future__ import annotations
 
@@ -18,14 +26,17 @@ import torch
 import torch.nn as nn
 
 from ..hooks import HookSet, OwnedHook
-from .base import Adapter
+from . import roles
+from .base import Adapter, BlockIO, DelegatingAdapter, TokenInputsIO
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 HALF = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 OPENAI_CLIP = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
 #: normalisation the matching HF image processors use, by vision ``model_type``
 MEAN_STD = {"dinov2": IMAGENET, "dinov2_with_registers": IMAGENET, "vit": HALF,
-            "clip_vision_model": OPENAI_CLIP, "siglip_vision_model": HALF}
+            "clip_vision_model": OPENAI_CLIP, "siglip_vision_model": HALF, "dinov3_vit": IMAGENET,
+            "siglip2_vision_model": HALF, "aimv2_vision_model": OPENAI_CLIP,
+            "internvl_vision": IMAGENET, "idefics3_vision": HALF, "smolvlm_vision": HALF}
 
 
 def hf_class_names(model: nn.Module) -> set[str]:
@@ -73,16 +84,19 @@ def find_down_proj(layer: nn.Module, hidden: int) -> nn.Linear:
     Ties (an MLP ratio of 1) go to the last such module registered, which is the down-projection
     in every HF layout (``intermediate.dense`` precedes ``output.dense``, ``fc1`` precedes ``fc2``).
     """
-    attn, _ = find_attention(layer)
-    best = None
-    for name, mod in layer.named_modules():
-        if name == attn or name.startswith(attn + ".") or not isinstance(mod, nn.Linear):
-            continue
-        if mod.out_features == hidden and (best is None or mod.in_features >= best.in_features):
-            best = mod
+    best = roles.down_projection(layer, hidden, find_attention(layer)[1])
     if best is None:
         raise TypeError(f"cannot find the MLP down-projection of {type(layer).__name__}")
     return best
+
+
+def _arg_index(module: nn.Module, name: str) -> int:
+    """Position of argument ``name`` of ``module.forward`` among the positional ones (-1: none)."""
+    try:
+        params = list(inspect.signature(module.forward).parameters)
+    except (TypeError, ValueError):
+        return -1
+    return params.index(name) if name in params else -1
 
 
 def _pair(v) -> tuple[int, int]:
@@ -187,6 +201,11 @@ class HFVisionAdapter(Adapter):
 
     def pre_block_module(self) -> nn.Module | None:
         return get_path(self.vision, "pre_layrnorm", "vision_model.pre_layrnorm")
+
+    @property
+    def block_io(self) -> BlockIO:
+        """An ``attention_mask`` argument of the layers is extended for the registers."""
+        return TokenInputsIO(self.token_dim, masks=(("attention_mask", _arg_index(self._layers[0], "attention_mask")),))
 
     def output_trims(self, num_registers: int) -> list[tuple[nn.Module, Any]]:
         """transformers records ``hidden_states`` and ``attentions`` from inside the layers, where
@@ -294,23 +313,165 @@ class HFCLIPAdapter(HFVisionAdapter):
         return model.vision_model
 
 
-class HFLlavaAdapter(HFVisionAdapter):
-    """LLaVA-style VLMs: the vision tower (``model.vision_tower`` in transformers 5,
-    ``vision_tower`` before). The projector reads ``hidden_states[vision_feature_layer]``,
+class HFDINOv3Adapter(HFVisionAdapter):
+    """``DINOv3ViTModel``: CLS + register tokens, no absolute position embedding, RoPE on the
+    patch tokens. The layers take ``position_embeddings=(cos, sin)`` for the patches and treat
+    every token before them as prefix, so the registers get identity rows (no rotary position)."""
+    class_names = ("DINOv3ViTModel",)
+
+    @property
+    def block_io(self) -> BlockIO:
+        return TokenInputsIO(self.token_dim, rotary=("position_embeddings",), layout="cos_sin")
+
+
+class HFSiglip2Adapter(HFVisionAdapter):
+    """``Siglip2VisionModel`` / ``Siglip2Model`` (image side), the NaFlex SigLIP 2.
+
+    The model takes pre-patchified pixels ``(B, N, P*P*C)`` with ``pixel_attention_mask`` and
+    ``spatial_shapes``; ``run`` patchifies an image batch (every patch real). On padded NaFlex
+    batches the layers' attention mask is extended: registers masked in, padding kept out (and
+    kept out of the register edit)."""
+    class_names = ("Siglip2VisionModel", "Siglip2Model")
+
+    def vision_module(self, model: nn.Module) -> nn.Module:
+        return model.vision_model if "Siglip2Model" in hf_class_names(model) else model
+
+    def image_size(self) -> tuple[int, int]:
+        side = round(int(self.config.num_patches) ** 0.5) * int(self.config.patch_size)
+        return (side, side)
+
+    def run(self, x: torch.Tensor) -> Any:
+        return self.vision(**siglip2_inputs(x, int(self.config.patch_size)))
+
+
+def siglip2_inputs(x: torch.Tensor, patch: int) -> dict[str, torch.Tensor]:
+    """Siglip2 keyword inputs for an image batch ``(B, C, H, W)``: patches flattened as the
+    Siglip2 image processor does (row-major patches, each ``(P, P, C)``), all of them real."""
+    B, C, H, W = x.shape
+    rows, cols = H // patch, W // patch
+    p = x[:, :, :rows * patch, :cols * patch].reshape(B, C, rows, patch, cols, patch)
+    p = p.permute(0, 2, 4, 3, 5, 1).reshape(B, rows * cols, patch * patch * C)
+    return {"pixel_values": p,
+            "pixel_attention_mask": torch.ones(B, rows * cols, dtype=torch.long, device=x.device),
+            "spatial_shapes": torch.tensor([[rows, cols]] * B, dtype=torch.long, device=x.device)}
+
+
+class HFAimv2Adapter(HFVisionAdapter):
+    """``Aimv2VisionModel`` / ``Aimv2Model`` (image side): no prefix token, RMS norms, SwiGLU MLP
+    (the neuron site is ``act(gate) * up``, the input of ``down_proj``)."""
+    class_names = ("Aimv2VisionModel", "Aimv2Model")
+
+    def vision_module(self, model: nn.Module) -> nn.Module:
+        return model.vision_model if "Aimv2Model" in hf_class_names(model) else model
+
+
+class HFInternVLVisionAdapter(HFVisionAdapter):
+    """``InternVLVisionModel`` (InternViT): CLS, LayerScale, layer norms or RMS norms."""
+    class_names = ("InternVLVisionModel",)
+
+
+class HFIdefics3VisionAdapter(HFVisionAdapter):
+    """The SigLIP-style towers of Idefics3 and SmolVLM (``Idefics3VisionTransformer``,
+    ``SmolVLMVisionTransformer``): no prefix token; padded image batches come with a patch
+    attention mask, which the registers join."""
+    class_names = ("Idefics3VisionTransformer", "SmolVLMVisionTransformer")
+
+
+class HFVLMAdapter(DelegatingAdapter):
+    """A vision-language model, through its vision tower: structure, running and fingerprint are
+    the tower's own adapter's (so a neuron set found on the tower applies to the VLM and back).
+    Test-time registers live inside the tower's blocks and are cut from every block output, so
+    what the projector and the language model receive keeps its shape."""
+
+    family = "hf"
+    class_names: tuple[str, ...] = ()
+    #: where VLMs keep the tower (transformers 5 first, then 4.x)
+    TOWER_PATHS = ("model.vision_tower", "vision_tower", "model.vision_model", "vision_model")
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return bool(hf_class_names(model) & set(cls.class_names))
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        tower = get_path(model, *self.TOWER_PATHS)
+        if not isinstance(tower, nn.Module):
+            raise TypeError(f"{type(model).__name__} has no single vision tower")
+        from . import wrap
+        self.vision = tower
+        self.inner = wrap(tower)
+
+    def describe(self) -> str:
+        return f"{type(self.model).__name__} vision tower: {self.inner.describe()}"
+
+
+class HFLlavaAdapter(HFVLMAdapter):
+    """LLaVA-style VLMs (CLIP tower). The projector reads ``hidden_states[vision_feature_layer]``,
     which keeps its shape."""
     class_names = ("LlavaForConditionalGeneration", "LlavaModel")
 
-    def vision_module(self, model: nn.Module) -> nn.Module:
-        tower = get_path(model, "model.vision_tower", "vision_tower")
-        if not isinstance(tower, nn.Module):
-            raise TypeError(f"{type(model).__name__} has no single vision tower")
-        return tower
+
+class HFLlavaOnevisionAdapter(HFVLMAdapter):
+    """LLaVA-OneVision (SigLIP tower, any-resolution tiles)."""
+    class_names = ("LlavaOnevisionForConditionalGeneration", "LlavaOnevisionModel")
+
+
+class HFPaliGemmaAdapter(HFVLMAdapter):
+    """PaliGemma (SigLIP tower)."""
+    class_names = ("PaliGemmaForConditionalGeneration", "PaliGemmaModel")
+
+
+class HFGemma3Adapter(HFVLMAdapter):
+    """Gemma 3 (SigLIP tower, pooled to ``mm_tokens_per_image``)."""
+    class_names = ("Gemma3ForConditionalGeneration", "Gemma3Model")
+
+
+class HFIdefics3Adapter(HFVLMAdapter):
+    """Idefics3 and SmolVLM (SigLIP-style tower with patch masks, pixel-shuffle connector)."""
+    class_names = ("Idefics3ForConditionalGeneration", "Idefics3Model",
+                   "SmolVLMForConditionalGeneration", "SmolVLMModel")
+
+
+class HFInternVLAdapter(HFVLMAdapter):
+    """InternVL (InternViT tower, pixel-shuffle projector)."""
+    class_names = ("InternVLForConditionalGeneration", "InternVLModel")
+
+
+#: why Qwen2.5-VL's vision tower cannot carry a test-time register (also in docs/families.md)
+QWEN25_VL_REASON = (
+    "ttreg cannot carry a test-time register faithfully through Qwen2.5-VL's vision tower: most "
+    "of its blocks use windowed attention over a packed sequence of all images (one token sees "
+    "only its own window), so an appended register could serve as the global sink the method "
+    "moves outliers into only in the few full-attention blocks; a register would also have to be "
+    "threaded through the window permutation and kept out of the 2x2 patch merger. See "
+    "docs/families.md")
+
+
+class HFQwen25VLRefusal(Adapter):
+    """Qwen2.5-VL: recognised and refused with the reason (:data:`QWEN25_VL_REASON`)."""
+
+    family = "hf"
+    class_names = ("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLModel",
+                   "Qwen2_5_VisionTransformerPretrainedModel")
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return bool(hf_class_names(model) & set(cls.class_names))
+
+    def __init__(self, model: nn.Module) -> None:
+        raise TypeError(QWEN25_VL_REASON)
 
 
 #: tried in order by :func:`ttreg.wrap`; most specific first
-HF_ADAPTERS: list[type[Adapter]] = [HFLlavaAdapter, HFCLIPAdapter, HFDinov2Adapter, HFViTAdapter,
-                                    HFCLIPVisionAdapter, HFSiglipVisionAdapter]
+HF_ADAPTERS: list[type[Adapter]] = [
+    HFQwen25VLRefusal, HFLlavaAdapter, HFLlavaOnevisionAdapter, HFPaliGemmaAdapter, HFGemma3Adapter,
+    HFIdefics3Adapter, HFInternVLAdapter, HFCLIPAdapter, HFSiglip2Adapter, HFAimv2Adapter,
+    HFDinov2Adapter, HFDINOv3Adapter, HFViTAdapter, HFCLIPVisionAdapter, HFSiglipVisionAdapter,
+    HFInternVLVisionAdapter, HFIdefics3VisionAdapter]
 
 __all__ = ["HF_ADAPTERS", "HFVisionAdapter", "HFDinov2Adapter", "HFViTAdapter", "HFCLIPVisionAdapter",
-           "HFSiglipVisionAdapter", "HFCLIPAdapter", "HFLlavaAdapter", "find_layers", "find_attention",
-           "find_down_proj", "get_path"]
+           "HFSiglipVisionAdapter", "HFCLIPAdapter", "HFDINOv3Adapter", "HFSiglip2Adapter",
+           "HFAimv2Adapter", "HFInternVLVisionAdapter", "HFIdefics3VisionAdapter", "HFVLMAdapter",
+           "HFLlavaAdapter", "HFLlavaOnevisionAdapter", "HFPaliGemmaAdapter", "HFGemma3Adapter",
+           "HFIdefics3Adapter", "HFInternVLAdapter", "HFQwen25VLRefusal", "QWEN25_VL_REASON",
+           "siglip2_inputs", "find_layers", "find_attention", "find_down_proj", "get_path"]

@@ -28,7 +28,7 @@ from open_clip.transformer import Attention as CustomAttention
 from open_clip.transformer import VisionTransformer as OpenCLIPVisionTransformer
 
 from ..hooks import HookSet
-from .base import Adapter
+from .base import Adapter, DelegatingAdapter
 from .timm_vit import TimmViTAdapter
 
 def _split(model: nn.Module) -> tuple[nn.Module, bool]:
@@ -188,10 +188,11 @@ class OpenCLIPViTAdapter(_OpenCLIPModel):
                 f"MLP {self.mlp_width(0)})")
 
 
-class OpenCLIPTimmAdapter(_OpenCLIPModel):
-    """open_clip towers around a timm ``VisionTransformer`` (``visual.trunk``).
+class OpenCLIPTimmAdapter(DelegatingAdapter, _OpenCLIPModel):
+    """open_clip towers around a timm trunk (``visual.trunk``): ``VisionTransformer`` (SigLIP,
+    ...) or ``Eva`` (EVA02-CLIP, PE-Core).
 
-    Everything structural is the timm adapter's on the trunk; ``run`` goes through the open_clip
+    Everything structural is the trunk's timm adapter's; ``run`` goes through the open_clip
     model (``encode_image``, or the ``TimmModel``'s pooling and projection head).
     """
 
@@ -200,62 +201,35 @@ class OpenCLIPTimmAdapter(_OpenCLIPModel):
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
         self.visual, self.whole = _split(model)
-        self.trunk = TimmViTAdapter(self.visual.trunk)
+        self.trunk = self.inner = _timm_adapter(self.visual.trunk)
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
         visual = _split(model)[0]
-        return isinstance(visual, TimmModel) and TimmViTAdapter.matches(getattr(visual, "trunk", None))
+        return isinstance(visual, TimmModel) and _timm_adapter_class(getattr(visual, "trunk", None)) is not None
 
-    @property
-    def token_dim(self) -> int:  # type: ignore[override]
-        return self.trunk.token_dim
-
-    @property
-    def blocks(self) -> Sequence[nn.Module]:
-        return self.trunk.blocks
-
-    @property
-    def num_prefix_tokens(self) -> int:
-        return self.trunk.num_prefix_tokens
-
-    @property
-    def embed_dim(self) -> int:
-        return self.trunk.embed_dim
-
-    @property
-    def patch_size(self) -> tuple[int, int]:
-        return self.trunk.patch_size
-
-    def down_proj(self, layer: int) -> nn.Module:
-        return self.trunk.down_proj(layer)
-
-    def attention(self, layer: int) -> nn.Module:
-        return self.trunk.attention(layer)
-
-    def entry_module(self, layer: int) -> nn.Module:
-        return self.trunk.entry_module(layer)
-
-    def pre_block_module(self) -> nn.Module | None:
-        return self.trunk.pre_block_module()
-
-    def grid_size(self, x: torch.Tensor) -> tuple[int, int]:
-        return self.trunk.grid_size(x)
-
-    def attention_probs(self, layers: Sequence[int]):
-        return self.trunk.attention_probs(layers)
-
-    def parameter(self) -> torch.Tensor:
-        return self.trunk.parameter()
-
-    def architecture(self):
-        return self.trunk.architecture()
+    run = _OpenCLIPModel.run
+    image_size = _OpenCLIPModel.image_size
+    mean_std = _OpenCLIPModel.mean_std
 
     def fingerprint_module(self) -> nn.Module:
         return self.trunk.model
 
     def describe(self) -> str:
         return f"open_clip {type(self.model).__name__} with a {self.trunk.describe()} trunk"
+
+
+def _timm_adapter_class(trunk) -> type | None:
+    from .timm_eva import TimmEvaAdapter
+    from .timm_naflex import TimmNaFlexAdapter
+    for cls in (TimmViTAdapter, TimmEvaAdapter, TimmNaFlexAdapter):
+        if isinstance(trunk, nn.Module) and cls.matches(trunk):
+            return cls
+    return None
+
+
+def _timm_adapter(trunk: nn.Module) -> Adapter:
+    return _timm_adapter_class(trunk)(trunk)
 
 
 OPEN_CLIP_ADAPTERS: list[type[Adapter]] = [OpenCLIPViTAdapter, OpenCLIPTimmAdapter]

@@ -3,6 +3,7 @@ gated MLPs, ``dynamic_img_size``)."""
 from __future__ import annotations
 
 import contextlib
+import importlib
 from typing import Iterator, Sequence
 
 import torch
@@ -12,20 +13,27 @@ from ..hooks import HookSet
 from .base import Adapter
 
 
-def _is_timm_vit(model: nn.Module) -> bool:
+def is_timm(model: nn.Module, module: str, name: str) -> bool:
+    """Is ``model`` an instance of timm's ``timm.models.<module>.<name>`` (False without timm)?"""
     try:
-        from timm.models.vision_transformer import VisionTransformer
-    except ImportError:
+        cls = getattr(importlib.import_module(f"timm.models.{module}"), name)
+    except (ImportError, AttributeError):
         return False
-    return isinstance(model, VisionTransformer)
+    return isinstance(model, cls)
 
 
 class TimmViTAdapter(Adapter):
     family = "timm"
+    #: ``(module, class)`` of the timm model class this adapter takes
+    timm_class = ("vision_transformer", "VisionTransformer")
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
-        return _is_timm_vit(model)
+        return is_timm(model, *cls.timm_class)
+
+    @property
+    def patch_embed(self) -> nn.Module:
+        return self.model.patch_embed
 
     @property
     def blocks(self) -> Sequence[nn.Module]:
@@ -41,7 +49,7 @@ class TimmViTAdapter(Adapter):
 
     @property
     def patch_size(self) -> tuple[int, int]:
-        ps = self.model.patch_embed.patch_size
+        ps = self.patch_embed.patch_size
         return (int(ps[0]), int(ps[1])) if isinstance(ps, (tuple, list)) else (int(ps), int(ps))
 
     def down_proj(self, layer: int) -> nn.Module:
@@ -58,7 +66,7 @@ class TimmViTAdapter(Adapter):
         return None if isinstance(pre, nn.Identity) else pre
 
     def image_size(self) -> tuple[int, int]:
-        size = getattr(self.model.patch_embed, "img_size", None)
+        size = getattr(self.patch_embed, "img_size", None)
         if size is None:
             return super().image_size()
         return (int(size[0]), int(size[1])) if isinstance(size, (tuple, list)) else (int(size),) * 2
@@ -73,7 +81,7 @@ class TimmViTAdapter(Adapter):
         return self.model.forward_features(x)
 
     def grid_size(self, x: torch.Tensor) -> tuple[int, int]:
-        pe = self.model.patch_embed
+        pe = self.patch_embed
         if hasattr(pe, "dynamic_feat_size") and getattr(self.model, "dynamic_img_size", False):
             return tuple(int(v) for v in pe.dynamic_feat_size(x.shape[-2:]))
         return super().grid_size(x)

@@ -1,7 +1,8 @@
 """Convert a timm ``VisionTransformer`` into the equivalent Hugging Face ``transformers`` model.
 
 Same weights, another library's module: ``Dinov2Model``, ``Dinov2WithRegistersModel``,
-``ViTModel``, ``CLIPVisionModel``, ``SiglipVisionModel``, and ``CLIPModel`` or a tiny
+``ViTModel``, ``CLIPVisionModel``, ``SiglipVisionModel``, ``DINOv3ViTModel`` (from timm's
+``Eva``), ``Siglip2VisionModel`` (from timm's ``NaFlexVit``), and ``CLIPModel`` or a tiny
 ``LlavaForConditionalGeneration`` around a CLIP tower (random text side). The HF config is
 built from the timm model's sizes; the HF modules are found by role (see
 :mod:`ttreg.adapters.hf`), so the 4.5x and 5.x layouts both convert. Outputs match at the
@@ -254,10 +255,7 @@ def timm_to_hf_siglip_vision(timm_model: nn.Module) -> nn.Module:
     s = timm_sizes(m)
     s.pop("qkv_bias")
     pool = getattr(m, "attn_pool", None)
-    if pool is not None and (type(pool).__name__ != "AttentionPoolLatent" or pool.latent_len != 1
-                             or pool.pos_embed is not None or pool.mlp is None
-                             or not isinstance(pool.q, nn.Linear)):
-        raise ValueError("only timm's single-latent AttentionPoolLatent maps to SigLIP's head")
+    _check_attention_pool(pool)
     hf = SiglipVisionModel(SiglipVisionConfig(**s, attention_dropout=0.0, vision_use_head=pool is not None))
     emb = get_path(hf, "embeddings", "vision_model.embeddings")
     emb.position_embedding.weight.copy_(_prefix_and_patch_pos(m)[1])
@@ -265,19 +263,31 @@ def timm_to_hf_siglip_vision(timm_model: nn.Module) -> nn.Module:
     _copy_blocks(hf, m, layer_scale=False)
     _copy(get_path(hf, "post_layernorm", "vision_model.post_layernorm"), m.norm)
     if pool is not None:
-        head = get_path(hf, "head", "vision_model.head")
-        D = s["hidden_size"]
-        head.probe.copy_(pool.latent)
-        head.attention.in_proj_weight.copy_(torch.cat([pool.q.weight, pool.kv.weight]))
-        zero = torch.zeros(D, dtype=pool.kv.weight.dtype, device=pool.kv.weight.device)
-        qb = pool.q.bias if pool.q.bias is not None else zero
-        kvb = pool.kv.bias if pool.kv.bias is not None else torch.cat([zero, zero])
-        head.attention.in_proj_bias.copy_(torch.cat([qb, kvb]))
-        _copy(head.attention.out_proj, pool.proj)
-        _copy(head.layernorm, pool.norm)
-        _copy(head.mlp.fc1, pool.mlp.fc1)
-        _copy(head.mlp.fc2, pool.mlp.fc2)
+        _copy_attention_pool(get_path(hf, "head", "vision_model.head"), pool)
     return _eval(hf, m)
+
+
+def _check_attention_pool(pool: nn.Module | None) -> None:
+    if pool is not None and (type(pool).__name__ != "AttentionPoolLatent" or pool.latent_len != 1
+                             or pool.pos_embed is not None or pool.mlp is None
+                             or not isinstance(pool.q, nn.Linear)):
+        raise ValueError("only timm's single-latent AttentionPoolLatent maps to SigLIP's head")
+
+
+@torch.no_grad()
+def _copy_attention_pool(head: nn.Module, pool: nn.Module) -> None:
+    """timm ``AttentionPoolLatent`` -> SigLIP / SigLIP 2 ``MultiheadAttentionPoolingHead``."""
+    D = pool.q.weight.shape[1]
+    head.probe.copy_(pool.latent)
+    head.attention.in_proj_weight.copy_(torch.cat([pool.q.weight, pool.kv.weight]))
+    zero = torch.zeros(D, dtype=pool.kv.weight.dtype, device=pool.kv.weight.device)
+    qb = pool.q.bias if pool.q.bias is not None else zero
+    kvb = pool.kv.bias if pool.kv.bias is not None else torch.cat([zero, zero])
+    head.attention.in_proj_bias.copy_(torch.cat([qb, kvb]))
+    _copy(head.attention.out_proj, pool.proj)
+    _copy(head.layernorm, pool.norm)
+    _copy(head.mlp.fc1, pool.mlp.fc1)
+    _copy(head.mlp.fc2, pool.mlp.fc2)
 
 
 @torch.no_grad()
@@ -301,6 +311,144 @@ def timm_to_hf_clip(timm_model: nn.Module, text_config=None, *, projection_dim: 
         hf = CLIPModel(cfg)
     _load_clip_tower(hf.vision_model, timm_model)
     return _eval(hf, timm_model)
+
+
+def _block_ok(blk: nn.Module, what: str) -> None:
+    """timm block features the HF layouts below cannot express."""
+    attn = blk.attn
+    for extra in ("q_norm", "k_norm", "norm"):
+        if not isinstance(getattr(attn, extra, nn.Identity()), nn.Identity):
+            raise ValueError(f"timm attention with a {extra} has no {what} counterpart")
+    if getattr(attn, "gate", None) is not None:
+        raise ValueError(f"timm gated attention has no {what} counterpart")
+    if not isinstance(getattr(blk.mlp, "norm", nn.Identity()), nn.Identity):
+        raise ValueError(f"a timm MLP with an inner norm has no {what} counterpart")
+
+
+def _qkv(attn: nn.Module, D: int) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """``[(weight, bias)]`` of q, k, v of a timm ``Attention`` / ``EvaAttention`` (fused or not)."""
+    if getattr(attn, "qkv", None) is not None:
+        ws = attn.qkv.weight.reshape(3, -1, D)
+        if attn.qkv.bias is not None:
+            bs = list(attn.qkv.bias.reshape(3, -1))
+        elif getattr(attn, "q_bias", None) is not None:
+            bs = [attn.q_bias, torch.zeros_like(attn.q_bias), attn.v_bias]
+        else:
+            bs = [None] * 3
+        return list(zip(ws, bs))
+    return [(p.weight, p.bias) for p in (attn.q_proj, attn.k_proj, attn.v_proj)]
+
+
+@torch.no_grad()
+def timm_to_hf_dinov3(timm_model: nn.Module) -> nn.Module:
+    """timm ``Eva`` in the DINOv3 layout (``vit_*_patch16_dinov3``: CLS + storage tokens, no
+    absolute position embedding, ``dinov3`` RoPE with half rotation, LayerScale, plain or SwiGLU
+    MLP) -> ``DINOv3ViTModel``. The rotary tables of the two libraries agree (same periods, same
+    patch-centre coordinates), so outputs match at any image size."""
+    from timm.layers.pos_embed_sincos import RotaryEmbeddingDinoV3
+    from transformers import DINOv3ViTConfig, DINOv3ViTModel
+    m = timm_model
+    if type(m).__name__ != "Eva" or not isinstance(getattr(m, "rope", None), RotaryEmbeddingDinoV3):
+        raise ValueError("timm_to_hf_dinov3 needs a timm Eva with rope_type='dinov3' (vit_*_dinov3)")
+    if m.pos_embed is not None or m.cls_token is None or not isinstance(m.norm_pre, nn.Identity):
+        raise ValueError("DINOv3ViTModel has a CLS token, no absolute position embedding and no pre-norm")
+    if not getattr(m.rope, "rotate_half", True) or type(m.blocks[0]).__name__ != "EvaBlock":
+        raise ValueError("DINOv3ViTModel rotates half the head dims and uses pre-norm blocks")
+    blk = m.blocks[0]
+    _block_ok(blk, "DINOv3ViTModel")
+    D, W = int(m.embed_dim), int(blk.mlp.fc2.in_features)
+    gated = type(blk.mlp).__name__ in ("GluMlp", "SwiGLU")
+    act = "silu" if gated else _act_name(blk.mlp.act)
+    bias = _qkv(blk.attn, D)[0][1] is not None
+    ph, pw = m.patch_embed.patch_size
+    cfg = DINOv3ViTConfig(
+        hidden_size=D, intermediate_size=W, num_hidden_layers=len(m.blocks),
+        num_attention_heads=int(blk.attn.num_heads), hidden_act=act,
+        layer_norm_eps=float(blk.norm1.eps), rope_theta=float(m.rope.temperature),
+        image_size=int(m.patch_embed.img_size[0]), patch_size=int(ph),
+        num_register_tokens=int(m.num_prefix_tokens) - 1, layerscale_value=1.0,
+        use_gated_mlp=gated, query_bias=bias, key_bias=False, value_bias=bias,
+        proj_bias=blk.attn.proj.bias is not None, mlp_bias=blk.mlp.fc2.bias is not None,
+        drop_path_rate=0.0)
+    hf = DINOv3ViTModel(cfg)
+    emb = hf.embeddings
+    emb.cls_token.copy_(m.cls_token)
+    if m.reg_token is not None:
+        emb.register_tokens.copy_(m.reg_token)
+    _copy(emb.patch_embeddings, m.patch_embed.proj)
+    for hl, tb in zip(find_layers(hf, len(m.blocks)), m.blocks):
+        _copy(hl.norm1, tb.norm1)
+        _copy(hl.norm2, tb.norm2)
+        for proj, (w, b) in zip((hl.attention.q_proj, hl.attention.k_proj, hl.attention.v_proj),
+                                _qkv(tb.attn, D)):
+            proj.weight.copy_(w)
+            if proj.bias is not None:
+                proj.bias.copy_(b) if b is not None else proj.bias.zero_()
+        _copy(hl.attention.o_proj, tb.attn.proj)
+        for ls, gamma in ((hl.layer_scale1, tb.gamma_1), (hl.layer_scale2, tb.gamma_2)):
+            ls.lambda1.copy_(gamma) if gamma is not None else ls.lambda1.fill_(1.0)
+        mlp = tb.mlp
+        if type(mlp).__name__ == "GluMlp":
+            if getattr(mlp, "gate_last", False):
+                raise ValueError("a GluMlp with gate_last=True has no DINOv3ViTModel counterpart")
+            gate_w, up_w = mlp.fc1.weight.chunk(2)
+            hl.mlp.gate_proj.weight.copy_(gate_w)
+            hl.mlp.up_proj.weight.copy_(up_w)
+            if mlp.fc1.bias is not None:
+                gate_b, up_b = mlp.fc1.bias.chunk(2)
+                hl.mlp.gate_proj.bias.copy_(gate_b)
+                hl.mlp.up_proj.bias.copy_(up_b)
+        elif gated:
+            _copy(hl.mlp.gate_proj, mlp.fc1_g)
+            _copy(hl.mlp.up_proj, mlp.fc1_x)
+        else:
+            _copy(hl.mlp.up_proj, mlp.fc1)
+        _copy(hl.mlp.down_proj, mlp.fc2)
+    _copy(hf.norm, m.norm)
+    return _eval(hf, m)
+
+
+@torch.no_grad()
+def timm_to_hf_siglip2(timm_model: nn.Module) -> nn.Module:
+    """timm ``NaFlexVit`` in the SigLIP 2 layout (``naflexvit_*_siglip``: linear patch embedding
+    on ``(P, P, C)`` patches, a learned square position grid resized bilinearly with antialias, no
+    prefix tokens, plain blocks, ``map`` pooling) -> ``Siglip2VisionModel``."""
+    from transformers import Siglip2VisionConfig, Siglip2VisionModel
+    m = timm_model
+    emb = getattr(m, "embeds", None)
+    if type(m).__name__ != "NaFlexVit" or emb is None or not isinstance(emb.proj, nn.Linear):
+        raise ValueError("timm_to_hf_siglip2 needs a timm NaFlexVit with a linear patch embedding")
+    if (m.num_prefix_tokens or emb.pos_embed_type != "learned" or getattr(m, "rope", None) is not None
+            or not getattr(emb, "channels_last", True)):
+        raise ValueError("Siglip2VisionModel has no prefix tokens, a learned position grid, no RoPE "
+                         "and (P, P, C) patches")
+    if (emb.pos_embed_interp_mode, emb.pos_embed_antialias, emb.pos_embed_align_corners) != ("bilinear", True, False):
+        raise ValueError("Siglip2VisionModel resizes positions bilinearly with antialias "
+                         "(pos_embed_interp_mode='bilinear')")
+    gh, gw = emb.pos_embed.shape[1:3]
+    if gh != gw or not isinstance(m.norm_pre, nn.Identity):
+        raise ValueError("Siglip2VisionModel needs a square position grid and no pre-norm")
+    blk = m.blocks[0]
+    if type(blk).__name__ != "Block":
+        raise ValueError("Siglip2VisionModel needs timm's plain Block")
+    _block_ok(blk, "Siglip2VisionModel")
+    pool = getattr(m, "attn_pool", None)
+    _check_attention_pool(pool)
+    D = int(m.embed_dim)
+    ph, pw = emb.patch_size
+    cfg = Siglip2VisionConfig(
+        hidden_size=D, intermediate_size=int(blk.mlp.fc1.out_features), num_hidden_layers=len(m.blocks),
+        num_attention_heads=int(blk.attn.num_heads), hidden_act=_act_name(blk.mlp.act),
+        layer_norm_eps=float(blk.norm1.eps), num_channels=int(emb.in_chans), num_patches=int(gh * gw),
+        patch_size=int(ph), attention_dropout=0.0, vision_use_head=pool is not None)
+    hf = Siglip2VisionModel(cfg)
+    _copy(hf.embeddings.patch_embedding, emb.proj)
+    hf.embeddings.position_embedding.weight.copy_(emb.pos_embed.reshape(gh * gw, D))
+    _copy_blocks(hf, m, layer_scale=False)
+    _copy(hf.post_layernorm, m.norm)
+    if pool is not None:
+        _copy_attention_pool(hf.head, pool)
+    return _eval(hf, m)
 
 
 def tiny_text_config(**overrides):
@@ -335,4 +483,4 @@ def timm_to_hf_llava(timm_model: nn.Module, text_config=None, *, vision_feature_
 
 __all__ = ["timm_to_hf_dinov2", "timm_to_hf_dinov2_with_registers", "timm_to_hf_vit",
            "timm_to_hf_clip_vision", "timm_to_hf_clip", "timm_to_hf_siglip_vision", "timm_to_hf_llava",
-           "tiny_text_config", "timm_sizes"]
+           "timm_to_hf_dinov3", "timm_to_hf_siglip2", "tiny_text_config", "timm_sizes"]
