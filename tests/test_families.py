@@ -763,7 +763,8 @@ def test_generic_adapter_runs_the_whole_pipeline(zoo, tmp_path):
     pics = [Image.fromarray((torch.rand(40, 48, 3) * 255).byte().numpy()) for _ in range(2)]
     results, written = inspect_images(model, make_transform((SIZE, SIZE), (0.5,) * 3, (0.5,) * 3),
                                       resolve_images(pics), neurons, tmp_path / "inspect")
-    assert len(results["images"]) == 2 and all(p.is_file() and p.suffix == ".png" for p in written)
+    pngs = [p for p in written if p.suffix == ".png"]
+    assert len(results["images"]) == 2 and len(pngs) >= 2 and all(p.is_file() for p in written)
     assert len(results["images"][0]["registers"]["register_norm"]) == DEPTH
     assert (tmp_path / "inspect" / "inspect.json").is_file()
 

@@ -583,11 +583,11 @@ def _readme_synopses() -> dict[tuple, set[str]]:
     for e in entries:
         joined = " ".join(e)
         if joined.startswith("EVAL-OPTIONS:"):
-            macros["EVAL-OPTIONS"] = set(re.findall(r"--[a-z][a-z-]*", joined))
+            macros["EVAL-OPTIONS"] = set(re.findall(r"--[a-z][a-z0-9-]*", joined))
             continue
         words = joined.split()[1:]
         path = tuple(w for w in words[:2] if re.fullmatch(r"[a-z]+", w))
-        opts = set(re.findall(r"--[a-z][a-z-]*", joined))
+        opts = set(re.findall(r"--[a-z][a-z0-9-]*", joined))
         out[path] = (opts, "EVAL-OPTIONS" in joined)
     return {p: o | (macros["EVAL-OPTIONS"] if m else set()) for p, (o, m) in out.items()}
 
