@@ -5,16 +5,23 @@ activations into an extra appended token ("Vision Transformers Don't Need Traine
 Jiang et al., NeurIPS 2025).
 """
 from .adapters import Adapter, wrap
+from .bias import fit_attention_bias
 from .calibrate import Calibration, calibrate
 from .data import ImageError
 from .models import ModelLoadError
 from .neurons import SearchStats, find_register_neurons
 from .registers import (add_test_time_registers, remove_test_time_registers, test_time_registers,
                         zero_neurons)
-from .spec import ModelMismatchError, RegisterNeurons
+from .spec import AttentionBias, ModelMismatchError, RegisterNeurons
 from .trace import Trace, trace
 
 __version__ = "0.1.0"
+
+
+def export_onnx(model, neurons, out, **kwargs):
+    """Write an ONNX graph of ``model`` with test-time registers (see :func:`ttreg.export.export_onnx`)."""
+    from .export import export_onnx as _export
+    return _export(model, neurons, out, **kwargs)
 
 
 def load_model(spec: str, *args, **kwargs):
@@ -25,6 +32,6 @@ def load_model(spec: str, *args, **kwargs):
 
 
 __all__ = [
-    "Adapter", "Calibration", "ImageError", "ModelLoadError", "ModelMismatchError", "RegisterNeurons", "SearchStats", "Trace",
-    "add_test_time_registers", "calibrate", "find_register_neurons", "load_model", "test_time_registers", "remove_test_time_registers", "trace", "wrap", "zero_neurons",
+    "Adapter", "AttentionBias", "Calibration", "ImageError", "ModelLoadError", "ModelMismatchError", "RegisterNeurons", "SearchStats", "Trace",
+    "add_test_time_registers", "calibrate", "export_onnx", "find_register_neurons", "fit_attention_bias", "load_model", "test_time_registers", "remove_test_time_registers", "trace", "wrap", "zero_neurons",
 ]

@@ -20,12 +20,14 @@ values at fixed places) must match to within 16-bit rounding.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 FORMAT = "ttreg.register_neurons"
 VERSION = 1
@@ -48,6 +50,8 @@ class RegisterNeurons:
     provenance: dict[str, Any] = field(default_factory=dict)
     statistics: dict[str, Any] = field(default_factory=dict)
     note: str = ""
+    #: the attention-bias form fitted for this set (:func:`ttreg.fit_attention_bias`), if any
+    attention_bias: "AttentionBias | None" = None
 
     def __post_init__(self) -> None:
         self.neurons = [(int(l), int(n)) for l, n in self.neurons]
@@ -93,14 +97,7 @@ class RegisterNeurons:
         """Raise :class:`ModelMismatchError` if this set was found on another model."""
         from .adapters import wrap
         ad = wrap(model)
-        fp = self.fingerprint or {}
-        arch = ad.architecture()
-        for key, want in (fp.get("architecture") or {}).items():
-            have = arch.get(key)
-            if have is not None and _norm(have) != _norm(want):
-                raise ModelMismatchError(
-                    f"these neurons were found on another architecture ({key}={want!r}, this model "
-                    f"has {have!r}); calibrate on this model or pass check=False")
+        check_fingerprint(self.fingerprint, ad, "these neurons were found", "calibrate on this model")
         for l, n in self.neurons:
             if not 0 <= l < ad.num_layers:
                 raise ModelMismatchError(
@@ -110,12 +107,6 @@ class RegisterNeurons:
                 raise ModelMismatchError(
                     f"neuron ({l}, {n}): block {l} has {ad.mlp_width(l)} MLP neurons; "
                     "this neuron set is for another model")
-        want_w = fp.get("weights")
-        if want_w and want_w != ad.weights_hash() and not _same_values(fp.get("weights_sample"), ad):
-            raise ModelMismatchError(
-                "these neurons were found on the same architecture with other weights "
-                f"(fingerprint {want_w} != {ad.weights_hash()}); calibrate on this model "
-                "or pass check=False")
 
     @staticmethod
     def fingerprint_of(model) -> dict[str, Any]:
@@ -174,8 +165,17 @@ class RegisterNeurons:
         return rn
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the JSON file atomically (a temporary file renamed into place)."""
-        return write_json_atomic(path, self.to_dict())
+        """Write the JSON file atomically (a temporary file renamed into place). With an attention
+        bias, its tensors go beside it first (``NAME.bias.safetensors``), and the JSON refers to
+        that file by name and SHA-256."""
+        p = Path(path)
+        data = self.to_dict()
+        if self.attention_bias is not None:
+            bias_file = p.with_name(f"{p.stem}.bias.safetensors")
+            digest = self.attention_bias.save(bias_file)
+            data["attention_bias"] = {"file": bias_file.name, "sha256": digest,
+                                      **self.attention_bias.summary()}
+        return write_json_atomic(p, data)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "RegisterNeurons":
@@ -188,13 +188,58 @@ class RegisterNeurons:
             raise ValueError(f"{p} is not a ttreg neuron file (not valid JSON: {e})") from None
         if not isinstance(data, dict):
             raise ValueError(f"{p} is not a ttreg neuron file")
-        return cls.from_dict(data)
+        rn = cls.from_dict(data)
+        ref = data.get("attention_bias")
+        if ref:
+            if not isinstance(ref, dict) or not isinstance(ref.get("file"), str) or \
+                    Path(ref["file"]).name != ref["file"]:
+                raise ValueError(f"{p}: 'attention_bias' must name a file beside it")
+            rn.attention_bias = AttentionBias.load(p.parent / ref["file"], sha256=ref.get("sha256"))
+        return rn
+
+    # --- the Hugging Face Hub (ttreg.hub) -------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, name: str | os.PathLike, **kwargs) -> "RegisterNeurons":
+        """A neuron set from a Hub repository ("org/name") or a folder written by
+        :meth:`save_pretrained` (see :func:`ttreg.hub.from_pretrained`)."""
+        from .hub import from_pretrained
+        return from_pretrained(name, **kwargs)
+
+    def save_pretrained(self, folder: str | os.PathLike, repo_id: str | None = None) -> Path:
+        """Write the neuron file, its attention bias and a model card into ``folder``."""
+        from .hub import save_pretrained
+        return save_pretrained(self, folder, repo_id)
+
+    def push_to_hub(self, repo_id: str, **kwargs) -> str:
+        """Upload this set (JSON, attention bias, model card) to the Hub repository ``repo_id``."""
+        from .hub import push_to_hub
+        return push_to_hub(self, repo_id, **kwargs)
 
     @classmethod
     def from_name(cls, name: str) -> "RegisterNeurons":
         """A published neuron set shipped with ttreg (see ``ttreg.published.NAMES``)."""
         from .published import load_published
         return load_published(name)
+
+
+def check_fingerprint(fp: Mapping | None, adapter, found: str, fix: str) -> None:
+    """Raise :class:`ModelMismatchError` unless ``adapter``'s model matches the fingerprint ``fp``
+    (architecture keys present must match; ``weights``, unless null, must match exactly or up to
+    16-bit rounding). ``found``/``fix`` word the message ("these neurons were found", "calibrate on
+    this model")."""
+    fp = fp or {}
+    arch = adapter.architecture()
+    for key, want in (fp.get("architecture") or {}).items():
+        have = arch.get(key)
+        if have is not None and _norm(have) != _norm(want):
+            raise ModelMismatchError(
+                f"{found} on another architecture ({key}={want!r}, this model has {have!r}); "
+                f"{fix} or pass check=False")
+    want_w = fp.get("weights")
+    if want_w and want_w != adapter.weights_hash() and not _same_values(fp.get("weights_sample"), adapter):
+        raise ModelMismatchError(
+            f"{found} on the same architecture with other weights (fingerprint {want_w} != "
+            f"{adapter.weights_hash()}); {fix} or pass check=False")
 
 
 def _same_values(sample, adapter) -> bool:
@@ -228,6 +273,27 @@ def as_register_neurons(neurons, model=None) -> RegisterNeurons:
     return RegisterNeurons(neurons=list(neurons))
 
 
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; when the block ends without an error it is renamed
+    onto ``path`` (atomic: readers see the old file or the new one, never half of one), else
+    removed. Refuses to replace a symbolic link or anything but a regular file."""
+    p = Path(path)
+    if p.is_symlink():
+        raise ValueError(f"{p} is a symbolic link; ttreg replaces only regular files (remove it first)")
+    if p.exists() and not p.is_file():
+        raise ValueError(f"{p} exists and is not a regular file; give a file name")
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, p)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def write_json_atomic(path: str | os.PathLike, data: Any) -> Path:
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
@@ -244,3 +310,128 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> Path:
     return p
 
 
+
+
+BIAS_FORMAT = "ttreg.attention_bias"
+
+
+@dataclass
+class AttentionBias:
+    """The attention-bias form of a test-time register (the authors' rebuttal): per layer and
+    head, the mean key and value the test-time register had over a set of images, to be appended
+    to every attention of that layer instead of the register token.
+
+    ``key`` ``(L, heads, head_dim)`` and ``value`` ``(L, heads, value_dim)`` are exactly what the
+    attention kernel saw (after any qk-norm or rotary embedding). ``weight`` ``(L,)``: how many
+    register tokens each layer's key stands for (the ``num_registers`` it was fitted with; its log
+    is added to that key's logit); 0 means no extra key in that layer, so an all-zero bias is the
+    plain model. ``neurons``: the register neurons it was fitted with (zeroed with it).
+    Stored as safetensors (:meth:`save`), usually beside its neuron file.
+    """
+
+    key: Any
+    value: Any
+    weight: Any
+    neurons: list[tuple[int, int]] = field(default_factory=list)
+    num_images: int = 0
+    num_registers: int = 1
+    fingerprint: dict[str, Any] | None = None
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        import torch
+        self.key, self.value = self.key.detach().float().cpu(), self.value.detach().float().cpu()
+        self.weight = torch.as_tensor(self.weight, dtype=torch.float32).detach().cpu()
+        self.neurons = [(int(l), int(n)) for l, n in self.neurons]
+        if self.key.dim() != 3 or self.value.dim() != 3 or self.key.shape[:2] != self.value.shape[:2]:
+            raise ValueError(f"attention bias: key and value must be (layers, heads, dim) with the same "
+                             f"layers and heads; got {tuple(self.key.shape)} and {tuple(self.value.shape)}")
+        if self.weight.shape != self.key.shape[:1]:
+            raise ValueError(f"attention bias: weight must be one number per layer "
+                             f"({self.key.shape[0]}), got shape {tuple(self.weight.shape)}")
+        if not bool(torch.isfinite(self.weight).all() and (self.weight >= 0).all()):
+            raise ValueError("attention bias: weights must be finite and >= 0")
+        if not bool(torch.isfinite(self.key).all() and torch.isfinite(self.value).all()):
+            raise ValueError("attention bias: keys and values must be finite")
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.key.shape[0])
+
+    @property
+    def layers(self) -> list[int]:
+        """Layers that get an extra key (weight > 0)."""
+        return [int(l) for l in (self.weight > 0).nonzero().flatten()]
+
+    def summary(self) -> dict[str, Any]:
+        """What the neuron JSON says about its bias file."""
+        return {"layers": self.num_layers, "heads": int(self.key.shape[1]),
+                "head_dim": int(self.key.shape[2]), "num_images": self.num_images,
+                "num_registers": self.num_registers}
+
+    def __repr__(self) -> str:
+        L, H, D = self.key.shape
+        return (f"AttentionBias({L} layers x {H} heads x {D}, {len(self.layers)} layers on, "
+                f"fitted on {self.num_images} images with {len(self.neurons)} neurons)")
+
+    def check_model(self, model, neurons: "RegisterNeurons | None" = None) -> None:
+        """Raise :class:`ModelMismatchError` if this bias was fitted on another model (or, given
+        ``neurons``, with other register neurons)."""
+        from .adapters import wrap
+        ad = wrap(model)
+        check_fingerprint(self.fingerprint, ad, "this attention bias was fitted", "fit it on this model")
+        if self.num_layers != ad.num_layers:
+            raise ModelMismatchError(f"this attention bias has {self.num_layers} layers, the model "
+                                     f"{ad.num_layers} blocks: it was fitted on another model")
+        if neurons is not None and sorted(self.neurons) != sorted(neurons.neurons):
+            raise ModelMismatchError(
+                f"this attention bias was fitted with other register neurons ({len(self.neurons)}, "
+                f"not the {len(neurons)} given); fit it for this set or pass check=False")
+
+    # --- file ---------------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> str:
+        """Write a safetensors file (tensors ``key``, ``value``, ``weight``; the rest as JSON
+        metadata) atomically; return its SHA-256."""
+        from safetensors.torch import save
+        meta = {"format": BIAS_FORMAT, "version": "1",
+                "neurons": json.dumps(self.neurons), "num_images": str(self.num_images),
+                "num_registers": str(self.num_registers), "fingerprint": json.dumps(self.fingerprint),
+                "provenance": json.dumps(self.provenance)}
+        blob = save({"key": self.key.contiguous(), "value": self.value.contiguous(),
+                     "weight": self.weight.contiguous()}, metadata=meta)
+        with atomic_output(path) as tmp:
+            tmp.write_bytes(blob)
+        return hashlib.sha256(blob).hexdigest()
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, sha256: str | None = None) -> "AttentionBias":
+        """Read a file written by :meth:`save` (checked against ``sha256`` if given)."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"no attention-bias file at {p}")
+        blob = p.read_bytes()
+        if sha256 and hashlib.sha256(blob).hexdigest() != sha256:
+            raise ValueError(f"{p} is not the attention-bias file its neuron file was saved with "
+                             "(SHA-256 differs): it was changed or replaced")
+        try:
+            tensors = load(blob)
+            meta = _safetensors_metadata(blob)
+        except (SafetensorError, ValueError, json.JSONDecodeError) as e:
+            raise ValueError(f"{p} is not a ttreg attention-bias file ({e})") from None
+        if meta.get("format") != BIAS_FORMAT or not {"key", "value", "weight"} <= tensors.keys():
+            raise ValueError(f"{p} is not a ttreg attention-bias file")
+        return cls(tensors["key"], tensors["value"], tensors["weight"],
+                   neurons=[tuple(n) for n in json.loads(meta.get("neurons") or "[]")],
+                   num_images=int(meta.get("num_images") or 0),
+                   num_registers=int(meta.get("num_registers") or 1),
+                   fingerprint=json.loads(meta.get("fingerprint") or "null"),
+                   provenance=json.loads(meta.get("provenance") or "{}"))
+
+
+def _safetensors_metadata(blob: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file held in memory."""
+    n = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8:8 + n])
+    return dict(header.get("__metadata__") or {})
