@@ -1,4 +1,4 @@
-"""The ``ttreg`` command line: ``demo``, ``calibrate``, ``inspect`` and ``eval``.
+"""The ``ttreg`` command line: ``demo``, ``calibrate``, ``inspect``, ``export`` and ``eval``.
 
 Every error a user can cause ends as one line on stderr and exit status 2 (1 for a failure
 inside the model, 130 for Ctrl-C); output files are written atomically, so an interrupted run
@@ -18,6 +18,7 @@ EXAMPLES = """examples:
   ttreg calibrate --model timm:vit_large_patch14_dinov2.lvd142m --images imgs/ --out dinov2_l.json
   ttreg inspect --model builtin:dinov2_vits14 --neurons auto photo.jpg --out figs/
   ttreg inspect --model timm:vit_large_patch14_dinov2.lvd142m --neurons dinov2_vitl14 photo.jpg --out figs/
+  ttreg export --model timm:vit_large_patch14_dinov2.lvd142m --neurons dinov2_l.json --out model.onnx
 """
 
 MODEL_HELP = ("model spec: timm:NAME, hf:ORG/NAME, open_clip:ARCH/PRETRAINED, builtin:dinov2_vits14 "
@@ -67,6 +68,10 @@ def load_neurons(arg: str | None, model):
     from .published import is_published
     if arg is None or arg == "auto":
         return None
+    if arg.startswith("hf:") or (Path(arg).is_dir() and (Path(arg) / "register_neurons.json").is_file()):
+        rn = RegisterNeurons.from_pretrained(arg)   # a Hub repository or a saved folder
+        rn.check_model(model)
+        return rn
     if is_published(arg):
         rn = RegisterNeurons.from_name(arg)
         rn.check_model(model)
@@ -74,7 +79,7 @@ def load_neurons(arg: str | None, model):
     p = Path(arg)
     if not p.exists():
         raise UserError(f"no neuron file {arg!r} (give a JSON from 'ttreg calibrate', a published "
-                        f"name such as dinov2_vitl14, or 'auto')")
+                        f"name such as dinov2_vitl14, hf:ORG/NAME, or 'auto')")
     rn = RegisterNeurons.load(p)
     rn.check_model(model)
     return rn
@@ -161,6 +166,36 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+# --- export --------------------------------------------------------------------------------------
+
+def cmd_export(args) -> int:
+    from .bias import fit_attention_bias
+    from .export import export_onnx
+    out = Path(args.out)
+    if out.suffix.lower() != ".onnx":
+        raise UserError(f"--out {out}: give a file name ending in .onnx")
+    if out.is_symlink() or (out.exists() and not out.is_file()):
+        raise UserError(f"--out {out} is not a regular file; ttreg replaces only regular files")
+    model, transform = load_model(args.model, args.device)
+    neurons = load_neurons(args.neurons, model)
+    if neurons is None:
+        raise UserError("--neurons: give a neuron file, a published name or hf:ORG/NAME ('auto' is "
+                        "for inspect)")
+    bias = None
+    if args.form == "bias" and neurons.attention_bias is None:
+        if not args.images:
+            raise UserError("this neuron set has no attention bias; pass --images to fit one "
+                            "(or use --form token)")
+        print(f"fitting the attention bias on {args.images} ...", flush=True)
+        bias = fit_attention_bias(model, neurons, args.images, transform=transform,
+                                  batch_size=args.batch_size, strict=args.strict,
+                                  progress=not args.quiet and _progress_ok())
+    report = export_onnx(model, neurons, out, form=args.form, bias=bias,
+                         num_registers=args.num_registers, opset=args.opset)
+    print(report.summary())
+    return 0
+
+
 # --- demo ----------------------------------------------------------------------------------------
 
 def cmd_demo(args) -> int:
@@ -231,6 +266,25 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--num-neurons", type=int, default=6, help="neuron maps to draw (default 6)")
     _common(i)
     i.set_defaults(func=cmd_inspect)
+
+    x = sub.add_parser("export", help="write the model with test-time registers as an ONNX graph",
+                       description="Export the model's feature call with test-time registers (token "
+                                   "form, or the attention-bias form with no extra token) as an ONNX "
+                                   "graph with a dynamic batch axis (and dynamic height/width where "
+                                   "the model allows), checked against PyTorch with onnxruntime.")
+    x.add_argument("--model", required=True, help=MODEL_HELP)
+    x.add_argument("--neurons", required=True,
+                   help="neuron JSON file, a published name (dinov2_vitl14) or hf:ORG/NAME")
+    x.add_argument("--out", required=True, help="ONNX file to write (written atomically)")
+    x.add_argument("--form", choices=["token", "bias"], default="token",
+                   help="token: appended register token (default); bias: a fitted key/value per "
+                        "head in every attention, no token")
+    x.add_argument("--images", help="for --form bias when the neuron set has no attention bias: "
+                                    "images to fit it on (as for calibrate)")
+    x.add_argument("--num-registers", type=int, default=None, help="token form: registers (default 1)")
+    x.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    _common(x)
+    x.set_defaults(func=cmd_export)
 
     try:
         from .eval.cli import add_eval_parsers
