@@ -114,7 +114,7 @@ def test_bias_form_in_every_family(x, name):
 
 def _attention_by_hand(attn, h, key, value, log_weight=0.0):
     """timm ``Attention`` on input ``h`` (B, T, D) with one extra key/value per head, written out:
-    softmax([q k^T, q k'^T + log w] / sqrt(d)) @ [v; v']."""
+    ``p = softmax([q k^T, q k'^T + log w] / sqrt(d))``, output ``proj(p @ [v; v'])``; returns both."""
     B, T, D = h.shape
     H = attn.num_heads
     q, k, v = F.linear(h, attn.qkv.weight, attn.qkv.bias).reshape(B, T, 3, H, -1).permute(2, 0, 3, 1, 4)
@@ -123,7 +123,7 @@ def _attention_by_hand(attn, h, key, value, log_weight=0.0):
     logits[..., -1] += log_weight
     p = logits.softmax(-1)
     out = p[..., :-1] @ v + p[..., -1:] * value[None, :, None, :]
-    return attn.proj(out.transpose(1, 2).reshape(B, T, D))
+    return attn.proj(out.transpose(1, 2).reshape(B, T, D)), p
 
 
 @pytest.mark.parametrize("weight", [1.0, 2.0])
@@ -137,12 +137,14 @@ def test_extra_key_by_hand(planted_set, x, weight):
     h2 = m.blocks[2].attn.register_forward_hook(lambda mod, a, out: seen.__setitem__("out", out))
     try:
         with torch.no_grad(), ttreg.test_time_registers(m, rn, form="bias", bias=bias):
-            m.forward_features(x)
-            want = _attention_by_hand(m.blocks[2].attn, seen["in"], bias.key[2], bias.value[2],
-                                      float(torch.tensor(weight).log()))
+            tr = ttreg.trace(m, x, attention=[2])
+            want, probs = _attention_by_hand(m.blocks[2].attn, seen["in"], bias.key[2], bias.value[2],
+                                             float(torch.tensor(weight).log()))
     finally:
         h1.remove(), h2.remove()
     assert (seen["out"] - want).abs().max() <= 1e-5
+    assert tr.attention[2].shape == (6, 4, 65, 66) and tr.num_bias_keys == 1
+    assert (tr.attention[2] - probs).abs().max() <= 1e-5         # trace shows the extra key column
 
 
 def test_all_zero_bias_without_neurons_is_bitwise_plain(planted_set, x):

@@ -245,8 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="number of neurons, or 'auto' (smallest k that clears held-out images)")
     c.add_argument("--max-k", type=int, default=None, help="largest k the automatic sweep tries")
     c.add_argument("--heldout", type=float, default=0.2, help="share of images held out for the sweep")
-    c.add_argument("--neurons", help="measure a given set instead of searching: a neuron JSON or a "
-                                     "published name (dinov2_vitl14); written to --out with the numbers")
+    c.add_argument("--neurons", help="measure a given set instead of searching: a neuron JSON, a "
+                                     "published name (dinov2_vitl14) or hf:ORG/NAME; written to --out "
+                                     "with the numbers")
     _common(c)
     c.set_defaults(func=cmd_calibrate)
 
@@ -258,7 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("images", nargs="+", help="image files (or folders)")
     i.add_argument("--model", required=True, help=MODEL_HELP)
     i.add_argument("--neurons", default="auto",
-                   help="neuron JSON file, a published name (dinov2_vitl14), or 'auto' to calibrate on the images")
+                   help="neuron JSON file, a published name (dinov2_vitl14), hf:ORG/NAME, or 'auto' to "
+                        "calibrate on the images")
     i.add_argument("--out", required=True, help="folder for the PNGs and inspect.json")
     i.add_argument("--layer", type=int, default=-1, help="detection layer for the norm map (default -1)")
     i.add_argument("--num-registers", type=int, default=1)
