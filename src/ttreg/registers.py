@@ -15,6 +15,12 @@ forward pass):
   registers (:class:`MarkCall` on the block's first module tells it, also in a checkpoint
   recomputation that skips block-level hooks).
 
+The attention-bias form (``form="bias"``, the authors' rebuttal) appends no token: the same block
+hooks (with zero registers) mark the calls, :class:`EditNeurons` zeroes the neurons on every token,
+and :class:`AttendBias`, a pre-hook on each layer's attention module, gives every attention call
+one more key and value per head -- the register's mean ones, fitted by :mod:`ttreg.bias` -- through
+:mod:`ttreg.attention`.
+
 When do registers apply? An installation has an :class:`Activation`. A handle from
 :func:`add_test_time_registers` is *persistent*: every forward of the model, from any thread,
 gets registers until ``remove()``. The ``with test_time_registers(...)`` block is *scoped*, like
