@@ -7,7 +7,8 @@ own copy of the model with the registers installed before compiling. Every repea
 once, in a rotating order, so drift and other people's load hit every arm alike; each ratio is
 taken within one repeat against that repeat's plain run (eager arms against eager plain, compiled
 against compiled plain). Prints the median ratio with its interquartile range, min and max, the
-graph breaks ``torch._dynamo.explain`` finds, and the machine's load average before and after.
+ratio of the arms' fastest runs (the least disturbed by other load), the graph breaks
+``torch._dynamo.explain`` finds, and the machine's load average before and after.
 
     python benchmarks/production.py [--repeats 15] [--batch 8] [--compile] [--device cpu] [--dtype float32]
 """
@@ -100,8 +101,10 @@ def main() -> None:
         plain = times[f"{prefix}plain"]
         print(f"{prefix or 'eager '}plain forward: median {statistics.median(plain) * 1000:.1f} ms")
         for form in ("token", "bias"):
-            ratios = [t / p for t, p in zip(times[f"{prefix}{form}"], plain)]
-            print(f"  {prefix}{form} form / {prefix}plain: {spread(ratios)}")
+            arm = times[f"{prefix}{form}"]
+            ratios = [t / p for t, p in zip(arm, plain)]
+            print(f"  {prefix}{form} form / {prefix}plain: {spread(ratios)}; "
+                  f"fastest run / fastest run: {min(arm) / min(plain):.4f}")
     if breaks:
         print("graph breaks (torch._dynamo.explain): "
               + ", ".join(f"{n} {b}" for n, b in breaks.items()))

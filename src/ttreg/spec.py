@@ -10,8 +10,11 @@ The file is what ``ttreg calibrate`` writes and what anyone can load::
       "fingerprint": {"architecture": {...}, "weights": "9c0e...", "weights_sample": [...]},
       "provenance": {...},          # where the set comes from (calibration run, paper, ...)
       "statistics": {...},          # what the search measured (emergence layer, norm ratios)
-      "note": "..."                 # a human sentence, e.g. why the set is empty
+      "note": "...",                # a human sentence, e.g. why the set is empty
+      "attention_bias": {"file": "NAME.bias.safetensors", "sha256": "...", ...}   # optional
     }
+
+``attention_bias`` names the :class:`AttentionBias` file written beside the JSON (the bias form).
 
 The fingerprint ties a set to the model it was found on. ``architecture`` keys that are present
 must match the model's; ``weights`` (a hash of the weights) must match unless it is null -- or,
