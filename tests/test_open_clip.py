@@ -265,6 +265,12 @@ def test_timm_trunk_tower_goes_through_the_timm_adapter(images):
             single = torch.cat([model.encode_image(images[i:i + 1]) for i in range(3)])
     assert ratio(tr).max() <= 2 and tr.attention[5].shape == (10, 2, 18, 18)
     assert (tr.output[:3] - single).abs().max() <= 1e-5
+    # the attention-bias form reads and extends the trunk's timm attention: the same bias as the bare trunk
+    bias = ttreg.fit_attention_bias(model, rn, images[:4])
+    assert torch.equal(bias.key, ttreg.fit_attention_bias(model.visual.trunk, rn, images[:4]).key)
+    with ttreg.test_time_registers(model, rn, form="bias", bias=bias):
+        tr = ttreg.trace(model, images, attention=[-1])
+    assert ratio(tr).max() <= 2 and tr.attention[5].shape == (10, 2, 17, 18)
     assert all_hooks(model) == 0
     with torch.no_grad():
         assert torch.equal(model.encode_image(images[:3]), ref)

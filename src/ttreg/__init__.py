@@ -25,11 +25,18 @@ _EXPORTS = {
     "SearchStats": "neurons", "find_register_neurons": "neurons",
     "add_test_time_registers": "registers", "test_time_registers": "registers",
     "zero_neurons": "registers", "remove_test_time_registers": "registers",
+    "fit_attention_bias": "bias", "AttentionBias": "spec",
     "ModelMismatchError": "spec", "RegisterNeurons": "spec",
     "Trace": "trace", "trace": "trace",
 }
 #: functions named like the submodule that defines them: ``ttreg.trace`` is the function
 _SHADOWED = {name for name, mod in _EXPORTS.items() if name == mod}
+
+
+def export_onnx(model, neurons, out, **kwargs):
+    """Write an ONNX graph of ``model`` with test-time registers (see :func:`ttreg.export.export_onnx`)."""
+    from .export import export_onnx as _export
+    return _export(model, neurons, out, **kwargs)
 
 
 def load_model(spec: str, *args, **kwargs):
@@ -67,4 +74,4 @@ class _Package(types.ModuleType):
 
 sys.modules[__name__].__class__ = _Package
 
-__all__ = sorted([*_EXPORTS, "load_model"])
+__all__ = sorted([*_EXPORTS, "load_model", "export_onnx"])

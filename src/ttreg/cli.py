@@ -1,4 +1,4 @@
-"""The ``ttreg`` command line: ``demo``, ``calibrate``, ``inspect`` and ``eval``.
+"""The ``ttreg`` command line: ``demo``, ``calibrate``, ``inspect``, ``export`` and ``eval``.
 
 Exit status (README's "Command line" section repeats this list):
 
@@ -31,6 +31,7 @@ EXAMPLES = """examples:
   ttreg calibrate --model timm:vit_large_patch14_dinov2.lvd142m --images imgs/ --out dinov2_l.json
   ttreg inspect --model builtin:dinov2_vits14 --neurons auto photo.jpg --out figs/
   ttreg inspect --model timm:vit_large_patch14_dinov2.lvd142m --neurons dinov2_vitl14 photo.jpg --out figs/
+  ttreg export --model timm:vit_large_patch14_dinov2.lvd142m --neurons dinov2_l.json --out model.onnx
 
 exit status: 0 done, 1 unexpected failure, 2 user error (one line), 3 calibrate's automatic
 top-k cleared no held-out image set up to --max-k, 130 interrupted
@@ -207,18 +208,20 @@ def resolve_model(spec: str, device: str = "cpu") -> tuple[Any, Callable, Callab
 
 
 def read_neurons(arg: str | None):
-    """``--neurons``: None/``auto`` (search) -> None; a published name or a neuron JSON -> the
-    set, read and validated (done before the model loads; :func:`load_neurons` then checks it
-    against the model)."""
+    """``--neurons``: None/``auto`` (search) -> None; a published name, a neuron JSON, a folder
+    written by ``save_pretrained`` or ``hf:ORG/NAME`` (the Hub) -> the set, read and validated
+    (done before the model loads; :func:`load_neurons` then checks it against the model)."""
     from .published import is_published
     from .spec import RegisterNeurons
     if arg is None or arg == "auto":
         return None
+    if arg.startswith("hf:") or (Path(arg).is_dir() and (Path(arg) / "register_neurons.json").is_file()):
+        return RegisterNeurons.from_pretrained(arg)   # a Hub repository or a saved folder
     if is_published(arg):
         return RegisterNeurons.from_name(arg)
     if not Path(arg).is_file():
         raise UserError(f"no neuron file {arg!r} (give a JSON from 'ttreg calibrate', a published "
-                        f"name such as dinov2_vitl14, or 'auto')")
+                        f"name such as dinov2_vitl14, hf:ORG/NAME, or 'auto')")
     return RegisterNeurons.load(arg)
 
 
@@ -308,6 +311,37 @@ def cmd_inspect(args) -> int:
     return EXIT_OK
 
 
+# --- export --------------------------------------------------------------------------------------
+
+def cmd_export(args) -> int:
+    from .bias import fit_attention_bias
+    from .export import export_onnx
+    from .files import check_output_file
+    out = Path(args.out)
+    if out.suffix.lower() != ".onnx":
+        raise UserError(f"--out {out}: give a file name ending in .onnx")
+    check_output_file(out, "--out")
+    given = read_neurons(args.neurons)
+    if given is None:
+        raise UserError("--neurons: give a neuron file, a published name or hf:ORG/NAME ('auto' is "
+                        "for inspect)")
+    if args.form == "bias" and given.attention_bias is None and not args.images:
+        raise UserError("this neuron set has no attention bias; pass --images to fit one "
+                        "(or use --form token)")
+    model, transform, _ = resolve_model(args.model, args.device)
+    neurons = load_neurons(given, model)
+    bias = None
+    if args.form == "bias" and neurons.attention_bias is None:
+        print(f"fitting the attention bias on {args.images} ...", flush=True)
+        bias = fit_attention_bias(model, neurons, args.images, transform=transform,
+                                  batch_size=args.batch_size, strict=args.strict,
+                                  progress=not args.quiet and _progress_ok())
+    report = export_onnx(model, neurons, out, form=args.form, bias=bias,
+                         num_registers=args.num_registers, opset=args.opset)
+    print(report.summary())
+    return 0
+
+
 # --- demo ----------------------------------------------------------------------------------------
 
 def cmd_demo(args) -> int:
@@ -363,8 +397,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest k the automatic sweep tries (default: 1%% of the neurons, at least 16)")
     c.add_argument("--heldout", type=number_in(0, 1, hi_open=True), default=0.2,
                    help="share of images held out for the sweep, in [0, 1) (default 0.2)")
-    c.add_argument("--neurons", help="measure a given set instead of searching: a neuron JSON or a "
-                                     "published name (dinov2_vitl14); written to --out with the numbers")
+    c.add_argument("--neurons", help="measure a given set instead of searching: a neuron JSON, a "
+                                     "published name (dinov2_vitl14) or hf:ORG/NAME; written to --out "
+                                     "with the numbers")
     _common(c)
     c.set_defaults(func=cmd_calibrate)
 
@@ -376,7 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("images", nargs="+", help="image files, folders (searched recursively) or .txt lists of paths")
     i.add_argument("--model", required=True, help=mhelp)
     i.add_argument("--neurons", default="auto",
-                   help="neuron JSON file, a published name (dinov2_vitl14), or 'auto' to calibrate on the images")
+                   help="neuron JSON file, a published name (dinov2_vitl14), hf:ORG/NAME, or 'auto' to "
+                        "calibrate on the images")
     i.add_argument("--out", required=True, help="folder for the PNGs and inspect.json")
     i.add_argument("--layer", type=int, default=-1, help="detection layer for the norm map (default -1)")
     i.add_argument("--num-registers", type=int_at_least(1), default=1,
@@ -386,6 +422,26 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--num-neurons", type=int_at_least(0), default=6, help="neuron maps to draw (default 6)")
     _common(i)
     i.set_defaults(func=cmd_inspect)
+
+    x = sub.add_parser("export", help="write the model with test-time registers as an ONNX graph",
+                       description="Export the model's feature call with test-time registers (token "
+                                   "form, or the attention-bias form with no extra token) as an ONNX "
+                                   "graph with a dynamic batch axis (and dynamic height/width where "
+                                   "the model allows), checked against PyTorch with onnxruntime.")
+    x.add_argument("--model", required=True, help=mhelp)
+    x.add_argument("--neurons", required=True,
+                   help="neuron JSON file, a published name (dinov2_vitl14) or hf:ORG/NAME")
+    x.add_argument("--out", required=True, help="ONNX file to write (written atomically)")
+    x.add_argument("--form", choices=["token", "bias"], default="token",
+                   help="token: appended register token (default); bias: a fitted key/value per "
+                        "head in every attention, no token")
+    x.add_argument("--images", help="for --form bias when the neuron set has no attention bias: "
+                                    "images to fit it on (as for calibrate)")
+    x.add_argument("--num-registers", type=int_at_least(1), default=None,
+                   help="token form: registers (default 1)")
+    x.add_argument("--opset", type=int_at_least(9), default=17, help="ONNX opset (default 17)")
+    _common(x)
+    x.set_defaults(func=cmd_export)
 
     from .eval.cli import add_eval_parsers
     e = sub.add_parser("eval", help="the paper's evaluations, plain vs. test-time registers",

@@ -327,6 +327,16 @@ def iter_batches(images, adapter, batch_size: int = 16, transform: Callable | No
         yield check_finite(x).to(p.device, p.dtype)
 
 
+def batches_with_progress(batches: Iterator[torch.Tensor], images, batch_size: int, desc: str,
+                          progress: bool) -> Iterator[torch.Tensor]:
+    """``batches`` (from :func:`iter_batches` over ``images``), behind a progress bar if asked."""
+    if not progress:
+        return batches
+    from tqdm.auto import tqdm
+    total = count_images(images)
+    return tqdm(batches, total=None if total is None else -(-total // batch_size), desc=desc, unit="batch")
+
+
 def count_images(images) -> int | None:
     if torch.is_tensor(images):
         return images.shape[0] if images.dim() == 4 else 1

@@ -83,10 +83,12 @@ class HookSet:
         return hook
 
     def forward(self, module: nn.Module, fn: Callable, *, prepend: bool = False,
-                with_kwargs: bool = False) -> None:
-        """``fn(module, args[, kwargs], output)``; a non-None return value replaces the output."""
+                with_kwargs: bool = False, always_call: bool = False) -> None:
+        """``fn(module, args[, kwargs], output)``; a non-None return value replaces the output.
+        ``always_call``: also run when the forward raises (to undo what a pre-hook began)."""
         self._handles.append(module.register_forward_hook(self._scoped(fn), prepend=prepend,
-                                                          with_kwargs=with_kwargs))
+                                                          with_kwargs=with_kwargs,
+                                                          always_call=always_call))
 
     def pre(self, module: nn.Module, fn: Callable, *, prepend: bool = False,
             with_kwargs: bool = False) -> None:

@@ -18,7 +18,8 @@ from typing import Callable, Iterator
 import torch
 
 from .adapters import Adapter, wrap
-from .data import ImageError, ImageSource, check_images_given, count_images, iter_batches, resolve_images
+from .data import (ImageError, ImageSource, batches_with_progress, check_images_given, iter_batches,
+                   resolve_images)
 from .outliers import (AUTO_MIN_RATIO, check_threshold, emergence_layer, layers_with_outliers,
                        norm_ratio, outlier_mask)
 from .registers import active_registers
@@ -165,12 +166,8 @@ def find_register_neurons(model, images, *, threshold: float | str = "auto",
     width = ad.mlp_width(0)
     stats = SearchStats.zeros(L, search_layers, width)
     images = shard_for_rank(images, strict)
-    batches = iter_batches(images, ad, batch_size, transform, strict=strict)
-    if progress:
-        from tqdm.auto import tqdm
-        total = count_images(images)
-        batches = tqdm(batches, total=None if total is None else -(-total // batch_size),
-                       desc="searching register neurons", unit="batch")
+    batches = batches_with_progress(iter_batches(images, ad, batch_size, transform, strict=strict),
+                                    images, batch_size, "searching register neurons", progress)
     with eval_mode(ad.model):
         for x in batches:
             accumulate(ad, x, stats, det, threshold, include_prefix)

@@ -20,6 +20,12 @@ them extended by the adapter's ``block_io`` (:class:`~ttreg.adapters.base.TokenI
 register has no rotary position, like a prefix token, and is masked in where a batch is padded;
 the padding of that block call (``_VALID``) is kept out of the edit.
 
+The attention-bias form (``form="bias"``, the authors' rebuttal) appends no token: the same block
+hooks (with zero registers) mark the calls, :class:`EditNeurons` zeroes the neurons on every token,
+and :class:`AttendBias`, a pre-hook on each layer's attention module, gives every attention call
+one more key and value per head -- the register's mean ones, fitted by :mod:`ttreg.bias` -- through
+:mod:`ttreg.attention`.
+
 When do registers apply? An installation has an :class:`Activation`. A handle from
 :func:`add_test_time_registers` is *persistent*: every forward of the model, from any thread,
 gets registers until ``remove()``. The ``with test_time_registers(...)`` block is *scoped*, like
@@ -41,18 +47,23 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 from typing import Iterator
 
 import torch
 import torch.nn as nn
 
+from . import attention
 from .adapters import Adapter, wrap
 from .adapters.base import BlockIO, initial_registers
 from .carry import ATTR, attach, carried
 from .hooks import HookSet, OwnedHook, owned_hooks, remove_owned_hooks
-from .spec import RegisterNeurons, as_register_neurons
+from .spec import AttentionBias, RegisterNeurons, as_register_neurons
 
 PRESETS = ("paper", "official")
+#: ``token``: appended register tokens (the paper); ``bias``: a fitted extra key/value per head in
+#: every attention and no token (the rebuttal)
+FORMS = ("token", "bias")
 
 #: scoped activations entered by this context (``with test_time_registers(...)``)
 _SCOPE: contextvars.ContextVar[tuple] = contextvars.ContextVar("ttreg_scope", default=())
@@ -303,6 +314,9 @@ class EditNeurons(RegisterHook):
         if not _compiling() and _CALL.get() is not self.activation:
             return None
         h = args[0]
+        if not self.num_registers and self.shift is None and self.preset == "paper":
+            # zeroing only (the bias form, zero_neurons): the same numbers as the masks below
+            return (h.index_fill(-1, self.neurons.to(h.device), 0), *args[1:])
         hb = h if self.token_dim == 1 else h.transpose(0, 1)
         B, T = hb.shape[0], hb.shape[1]
         R, npre = self.num_registers, self.num_prefix
@@ -314,6 +328,25 @@ class EditNeurons(RegisterHook):
         hb = edit_activations(hb, self.neurons.to(hb.device), target, zero, self.preset,
                               None if valid is None else valid.to(hb.device))
         return (hb if self.token_dim == 1 else hb.transpose(0, 1), *args[1:])
+
+
+class AttendBias(RegisterHook, attention.InterceptHook):
+    """Pre-hook on one layer's attention module (the bias form): in block calls that are on, the
+    attention gets one more key and value per head, the fitted ones (:mod:`ttreg.attention`).
+    Also pushes the call, without the key, where ``trace`` wants this layer's attention maps."""
+
+    def __init__(self, activation: Activation, key: torch.Tensor, value: torch.Tensor,
+                 weight: float) -> None:
+        self.activation, self.key, self.value = activation, key, value
+        self.log_weight = None if weight == 1 else math.log(weight)
+
+    def __call__(self, mod, args):
+        on = _compiling() or _CALL.get() is self.activation
+        probs = None if _compiling() else attention.wanted(mod)
+        if on or probs is not None:
+            extra = (self.key, self.value, self.log_weight) if on else None
+            attention.enter(attention.AttentionCall(mod, extra=extra, probs=probs))
+        return None
 
 
 def _check_not_compiled(ad: Adapter) -> None:
@@ -358,7 +391,8 @@ class RegistersHandle:
 
     def __init__(self, model: nn.Module | Adapter, neurons, num_registers: int | None = None,
                  preset: str = "paper", shift_to=None, check: bool = True, *,
-                 scoped: bool = False, zero_only: bool = False) -> None:
+                 scoped: bool = False, zero_only: bool = False, form: str = "token",
+                 bias: AttentionBias | None = None) -> None:
         self.adapter = ad = wrap(model)
         _check_not_compiled(ad)
         self.neurons: RegisterNeurons = as_register_neurons(neurons, ad)
@@ -366,6 +400,14 @@ class RegistersHandle:
             raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
         if num_registers is not None and (isinstance(num_registers, bool) or not isinstance(num_registers, int)):
             raise ValueError(f"num_registers must be a whole number, got {num_registers!r}")
+        if form not in FORMS:
+            raise ValueError(f"unknown form {form!r}; choose one of {', '.join(FORMS)}")
+        self.form, self.bias = form, None
+        if form == "bias":
+            self.bias = _bias_for(ad, self.neurons, bias, num_registers, shift_to, check)
+            zero_only, num_registers = True, 0
+        elif bias is not None:
+            raise ValueError("bias= is for form='bias'")
         if num_registers is None:
             num_registers = 0 if shift_to is not None or zero_only else 1
         if num_registers < 0:
@@ -389,7 +431,7 @@ class RegistersHandle:
                                "first (handle.remove(), or ttreg.remove_test_time_registers(model))")
         self.hooks = HookSet()
         try:
-            if num_registers or len(self.neurons):
+            if num_registers or len(self.neurons) or (self.bias is not None and self.bias.layers):
                 self._install(shift)
         except BaseException:
             self.remove()
@@ -410,6 +452,12 @@ class RegistersHandle:
             edit = EditNeurons(act, torch.tensor(idx, dtype=torch.long), ad.num_prefix_tokens, R,
                                self.preset, shift, ad.token_dim)
             self.hooks.pre(ad.down_proj(layer), edit, prepend=True)
+        bias, device = self.bias, ad.parameter().device
+        for layer in bias.layers if bias is not None else ():
+            attn = ad.attention(layer)
+            self.hooks.pre(attn, AttendBias(act, bias.key[layer].to(device), bias.value[layer].to(device),
+                                            float(bias.weight[layer])), prepend=True)
+            self.hooks.forward(attn, attention.ExitCall(), prepend=True, always_call=True)
 
     def remove(self) -> None:
         """Remove the hooks; idempotent. Copies of the model made inside a ``with`` block lose
@@ -424,8 +472,34 @@ class RegistersHandle:
         self.remove()
 
 
+def _bias_for(ad: Adapter, neurons: RegisterNeurons, bias: AttentionBias | None, num_registers,
+              shift_to, check: bool) -> AttentionBias:
+    """The attention bias the bias form installs: ``bias``, else the neuron set's own; checked."""
+    if num_registers or shift_to is not None:
+        raise ValueError("the bias form appends no token and moves nothing: leave num_registers "
+                         "and shift_to out")
+    bias = bias if bias is not None else neurons.attention_bias
+    if bias is None:
+        raise ValueError("form='bias' needs a fitted attention bias: "
+                         "bias=ttreg.fit_attention_bias(model, neurons, images), or a neuron file "
+                         "saved with one")
+    if not isinstance(bias, AttentionBias):
+        raise TypeError(f"bias must be a ttreg.AttentionBias, got {type(bias).__name__}")
+    if check:
+        bias.check_model(ad, neurons)
+    elif bias.num_layers != ad.num_layers:
+        raise ValueError(f"this attention bias has {bias.num_layers} layers, the model {ad.num_layers} blocks")
+    for layer in bias.layers:
+        if isinstance(ad.attention(layer), nn.MultiheadAttention) and float(bias.weight[layer]) != 1:
+            raise ValueError(f"layer {layer}: nn.MultiheadAttention takes one extra key of weight 1 "
+                             f"(bias_k), this bias has weight {float(bias.weight[layer]):g}; fit it "
+                             "with num_registers=1")
+    return bias
+
+
 def add_test_time_registers(model, neurons, num_registers: int | None = None, preset: str = "paper",
-                            shift_to=None, check: bool = True) -> RegistersHandle:
+                            shift_to=None, check: bool = True, *, form: str = "token",
+                            bias: AttentionBias | None = None) -> RegistersHandle:
     """Install test-time registers on ``model`` for every forward, from any thread, until the
     returned handle's ``remove()``.
 
@@ -437,23 +511,32 @@ def add_test_time_registers(model, neurons, num_registers: int | None = None, pr
     indices (the same for every image) or a bool mask ``(num_patches,)`` or
     ``(batch, num_patches)``. ``check=False`` skips the model-fingerprint check.
 
+    ``form="bias"`` installs the attention-bias form instead: no token; every attention of a layer
+    gets one more key and value per head, the register's mean ones fitted by
+    :func:`ttreg.fit_attention_bias` (``bias=``, else ``neurons.attention_bias``), and the neurons
+    are zeroed on every token. It works where a family's attention runs
+    ``scaled_dot_product_attention`` or ``nn.MultiheadAttention``.
+
     Works with gradient checkpointing (non-reentrant), threads, ``copy.deepcopy`` (the copy has
-    its own registers; ``ttreg.remove_test_time_registers(copy)`` removes them) and
-    ``torch.compile`` when compiled *after* installing.
+    its own registers; ``ttreg.remove_test_time_registers(copy)`` removes them),
+    ``torch.compile`` when compiled *after* installing, and ONNX export (:func:`ttreg.export_onnx`).
     """
-    return RegistersHandle(model, neurons, num_registers, preset, shift_to, check)
+    return RegistersHandle(model, neurons, num_registers, preset, shift_to, check, form=form, bias=bias)
 
 
 @contextlib.contextmanager
 def test_time_registers(model, neurons, num_registers: int | None = None, preset: str = "paper",
-                        shift_to=None, check: bool = True) -> Iterator[RegistersHandle]:
+                        shift_to=None, check: bool = True, *, form: str = "token",
+                        bias: AttentionBias | None = None) -> Iterator[RegistersHandle]:
     """Test-time registers for the forwards this thread runs inside the ``with`` block.
 
-    Arguments as :func:`add_test_time_registers`. Scoped like ``torch.no_grad()``: other threads
-    using the same model meanwhile run it plain. Every hook is removed on exit, also on an
-    exception. With gradient checkpointing, call ``backward()`` inside the block.
+    Arguments as :func:`add_test_time_registers` (``form="bias"``: the attention-bias form).
+    Scoped like ``torch.no_grad()``: other threads using the same model meanwhile run it plain.
+    Every hook is removed on exit, also on an exception. With gradient checkpointing, call
+    ``backward()`` inside the block.
     """
-    handle = RegistersHandle(model, neurons, num_registers, preset, shift_to, check, scoped=True)
+    handle = RegistersHandle(model, neurons, num_registers, preset, shift_to, check, scoped=True,
+                             form=form, bias=bias)
     with _entered(handle):
         yield handle
 
@@ -480,6 +563,6 @@ def _entered(handle: RegistersHandle) -> Iterator[RegistersHandle]:
         handle.remove()
 
 
-__all__ = ["PRESETS", "RegistersHandle", "add_test_time_registers", "test_time_registers",
+__all__ = ["FORMS", "PRESETS", "RegistersHandle", "add_test_time_registers", "test_time_registers",
            "zero_neurons", "remove_test_time_registers", "installed", "active_registers",
            "edit_activations", "ATTR"]

@@ -10,8 +10,11 @@ The file is what ``ttreg calibrate`` writes and what anyone can load::
       "fingerprint": {"architecture": {...}, "weights": "9c0e...", "weights_sample": [...]},
       "provenance": {...},          # where the set comes from (calibration run, paper, ...)
       "statistics": {...},          # what the search measured (emergence layer, norm ratios)
-      "note": "..."                 # a human sentence, e.g. why the set is empty
+      "note": "...",                # a human sentence, e.g. why the set is empty
+      "attention_bias": {"file": "NAME.bias.safetensors", "sha256": "...", ...}   # optional
     }
+
+``attention_bias`` names the :class:`AttentionBias` file written beside the JSON (the bias form).
 
 The fingerprint ties a set to the model it was found on. ``architecture`` keys that are present
 must match the model's; ``weights`` (a hash of the weights) must match unless it is null -- or,
@@ -24,12 +27,14 @@ not ``1.9`` or ``true``), ``version`` is one this ttreg reads, and a wrong file 
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import operator
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 FORMAT = "ttreg.register_neurons"
 VERSION = 1
@@ -118,6 +123,8 @@ class RegisterNeurons:
     provenance: dict[str, Any] = field(default_factory=dict)
     statistics: dict[str, Any] = field(default_factory=dict)
     note: str = ""
+    #: the attention-bias form fitted for this set (:func:`ttreg.fit_attention_bias`), if any
+    attention_bias: "AttentionBias | None" = None
 
     def __post_init__(self) -> None:
         pairs = []
@@ -168,15 +175,8 @@ class RegisterNeurons:
         """Raise :class:`ModelMismatchError` if this set was found on another model."""
         from .adapters import wrap
         ad = wrap(model)
-        fp = self.fingerprint or {}
-        arch = ad.architecture()
         found_for = self.found_for()
-        for key, want in (fp.get("architecture") or {}).items():
-            have = arch.get(key)
-            if have is not None and _norm(have) != _norm(want):
-                raise ModelMismatchError(
-                    f"these neurons were found on another architecture ({key}={want!r}, this model "
-                    f"has {have!r})", found_for)
+        check_fingerprint(self.fingerprint, ad, "these neurons were found", found_for)
         for l, n in self.neurons:
             if not 0 <= l < ad.num_layers:
                 raise ModelMismatchError(
@@ -186,11 +186,6 @@ class RegisterNeurons:
                 raise ModelMismatchError(
                     f"neuron ({l}, {n}): block {l} of this model has {ad.mlp_width(l)} MLP neurons, "
                     "so the neuron set is for another model", found_for)
-        want_w = fp.get("weights")
-        if want_w and want_w != ad.weights_hash() and not _same_values(fp.get("weights_sample"), ad):
-            raise ModelMismatchError(
-                "these neurons were found on the same architecture with other weights "
-                f"(fingerprint {want_w} != {ad.weights_hash()})", found_for)
 
     def found_for(self) -> str | None:
         """The model this set was found for, in words (from its provenance or fingerprint)."""
@@ -313,9 +308,19 @@ class RegisterNeurons:
 
     def save(self, path: str | os.PathLike, outputs=None) -> Path:
         """Write the JSON file atomically (a temporary file renamed into place), or stage it in
-        ``outputs`` (a :class:`ttreg.files.Outputs`)."""
-        from .files import write_json
-        return write_json(path, self.to_dict(), outputs)
+        ``outputs`` (a :class:`ttreg.files.Outputs`). With an attention bias, its tensors go beside
+        it (``NAME.bias.safetensors``), and the JSON refers to that file by name and SHA-256; both
+        are written together or not at all."""
+        from .files import Outputs, write_json
+        p = Path(path)
+        data = self.to_dict()
+        with contextlib.nullcontext(outputs) if outputs is not None else Outputs() as o:
+            if self.attention_bias is not None:
+                bias_file = p.with_name(f"{p.stem}.bias.safetensors")
+                digest = self.attention_bias.save(bias_file, outputs=o)
+                data["attention_bias"] = {"file": bias_file.name, "sha256": digest,
+                                          **self.attention_bias.summary()}
+            return write_json(p, data, o)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "RegisterNeurons":
@@ -331,17 +336,61 @@ class RegisterNeurons:
         if not isinstance(data, dict):
             raise ValueError(f"{p} is not a ttreg neuron file (the top level is not an object)")
         try:
-            return cls.from_dict(data)
+            rn = cls.from_dict(data)
         except ModelMismatchError:
             raise
         except ValueError as e:
             raise ValueError(f"{p}: {e}") from None
+        ref = data.get("attention_bias")
+        if ref:
+            if not isinstance(ref, dict) or not isinstance(ref.get("file"), str) or \
+                    Path(ref["file"]).name != ref["file"]:
+                raise ValueError(f"{p}: 'attention_bias' must name a file beside it")
+            rn.attention_bias = AttentionBias.load(p.parent / ref["file"], sha256=ref.get("sha256"))
+        return rn
 
+    # --- the Hugging Face Hub (ttreg.hub) -------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, name: str | os.PathLike, **kwargs) -> "RegisterNeurons":
+        """A neuron set from a Hub repository ("org/name") or a folder written by
+        :meth:`save_pretrained` (see :func:`ttreg.hub.from_pretrained`)."""
+        from .hub import from_pretrained
+        return from_pretrained(name, **kwargs)
+
+    def save_pretrained(self, folder: str | os.PathLike, repo_id: str | None = None) -> Path:
+        """Write the neuron file, its attention bias and a model card into ``folder``."""
+        from .hub import save_pretrained
+        return save_pretrained(self, folder, repo_id)
+
+    def push_to_hub(self, repo_id: str, **kwargs) -> str:
+        """Upload this set (JSON, attention bias, model card) to the Hub repository ``repo_id``."""
+        from .hub import push_to_hub
+        return push_to_hub(self, repo_id, **kwargs)
     @classmethod
     def from_name(cls, name: str) -> "RegisterNeurons":
         """A published neuron set shipped with ttreg (see ``ttreg.published.NAMES``)."""
         from .published import load_published
         return load_published(name)
+
+
+def check_fingerprint(fp: Mapping | None, adapter, found: str, found_for: str | None = None) -> None:
+    """Raise :class:`ModelMismatchError` unless ``adapter``'s model matches the fingerprint ``fp``
+    (architecture keys present must match; ``weights``, unless null, must match exactly or up to
+    16-bit rounding). ``found`` words the message ("these neurons were found"); ``found_for``
+    names the model the data was made for."""
+    fp = fp or {}
+    arch = adapter.architecture()
+    for key, want in (fp.get("architecture") or {}).items():
+        have = arch.get(key)
+        if have is not None and _norm(have) != _norm(want):
+            raise ModelMismatchError(
+                f"{found} on another architecture ({key}={want!r}, this model has {have!r})",
+                found_for)
+    want_w = fp.get("weights")
+    if want_w and want_w != adapter.weights_hash() and not _same_values(fp.get("weights_sample"), adapter):
+        raise ModelMismatchError(
+            f"{found} on the same architecture with other weights (fingerprint {want_w} != "
+            f"{adapter.weights_hash()})", found_for)
 
 
 def _same_values(sample, adapter) -> bool:
@@ -373,3 +422,132 @@ def as_register_neurons(neurons, model=None) -> RegisterNeurons:
     if isinstance(neurons, (str, os.PathLike)):
         return RegisterNeurons.load(neurons)
     return RegisterNeurons(neurons=list(neurons))
+
+
+BIAS_FORMAT = "ttreg.attention_bias"
+
+
+@dataclass
+class AttentionBias:
+    """The attention-bias form of a test-time register (the authors' rebuttal): per layer and
+    head, the mean key and value the test-time register had over a set of images, to be appended
+    to every attention of that layer instead of the register token.
+
+    ``key`` ``(L, heads, head_dim)`` and ``value`` ``(L, heads, value_dim)`` are exactly what the
+    attention kernel saw (after any qk-norm or rotary embedding). ``weight`` ``(L,)``: how many
+    register tokens each layer's key stands for (the ``num_registers`` it was fitted with; its log
+    is added to that key's logit); 0 means no extra key in that layer, so an all-zero bias is the
+    plain model. ``neurons``: the register neurons it was fitted with (zeroed with it).
+    Stored as safetensors (:meth:`save`), usually beside its neuron file.
+    """
+
+    key: Any
+    value: Any
+    weight: Any
+    neurons: list[tuple[int, int]] = field(default_factory=list)
+    num_images: int = 0
+    num_registers: int = 1
+    fingerprint: dict[str, Any] | None = None
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        import torch
+        self.key, self.value = self.key.detach().float().cpu(), self.value.detach().float().cpu()
+        self.weight = torch.as_tensor(self.weight, dtype=torch.float32).detach().cpu()
+        self.neurons = [(int(l), int(n)) for l, n in self.neurons]
+        if self.key.dim() != 3 or self.value.dim() != 3 or self.key.shape[:2] != self.value.shape[:2]:
+            raise ValueError(f"attention bias: key and value must be (layers, heads, dim) with the same "
+                             f"layers and heads; got {tuple(self.key.shape)} and {tuple(self.value.shape)}")
+        if self.weight.shape != self.key.shape[:1]:
+            raise ValueError(f"attention bias: weight must be one number per layer "
+                             f"({self.key.shape[0]}), got shape {tuple(self.weight.shape)}")
+        if not bool(torch.isfinite(self.weight).all() and (self.weight >= 0).all()):
+            raise ValueError("attention bias: weights must be finite and >= 0")
+        if not bool(torch.isfinite(self.key).all() and torch.isfinite(self.value).all()):
+            raise ValueError("attention bias: keys and values must be finite")
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.key.shape[0])
+
+    @property
+    def layers(self) -> list[int]:
+        """Layers that get an extra key (weight > 0)."""
+        return [int(l) for l in (self.weight > 0).nonzero().flatten()]
+
+    def summary(self) -> dict[str, Any]:
+        """What the neuron JSON says about its bias file."""
+        return {"layers": self.num_layers, "heads": int(self.key.shape[1]),
+                "head_dim": int(self.key.shape[2]), "num_images": self.num_images,
+                "num_registers": self.num_registers}
+
+    def __repr__(self) -> str:
+        L, H, D = self.key.shape
+        return (f"AttentionBias({L} layers x {H} heads x {D}, {len(self.layers)} layers on, "
+                f"fitted on {self.num_images} images with {len(self.neurons)} neurons)")
+
+    def check_model(self, model, neurons: "RegisterNeurons | None" = None) -> None:
+        """Raise :class:`ModelMismatchError` if this bias was fitted on another model (or, given
+        ``neurons``, with other register neurons)."""
+        from .adapters import wrap
+        ad = wrap(model)
+        check_fingerprint(self.fingerprint, ad, "this attention bias was fitted")
+        if self.num_layers != ad.num_layers:
+            raise ModelMismatchError(f"this attention bias has {self.num_layers} layers, the model "
+                                     f"{ad.num_layers} blocks: it was fitted on another model")
+        if neurons is not None and sorted(self.neurons) != sorted(neurons.neurons):
+            raise ModelMismatchError(
+                f"this attention bias was fitted with other register neurons ({len(self.neurons)}, "
+                f"not the {len(neurons)} given)")
+
+    # --- file ---------------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike, outputs=None) -> str:
+        """Write a safetensors file (tensors ``key``, ``value``, ``weight``; the rest as JSON
+        metadata) atomically (or staged in ``outputs``); return its SHA-256."""
+        from safetensors.torch import save
+        meta = {"format": BIAS_FORMAT, "version": "1",
+                "neurons": json.dumps(self.neurons), "num_images": str(self.num_images),
+                "num_registers": str(self.num_registers), "fingerprint": json.dumps(self.fingerprint),
+                "provenance": json.dumps(self.provenance)}
+        blob = save({"key": self.key.contiguous(), "value": self.value.contiguous(),
+                     "weight": self.weight.contiguous()}, metadata=meta)
+        from .files import atomic_write
+        write = lambda tmp: tmp.write_bytes(blob)  # noqa: E731
+        if outputs is not None:
+            outputs.stage(path, write)
+        else:
+            atomic_write(path, write)
+        return hashlib.sha256(blob).hexdigest()
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, sha256: str | None = None) -> "AttentionBias":
+        """Read a file written by :meth:`save` (checked against ``sha256`` if given)."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"no attention-bias file at {p}")
+        blob = p.read_bytes()
+        if sha256 and hashlib.sha256(blob).hexdigest() != sha256:
+            raise ValueError(f"{p} is not the attention-bias file its neuron file was saved with "
+                             "(SHA-256 differs): it was changed or replaced")
+        try:
+            tensors = load(blob)
+            meta = _safetensors_metadata(blob)
+        except (SafetensorError, ValueError, json.JSONDecodeError) as e:
+            raise ValueError(f"{p} is not a ttreg attention-bias file ({e})") from None
+        if meta.get("format") != BIAS_FORMAT or not {"key", "value", "weight"} <= tensors.keys():
+            raise ValueError(f"{p} is not a ttreg attention-bias file")
+        return cls(tensors["key"], tensors["value"], tensors["weight"],
+                   neurons=[tuple(n) for n in json.loads(meta.get("neurons") or "[]")],
+                   num_images=int(meta.get("num_images") or 0),
+                   num_registers=int(meta.get("num_registers") or 1),
+                   fingerprint=json.loads(meta.get("fingerprint") or "null"),
+                   provenance=json.loads(meta.get("provenance") or "{}"))
+
+
+def _safetensors_metadata(blob: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file held in memory."""
+    n = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8:8 + n])
+    return dict(header.get("__metadata__") or {})

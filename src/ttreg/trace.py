@@ -13,6 +13,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from . import attention as _attention
 from .adapters import Adapter, wrap
 from .carry import carried, num_carried
 from .hooks import HookSet
@@ -69,9 +70,30 @@ def record(model, norm_layers: Sequence[int] = (), activation_layers: dict[int, 
                 rec.activations[layer] = h.abs().float() if abs_activations else h.float()
             hooks.pre(ad.down_proj(layer), on_site)
         if attention_layers:
-            store = stack.enter_context(ad.attention_probs(list(attention_layers)))
-            rec.attention = store
+            rec.attention = _record_attention(ad, list(attention_layers), hooks, stack)
         yield rec
+
+
+def _record_attention(ad: Adapter, layers: list[int], hooks: HookSet,
+                      stack: contextlib.ExitStack) -> dict[int, torch.Tensor]:
+    """Attention maps of ``layers``, filled on each forward. Normally through the family's
+    explicit path (:meth:`Adapter.attention_probs`). With the attention-bias form installed, the
+    attention must stay on the kernel that takes the extra key, so every layer's maps are read
+    from inside its attention call instead (:mod:`ttreg.attention`), extra key column included."""
+    mods = [ad.attention(l) for l in range(ad.num_layers)]
+    if not any(_attention.intercepted(m) for m in mods):
+        return stack.enter_context(ad.attention_probs(layers))
+    store: dict[int, torch.Tensor] = {}
+    sinks = {}
+    for l in layers:
+        def sink(p, l=l):
+            store[l] = p
+        if _attention.intercepted(mods[l]):
+            sinks[mods[l]] = sink
+        else:
+            _attention.tap(hooks, mods[l], probs=sink)
+    stack.enter_context(_attention.recording(sinks))
+    return store
 
 
 def check_layer(layer, num_layers: int, what: str = "layer") -> int:
@@ -101,7 +123,11 @@ def check_neuron(adapter: Adapter, layer, neuron) -> tuple[int, int]:
 
 @dataclass
 class Trace:
-    """What one forward pass showed. Tensors are on the CPU, batch first."""
+    """What one forward pass showed. Tensors are on the CPU, batch first.
+
+    Attention maps are ``(B, heads, T, T)`` over the tokens of ``token_types``; with the
+    attention-bias form they have ``num_bias_keys`` (1) more key columns at the end: the fitted
+    register key, the counterpart of the token form's register column."""
 
     norms: torch.Tensor | None                 # (B, L, T): residual stream after each block
     activations: torch.Tensor | None           # (B, N, T) for ``neurons``
@@ -112,6 +138,7 @@ class Trace:
     num_registers: int
     grid: tuple[int, int]
     output: Any = None
+    num_bias_keys: int = 0
 
     @property
     def patch_slice(self) -> slice:
@@ -174,4 +201,5 @@ def trace(model, x: torch.Tensor, norms: bool = True, attention: bool | Sequence
     if norm_t is not None and norm_t.shape[-1] != T:
         raise RuntimeError(f"expected {T} tokens, saw {norm_t.shape[-1]}: the adapter's grid or "
                            "prefix count disagrees with the model")
-    return Trace(norm_t, acts, pairs, attn, types, npre, R, grid, out)
+    extra = {int(a.shape[-1] - a.shape[-2]) for a in attn.values()}
+    return Trace(norm_t, acts, pairs, attn, types, npre, R, grid, out, max(extra, default=0))

@@ -118,6 +118,13 @@ class Adapter:
         """The input size the model was built for (height, width)."""
         return (224, 224)
 
+    def dynamic_size(self) -> bool:
+        """Does ``run`` take other input sizes than :meth:`image_size`, resizing the position
+        embedding with ops an ONNX graph keeps dynamic (so an export can leave height and width
+        free)? False unless a family says so (timm's ``dynamic_img_size`` resizes with antialiased
+        bicubic interpolation, which the ONNX exporter cannot write)."""
+        return False
+
     def mean_std(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """Per-channel normalisation the model expects (ImageNet's unless the model says)."""
         return (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

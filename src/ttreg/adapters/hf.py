@@ -217,10 +217,16 @@ class HFVisionAdapter(Adapter):
 
     # --- running ---------------------------------------------------------------------------
     def run(self, x: torch.Tensor) -> Any:
+        """The vision encoder on ``x``, resizing the position embedding for other sizes (and
+        always while tracing for export, so the graph keeps the size dynamic)."""
         kw = {}
-        if tuple(x.shape[-2:]) != self.image_size() and self._accepts("interpolate_pos_encoding"):
+        if (tuple(x.shape[-2:]) != self.image_size() or torch.jit.is_tracing()) \
+                and self._accepts("interpolate_pos_encoding"):
             kw["interpolate_pos_encoding"] = True
         return self.vision(pixel_values=x, **kw)
+
+    def dynamic_size(self) -> bool:
+        return self._accepts("interpolate_pos_encoding")
 
     def _accepts(self, arg: str) -> bool:
         try:
@@ -285,6 +291,9 @@ class HFDinov2Adapter(HFVisionAdapter):
     """``Dinov2Model`` (CLS) and ``Dinov2WithRegistersModel`` (CLS + trained registers)."""
     class_names = ("Dinov2Model", "Dinov2WithRegistersModel")
 
+    def dynamic_size(self) -> bool:
+        return True  # the embeddings always resize the position grid to the input
+
 
 class HFViTAdapter(HFVisionAdapter):
     """``ViTModel`` (CLS, optional pooler)."""
@@ -303,6 +312,9 @@ class HFSiglipVisionAdapter(HFVisionAdapter):
     """``SiglipVisionModel``: no prefix token; the attention-pooling head reads the final hidden
     state, from which the registers are already removed."""
     class_names = ("SiglipVisionModel",)
+
+    def dynamic_size(self) -> bool:
+        return False  # the pooling head's nn.MultiheadAttention traces the token count as a constant
 
 
 class HFCLIPAdapter(HFVisionAdapter):

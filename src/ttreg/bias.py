@@ -1,0 +1,148 @@
+"""Fitting the attention-bias form: per layer and head, the mean key and value of the test-time
+register over a set of images (the authors' rebuttal; :class:`ttreg.AttentionBias`).
+
+The images run with test-time registers (the token form, ``num_registers`` tokens, the given
+neurons); in every block the attention call is intercepted (:mod:`ttreg.attention`) and the
+registers' key and value -- the last ``num_registers`` keys and values the kernel receives -- are
+summed. Only sums and counts are kept (:class:`BiasStats`), so memory is flat in the number of
+images, and shards merge exactly: under ``torch.distributed`` each rank takes every
+world-size-th image and the sums are all-reduced, like the neuron search.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from . import attention
+from .adapters import wrap
+from .data import batches_with_progress, iter_batches
+from .hooks import HookSet
+from .neurons import shard_for_rank
+from .registers import active_registers, test_time_registers
+from .spec import AttentionBias, RegisterNeurons, as_register_neurons
+
+
+@dataclass
+class BiasStats:
+    """Mergeable sums of the registers' keys and values, per layer and head."""
+
+    key_sum: torch.Tensor     # (L, heads, d) float64
+    value_sum: torch.Tensor   # (L, heads, dv) float64
+    count: torch.Tensor       # (L,) float64: register tokens summed per layer
+    images: int = 0
+
+    @classmethod
+    def zeros(cls, layers: int, heads: int, dim: int, value_dim: int) -> "BiasStats":
+        z = lambda *s: torch.zeros(*s, dtype=torch.float64)
+        return cls(z(layers, heads, dim), z(layers, heads, value_dim), z(layers), 0)
+
+    def add(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Add the registers' ``key``/``value`` ``(B, heads, R, d)`` seen in ``layer``."""
+        self.key_sum[layer] += key.detach().double().sum(dim=(0, 2)).cpu()
+        self.value_sum[layer] += value.detach().double().sum(dim=(0, 2)).cpu()
+        self.count[layer] += key.shape[0] * key.shape[2]
+
+    def merge(self, other: "BiasStats") -> "BiasStats":
+        return BiasStats(self.key_sum + other.key_sum, self.value_sum + other.value_sum,
+                         self.count + other.count, self.images + other.images)
+
+    def all_reduce(self) -> "BiasStats":
+        """Sum over all ranks of the default ``torch.distributed`` group."""
+        import torch.distributed as dist
+        if not (dist.is_available() and dist.is_initialized()):
+            return self
+        images = torch.tensor([float(self.images)], dtype=torch.float64)
+        for t in (self.key_sum, self.value_sum, self.count, images):
+            dist.all_reduce(t)
+        self.images = int(images[0])
+        return self
+
+    def mean(self) -> tuple[torch.Tensor, torch.Tensor]:
+        n = self.count.clamp_min(1)[:, None, None]
+        return (self.key_sum / n).float(), (self.value_sum / n).float()
+
+
+_NOT_REACHED = ("block {layer}'s attention ({cls}) never reached scaled_dot_product_attention or "
+                "nn.MultiheadAttention, so its keys cannot be read: use the fused path (timm: "
+                "fused_attn=True; transformers: attn_implementation='sdpa')")
+
+
+def _agreed_shapes(shapes: tuple[int, int, int] | None) -> tuple[int, int, int]:
+    """The attention shapes, agreed over ``torch.distributed`` ranks (a rank without images
+    learns them from the others)."""
+    import torch.distributed as dist
+    t = torch.tensor(shapes or (0, 0, 0), dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    if not t.all():
+        raise ValueError("no images to fit the attention bias on (or the model's attention never "
+                         "reached scaled_dot_product_attention / nn.MultiheadAttention)")
+    return tuple(int(v) for v in t)
+
+
+def fit_attention_bias(model, neurons, images, *, num_registers: int = 1, preset: str = "paper",
+                       batch_size: int = 16, transform: Callable | None = None,
+                       progress: bool = False, strict: bool = False,
+                       check: bool = True) -> AttentionBias:
+    """Fit the attention-bias form of ``neurons`` on ``images``: per layer and head, the mean key
+    and value of the test-time register(s) over the images.
+
+    ``images``: anything :func:`ttreg.find_register_neurons` takes. ``num_registers``: the token
+    form whose registers are measured (the bias then stands for that many tokens: its weight).
+    Returns an :class:`~ttreg.AttentionBias`; attach it (``neurons.attention_bias = bias``) to save
+    it beside the neuron file, and install it with
+    ``ttreg.test_time_registers(model, neurons, form="bias")``.
+    """
+    ad = wrap(model)
+    rn: RegisterNeurons = as_register_neurons(neurons, ad)
+    if isinstance(num_registers, bool) or not isinstance(num_registers, int) or num_registers < 1:
+        raise ValueError(f"num_registers must be a whole number >= 1, got {num_registers!r}")
+    if active_registers(ad):
+        raise RuntimeError("remove test-time registers before fitting the attention bias")
+    if check:
+        rn.check_model(ad)
+    images = shard_for_rank(images, strict)
+    batches = batches_with_progress(iter_batches(images, ad, batch_size, transform, strict=strict),
+                                    images, batch_size, "fitting the attention bias", progress)
+    L, R = ad.num_layers, num_registers
+    stats: BiasStats | None = None
+    images_seen = 0
+
+    def sink(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        nonlocal stats
+        if stats is None:   # the shapes are known from the first call
+            stats = BiasStats.zeros(L, k.shape[1], k.shape[-1], v.shape[-1])
+        stats.add(layer, k, v)
+    was_training = ad.model.training
+    ad.model.eval()
+    try:
+        for x in batches:
+            with torch.no_grad(), HookSet() as hooks, \
+                    test_time_registers(ad, rn, num_registers=R, preset=preset, check=False):
+                for layer in range(L):
+                    attention.tap(hooks, ad.attention(layer), kv=(R, lambda k, v, layer=layer: sink(layer, k, v)))
+                ad.run(x)
+            images_seen += x.shape[0]
+    finally:
+        ad.model.train(was_training)
+    shapes = None if stats is None else (stats.key_sum.shape[1], stats.key_sum.shape[2],
+                                         stats.value_sum.shape[2])
+    agreed = _agreed_shapes(shapes)
+    if stats is None:   # a rank without images (or a model whose attention was never reached)
+        stats = BiasStats.zeros(L, *agreed)
+    stats.images = images_seen
+    stats.all_reduce()
+    missing = [l for l in range(L) if stats.count[l] == 0]
+    if missing:
+        raise RuntimeError(_NOT_REACHED.format(layer=missing[0], cls=type(ad.attention(missing[0])).__name__))
+    key, value = stats.mean()
+    return AttentionBias(key, value, torch.full((L,), float(R)), neurons=rn.neurons,
+                         num_images=stats.images, num_registers=R,
+                         fingerprint=RegisterNeurons.fingerprint_of(ad),
+                         provenance={"method": "ttreg.fit_attention_bias", "model": ad.describe(),
+                                     "preset": preset})
+
+
+__all__ = ["BiasStats", "fit_attention_bias"]
