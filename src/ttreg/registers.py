@@ -31,6 +31,12 @@ Presets (see docs/method.md):
     the authors' released code, made batch-correct: per image, one value shared by all of a
     layer's register neurons -- the signed value of largest magnitude over all tokens and those
     neurons; the neurons are zeroed on patch tokens only (prefix tokens such as CLS untouched).
+
+The authors' ablation modes (their ``activate_on_registers``), for either preset:
+``normal_values`` says what the tokens that a preset zeroes get instead -- ``"zero"`` (default),
+``"mean"`` (their mean over those tokens), ``"only_outliers"`` (only values above that mean + 1
+std, unbiased, are set to the mean) or ``"same"`` (left as they are) -- and ``scale`` multiplies
+the value written into the targets: a number, or one number per register.
 """
 from __future__ import annotations
 
@@ -48,6 +54,7 @@ from .hooks import HookSet, OwnedHook, owned_hooks, remove_owned_hooks
 from .spec import RegisterNeurons, as_register_neurons
 
 PRESETS = ("paper", "official")
+NORMAL_VALUES = ("zero", "mean", "only_outliers", "same")
 
 #: scoped activations entered by this context (``with test_time_registers(...)``)
 _SCOPE: contextvars.ContextVar[tuple] = contextvars.ContextVar("ttreg_scope", default=())
@@ -251,22 +258,43 @@ def _target_and_zero_masks(batch: int, tokens: int, num_prefix: int, num_registe
 
 
 def edit_activations(h: torch.Tensor, neurons: torch.Tensor, target: torch.Tensor,
-                     zero: torch.Tensor, preset: str = "paper") -> torch.Tensor:
+                     zero: torch.Tensor, preset: str = "paper", normal_values: str = "zero",
+                     target_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Return MLP hidden states ``h`` ``(B, T, H)`` with the register edit applied (out of place).
 
-    ``neurons``: long tensor of K neuron indices; ``target``/``zero``: ``(B, T)`` bool masks.
-    Vectorised over batch, tokens and neurons.
+    ``neurons``: long tensor of K neuron indices; ``target``/``zero``: ``(B, T)`` bool masks
+    (where the value goes; which other tokens the edit changes). ``normal_values``: what the
+    ``zero`` tokens get (see the module docstring). ``target_scale``: ``(T,)`` factor per target
+    token (the per-register ``scale``), 1 when None. Vectorised over batch, tokens and neurons.
     """
     v = h.index_select(-1, neurons)                                   # (B, T, K)
-    if preset == "official":
-        flat = v.reshape(v.shape[0], -1)                              # (B, T*K)
-        pick = flat.abs().argmax(dim=1, keepdim=True)
-        value = flat.gather(1, pick)[:, :, None].expand(-1, 1, v.shape[2])  # (B, 1, K)
+    if preset == "official":  # their sign_max: ties |max| == |min| go to the negative value
+        flat = v.reshape(v.shape[0], -1)
+        hi, lo = flat.amax(dim=1), flat.amin(dim=1)
+        value = torch.where(hi.abs() > lo.abs(), hi, lo)[:, None, None].expand(-1, 1, v.shape[2])
     else:
         value = v.amax(dim=1, keepdim=True)                           # (B, 1, K)
-    out = torch.where(zero[:, :, None], torch.zeros((), dtype=v.dtype, device=v.device), v)
+    if target_scale is not None:
+        value = value * target_scale.to(v.dtype)[None, :, None]         # (B, T, K)
+    out = torch.where(zero[:, :, None], _normal_values(v, zero, normal_values), v)
     out = torch.where(target[:, :, None], value.to(v.dtype), out)
     return h.index_copy(-1, neurons, out)
+
+
+def _normal_values(v: torch.Tensor, zero: torch.Tensor, mode: str) -> torch.Tensor:
+    """What the ``zero`` tokens of ``v`` ``(B, T, K)`` get: 0, their mean, the mean in place of
+    values above mean + 1 std (unbiased), or themselves."""
+    if mode == "zero":
+        return torch.zeros((), dtype=v.dtype, device=v.device)
+    if mode == "same":
+        return v
+    m = zero[:, :, None].to(v.dtype)
+    n = m.sum(dim=1, keepdim=True)
+    mean = (v * m).sum(dim=1, keepdim=True) / n.clamp_min(1)           # (B, 1, K)
+    if mode == "mean":
+        return mean.expand_as(v)
+    var = ((v - mean) ** 2 * m).sum(dim=1, keepdim=True) / (n - 1).clamp_min(1)
+    return torch.where(v > mean + var.sqrt(), mean.expand_as(v), v)
 
 
 class EditNeurons(RegisterHook):
@@ -274,9 +302,11 @@ class EditNeurons(RegisterHook):
 
     def __init__(self, activation: Activation, neurons: torch.Tensor, num_prefix: int,
                  num_registers: int, preset: str, shift: torch.Tensor | None,
-                 token_dim: int) -> None:
+                 token_dim: int, normal_values: str = "zero",
+                 scale: tuple[float, ...] = (1.0,)) -> None:
         self.activation, self.neurons, self.num_prefix = activation, neurons, num_prefix
         self.num_registers, self.preset, self.shift, self.token_dim = num_registers, preset, shift, token_dim
+        self.normal_values, self.scale = normal_values, tuple(float(s) for s in scale)
 
     def __call__(self, mod, args):
         if not _compiling() and _CALL.get() is not self.activation:
@@ -287,8 +317,30 @@ class EditNeurons(RegisterHook):
         R, npre = self.num_registers, self.num_prefix
         shift = shift_mask(self.shift, B, T - npre - R, hb.device)
         target, zero = _target_and_zero_masks(B, T, npre, R, shift, self.preset, hb.device)
-        hb = edit_activations(hb, self.neurons.to(hb.device), target, zero, self.preset)
+        scale = None
+        if self.scale != (1.0,):
+            scale = torch.full((T,), self.scale[0], device=hb.device)
+            if len(self.scale) > 1:
+                scale[T - R:] = torch.tensor(self.scale, device=hb.device)
+        hb = edit_activations(hb, self.neurons.to(hb.device), target, zero, self.preset,
+                              self.normal_values, scale)
         return (hb if self.token_dim == 1 else hb.transpose(0, 1), *args[1:])
+
+
+def _parse_scale(scale, num_registers: int) -> tuple[float, ...]:
+    """``scale`` as a tuple: one number for every target, or one per register."""
+    if isinstance(scale, (int, float)) and not isinstance(scale, bool):
+        return (float(scale),)
+    try:
+        vals = tuple(float(s) for s in scale)
+    except (TypeError, ValueError):
+        raise ValueError(f"scale must be a number or a list of numbers, got {scale!r}") from None
+    if len(vals) == 1:
+        return vals
+    if len(vals) != num_registers:
+        raise ValueError(f"scale lists one value per register: got {len(vals)} values for "
+                         f"{num_registers} registers")
+    return vals
 
 
 def _check_not_compiled(ad: Adapter) -> None:
@@ -333,12 +385,16 @@ class RegistersHandle:
 
     def __init__(self, model: nn.Module | Adapter, neurons, num_registers: int | None = None,
                  preset: str = "paper", shift_to=None, check: bool = True, *,
+                 normal_values: str = "zero", scale=1.0,
                  scoped: bool = False, zero_only: bool = False) -> None:
         self.adapter = ad = wrap(model)
         _check_not_compiled(ad)
         self.neurons: RegisterNeurons = as_register_neurons(neurons, ad)
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        if normal_values not in NORMAL_VALUES:
+            raise ValueError(f"unknown normal_values {normal_values!r}; choose one of "
+                             f"{', '.join(NORMAL_VALUES)}")
         if num_registers is not None and (isinstance(num_registers, bool) or not isinstance(num_registers, int)):
             raise ValueError(f"num_registers must be a whole number, got {num_registers!r}")
         if num_registers is None:
@@ -353,9 +409,11 @@ class RegistersHandle:
         elif num_registers == 0 and shift_to is None and len(self.neurons):
             raise ValueError("num_registers=0 with register neurons needs shift_to=[patch indices]")
         shift = parse_shift_to(shift_to)
+        self.scale = _parse_scale(scale, num_registers)
         if check:
             self.neurons.check_model(ad)
         self.num_registers, self.preset, self.shift_to = num_registers, preset, shift_to
+        self.normal_values = normal_values
         self.activation = Activation(persistent=not scoped)
         remove_owned_hooks(ad.model, OwnedHook, _closed)
         clash = [a for a in installed(ad) if a.persistent or a.active()]
@@ -383,7 +441,7 @@ class RegistersHandle:
                 self.hooks.forward(mod, hook, prepend=True)
         for layer, idx in self.neurons.by_layer().items():
             edit = EditNeurons(act, torch.tensor(idx, dtype=torch.long), ad.num_prefix_tokens, R,
-                               self.preset, shift, ad.token_dim)
+                               self.preset, shift, ad.token_dim, self.normal_values, self.scale)
             self.hooks.pre(ad.down_proj(layer), edit, prepend=True)
 
     def remove(self) -> None:
@@ -400,7 +458,8 @@ class RegistersHandle:
 
 
 def add_test_time_registers(model, neurons, num_registers: int | None = None, preset: str = "paper",
-                            shift_to=None, check: bool = True) -> RegistersHandle:
+                            shift_to=None, check: bool = True, *, normal_values: str = "zero",
+                            scale=1.0) -> RegistersHandle:
     """Install test-time registers on ``model`` for every forward, from any thread, until the
     returned handle's ``remove()``.
 
@@ -412,23 +471,31 @@ def add_test_time_registers(model, neurons, num_registers: int | None = None, pr
     indices (the same for every image) or a bool mask ``(num_patches,)`` or
     ``(batch, num_patches)``. ``check=False`` skips the model-fingerprint check.
 
+    Ablations as in the authors' code: ``normal_values`` -- what the tokens the preset zeroes get
+    instead: ``"zero"`` (default), ``"mean"``, ``"only_outliers"`` or ``"same"`` -- and
+    ``scale``, a factor on the value written into the targets (a number, or a list with one
+    number per register).
+
     Works with gradient checkpointing (non-reentrant), threads, ``copy.deepcopy`` (the copy has
     its own registers; ``ttreg.remove_test_time_registers(copy)`` removes them) and
     ``torch.compile`` when compiled *after* installing.
     """
-    return RegistersHandle(model, neurons, num_registers, preset, shift_to, check)
+    return RegistersHandle(model, neurons, num_registers, preset, shift_to, check,
+                           normal_values=normal_values, scale=scale)
 
 
 @contextlib.contextmanager
 def test_time_registers(model, neurons, num_registers: int | None = None, preset: str = "paper",
-                        shift_to=None, check: bool = True) -> Iterator[RegistersHandle]:
+                        shift_to=None, check: bool = True, *, normal_values: str = "zero",
+                        scale=1.0) -> Iterator[RegistersHandle]:
     """Test-time registers for the forwards this thread runs inside the ``with`` block.
 
     Arguments as :func:`add_test_time_registers`. Scoped like ``torch.no_grad()``: other threads
     using the same model meanwhile run it plain. Every hook is removed on exit, also on an
     exception. With gradient checkpointing, call ``backward()`` inside the block.
     """
-    handle = RegistersHandle(model, neurons, num_registers, preset, shift_to, check, scoped=True)
+    handle = RegistersHandle(model, neurons, num_registers, preset, shift_to, check,
+                             normal_values=normal_values, scale=scale, scoped=True)
     with _entered(handle):
         yield handle
 
@@ -455,6 +522,6 @@ def _entered(handle: RegistersHandle) -> Iterator[RegistersHandle]:
         handle.remove()
 
 
-__all__ = ["PRESETS", "RegistersHandle", "add_test_time_registers", "test_time_registers",
+__all__ = ["PRESETS", "NORMAL_VALUES", "RegistersHandle", "add_test_time_registers", "test_time_registers",
            "zero_neurons", "remove_test_time_registers", "installed", "active_registers",
            "edit_activations", "ATTR"]
