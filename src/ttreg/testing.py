@@ -372,24 +372,55 @@ def plant_content_outliers(model: nn.Module, plants: ContentPlants | None = None
     sig1 = _token_std(h0[:, npre:], b0.norm1.eps)
     b0.norm1.weight[normal] *= sig1 / sig1_old
 
-    # The last head of block 0 reads the score with a constant query: its softmax picks the
-    # image's brightest patch, and it writes that score (in raw units) to every token.
+    # Two heads of block 0 are the plant's. ``m`` below is the LayerNorm's reading of the massive
+    # pair, (n[mass+] - n[mass-]) / 2: B / spread = ``mbar`` on every token that has the pair,
+    # 0 on a token that does not -- a test-time register appended after the embedding.
     attn = b0.attn
-    dh = D // attn.num_heads
-    rows = list(range(D - dh, D))
-    for part in range(3):
-        attn.qkv.weight[[part * D + r for r in rows]] = 0
-        attn.qkv.bias[[part * D + r for r in rows]] = 0
-    attn.proj.weight[:, rows] = 0
-    r0 = rows[0]
+    H = attn.num_heads
+    if H < 2:
+        raise ValueError("content plants need at least two attention heads")
+    dh = D // H
+    mbar = B / sig1
+    rows = []
+    for h in (H - 1, H - 2):
+        hr = list(range(h * dh, (h + 1) * dh))
+        for part in range(3):
+            attn.qkv.weight[[part * D + r for r in hr]] = 0
+            attn.qkv.bias[[part * D + r for r in hr]] = 0
+        attn.proj.weight[:, hr] = 0
+        rows.append(hr)
+    W, bias = attn.qkv.weight, attn.qkv.bias
+
+    def read_m(row: int, per_m: float) -> None:  # row += per_m * m
+        W[row, ch["mass+"]], W[row, ch["mass-"]] = per_m / 2, -per_m / 2
+
+    # Max head: a constant query; the key reads the score (and sends a token without the pair
+    # far down), so the softmax picks the image's brightest patch; the value is the score,
+    # written (in raw units) to every token.
+    r0 = rows[0][0]
     sharp = 20.0 / (p.margin * c)                     # logit per raw score unit
-    attn.qkv.bias[r0] = 1.0
-    attn.qkv.weight[D + r0, ch["score+"]] = sharp * sig1 * dh ** 0.5 / 2
-    attn.qkv.weight[D + r0, ch["score-"]] = -sharp * sig1 * dh ** 0.5 / 2
-    attn.qkv.weight[2 * D + r0, ch["score+"]] = 0.5
-    attn.qkv.weight[2 * D + r0, ch["score-"]] = -0.5
+    bias[r0] = 1.0
+    W[D + r0, ch["score+"]] = sharp * sig1 * dh ** 0.5 / 2
+    W[D + r0, ch["score-"]] = -sharp * sig1 * dh ** 0.5 / 2
+    read_m(D + r0, 1e4 * dh ** 0.5 / mbar)
+    bias[D + r0] = -1e4 * dh ** 0.5
+    W[2 * D + r0, ch["score+"]] = 0.5
+    W[2 * D + r0, ch["score-"]] = -0.5
     attn.proj.weight[ch["max+"], r0] = sig1
     attn.proj.weight[ch["max-"], r0] = -sig1
+    # Register head: a token with the pair attends to tokens with it (value 0); a token without
+    # it attends to itself and receives the pair and a score far below every patch. So a
+    # test-time register leaves block 0 like any token, and the trigger never fires on it.
+    q0, q1 = rows[1][0], rows[1][1]
+    read_m(q0, 1.0 / mbar)                            # query: (m / mbar, 1)
+    bias[q1] = 1.0
+    read_m(D + q0, 80.0 * dh ** 0.5 / mbar)           # key: (80 m / mbar, 40 (1 - m / mbar))
+    read_m(D + q1, -40.0 * dh ** 0.5 / mbar)
+    bias[D + q1] = 40.0 * dh ** 0.5
+    read_m(2 * D + q0, -1.0 / mbar)                   # value: 1 - m / mbar
+    bias[2 * D + q0] = 1.0
+    for name, v in (("mass+", B), ("mass-", -B), ("score+", -10 * c), ("score-", 10 * c)):
+        attn.proj.weight[ch[name], q0] = v
     z0 = _attn_out(b0, h0)
     sig2 = _token_std(z0[:, npre:], b0.norm2.eps)
     b0.norm2.weight[normal] *= sig2 / sig2_old
