@@ -133,6 +133,11 @@ def test_later_attention_uses_the_outlier_as_a_sink(model, images):
         reg = ttreg.trace(model, images, attention=[L - 1])
     att = reg.attention[L - 1][:, 0, 0]                                # head 0, CLS query
     assert (att[:, -1] > 0.9).all()                                    # the register is the sink
+    # the register is no larger than the trigger's (mildly large) token in block 0, and takes
+    # the outlier's place once the cascade has run
+    assert (reg.norms[:, 0, -1] < 1.5 * tr.norms[:, 0, 1:].amax(dim=-1)).all()
+    med = reg.norms[:, -1, 1:-1].median(dim=-1).values
+    assert (reg.norms[:, -1, -1] > 20 * med).all()
     assert (att[torch.arange(len(images)), 1 + where] < 0.05).all()
 
 

@@ -48,18 +48,14 @@ def load_model(spec: str, device: str = "cpu"):
             raise UserError(f"cannot load models: {e}") from None
         model, transform = _load(base)
         if variant == "planted":
-            testing.plant_register_neurons(model, DEMO_PLANTS)
+            from .demo import plant_demo
+            plant_demo(model)
         elif variant:
             raise UserError(f"unknown model variant '+{variant}' (only '+planted')")
     if device != "cpu" and not (device.startswith("cuda") and torch.cuda.is_available()) \
             and device != "mps":
         raise UserError(f"device {device!r} is not available here; use --device cpu")
     return model.to(device).eval(), transform
-
-
-#: plants used by ``builtin:dinov2_vits14+planted`` (a synthetic demo variant of the real model):
-#: two neurons on the same token, a small write at block 5 and a large one at block 8.
-DEMO_PLANTS = [(5, 100, 7 * 16 + 4, 0.4), (8, 1000, 7 * 16 + 4, 60.0)]
 
 
 def load_neurons(arg: str | None, model):

@@ -267,7 +267,7 @@ class ContentPlants:
 
 #: reserved channels of a content plant, counted from the end of the embedding
 _CHANNELS = ("mass+", "mass-", "score+", "score-", "max+", "max-", "marker", "mild", "shared",
-             "amp", "dense")
+             "amp", "dense", "ttr+", "ttr-")
 
 
 def _token_std(x: torch.Tensor, eps: float) -> float:
@@ -362,7 +362,8 @@ def plant_content_outliers(model: nn.Module, plants: ContentPlants | None = None
     pe.weight[ch["score-"]] = -c / (C * ph * pw)
     n_patch = model.patch_embed.num_patches
     u = torch.randperm(n_patch, generator=torch.Generator().manual_seed(seed)).float() / n_patch
-    tie = p.margin * c * (3 * u + 1.5 * (u == u.max()).float())
+    spread = 3 * max(1.0, n_patch / 64)        # wider on larger grids: fewer ties within the margin
+    tie = p.margin * c * (spread * u + 1.5 * (u == u.max()).float())
     off = 0 if getattr(model, "no_embed_class", False) else npre
     model.pos_embed[0, off:off + n_patch, ch["score+"]] = tie
     model.pos_embed[0, off:off + n_patch, ch["score-"]] = -tie
@@ -409,8 +410,9 @@ def plant_content_outliers(model: nn.Module, plants: ContentPlants | None = None
     attn.proj.weight[ch["max+"], r0] = sig1
     attn.proj.weight[ch["max-"], r0] = -sig1
     # Register head: a token with the pair attends to tokens with it (value 0); a token without
-    # it attends to itself and receives the pair and a score far below every patch. So a
-    # test-time register leaves block 0 like any token, and the trigger never fires on it.
+    # it attends to itself and receives the pair, a score far below every patch and a flag
+    # ("ttr", a +- pair too) that keeps block 0's neurons off it. So a test-time register
+    # leaves block 0 like any other token.
     q0, q1 = rows[1][0], rows[1][1]
     read_m(q0, 1.0 / mbar)                            # query: (m / mbar, 1)
     bias[q1] = 1.0
@@ -419,7 +421,8 @@ def plant_content_outliers(model: nn.Module, plants: ContentPlants | None = None
     bias[D + q1] = 40.0 * dh ** 0.5
     read_m(2 * D + q0, -1.0 / mbar)                   # value: 1 - m / mbar
     bias[2 * D + q0] = 1.0
-    for name, v in (("mass+", B), ("mass-", -B), ("score+", -10 * c), ("score-", 10 * c)):
+    for name, v in (("mass+", B), ("mass-", -B), ("score+", -10 * c), ("score-", 10 * c),
+                    ("ttr+", c), ("ttr-", -c)):
         attn.proj.weight[ch[name], q0] = v
     z0 = _attn_out(b0, h0)
     sig2 = _token_std(z0[:, npre:], b0.norm2.eps)
@@ -440,6 +443,7 @@ def plant_content_outliers(model: nn.Module, plants: ContentPlants | None = None
         fc1.weight[p.mild[1], ch["score+"]], fc1.weight[p.mild[1], ch["score-"]] = -am / 2, am / 2
         fc1.bias[p.mild[1]] = -4.0
     for n in [nT] + ([p.mild[1]] if p.mild else []):
+        fc1.weight[n, ch["ttr+"]], fc1.weight[n, ch["ttr-"]] = -500.0 * sig2 / c, 500.0 * sig2 / c
         fc2.weight[:, n] = 0
     hid = act_fn(fc1(b0.norm2(z0)))
     trig = hid[:, npre:, nT]
