@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import ttreg
-from ttreg.outliers import emergence_layer, outlier_mask
+from ttreg.outliers import emergence_layer, outlier_mask, thresholds
 from ttreg.testing import ContentPlants, content_planted_vit, mixed_images, planted_vit
 
 PLANTS = ContentPlants()
@@ -101,10 +101,16 @@ def test_calibrate_with_no_hyperparameters_recovers_the_plant(family, images):
         zeroed = ratio(ttreg.trace(m, held).norms[:, -1]).mean()
     before, after = r["heldout_before"]["mean_norm_ratio"], r["heldout_after"]["mean_norm_ratio"]
     assert before > 30 and after <= 1.1 * float(zeroed)
-    # the old clearing test (edited max under the *plain* image's inflated threshold) already
-    # passed at k = 3, with the shared neurons' outliers still 4x larger than zeroing leaves
-    k3 = next(s for s in r["sweep"] if s["k"] == 3)
-    assert k3["fraction_with_outliers"] == 0.0 and k3["mean_norm_ratio"] > 3 * after
+    assert r["heldout_before"]["fraction_with_outliers"] == 1.0
+    assert r["heldout_after"]["fraction_with_outliers"] == 0.0
+    # the old clearing test -- the edited max under the *plain* image's mean + 3 std, which the
+    # outliers inflate -- passed the amplifier alone, which leaves outliers 5x what zeroing does
+    plain = ttreg.trace(m, held).norms[:, -1, 1:]
+    with ttreg.test_time_registers(m, cal.neurons.top(1)):
+        one = ttreg.trace(m, held).norms[:, -1, 1:-1]
+    assert cal.neurons.neurons[0] == PLANTS.amplifier
+    assert (one.amax(1) < thresholds(plain)).all()
+    assert (one.amax(1) / one.median(1).values).mean() > 5 * after
 
 
 def _heldout_indices(n: int) -> list[int]:

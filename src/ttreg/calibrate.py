@@ -30,7 +30,7 @@ from .adapters import wrap
 from .data import ImageSource, iter_batches, resolve_images
 from .neurons import (_resolve_layer, layers_to_search, neurons_from_stats, search_options,
                       search_stats)
-from .outliers import AUTO_MIN_RATIO, norm_ratio, outlier_mask, thresholds
+from .outliers import norm_ratio, outlier_mask
 from .registers import test_time_registers, zero_neurons
 from .spec import RegisterNeurons
 from .trace import record
@@ -82,9 +82,8 @@ def _measure_given(model, images, neurons: RegisterNeurons, threshold, detection
         skipped = [s.__dict__ for s in images.skipped]
     batches = list(iter_batches(images, ad, batch_size, transform))
     base = _detection_norms(ad, batches, det)
-    thr = thresholds(base[:, ad.num_prefix_tokens:], threshold, AUTO_MIN_RATIO)
-    before = _outcome(base, 0, ad.num_prefix_tokens, thr)[0]
-    after = heldout_outcome(ad, batches, det, thr, neurons)
+    before = _outcome(base, 0, ad.num_prefix_tokens, threshold)[0]
+    after = heldout_outcome(ad, batches, det, threshold, neurons)
     n = int(base.shape[0])
     report = {"detection_layer": det, "threshold": threshold, "emergence_layer": None,
               "top_layer": neurons.hyperparameters.get("top_layer"), "top_k": len(neurons),
@@ -139,30 +138,35 @@ def _edited_norms(ad, batches: list[torch.Tensor], det: int, neurons: RegisterNe
         return _detection_norms(ad, batches, det), 1
 
 
-def _outcome(norms: torch.Tensor, R: int, npre: int, thr: torch.Tensor) -> tuple[dict, torch.Tensor]:
-    """Summary numbers of detection-layer norms ``(N, T)`` and the per-image max/median ratio."""
-    patch = norms[:, npre:norms.shape[1] - R]
+def _outcome(norms: torch.Tensor, R: int, npre: int, threshold) -> tuple[dict, torch.Tensor]:
+    """Summary numbers of detection-layer norms ``(N, T)`` and the per-image max/median ratio.
+    An image has outliers by the outlier rule applied to its own patch norms (edited or not; a
+    threshold taken from the plain image would be inflated by the outliers it should catch)."""
+    T = norms.shape[1]
+    patch = norms[:, npre:T - R]
     ratio = norm_ratio(norms, npre, R)
-    return ({"fraction_with_outliers": float((patch.amax(dim=1) >= thr).float().mean()),
+    left = outlier_mask(norms[:, :T - R], npre, 0, threshold).any(dim=1)
+    return ({"fraction_with_outliers": float(left.float().mean()),
              "mean_norm_ratio": float(ratio.mean()),
              "mean_max_patch_norm": float(patch.amax(dim=1).mean())}, ratio)
 
 
-def heldout_outcome(ad, batches: list[torch.Tensor], det: int, thr: torch.Tensor,
+def heldout_outcome(ad, batches: list[torch.Tensor], det: int, threshold,
                     neurons: RegisterNeurons | None, preset: str = "paper") -> dict[str, float]:
-    """Fraction of held-out images whose max patch norm is >= their threshold, and the mean
-    max/median ratio, with test-time registers for ``neurons`` (plain when None)."""
+    """Share of images with outlier tokens and the mean max/median patch norm at the detection
+    layer, with test-time registers for ``neurons`` (plain when None)."""
     norms, R = _edited_norms(ad, batches, det, neurons, preset=preset)
-    return _outcome(norms, R, ad.num_prefix_tokens, thr)[0]
+    return _outcome(norms, R, ad.num_prefix_tokens, threshold)[0]
 
 
 class _Sweep:
     """The top-k sweep on held-out images: outcomes per k (cached, each one forward pass) and
     the clearing test against a reference max/median ratio per image."""
 
-    def __init__(self, ad, batches, det, thr, has_outliers, ranked: RegisterNeurons, *,
+    def __init__(self, ad, batches, det, threshold, has_outliers, ranked: RegisterNeurons, *,
                  preset: str, slack: float, tolerance: float, log: list) -> None:
-        self.ad, self.batches, self.det, self.thr, self.has = ad, batches, det, thr, has_outliers
+        self.ad, self.batches, self.det, self.has = ad, batches, det, has_outliers
+        self.threshold = threshold
         self.ranked, self.preset, self.slack, self.tolerance, self.log = ranked, preset, slack, tolerance, log
         self.ratios: dict[int, torch.Tensor] = {}
         self.summary: dict[int, dict] = {}
@@ -171,7 +175,8 @@ class _Sweep:
         if k not in self.ratios:
             norms, R = _edited_norms(self.ad, self.batches, self.det, self.ranked.top(k),
                                      preset=self.preset)
-            self.summary[k], self.ratios[k] = _outcome(norms, R, self.ad.num_prefix_tokens, self.thr)
+            self.summary[k], self.ratios[k] = _outcome(norms, R, self.ad.num_prefix_tokens,
+                                                       self.threshold)
             self.log.append({"k": k, "top_layer": self.ranked.hyperparameters["top_layer"],
                              **self.summary[k]})
         return self.ratios[k]
@@ -192,13 +197,13 @@ class _Sweep:
         return hi if hi < n or ok(n) else None
 
 
-def _choose_k(sweep: _Sweep, threshold, npre: int) -> tuple[int | None, dict]:
+def _choose_k(sweep: _Sweep, npre: int) -> tuple[int | None, dict]:
     """Clearing test for one ranking: the reference is zeroing all its candidates."""
     ad, ranked = sweep.ad, sweep.ranked
     n, top = len(ranked), ranked.hyperparameters["top_layer"]
     zeroed, _ = _edited_norms(ad, sweep.batches, sweep.det, ranked, mode="zero")
-    summary, ref = _outcome(zeroed, 0, npre, sweep.thr)
-    left = sweep.has & outlier_mask(zeroed, npre, 0, threshold).any(dim=1)
+    summary, ref = _outcome(zeroed, 0, npre, sweep.threshold)
+    left = sweep.has & outlier_mask(zeroed, npre, 0, sweep.threshold).any(dim=1)
     info = {"top_layer": top, "candidates": n, "zeroed_mean_norm_ratio": summary["mean_norm_ratio"],
             "zeroed_fraction_with_outliers": float(left.float().mean())}
     if float(left.float().mean()) > sweep.tolerance:
@@ -292,8 +297,7 @@ def _calibrate(ad, images, *, threshold, detection_layer, top_layer, top_k, max_
     held_batches = list(iter_batches(held_src, ad, batch_size, transform))
     npre = ad.num_prefix_tokens
     base = _detection_norms(ad, held_batches, det)
-    thr = thresholds(base[:, npre:], threshold, AUTO_MIN_RATIO)
-    before, _ = _outcome(base, 0, npre, thr)
+    before, _ = _outcome(base, 0, npre, threshold)
     has = outlier_mask(base, npre, 0, threshold).any(dim=1)
     report["heldout_before"] = before
     if not len(ranked):
@@ -302,7 +306,7 @@ def _calibrate(ad, images, *, threshold, detection_layer, top_layer, top_k, max_
 
     if top_k == "auto":
         k, ranked, rule, reason, attempts, warn = _auto_k(
-            ad, held_batches, det, thr, has, ranked, rank, top_layer, threshold, preset=preset,
+            ad, held_batches, det, has, ranked, rank, top_layer, threshold, preset=preset,
             slack=slack, tolerance=tolerance, log=report["sweep"])
         seen = [r for r in report["sweep"] if r["k"] == k
                 and r["top_layer"] == ranked.hyperparameters["top_layer"]]
@@ -318,7 +322,7 @@ def _calibrate(ad, images, *, threshold, detection_layer, top_layer, top_k, max_
     if seen:
         after = {key: seen[0][key] for key in before}
     else:
-        after = heldout_outcome(ad, held_batches, det, thr, neurons, preset=preset) if k else before
+        after = heldout_outcome(ad, held_batches, det, threshold, neurons, preset=preset) if k else before
     report.update(top_k=k, top_k_rule=rule, top_k_reason=reason, heldout_after=after)
     neurons.statistics.update(heldout_before=before, heldout_after=after, top_k_rule=rule,
                               top_k_reason=reason)
@@ -330,7 +334,7 @@ def _calibrate(ad, images, *, threshold, detection_layer, top_layer, top_k, max_
     return Calibration(neurons, report)
 
 
-def _auto_k(ad, batches, det, thr, has, ranked, rank, top_layer, threshold, *, preset, slack,
+def _auto_k(ad, batches, det, has, ranked, rank, top_layer, threshold, *, preset, slack,
             tolerance, log):
     """top_k="auto": the clearing test on the emergence ranking, widened to every layer up to
     the detection layer if it fails there (only when top_layer is automatic)."""
@@ -343,9 +347,9 @@ def _auto_k(ad, batches, det, thr, has, ranked, rank, top_layer, threshold, *, p
         if cand is None:
             cand = rank(det)
             cand.hyperparameters["top_layer_requested"] = "auto"
-        sweep = _Sweep(ad, batches, det, thr, has, cand, preset=preset, slack=slack,
+        sweep = _Sweep(ad, batches, det, threshold, has, cand, preset=preset, slack=slack,
                        tolerance=tolerance, log=log)
-        k, info = _choose_k(sweep, threshold, npre)
+        k, info = _choose_k(sweep, npre)
         attempts.append(info)
         if k is not None:
             top = cand.hyperparameters["top_layer"]
@@ -361,7 +365,7 @@ def _auto_k(ad, batches, det, thr, has, ranked, rank, top_layer, threshold, *, p
             return k, cand, rule, reason, attempts, None
     # Nothing clears: the smallest k that does (nearly) as well as all candidates, if they help.
     why = "; ".join(a["why"] for a in attempts)
-    best = _Sweep(ad, batches, det, thr, has, cand, preset=preset, slack=slack,
+    best = _Sweep(ad, batches, det, threshold, has, cand, preset=preset, slack=slack,
                   tolerance=1.0, log=log)
     n = len(cand)
     full = best.run(n)
