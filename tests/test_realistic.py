@@ -59,6 +59,13 @@ def test_outliers_follow_image_content_a_few_per_image(model, images):
     assert ratio(tr.norms[:, -1], R=1).max() < 2
 
 
+def test_content_plant_refuses_models_it_cannot_plant():
+    with pytest.raises(ValueError, match="without a pre-norm"):
+        content_planted_vit(pre_norm=True)
+    with pytest.raises(ValueError, match="beyond the model's 4 blocks"):
+        content_planted_vit(depth=4)
+
+
 def test_early_layers_have_mildly_large_tokens_that_fooled_the_old_rule(model, images):
     rn = ttreg.find_register_neurons(model, images, top_k=5)
     st = rn.statistics
@@ -81,6 +88,23 @@ def test_emergence_rule_on_hand_computed_curves():
     # an abrupt outlier that later shrinks a little
     assert emergence_layer([0.0, 0.1, 4.0, 3.5, 3.6]) == 2
     assert emergence_layer([0.0, -0.1, 0.0]) is None
+
+
+def test_top_k_search_finds_the_smallest_clearing_k_from_any_first_probe():
+    from ttreg.calibrate import _Sweep, score_gap
+    assert score_gap([5.97, 5.75, 5.68, 5.68, 2.80, 0.37, 0.36]) == 5 and score_gap([3.0]) == 1
+    for n in (1, 7, 40):
+        for kstar in [*range(1, n + 1), None]:            # None: no k clears
+            for gap in range(1, n):
+                sweep = _Sweep.__new__(_Sweep)
+                sweep.ranked = ttreg.RegisterNeurons([(0, i) for i in range(n)],
+                                                     [10.0] * gap + [1.0] * (n - gap))
+                sweep.tolerance, probes = 0.0, []
+                sweep.failing = lambda k, ref: probes.append(k) or float(kstar is None or k < kstar)
+                assert sweep.smallest(None) == kstar
+                if kstar == gap:                          # the score gap was right
+                    assert probes == ([1] if gap == 1 else [gap, gap - 1])
+                assert len(probes) <= 2 * (n.bit_length() + 1)
 
 
 @pytest.mark.parametrize("family", ["timm", "hf_dinov2"])

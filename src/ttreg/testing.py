@@ -287,8 +287,10 @@ def _check_content_model(model: nn.Module, p: ContentPlants) -> None:
     if not isinstance(getattr(model, "norm_pre", nn.Identity()), nn.Identity):
         raise ValueError("content plants need a ViT without a pre-norm (pre_norm=False); "
                          "for CLIP-style towers use plant_register_neurons")
-    if blk0.attn.qkv.bias is None:
-        raise ValueError("content plants need attention with qkv biases")
+    if blk0.attn.qkv.bias is None or model.patch_embed.proj.bias is None:
+        raise ValueError("content plants need biases in the patch embedding and the attention qkv")
+    if blk0.attn.num_heads < 2:
+        raise ValueError("content plants need at least two attention heads")
     for blk in model.blocks:
         if blk.mlp.fc1.out_features != blk.mlp.fc2.in_features or \
                 not isinstance(getattr(blk.mlp, "norm", nn.Identity()), nn.Identity):
@@ -308,9 +310,10 @@ def plant_content_outliers(model: nn.Module, plants: ContentPlants | None = None
 
     Calibrated on ``images`` (default: :func:`mixed_images` at the model's size), so the writes
     have the sizes asked for in multiples of the median patch norm. Works on random and on
-    pretrained weights; one head of block 0 and the reserved channels are repurposed, so the
+    pretrained weights; two heads of block 0 and the reserved channels are repurposed, so the
     result is a synthetic artifact. Needs a ViT without a pre-norm (for CLIP-style towers use
-    :func:`plant_register_neurons`), with qkv biases and a plain MLP.
+    :func:`plant_register_neurons`), with biases in the patch embedding and qkv, at least two
+    heads and a plain MLP.
     """
     p = plants or ContentPlants()
     _check_content_model(model, p)
@@ -346,8 +349,6 @@ def plant_content_outliers(model: nn.Module, plants: ContentPlants | None = None
     # removed by block 0's MLP bias) makes that spread the same for every token; block 0's
     # LayerNorm weights on the other channels are rescaled so they see what they saw before.
     B = 100.0 * nu
-    if pe.bias is None:
-        raise ValueError("content plants need a patch embedding with a bias")
     pe.bias[ch["mass+"]], pe.bias[ch["mass-"]] = B, -B
     for tok in prefix:
         tok[..., ch["mass+"]], tok[..., ch["mass-"]] = B, -B
@@ -378,8 +379,6 @@ def plant_content_outliers(model: nn.Module, plants: ContentPlants | None = None
     # 0 on a token that does not -- a test-time register appended after the embedding.
     attn = b0.attn
     H = attn.num_heads
-    if H < 2:
-        raise ValueError("content plants need at least two attention heads")
     dh = D // H
     mbar = B / sig1
     rows = []
