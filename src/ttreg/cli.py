@@ -201,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--detection-layer", type=int, default=-1,
                    help="block whose output is checked for outliers (default -1, the last)")
     c.add_argument("--top-layer", default="auto",
-                   help="last block searched, or 'auto' (where outliers first appear)")
+                   help="last block searched, or 'auto' (the block where the outliers emerge)")
     c.add_argument("--top-k", default="auto",
                    help="number of neurons, or 'auto' (smallest k that clears held-out images)")
     c.add_argument("--max-k", type=int, default=None, help="largest k the automatic sweep tries")
