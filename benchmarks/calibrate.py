@@ -1,8 +1,9 @@
 """Calibration cost: time relative to a plain forward over the same images, and peak memory.
 
-Model: a random ViT-S/14 at 224 px with two planted register neurons (so the search finds
-something and the top-k sweep runs). Images: generated PNGs in a temporary folder, read through
-the same loader in every arm.
+Model: a random ViT-S/14 at 224 px with the demo's content-dependent plant
+(:data:`ttreg.testing.DEMO_PLANTS`: outliers on the brightest patches, a cascade over blocks 0-9,
+dense distractors), so the search finds something and the top-k sweep runs. Images: generated
+PNGs in a temporary folder, read through the same loader in every arm.
 
 Prints
   * search (Algorithm 1, fixed top_k) time / plain forward time   (target <= 1.10)
@@ -29,12 +30,11 @@ import torch
 
 def make_model():
     import timm
-    from ttreg.testing import plant_register_neurons
+    from ttreg.testing import plant_demo
     torch.manual_seed(0)
     model = timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=224,
                               num_classes=0).eval()
-    plant_register_neurons(model, [(5, 100, 7 * 16 + 4, 0.4), (8, 1000, 7 * 16 + 4, 12.0)])
-    return model
+    return plant_demo(model)
 
 
 def make_images(folder: Path, n: int) -> Path:

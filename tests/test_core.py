@@ -36,13 +36,18 @@ def test_search_streams_and_batch_size_does_not_matter(planted, images):
     torch.testing.assert_close(torch.tensor(a.scores), torch.tensor(b.scores), rtol=1e-5, atol=1e-6)
 
 
-def test_planted_in_two_layers_above_emergence_with_explicit_top_layer():
+def test_planted_in_two_layers_emergence_follows_every_outlier_back():
     m = planted_vit([(1, 3, 5, 12.0), (4, 40, 30, 12.0)], depth=6)
     x = mixed_images(6, seed=1)
     rn = ttreg.find_register_neurons(m, x, top_k=2, top_layer=-1)
     assert sorted(rn.neurons) == [(1, 3), (4, 40)]
+    # token 5 is an outlier from block 1, token 30 from block 4: followed back from the
+    # detection layer, their mean size grows at both blocks, and the last growth is block 4
+    # (the old "first block with outliers on most images" said 1 and missed (4, 40))
     auto = ttreg.find_register_neurons(m, x, top_k=2)
-    assert auto.statistics["emergence_layer"] == 1 and auto.hyperparameters["top_layer"] == 1
+    assert auto.statistics["emergence_layer"] == 4 and auto.hyperparameters["top_layer"] == 4
+    assert auto.statistics["majority_layer"] == 1
+    assert sorted(auto.neurons) == [(1, 3), (4, 40)]
 
 
 def test_registers_remove_outliers_and_register_takes_the_norm(planted, images):

@@ -7,6 +7,8 @@ from pathlib import Path
 
 from test_cli import ENV, assert_png
 
+from ttreg.testing import DEMO_PLANTS
+
 
 def test_demo_end_to_end(tmp_path):
     out = tmp_path / "demo"
@@ -14,14 +16,22 @@ def test_demo_end_to_end(tmp_path):
                        text=True, env=ENV, timeout=600)
     assert r.returncode == 0, r.stderr
     assert "no outlier tokens at layer 11" in r.stdout and "does not need registers" in r.stdout
-    assert "recovered exactly" in r.stdout and f"report: {out / 'report.md'}" in r.stdout
+    assert f"report: {out / 'report.md'}" in r.stdout
     summary = json.loads((out / "summary.json").read_text())
     real, syn = summary["real"], summary["synthetic"]
     assert real["neurons"]["neurons"] == [] and real["report"]["heldout_before"]["mean_norm_ratio"] < 2
-    assert sorted((n["layer"], n["neuron"]) for n in syn["neurons"]["neurons"]) == [(5, 100), (8, 1000)]
-    assert syn["report"]["emergence_layer"] == 8
+    planted = {tuple(p) for p in syn["planted"]}
+    assert planted == set(DEMO_PLANTS.register_neurons)
+    found = {(n["layer"], n["neuron"]) for n in syn["neurons"]["neurons"]}
+    # the neurons whose vectors matter at the detection layer: never one outside the plant
+    assert DEMO_PLANTS.amplifier in found and found <= planted and not found & set(DEMO_PLANTS.distractors)
+    assert f"found {sorted(found)}: " in r.stdout and "planted neurons clear the outliers" in r.stdout
+    assert syn["report"]["emergence_layer"] == 9 and syn["report"]["top_k_rule"] == "cleared"
     assert syn["report"]["heldout_before"]["mean_norm_ratio"] >= 4
     assert syn["report"]["heldout_after"]["mean_norm_ratio"] <= 2
+    # the outlier sits on each photo's brightest patch: a different place in every photo
+    where = {tuple(w) for w in syn["outlier_patches"].values()}
+    assert len(syn["outlier_patches"]) == 3 and len(where) == 3
     report = (out / "report.md").read_text()
     assert "artifact" in report and "fine-tuned for saliency" in report
     links = re.findall(r"\]\(([^)]+\.png)\)", report)

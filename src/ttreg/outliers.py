@@ -85,8 +85,36 @@ def layers_with_outliers(norms: torch.Tensor, num_prefix: int, num_registers: in
     return outlier_mask(flat, num_prefix, num_registers, threshold, **kw).any(dim=1).reshape(B, L)
 
 
-def emergence_layer(fraction_with_outliers, majority: float = 0.5) -> int | None:
-    """First layer at which more than ``majority`` of the images have outliers, or None."""
+def majority_layer(fraction_with_outliers, majority: float = 0.5) -> int | None:
+    """First layer at which more than ``majority`` of the images have outliers, or None.
+
+    Reported as evidence only: mildly large tokens in early layers pass the ``auto`` threshold
+    too, so this is no emergence rule (see :func:`emergence_layer`)."""
     frac = torch.as_tensor(fraction_with_outliers)
     hits = torch.nonzero(frac > majority).flatten()
     return int(hits[0]) if len(hits) else None
+
+
+#: a block counts as making the outliers when it grows them by at least this share of their
+#: peak log norm ratio
+JUMP_SHARE = 0.1
+
+
+def emergence_layer(outlier_log_ratio, jump_share: float = JUMP_SHARE) -> int | None:
+    """The block at which outliers emerge, from the detection layer's outlier tokens followed
+    back through the blocks.
+
+    ``outlier_log_ratio``: ``(L,)`` for blocks ``0..detection layer``, the mean over images of
+    log(norm of the image's outlier tokens / its median patch norm) after each block. A block
+    *grows* the outliers by ``g_l = r_l - r_{l-1}`` (``r_{-1} = 0``: the embedding, ratio 1).
+    The emergence layer is the **last** block with ``g_l >= jump_share * max(r)``: every block
+    that makes the outliers materially larger lies at or before it, so ``top_layer`` set to it
+    searches all of them, while mildly large tokens in early blocks and the slow drift of
+    later blocks do not count. None when the outliers never grow.
+    """
+    r = torch.as_tensor(outlier_log_ratio, dtype=torch.float64).flatten()
+    if not len(r) or float(r.max()) <= 0:
+        return None
+    growth = r - torch.cat([r.new_zeros(1), r[:-1]])
+    hits = torch.nonzero(growth >= jump_share * r.max()).flatten()
+    return int(hits[-1]) if len(hits) else None

@@ -42,6 +42,12 @@ Presets (see docs/method.md):
     the authors' released code, made batch-correct: per image, one value shared by all of a
     layer's register neurons -- the signed value of largest magnitude over all tokens and those
     neurons; the neurons are zeroed on patch tokens only (prefix tokens such as CLS untouched).
+
+The authors' ablation modes (their ``activate_on_registers``), for either preset:
+``normal_values`` says what the tokens that a preset zeroes get instead -- ``"zero"`` (default),
+``"mean"`` (their mean over those tokens), ``"only_outliers"`` (only values above that mean + 1
+std, unbiased, are set to the mean) or ``"same"`` (left as they are) -- and ``scale`` multiplies
+the value written into the targets: a number, or one number per register.
 """
 from __future__ import annotations
 
@@ -64,6 +70,7 @@ PRESETS = ("paper", "official")
 #: ``token``: appended register tokens (the paper); ``bias``: a fitted extra key/value per head in
 #: every attention and no token (the rebuttal)
 FORMS = ("token", "bias")
+NORMAL_VALUES = ("zero", "mean", "only_outliers", "same")
 
 #: scoped activations entered by this context (``with test_time_registers(...)``)
 _SCOPE: contextvars.ContextVar[tuple] = contextvars.ContextVar("ttreg_scope", default=())
@@ -277,28 +284,50 @@ def _target_and_zero_masks(batch: int, tokens: int, num_prefix: int, num_registe
 
 
 def edit_activations(h: torch.Tensor, neurons: torch.Tensor, target: torch.Tensor,
-                     zero: torch.Tensor, preset: str = "paper",
+                     zero: torch.Tensor, preset: str = "paper", normal_values: str = "zero",
+                     target_scale: torch.Tensor | None = None,
                      valid: torch.Tensor | None = None) -> torch.Tensor:
     """Return MLP hidden states ``h`` ``(B, T, H)`` with the register edit applied (out of place).
 
-    ``neurons``: long tensor of K neuron indices; ``target``/``zero``: ``(B, T)`` bool masks.
-    ``valid``: ``(B, T)`` bool of the real tokens when the batch is padded (NaFlex): padding
-    neither gives the value nor receives or loses anything. Vectorised over batch, tokens and
-    neurons.
+    ``neurons``: long tensor of K neuron indices; ``target``/``zero``: ``(B, T)`` bool masks
+    (where the value goes; which other tokens the edit changes). ``normal_values``: what the
+    ``zero`` tokens get (see the module docstring). ``target_scale``: ``(T,)`` factor per target
+    token (the per-register ``scale``), 1 when None. ``valid``: ``(B, T)`` bool of the real tokens
+    when the batch is padded (NaFlex): padding neither gives the value nor receives or loses
+    anything. Vectorised over batch, tokens and neurons.
     """
     v = h.index_select(-1, neurons)                                   # (B, T, K)
     if valid is not None:
         target, zero = target & valid, zero & valid
-    if preset == "official":
-        mag = v.abs() if valid is None else v.abs().masked_fill(~valid[:, :, None], -1.0)
-        pick = mag.reshape(v.shape[0], -1).argmax(dim=1, keepdim=True)
-        value = v.reshape(v.shape[0], -1).gather(1, pick)[:, :, None].expand(-1, 1, v.shape[2])
+    if preset == "official":  # their sign_max: ties |max| == |min| go to the negative value
+        hi_v = v if valid is None else v.masked_fill(~valid[:, :, None], float("-inf"))
+        lo_v = v if valid is None else v.masked_fill(~valid[:, :, None], float("inf"))
+        hi, lo = hi_v.reshape(v.shape[0], -1).amax(dim=1), lo_v.reshape(v.shape[0], -1).amin(dim=1)
+        value = torch.where(hi.abs() > lo.abs(), hi, lo)[:, None, None].expand(-1, 1, v.shape[2])
     else:
         seen = v if valid is None else v.masked_fill(~valid[:, :, None], float("-inf"))
         value = seen.amax(dim=1, keepdim=True)                        # (B, 1, K)
-    out = torch.where(zero[:, :, None], torch.zeros((), dtype=v.dtype, device=v.device), v)
+    if target_scale is not None:
+        value = value * target_scale.to(v.dtype)[None, :, None]         # (B, T, K)
+    out = torch.where(zero[:, :, None], _normal_values(v, zero, normal_values), v)
     out = torch.where(target[:, :, None], value.to(v.dtype), out)
     return h.index_copy(-1, neurons, out)
+
+
+def _normal_values(v: torch.Tensor, zero: torch.Tensor, mode: str) -> torch.Tensor:
+    """What the ``zero`` tokens of ``v`` ``(B, T, K)`` get: 0, their mean, the mean in place of
+    values above mean + 1 std (unbiased), or themselves."""
+    if mode == "zero":
+        return torch.zeros((), dtype=v.dtype, device=v.device)
+    if mode == "same":
+        return v
+    m = zero[:, :, None].to(v.dtype)
+    n = m.sum(dim=1, keepdim=True)
+    mean = (v * m).sum(dim=1, keepdim=True) / n.clamp_min(1)           # (B, 1, K)
+    if mode == "mean":
+        return mean.expand_as(v)
+    var = ((v - mean) ** 2 * m).sum(dim=1, keepdim=True) / (n - 1).clamp_min(1)
+    return torch.where(v > mean + var.sqrt(), mean.expand_as(v), v)
 
 
 class EditNeurons(RegisterHook):
@@ -306,15 +335,18 @@ class EditNeurons(RegisterHook):
 
     def __init__(self, activation: Activation, neurons: torch.Tensor, num_prefix: int,
                  num_registers: int, preset: str, shift: torch.Tensor | None,
-                 token_dim: int) -> None:
+                 token_dim: int, normal_values: str = "zero",
+                 scale: tuple[float, ...] = (1.0,)) -> None:
         self.activation, self.neurons, self.num_prefix = activation, neurons, num_prefix
         self.num_registers, self.preset, self.shift, self.token_dim = num_registers, preset, shift, token_dim
+        self.normal_values, self.scale = normal_values, tuple(float(s) for s in scale)
 
     def __call__(self, mod, args):
         if not _compiling() and _CALL.get() is not self.activation:
             return None
         h = args[0]
-        if not self.num_registers and self.shift is None and self.preset == "paper":
+        if not self.num_registers and self.shift is None and self.preset == "paper" \
+                and self.normal_values == "zero":
             # zeroing only (the bias form, zero_neurons): the same numbers as the masks below
             return (h.index_fill(-1, self.neurons.to(h.device), 0), *args[1:])
         hb = h if self.token_dim == 1 else h.transpose(0, 1)
@@ -325,9 +357,31 @@ class EditNeurons(RegisterHook):
         valid = None if _compiling() else _VALID.get()
         if valid is not None and tuple(valid.shape) != (B, T):
             valid = None        # a module called outside its block's token layout
+        scale = None
+        if self.scale != (1.0,):
+            scale = torch.full((T,), self.scale[0], device=hb.device)
+            if len(self.scale) > 1:
+                scale[T - R:] = torch.tensor(self.scale, device=hb.device)
         hb = edit_activations(hb, self.neurons.to(hb.device), target, zero, self.preset,
+                              self.normal_values, scale,
                               None if valid is None else valid.to(hb.device))
         return (hb if self.token_dim == 1 else hb.transpose(0, 1), *args[1:])
+
+
+def _parse_scale(scale, num_registers: int) -> tuple[float, ...]:
+    """``scale`` as a tuple: one number for every target, or one per register."""
+    if isinstance(scale, (int, float)) and not isinstance(scale, bool):
+        return (float(scale),)
+    try:
+        vals = tuple(float(s) for s in scale)
+    except (TypeError, ValueError):
+        raise ValueError(f"scale must be a number or a list of numbers, got {scale!r}") from None
+    if len(vals) == 1:
+        return vals
+    if len(vals) != num_registers:
+        raise ValueError(f"scale lists one value per register: got {len(vals)} values for "
+                         f"{num_registers} registers")
+    return vals
 
 
 class AttendBias(RegisterHook, attention.InterceptHook):
@@ -391,6 +445,7 @@ class RegistersHandle:
 
     def __init__(self, model: nn.Module | Adapter, neurons, num_registers: int | None = None,
                  preset: str = "paper", shift_to=None, check: bool = True, *,
+                 normal_values: str = "zero", scale=1.0,
                  scoped: bool = False, zero_only: bool = False, form: str = "token",
                  bias: AttentionBias | None = None) -> None:
         self.adapter = ad = wrap(model)
@@ -398,6 +453,9 @@ class RegistersHandle:
         self.neurons: RegisterNeurons = as_register_neurons(neurons, ad)
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        if normal_values not in NORMAL_VALUES:
+            raise ValueError(f"unknown normal_values {normal_values!r}; choose one of "
+                             f"{', '.join(NORMAL_VALUES)}")
         if num_registers is not None and (isinstance(num_registers, bool) or not isinstance(num_registers, int)):
             raise ValueError(f"num_registers must be a whole number, got {num_registers!r}")
         if form not in FORMS:
@@ -420,9 +478,11 @@ class RegistersHandle:
         elif num_registers == 0 and shift_to is None and len(self.neurons):
             raise ValueError("num_registers=0 with register neurons needs shift_to=[patch indices]")
         shift = parse_shift_to(shift_to)
+        self.scale = _parse_scale(scale, num_registers)
         if check:
             self.neurons.check_model(ad)
         self.num_registers, self.preset, self.shift_to = num_registers, preset, shift_to
+        self.normal_values = normal_values
         self.activation = Activation(persistent=not scoped)
         remove_owned_hooks(ad.model, OwnedHook, _closed)
         clash = [a for a in installed(ad) if a.persistent or a.active()]
@@ -450,7 +510,7 @@ class RegistersHandle:
                 self.hooks.forward(mod, hook, prepend=True)
         for layer, idx in self.neurons.by_layer().items():
             edit = EditNeurons(act, torch.tensor(idx, dtype=torch.long), ad.num_prefix_tokens, R,
-                               self.preset, shift, ad.token_dim)
+                               self.preset, shift, ad.token_dim, self.normal_values, self.scale)
             self.hooks.pre(ad.down_proj(layer), edit, prepend=True)
         bias, device = self.bias, ad.parameter().device
         for layer in bias.layers if bias is not None else ():
@@ -499,7 +559,8 @@ def _bias_for(ad: Adapter, neurons: RegisterNeurons, bias: AttentionBias | None,
 
 def add_test_time_registers(model, neurons, num_registers: int | None = None, preset: str = "paper",
                             shift_to=None, check: bool = True, *, form: str = "token",
-                            bias: AttentionBias | None = None) -> RegistersHandle:
+                            bias: AttentionBias | None = None, normal_values: str = "zero",
+                            scale=1.0) -> RegistersHandle:
     """Install test-time registers on ``model`` for every forward, from any thread, until the
     returned handle's ``remove()``.
 
@@ -517,17 +578,24 @@ def add_test_time_registers(model, neurons, num_registers: int | None = None, pr
     are zeroed on every token. It works where a family's attention runs
     ``scaled_dot_product_attention`` or ``nn.MultiheadAttention``.
 
+    Ablations as in the authors' code: ``normal_values`` -- what the tokens the preset zeroes get
+    instead: ``"zero"`` (default), ``"mean"``, ``"only_outliers"`` or ``"same"`` -- and
+    ``scale``, a factor on the value written into the targets (a number, or a list with one
+    number per register).
+
     Works with gradient checkpointing (non-reentrant), threads, ``copy.deepcopy`` (the copy has
     its own registers; ``ttreg.remove_test_time_registers(copy)`` removes them),
     ``torch.compile`` when compiled *after* installing, and ONNX export (:func:`ttreg.export_onnx`).
     """
-    return RegistersHandle(model, neurons, num_registers, preset, shift_to, check, form=form, bias=bias)
+    return RegistersHandle(model, neurons, num_registers, preset, shift_to, check, form=form, bias=bias,
+                           normal_values=normal_values, scale=scale)
 
 
 @contextlib.contextmanager
 def test_time_registers(model, neurons, num_registers: int | None = None, preset: str = "paper",
                         shift_to=None, check: bool = True, *, form: str = "token",
-                        bias: AttentionBias | None = None) -> Iterator[RegistersHandle]:
+                        bias: AttentionBias | None = None, normal_values: str = "zero",
+                        scale=1.0) -> Iterator[RegistersHandle]:
     """Test-time registers for the forwards this thread runs inside the ``with`` block.
 
     Arguments as :func:`add_test_time_registers` (``form="bias"``: the attention-bias form).
@@ -536,7 +604,7 @@ def test_time_registers(model, neurons, num_registers: int | None = None, preset
     ``backward()`` inside the block.
     """
     handle = RegistersHandle(model, neurons, num_registers, preset, shift_to, check, scoped=True,
-                             form=form, bias=bias)
+                             form=form, bias=bias, normal_values=normal_values, scale=scale)
     with _entered(handle):
         yield handle
 
@@ -563,6 +631,6 @@ def _entered(handle: RegistersHandle) -> Iterator[RegistersHandle]:
         handle.remove()
 
 
-__all__ = ["FORMS", "PRESETS", "RegistersHandle", "add_test_time_registers", "test_time_registers",
+__all__ = ["FORMS", "PRESETS", "NORMAL_VALUES", "RegistersHandle", "add_test_time_registers", "test_time_registers",
            "zero_neurons", "remove_test_time_registers", "installed", "active_registers",
            "edit_activations", "ATTR"]

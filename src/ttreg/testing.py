@@ -1,13 +1,20 @@
 """Small ViTs with *planted* register neurons, for tests, demos and benchmarks.
 
-A planted neuron follows the authors' Proposition 1: it reads a trigger direction that only one
-token carries and writes a large vector along a direction that no other weight of the network
-reads. So it fires on one token, gives that token a high norm, and changes nothing else the
-network computes from it -- exactly the outlier mechanism test-time registers move away.
+Two kinds of plant, both public:
 
-Channels at the end of the embedding are reserved: one *trigger* channel per planted token
-position (set in the position embedding, read by the plant's up-projection) and one *write*
-channel per plant (written by the plant's down-projection, read by nothing).
+* :func:`plant_register_neurons` / :func:`planted_vit`: the authors' Proposition 1 in its
+  simplest form. A neuron reads a trigger direction that only one token carries (set in the
+  position embedding) and writes a large vector along a direction that no other weight reads.
+  So it fires on the same patch of every image, gives that token a high norm, and changes
+  nothing else the network computes from it.
+* :func:`plant_content_outliers` / :func:`content_planted_vit`: outliers that behave like real
+  ones (:class:`ContentPlants`). Image content decides where they sit (the brightest patches,
+  1-5 per image, elsewhere in every image); a trigger neuron, several weaker neurons over
+  consecutive layers and an amplifier (a cascade) build them; early layers already show mildly
+  large tokens; dense distractor neurons are large on every token; later attention heads use
+  the outlier token as a sink. Plant in timm, convert (:mod:`ttreg.convert`) for other libraries.
+
+Channels at the end of the embedding are reserved: written and read only by the plant.
 """
 from __future__ import annotations
 
@@ -24,6 +31,38 @@ class Plant:
     neuron: int
     position: int = 0          # patch index the neuron fires on
     write: float = 10.0        # norm written, in multiples of the median patch norm after its block
+
+
+def _reserve_channels(model: nn.Module, reserved: list[int], read: list[int]) -> None:
+    """Make embedding channels ``reserved`` the plant's own: nothing else writes them, no weight
+    reads channels ``read``, LayerNorms pass them through plainly (weight 1, bias 0) and
+    LayerScale leaves them unscaled."""
+    pe = model.patch_embed.proj
+    pe.weight[reserved] = 0
+    if pe.bias is not None:
+        pe.bias[reserved] = 0
+    model.pos_embed[..., reserved] = 0
+    for tok in (model.cls_token, getattr(model, "reg_token", None)):
+        if tok is not None:
+            tok[..., reserved] = 0
+    for blk in model.blocks:
+        for lin in (blk.attn.proj, blk.mlp.fc2):
+            lin.weight[reserved] = 0
+            if lin.bias is not None:
+                lin.bias[reserved] = 0
+        for lin in (blk.attn.qkv, blk.mlp.fc1):
+            lin.weight[:, read] = 0
+        for ls in (getattr(blk, "ls1", None), getattr(blk, "ls2", None)):
+            if ls is not None and hasattr(ls, "gamma"):
+                ls.gamma[reserved] = 1.0
+        for norm in (blk.norm1, blk.norm2):
+            if getattr(norm, "weight", None) is not None:
+                norm.weight[reserved] = 1.0
+            if getattr(norm, "bias", None) is not None:
+                norm.bias[reserved] = 0.0
+    head = getattr(model, "head", None)
+    if isinstance(head, nn.Linear):
+        head.weight[:, read] = 0
 
 
 def _as_plant(p) -> Plant:
@@ -68,37 +107,9 @@ def plant_register_neurons(model: nn.Module, plants: Sequence, *, trigger: float
     x = torch.nn.functional.interpolate(mixed_images(5, 64, seed), size=tuple(size), mode="bilinear")
 
     # Nothing but the plants writes the reserved channels; nothing reads the write channels.
-    pe = model.patch_embed.proj
-    pe.weight[reserved] = 0
-    if pe.bias is not None:
-        pe.bias[reserved] = 0
-    model.pos_embed[..., reserved] = 0
-    for tok in (model.cls_token, getattr(model, "reg_token", None)):
-        if tok is not None:
-            tok[..., reserved] = 0
-    wcols = list(write_ch.values())
-    for blk in blocks:
-        for lin in (blk.attn.proj, blk.mlp.fc2):
-            lin.weight[reserved] = 0
-            if lin.bias is not None:
-                lin.bias[reserved] = 0
-        for lin in (blk.attn.qkv, blk.mlp.fc1):
-            lin.weight[:, wcols] = 0
-        for ls in (getattr(blk, "ls1", None), getattr(blk, "ls2", None)):
-            if ls is not None and hasattr(ls, "gamma"):
-                ls.gamma[reserved] = 1.0
-    head = getattr(model, "head", None)
-    if isinstance(head, nn.Linear):
-        head.weight[:, wcols] = 0
+    _reserve_channels(model, reserved, read=list(write_ch.values()))
 
-    # Trigger: a small bump in the position embedding of each planted position. The blocks'
-    # LayerNorms pass the reserved channels through plainly (weight 1, bias 0).
-    for blk in blocks:
-        for norm in (blk.norm1, blk.norm2):
-            if getattr(norm, "weight", None) is not None:
-                norm.weight[reserved] = 1.0
-            if getattr(norm, "bias", None) is not None:
-                norm.bias[reserved] = 0.0
+    # Trigger: a small bump in the position embedding of each planted position.
     med = _median_patch_norm(model, x)
     off = 0 if getattr(model, "no_embed_class", False) else npre
     for pos, ch in trig_ch.items():
@@ -149,6 +160,17 @@ def _mlp_hidden(model, fc2: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return got["h"]
 
 
+def _random_vit(depth: int, embed_dim: int, num_heads: int, img_size: int, patch_size: int,
+                seed: int, **kwargs) -> nn.Module:
+    """A random timm ``VisionTransformer`` (seeded), in eval mode."""
+    from timm.models.vision_transformer import VisionTransformer
+    torch.manual_seed(seed)
+    model = VisionTransformer(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim,
+                              depth=depth, num_heads=num_heads, num_classes=kwargs.pop("num_classes", 10),
+                              **kwargs)
+    return model.eval()
+
+
 def planted_vit(plants: Sequence = ((1, 7, 12, 0.4), (3, 21, 12, 12.0)), *, depth: int = 6,
                 embed_dim: int = 96, num_heads: int = 4, img_size: int = 64, patch_size: int = 8,
                 seed: int = 0, **kwargs) -> nn.Module:
@@ -159,12 +181,7 @@ def planted_vit(plants: Sequence = ((1, 7, 12, 0.4), (3, 21, 12, 12.0)), *, dept
     layer. Extra keyword arguments go to ``timm``'s ``VisionTransformer`` (e.g. ``reg_tokens=4``,
     ``init_values=1e-5`` for LayerScale, ``pre_norm=True`` for a CLIP-style tower).
     """
-    from timm.models.vision_transformer import VisionTransformer
-    torch.manual_seed(seed)
-    model = VisionTransformer(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim,
-                              depth=depth, num_heads=num_heads, num_classes=kwargs.pop("num_classes", 10),
-                              **kwargs)
-    model.eval()
+    model = _random_vit(depth, embed_dim, num_heads, img_size, patch_size, seed, **kwargs)
     plant_register_neurons(model, plants, seed=seed)
     return model
 
@@ -190,3 +207,324 @@ def mixed_images(n: int = 8, size: int = 64, seed: int = 0) -> torch.Tensor:
             img = (torch.rand(3, 1, 1, generator=g) * 4 - 2).expand(3, size, size)
         out.append(img.clone())
     return torch.stack(out).float()
+
+
+
+# --- content-dependent plants: outliers that behave like real ones ---------------------------------
+
+@dataclass(frozen=True)
+class ContentPlants:
+    """Where :func:`plant_content_outliers` puts each part of a realistic outlier mechanism.
+
+    Neurons are ``(layer, neuron)`` pairs. The outliers sit on the *brightest* patches of each
+    image: image content, not the position embedding, decides where (1-5 patches per image, in
+    different places in different images; a fixed per-position offset only breaks exact ties,
+    so a flat image gets one outlier):
+
+    * ``trigger`` (block 0): fires on the patches whose brightness is within ``margin`` of the
+      image's brightest patch (one attention head of block 0 finds that maximum) and writes a
+      *mildly* large vector, ``trigger_write`` x the median patch norm: early layers show
+      mildly large tokens that are not yet outliers;
+    * ``shared``: weaker neurons in consecutive layers that read the trigger's vector and each
+      add ``shared_write`` x the median norm along one common direction (one job, several
+      neurons);
+    * ``amplifier``: a cascade -- it reads the shared direction and writes a large vector
+      (``amplifier_write`` x the median): the outliers emerge abruptly at its block;
+    * ``distractors``: dense neurons, ``distractor_act`` on every token (larger than the
+      trigger's activation, so only the authors' sparsity filter keeps them out of a search);
+    * ``mild``: a block-0 neuron that makes the darkest patches (normalised brightness below -1)
+      mildly large; they never become outliers;
+    * ``sink_layers``: blocks where one attention head concentrates on the outlier token (an
+      attention sink; the value it reads there is a no-op). None: every block after the last
+      register neuron.
+
+    :attr:`register_neurons` (trigger, shared, amplifier) are what test-time registers must move.
+    """
+
+    trigger: tuple[int, int] = (0, 11)
+    shared: tuple[tuple[int, int], ...] = ((2, 5), (3, 9), (4, 13))
+    amplifier: tuple[int, int] | None = (5, 17)
+    distractors: tuple[tuple[int, int], ...] = ((1, 3), (4, 30))
+    mild: tuple[int, int] | None = (0, 40)
+    sink_layers: tuple[int, ...] | None = None
+    trigger_write: float = 3.0
+    shared_write: float = 3.0
+    amplifier_write: float = 40.0
+    mild_write: float = 2.5
+    distractor_act: float = 4.5
+    fire: float = 6.0
+    trigger_fire: float = 3.0
+    margin: float = 0.04
+
+    @property
+    def register_neurons(self) -> list[tuple[int, int]]:
+        return [self.trigger, *self.shared] + ([self.amplifier] if self.amplifier else [])
+
+    @property
+    def last_register_layer(self) -> int:
+        return max(l for l, _ in self.register_neurons)
+
+
+#: reserved channels of a content plant, counted from the end of the embedding
+_CHANNELS = ("mass+", "mass-", "score+", "score-", "max+", "max-", "marker", "mild", "shared",
+             "amp", "dense", "ttr+", "ttr-")
+
+
+def _token_std(x: torch.Tensor, eps: float) -> float:
+    """Median over tokens of the spread a LayerNorm divides by."""
+    return float((x.float().var(-1, unbiased=False) + eps).sqrt().median())
+
+
+def _attn_out(blk: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """A timm block's residual stream after its attention: the input of ``norm2``."""
+    return h + blk.ls1(blk.attn(blk.norm1(h)))
+
+
+def _check_content_model(model: nn.Module, p: ContentPlants) -> None:
+    blk0 = model.blocks[0]
+    if p.trigger[0] != 0 or (p.mild and p.mild[0] != 0):
+        raise ValueError("the trigger and mild neurons of a content plant live in block 0")
+    if not isinstance(getattr(model, "norm_pre", nn.Identity()), nn.Identity):
+        raise ValueError("content plants need a ViT without a pre-norm (pre_norm=False); "
+                         "for CLIP-style towers use plant_register_neurons")
+    if blk0.attn.qkv.bias is None or model.patch_embed.proj.bias is None:
+        raise ValueError("content plants need biases in the patch embedding and the attention qkv")
+    if blk0.attn.num_heads < 2:
+        raise ValueError("content plants need at least two attention heads")
+    for blk in model.blocks:
+        if blk.mlp.fc1.out_features != blk.mlp.fc2.in_features or \
+                not isinstance(getattr(blk.mlp, "norm", nn.Identity()), nn.Identity):
+            raise ValueError("content plants need a plain MLP (fc1, activation, fc2)")
+    L = len(model.blocks)
+    if max(l for l, _ in [*p.register_neurons, *p.distractors]) >= L:
+        raise ValueError(f"a planted neuron lies beyond the model's {L} blocks")
+    if 2 * len(_CHANNELS) >= model.embed_dim:
+        raise ValueError(f"embed_dim {model.embed_dim} is too small for a content plant")
+
+
+@torch.no_grad()
+def plant_content_outliers(model: nn.Module, plants: ContentPlants | None = None, *,
+                           images: torch.Tensor | None = None, seed: int = 0) -> ContentPlants:
+    """Plant a realistic, content-dependent outlier mechanism (:class:`ContentPlants`) into a timm
+    ``VisionTransformer`` in place; return the layout.
+
+    Calibrated on ``images`` (default: :func:`mixed_images` at the model's size), so the writes
+    have the sizes asked for in multiples of the median patch norm. Works on random and on
+    pretrained weights; two heads of block 0 and the reserved channels are repurposed, so the
+    result is a synthetic artifact. Needs a ViT without a pre-norm (for CLIP-style towers use
+    :func:`plant_register_neurons`), with biases in the patch embedding and qkv, at least two
+    heads and a plain MLP.
+    """
+    p = plants or ContentPlants()
+    _check_content_model(model, p)
+    blocks = model.blocks
+    L, D = len(blocks), model.embed_dim
+    npre = model.num_prefix_tokens
+    ch = {n: D - 1 - i for i, n in enumerate(_CHANNELS)}
+    reserved = list(ch.values())
+    normal = torch.ones(D, dtype=torch.bool)
+    normal[reserved] = False
+    size = tuple(model.patch_embed.img_size)
+    x = images if images is not None else mixed_images(10, 64, seed)
+    if tuple(x.shape[-2:]) != size:
+        x = torch.nn.functional.interpolate(x, size=size, mode="bilinear")
+
+    def embed() -> torch.Tensor:
+        return model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
+
+    b0 = blocks[0]
+    h0 = embed()
+    # how block 0's LayerNorms scale tokens before planting (kept, see the massive pair below)
+    sig1_old = _token_std(h0[:, npre:], b0.norm1.eps)
+    sig2_old = _token_std(_attn_out(b0, h0)[:, npre:], b0.norm2.eps)
+    nu = float(h0[:, npre:].norm(dim=-1).median())
+
+    # Reserved channels: written and read only by the plant.
+    _reserve_channels(model, reserved, read=reserved)
+    pe = model.patch_embed.proj
+    prefix = [t for t in (model.cls_token, getattr(model, "reg_token", None)) if t is not None]
+
+    # Block 0 compares raw brightness across tokens, but a LayerNorm divides every token by its
+    # own spread. A constant +-B pair (a "massive activation": added by the patch embedding,
+    # removed by block 0's MLP bias) makes that spread the same for every token; block 0's
+    # LayerNorm weights on the other channels are rescaled so they see what they saw before.
+    B = 100.0 * nu
+    pe.bias[ch["mass+"]], pe.bias[ch["mass-"]] = B, -B
+    for tok in prefix:
+        tok[..., ch["mass+"]], tok[..., ch["mass-"]] = B, -B
+    b0.mlp.fc2.bias[ch["mass+"]], b0.mlp.fc2.bias[ch["mass-"]] = -B, B
+
+    # Brightness score: the patch embedding writes c * (mean normalised pixel) as a +- pair (so
+    # LayerNorm's mean cancels), plus a fixed per-position offset that breaks exact ties only:
+    # small and uniform, plus a step for the top position so that a flat image picks one.
+    c = 0.05 * nu
+    C, ph, pw = pe.weight.shape[1:]
+    pe.weight[ch["score+"]] = c / (C * ph * pw)
+    pe.weight[ch["score-"]] = -c / (C * ph * pw)
+    n_patch = model.patch_embed.num_patches
+    u = torch.randperm(n_patch, generator=torch.Generator().manual_seed(seed)).float() / n_patch
+    spread = 3 * max(1.0, n_patch / 64)        # wider on larger grids: fewer ties within the margin
+    tie = p.margin * c * (spread * u + 1.5 * (u == u.max()).float())
+    off = 0 if getattr(model, "no_embed_class", False) else npre
+    model.pos_embed[0, off:off + n_patch, ch["score+"]] = tie
+    model.pos_embed[0, off:off + n_patch, ch["score-"]] = -tie
+    for tok in prefix:  # prefix tokens are never the brightest
+        tok[..., ch["score+"]], tok[..., ch["score-"]] = -10 * c, 10 * c
+    h0 = embed()
+    sig1 = _token_std(h0[:, npre:], b0.norm1.eps)
+    b0.norm1.weight[normal] *= sig1 / sig1_old
+
+    # Two heads of block 0 are the plant's. ``m`` below is the LayerNorm's reading of the massive
+    # pair, (n[mass+] - n[mass-]) / 2: B / spread = ``mbar`` on every token that has the pair,
+    # 0 on a token that does not -- a test-time register appended after the embedding.
+    attn = b0.attn
+    H = attn.num_heads
+    dh = D // H
+    mbar = B / sig1
+    rows = []
+    for h in (H - 1, H - 2):
+        hr = list(range(h * dh, (h + 1) * dh))
+        for part in range(3):
+            attn.qkv.weight[[part * D + r for r in hr]] = 0
+            attn.qkv.bias[[part * D + r for r in hr]] = 0
+        attn.proj.weight[:, hr] = 0
+        rows.append(hr)
+    W, bias = attn.qkv.weight, attn.qkv.bias
+
+    def read_m(row: int, per_m: float) -> None:  # row += per_m * m
+        W[row, ch["mass+"]], W[row, ch["mass-"]] = per_m / 2, -per_m / 2
+
+    # Max head: a constant query; the key reads the score (and sends a token without the pair
+    # far down), so the softmax picks the image's brightest patch; the value is the score,
+    # written (in raw units) to every token.
+    r0 = rows[0][0]
+    sharp = 20.0 / (p.margin * c)                     # logit per raw score unit
+    bias[r0] = 1.0
+    W[D + r0, ch["score+"]] = sharp * sig1 * dh ** 0.5 / 2
+    W[D + r0, ch["score-"]] = -sharp * sig1 * dh ** 0.5 / 2
+    read_m(D + r0, 1e4 * dh ** 0.5 / mbar)
+    bias[D + r0] = -1e4 * dh ** 0.5
+    W[2 * D + r0, ch["score+"]] = 0.5
+    W[2 * D + r0, ch["score-"]] = -0.5
+    attn.proj.weight[ch["max+"], r0] = sig1
+    attn.proj.weight[ch["max-"], r0] = -sig1
+    # Register head: a token with the pair attends to tokens with it (value 0); a token without
+    # it attends to itself and receives the pair, a score far below every patch and a flag
+    # ("ttr", a +- pair too) that keeps block 0's neurons off it. So a test-time register
+    # leaves block 0 like any other token.
+    q0, q1 = rows[1][0], rows[1][1]
+    read_m(q0, 1.0 / mbar)                            # query: (m / mbar, 1)
+    bias[q1] = 1.0
+    read_m(D + q0, 80.0 * dh ** 0.5 / mbar)           # key: (80 m / mbar, 40 (1 - m / mbar))
+    read_m(D + q1, -40.0 * dh ** 0.5 / mbar)
+    bias[D + q1] = 40.0 * dh ** 0.5
+    read_m(2 * D + q0, -1.0 / mbar)                   # value: 1 - m / mbar
+    bias[2 * D + q0] = 1.0
+    for name, v in (("mass+", B), ("mass-", -B), ("score+", -10 * c), ("score-", 10 * c),
+                    ("ttr+", c), ("ttr-", -c)):
+        attn.proj.weight[ch[name], q0] = v
+    z0 = _attn_out(b0, h0)
+    sig2 = _token_std(z0[:, npre:], b0.norm2.eps)
+    b0.norm2.weight[normal] *= sig2 / sig2_old
+
+    # The trigger: (score - maximum) / spread, firing within ``margin`` of the maximum; the mild
+    # neuron: brightness below -1.
+    fc1, fc2, act_fn = b0.mlp.fc1, b0.mlp.fc2, b0.mlp.act
+    a = (p.trigger_fire + 2.0) * sig2 / (p.margin * c)
+    nT = p.trigger[1]
+    fc1.weight[nT] = 0
+    fc1.weight[nT, ch["score+"]], fc1.weight[nT, ch["score-"]] = a / 2, -a / 2
+    fc1.weight[nT, ch["max+"]], fc1.weight[nT, ch["max-"]] = -a / 2, a / 2
+    fc1.bias[nT] = p.trigger_fire
+    if p.mild:
+        am = 4.0 * sig2 / c
+        fc1.weight[p.mild[1]] = 0
+        fc1.weight[p.mild[1], ch["score+"]], fc1.weight[p.mild[1], ch["score-"]] = -am / 2, am / 2
+        fc1.bias[p.mild[1]] = -4.0
+    for n in [nT] + ([p.mild[1]] if p.mild else []):
+        fc1.weight[n, ch["ttr+"]], fc1.weight[n, ch["ttr-"]] = -500.0 * sig2 / c, 500.0 * sig2 / c
+        fc2.weight[:, n] = 0
+    hid = act_fn(fc1(b0.norm2(z0)))
+    trig = hid[:, npre:, nT]
+    win = trig.argmax(dim=1) + npre                 # each calibration image's brightest patch
+    rows_b = torch.arange(x.shape[0])
+
+    def median_norm(h: torch.Tensor) -> float:
+        return float(h[:, npre:].norm(dim=-1).median())
+
+    h = b0(h0)
+    med0 = median_norm(h)
+    fc2.weight[ch["marker"], nT] = p.trigger_write * med0 / float(trig.amax(1).median())
+    if p.mild:
+        top = hid[:, npre:, p.mild[1]].amax(1)
+        if bool((top > 0.5).any()):
+            fc2.weight[ch["mild"], p.mild[1]] = p.mild_write * med0 / float(top[top > 0.5].median())
+    h = b0(h0)
+
+    # Later blocks, in order, each calibrated on the model as planted so far.
+    plan: dict[int, list[tuple[int, str]]] = {}
+    for l, n in p.shared:
+        plan.setdefault(l, []).append((n, "shared"))
+    for l, n in p.distractors:
+        plan.setdefault(l, []).append((n, "dense"))
+    if p.amplifier:
+        plan.setdefault(p.amplifier[0], []).append((p.amplifier[1], "amp"))
+    sinks = range(p.last_register_layer + 1, L) if p.sink_layers is None else p.sink_layers
+    for l in range(1, L):
+        blk = blocks[l]
+        if l in sinks:
+            # Attention sink: one head's key reads the outlier direction (query constant), so
+            # every query attends to the outlier token; its value does not read that direction.
+            at = blk.attn
+            dhl = D // at.num_heads
+            at.qkv.weight[0], at.qkv.weight[D] = 0, 0
+            at.qkv.bias[0], at.qkv.bias[D] = 1.0, 0.0
+            seen = blk.norm1(h)[rows_b, win, ch["amp"]]
+            at.qkv.weight[D, ch["amp"]] = 12.0 * dhl ** 0.5 / float(seen.median())
+        if l in plan:
+            fc1, fc2 = blk.mlp.fc1, blk.mlp.fc2
+            z = blk.norm2(_attn_out(blk, h))
+            for n, kind in plan[l]:
+                fc1.weight[n] = 0
+                fc2.weight[:, n] = 0
+            med = median_norm(blk(h))
+            for n, kind in plan[l]:
+                if kind == "dense":  # large on every token; writes a small vector nothing reads
+                    fc1.bias[n] = p.distractor_act
+                    fc2.weight[ch["dense"], n] = 0.3 * med / float(act_fn(fc1.bias[n]))
+                    continue
+                read = "marker" if kind == "shared" else "shared"
+                seen = z[rows_b, win, ch[read]]
+                fc1.weight[n, ch[read]] = (p.fire + 2.0) / float(seen.median())
+                fc1.bias[n] = -2.0
+                act = act_fn(fc1.weight[n, ch[read]] * seen + fc1.bias[n])
+                size = p.shared_write if kind == "shared" else p.amplifier_write
+                fc2.weight[ch[kind], n] = size * med / float(act.median())
+        h = blk(h)
+    return p
+
+
+def content_planted_vit(plants: ContentPlants | None = None, *, depth: int = 7, embed_dim: int = 96,
+                        num_heads: int = 4, img_size: int = 64, patch_size: int = 8, seed: int = 0,
+                        **kwargs) -> nn.Module:
+    """A small random timm ViT with a content-dependent outlier mechanism planted by
+    :func:`plant_content_outliers` (eval mode). With the default :class:`ContentPlants` the
+    outliers emerge at block 5 of 7. Extra keyword arguments go to timm's ``VisionTransformer``
+    (e.g. ``init_values=1e-5`` for a DINOv2-style model, ``reg_tokens=4``)."""
+    model = _random_vit(depth, embed_dim, num_heads, img_size, patch_size, seed, **kwargs)
+    plant_content_outliers(model, plants, seed=seed)
+    return model
+
+
+#: what ``builtin:dinov2_vits14+planted`` plants into the 12 blocks of DINOv2 ViT-S/14: a trigger
+#: in block 0 on the brightest patches, weaker neurons in blocks 6-8, an amplifier in block 9
+#: (outliers emerge there), dense distractors, mildly large dark patches, sinks in blocks 10-11.
+DEMO_PLANTS = ContentPlants(trigger=(0, 100), shared=((6, 200), (7, 300), (8, 400)),
+                            amplifier=(9, 1000), distractors=((4, 500), (8, 600)), mild=(0, 700),
+                            shared_write=6.0)
+
+
+def plant_demo(model):
+    """Plant :data:`DEMO_PLANTS` into a timm DINOv2 ViT-S/14 (the built-in model) in place."""
+    plant_content_outliers(model, DEMO_PLANTS)
+    return model
