@@ -92,7 +92,8 @@ def test_unreachable_hub_switches_to_offline(monkeypatch, tmp_path):
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr(models, "_hub_reachable", lambda timeout=3.0: False)
+    from ttreg import loading
+    monkeypatch.setattr(loading, "_hub_reachable", lambda timeout=3.0: False)
     seen = []
 
     def from_pretrained(name, **kw):  # what transformers raises offline with an empty cache

@@ -288,7 +288,7 @@ def test_missing_packages_are_one_line_where_first_needed(tmp_path, capsys, imgs
     with pytest.raises(ModelLoadError, match="needs timm: pip install timm"):
         load_model(str(path))
     monkeypatch.undo()
-    from ttreg.cli import user_error_message
+    from ttreg.command import user_error_message
     for mod, pip in (("onnx", "onnx"), ("open_clip", "open_clip_torch"), ("transformers", "transformers")):
         assert user_error_message(ModuleNotFoundError(f"No module named '{mod}'", name=mod)) == \
             f"{mod} is not installed: pip install {pip}"

@@ -65,7 +65,7 @@ _MATMUL = re.compile(r"^/backbone/encoder/layer\.(\d+)/"
 
 
 def _error(msg: str) -> Exception:
-    from .models import ModelLoadError
+    from .loading import ModelLoadError
     return ModelLoadError(msg)
 
 
@@ -172,7 +172,7 @@ def hf_state_dict(name: str = "dinov2_vits14", *, use_cache: bool = True) -> dic
             pass
     sd = read_onnx_weights()
     if use_cache:
-        from .models import META_SPEC
+        from .loading import META_SPEC
         meta = {"format": f"ttreg.weights/{CACHE_VERSION}", META_SPEC: f"builtin:{name}",
                 "layout": "transformers.Dinov2Model checkpoint", **PROVENANCE}
         try:

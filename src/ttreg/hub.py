@@ -10,6 +10,8 @@ A neuron set's repository (or local folder) holds::
 ``RegisterNeurons.from_pretrained("org/name")`` reads one (from the local Hub cache when offline),
 ``RegisterNeurons.push_to_hub("org/name")`` writes one, ``save_pretrained(folder)`` writes the
 folder. A download or upload that fails is one line, as for models (:mod:`ttreg.models`).
+This module moves files; :class:`ttreg.RegisterNeurons` reads and writes them (so it does not
+import the class).
 """
 from __future__ import annotations
 
@@ -19,15 +21,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .models import _loading, _one_line, _is_network_error
+from .loading import _is_network_error, _loading, _one_line
 from .files import write_text
-from .spec import RegisterNeurons
 
 NEURONS_FILE = "register_neurons.json"
 CARD_FILE = "README.md"
 
 
-def save_pretrained(neurons: RegisterNeurons, folder: str | os.PathLike,
+def save_pretrained(neurons, folder: str | os.PathLike,
                     repo_id: str | None = None) -> Path:
     """Write the neuron file, its bias (if any) and a model card into ``folder``; return it.
     ``repo_id``: the repository the card's example loads from."""
@@ -40,14 +41,14 @@ def save_pretrained(neurons: RegisterNeurons, folder: str | os.PathLike,
     return folder
 
 
-def from_pretrained(name: str | os.PathLike, *, revision: str | None = None,
-                    cache_dir: str | os.PathLike | None = None,
-                    token: str | bool | None = None) -> RegisterNeurons:
-    """A neuron set from a local folder written by :func:`save_pretrained`, or from the Hub
-    repository ``name`` ("org/name", a model repository; the local cache is used when offline)."""
+def neuron_file(name: str | os.PathLike, *, revision: str | None = None,
+                cache_dir: str | os.PathLike | None = None, token: str | bool | None = None) -> Path:
+    """The neuron file of a local folder written by :func:`save_pretrained`, or of the Hub
+    repository ``name`` ("org/name" or "hf:org/name", a model repository) downloaded with its
+    attention bias beside it (the local cache is used when offline)."""
     p = Path(name).expanduser()
     if p.is_dir():
-        return RegisterNeurons.load(p / NEURONS_FILE)
+        return p / NEURONS_FILE
     name = str(name)
     if name.startswith("hf:"):
         name = name[3:]
@@ -60,10 +61,10 @@ def from_pretrained(name: str | os.PathLike, *, revision: str | None = None,
             # lands in the same snapshot folder, beside the JSON that names it
             hf_hub_download(name, ref["file"], revision=revision, cache_dir=cache_dir, token=token,
                             library_name="ttreg")
-    return RegisterNeurons.load(path)
+    return path
 
 
-def push_to_hub(neurons: RegisterNeurons, repo_id: str, *, token: str | bool | None = None,
+def push_to_hub(neurons, repo_id: str, *, token: str | bool | None = None,
                 private: bool | None = None, revision: str | None = None,
                 commit_message: str = "Upload register neurons with ttreg") -> str:
     """Upload the folder :func:`save_pretrained` writes to the model repository ``repo_id``
@@ -114,7 +115,7 @@ def _ratio_lines(stats: dict[str, Any], det) -> list[str]:
             "(`ttreg calibrate` records one)."]
 
 
-def model_card(neurons: RegisterNeurons, repo_id: str | None = None) -> str:
+def model_card(neurons, repo_id: str | None = None) -> str:
     """The README.md of a neuron-set repository: what model, which images, what was measured."""
     prov, hp, stats = neurons.provenance, neurons.hyperparameters, neurons.statistics
     spec = prov.get("model_spec")
@@ -161,4 +162,4 @@ def model_card(neurons: RegisterNeurons, repo_id: str | None = None) -> str:
     return "\n".join(front + [""] + body) + "\n"
 
 
-__all__ = ["NEURONS_FILE", "CARD_FILE", "from_pretrained", "model_card", "push_to_hub", "save_pretrained"]
+__all__ = ["NEURONS_FILE", "CARD_FILE", "model_card", "neuron_file", "push_to_hub", "save_pretrained"]

@@ -26,10 +26,8 @@ import contextlib
 import json
 import logging
 import os
-import socket
 from pathlib import Path
 from typing import Any, Callable, Iterator
-from urllib.parse import urlparse
 
 import torch.nn as nn
 
@@ -39,12 +37,8 @@ SPEC_FORMS = ("timm:NAME", "timm:NAME@/path/weights.safetensors", "hf:ORG/NAME",
               "open_clip:ARCH/PRETRAINED", "builtin:dinov2_vits14", "builtin:dinov2_vits14-hf",
               "a local path")
 SPEC_HELP = ", ".join(SPEC_FORMS[:-1]) + f" or {SPEC_FORMS[-1]}"
-#: metadata keys of a safetensors file written by :func:`save_model`
-META_SPEC, META_KWARGS = "ttreg.spec", "ttreg.kwargs"
-
-
-class ModelLoadError(ValueError):
-    """A model that cannot be loaded; the message says why in one line."""
+from .loading import (META_KWARGS, META_SPEC, ModelLoadError,  # noqa: F401 - public here too
+                      _hub_offline_if_unreachable, _loading, _one_line)
 
 
 def load_model(spec: str, device: str = "cpu", *, library: str | None = None
@@ -64,97 +58,6 @@ def load_model(spec: str, device: str = "cpu", *, library: str | None = None
         what = f"unknown model kind {kind!r}" if sep else f"no such file or folder {spec!r}"
         raise ModelLoadError(f"{what}; model specs: {SPEC_HELP}")
     return model.to(device).eval(), transform
-
-
-# --- downloads: offline-friendly, one-line failures -----------------------------------------
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """Can a TCP connection to the Hub's endpoint be opened? (Assumed yes behind a proxy.)"""
-    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return True
-    try:
-        from huggingface_hub import constants
-        url = urlparse(constants.ENDPOINT)
-    except ImportError:
-        return True
-    try:
-        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
-def _env_offline() -> bool:
-    return any(os.environ.get(k, "").upper() in ("1", "ON", "YES", "TRUE")
-               for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-
-
-@contextlib.contextmanager
-def _hub_offline_if_unreachable() -> Iterator[None]:
-    """Put huggingface_hub in offline mode for this block when ``HF_HUB_OFFLINE`` is set now or
-    the Hub is unreachable, so a load uses the local cache or fails at once instead of retrying
-    for a minute."""
-    try:
-        from huggingface_hub import constants
-    except ImportError:
-        yield
-        return
-    before = constants.HF_HUB_OFFLINE
-    if not before and (_env_offline() or not _hub_reachable()):
-        constants.HF_HUB_OFFLINE = True
-    try:
-        yield
-    finally:
-        constants.HF_HUB_OFFLINE = before
-
-
-def _network_types() -> tuple[type, ...]:
-    import urllib.error
-    types: list[type] = [ConnectionError, TimeoutError, socket.gaierror, urllib.error.URLError]
-    for mod, names in (("huggingface_hub.errors", ("LocalEntryNotFoundError", "HfHubHTTPError",
-                                                   "OfflineModeIsEnabled")),
-                       ("httpx2", ("HTTPError",)), ("httpx", ("HTTPError",)),
-                       ("requests", ("RequestException",))):
-        try:
-            m = __import__(mod, fromlist=list(names))
-        except ImportError:
-            continue
-        types += [getattr(m, n) for n in names if hasattr(m, n)]
-    return tuple(types)
-
-
-def _is_network_error(err: BaseException) -> bool:
-    """Is a network failure anywhere in the exception's cause/context chain?"""
-    types, seen = _network_types(), set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        if isinstance(err, types):
-            return True
-        err = err.__cause__ or err.__context__
-    return False
-
-
-def _one_line(err: BaseException, limit: int = 160) -> str:
-    text = (str(err).strip().splitlines() or [type(err).__name__])[0]
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-@contextlib.contextmanager
-def _loading(what: str, network: bool = True) -> Iterator[None]:
-    """Turn any failure inside into a one-line :class:`ModelLoadError` about ``what``
-    (``network``: the block may download from the Hub)."""
-    with _hub_offline_if_unreachable() if network else contextlib.nullcontext():
-        try:
-            yield
-        except ModelLoadError:
-            raise
-        except Exception as e:
-            if _is_network_error(e):
-                msg = f"could not download {what} — no network? pass a local path ({_one_line(e)})"
-            else:
-                msg = f"could not load {what}: {_one_line(e)}"
-            err = ModelLoadError(msg)
-            err.original = e
-            raise err from None
 
 
 # --- the kinds ----------------------------------------------------------------------------------

@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 from importlib import resources
 
-from .spec import RegisterNeurons
-
 NAMES = {
     "dinov2_vitl14": "dinov2_vitl14.json",
 }
@@ -18,12 +16,13 @@ ALIASES = {"dinov2_large": "dinov2_vitl14", "dinov2-vitl14": "dinov2_vitl14",
            "vit_large_patch14_dinov2": "dinov2_vitl14", "facebook/dinov2-large": "dinov2_vitl14"}
 
 
-def load_published(name: str) -> RegisterNeurons:
+def published_data(name: str) -> dict:
+    """The neuron file (as a dict) of the published set ``name``; ``RegisterNeurons.from_name``
+    reads it."""
     key = ALIASES.get(name, name)
     if key not in NAMES:
         raise ValueError(f"no published neuron set named {name!r}; known: {', '.join(NAMES)}")
-    text = resources.files("ttreg").joinpath("resources", NAMES[key]).read_text()
-    return RegisterNeurons.from_dict(json.loads(text))
+    return json.loads(resources.files("ttreg").joinpath("resources", NAMES[key]).read_text())
 
 
 def is_published(name: str) -> bool:

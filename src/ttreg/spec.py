@@ -34,7 +34,7 @@ import operator
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 FORMAT = "ttreg.register_neurons"
 VERSION = 1
@@ -353,9 +353,9 @@ class RegisterNeurons:
     @classmethod
     def from_pretrained(cls, name: str | os.PathLike, **kwargs) -> "RegisterNeurons":
         """A neuron set from a Hub repository ("org/name") or a folder written by
-        :meth:`save_pretrained` (see :func:`ttreg.hub.from_pretrained`)."""
-        from .hub import from_pretrained
-        return from_pretrained(name, **kwargs)
+        :meth:`save_pretrained` (see :func:`ttreg.hub.neuron_file`)."""
+        from .hub import neuron_file
+        return cls.load(neuron_file(name, **kwargs))
 
     def save_pretrained(self, folder: str | os.PathLike, repo_id: str | None = None) -> Path:
         """Write the neuron file, its attention bias and a model card into ``folder``."""
@@ -366,11 +366,12 @@ class RegisterNeurons:
         """Upload this set (JSON, attention bias, model card) to the Hub repository ``repo_id``."""
         from .hub import push_to_hub
         return push_to_hub(self, repo_id, **kwargs)
+
     @classmethod
     def from_name(cls, name: str) -> "RegisterNeurons":
         """A published neuron set shipped with ttreg (see ``ttreg.published.NAMES``)."""
-        from .published import load_published
-        return load_published(name)
+        from .published import published_data
+        return cls.from_dict(published_data(name))
 
 
 def check_fingerprint(fp: Mapping | None, adapter, found: str, found_for: str | None = None) -> None:
