@@ -69,17 +69,21 @@ _NOT_REACHED = ("block {layer}'s attention ({cls}) never reached scaled_dot_prod
                 "fused_attn=True; transformers: attn_implementation='sdpa')")
 
 
-def _agreed_shapes(shapes: tuple[int, int, int] | None) -> tuple[int, int, int]:
+def _agreed_shapes(shapes: tuple[int, int, int] | None, images: int) -> tuple[int, int, int]:
     """The attention shapes, agreed over ``torch.distributed`` ranks (a rank without images
-    learns them from the others)."""
+    learns them from the others); ``images``: how many this rank ran."""
     import torch.distributed as dist
-    t = torch.tensor(shapes or (0, 0, 0), dtype=torch.float64)
+    t = torch.tensor([*(shapes or (0, 0, 0)), images], dtype=torch.float64)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    if not t.all():
-        raise ValueError("no images to fit the attention bias on (or the model's attention never "
-                         "reached scaled_dot_product_attention / nn.MultiheadAttention)")
-    return tuple(int(v) for v in t)
+    if not t[3]:
+        raise ValueError("no images to fit the attention bias on; give at least one image")
+    if not t[:3].all():
+        raise ValueError("the model's attention never reached scaled_dot_product_attention or "
+                         "nn.MultiheadAttention (an explicit softmax path), so its keys cannot be read: "
+                         "use the fused path (timm: fused_attn=True; transformers: "
+                         "attn_implementation='sdpa') or the token form")
+    return tuple(int(v) for v in t[:3])
 
 
 def fit_attention_bias(model, neurons, images, *, num_registers: int = 1, preset: str = "paper",
@@ -129,7 +133,7 @@ def fit_attention_bias(model, neurons, images, *, num_registers: int = 1, preset
         ad.model.train(was_training)
     shapes = None if stats is None else (stats.key_sum.shape[1], stats.key_sum.shape[2],
                                          stats.value_sum.shape[2])
-    agreed = _agreed_shapes(shapes)
+    agreed = _agreed_shapes(shapes, images_seen)
     if stats is None:   # a rank without images (or a model whose attention was never reached)
         stats = BiasStats.zeros(L, *agreed)
     stats.images = images_seen
