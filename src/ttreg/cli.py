@@ -7,8 +7,9 @@ Exit status (README's "Command line" section repeats this list):
 * 2 -- a user error, printed as one line on stderr that says what to do: a bad argument, an
   unreadable input, an output path ttreg will not write, a missing optional package, a neuron
   set for another model. Paths and images are checked before the model loads.
-* 3 -- ``calibrate --top-k auto`` found no k up to ``--max-k`` that clears the held-out images;
-  the neuron file (the ``max-k`` best neurons) and the report are written, the reason printed.
+* 3 -- ``calibrate --top-k auto`` found no set of neurons that clears the held-out images, even
+  after widening the search; the neuron file (the best available set) and the report are
+  written, the reason printed.
 * 130 -- interrupted (Ctrl-C), also during start-up; one line says whether anything was written.
 
 Output files are written all or nothing (:mod:`ttreg.files`): an interrupted or failed run
@@ -34,7 +35,7 @@ EXAMPLES = """examples:
   ttreg export --model timm:vit_large_patch14_dinov2.lvd142m --neurons dinov2_l.json --out model.onnx
 
 exit status: 0 done, 1 unexpected failure, 2 user error (one line), 3 calibrate's automatic
-top-k cleared no held-out image set up to --max-k, 130 interrupted
+top-k cleared the held-out images with no set of neurons, 130 interrupted
 """
 
 # --- calibrate -----------------------------------------------------------------------------------

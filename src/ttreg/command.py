@@ -20,7 +20,7 @@ EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_NOT_CLEARED, EXIT_INTERRUPTED = 0, 1, 2,
 SYNTHETIC = {
     "planted": "a tiny timm ViT with planted register neurons (64 px)",
     "planted-clip": "a tiny open_clip CLIP whose image tower is the planted ViT (64 px)",
-    "builtin:dinov2_vits14+planted": "the built-in model with two planted register neurons",
+    "builtin:dinov2_vits14+planted": "the built-in model with content-dependent planted register neurons (the demo's)",
 }
 
 #: pip commands for optional packages, by the module name a failed import reports
