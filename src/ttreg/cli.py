@@ -178,8 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("calibrate", help="find register neurons and write them as JSON",
                        description="Find a model's register neurons from images, choosing threshold, "
                                    "top layer and top k automatically unless given, and write the "
-                                   "neuron set as JSON. Exit status 3 when --top-k auto finds no k "
-                                   "up to --max-k that clears the held-out images.")
+                                   "neuron set as JSON. Exit status 3 when --top-k auto finds no set "
+                                   "of neurons that clears the held-out images.")
     c.add_argument("--model", required=True, help=mhelp)
     c.add_argument("--images", required=True,
                    help="a folder (searched recursively), a .txt list of paths, an image file, or "
@@ -193,7 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--top-layer", type=int_or_auto(), default="auto",
                    help="last block searched, or 'auto' (the block where the outliers emerge)")
     c.add_argument("--top-k", type=int_or_auto(0), default="auto",
-                   help="number of neurons, or 'auto' (smallest k that clears held-out images)")
+                   help="number of neurons, or 'auto' (the smallest k whose registers clean the held-out "
+                        "images as well as zeroing all candidates)")
     c.add_argument("--max-k", type=int_at_least(1), default=None,
                    help="largest k the automatic sweep tries (default: 1%% of the neurons, at least 16)")
     c.add_argument("--heldout", type=number_in(0, 1, hi_open=True), default=0.2,
