@@ -17,9 +17,9 @@ import torch
 
 from . import attention
 from .adapters import wrap
-from .data import batches_with_progress, iter_batches
+from .data import shard_batches
+from .distributed import all_reduce_, shard_for_rank
 from .hooks import HookSet
-from .neurons import shard_for_rank
 from .registers import active_registers, test_time_registers
 from .spec import AttentionBias, RegisterNeurons, as_register_neurons
 
@@ -50,12 +50,8 @@ class BiasStats:
 
     def all_reduce(self) -> "BiasStats":
         """Sum over all ranks of the default ``torch.distributed`` group."""
-        import torch.distributed as dist
-        if not (dist.is_available() and dist.is_initialized()):
-            return self
         images = torch.tensor([float(self.images)], dtype=torch.float64)
-        for t in (self.key_sum, self.value_sum, self.count, images):
-            dist.all_reduce(t)
+        all_reduce_([self.key_sum, self.value_sum, self.count, images])
         self.images = int(images[0])
         return self
 
@@ -72,10 +68,8 @@ _NOT_REACHED = ("block {layer}'s attention ({cls}) never reached scaled_dot_prod
 def _agreed_shapes(shapes: tuple[int, int, int] | None) -> tuple[int, int, int]:
     """The attention shapes, agreed over ``torch.distributed`` ranks (a rank without images
     learns them from the others)."""
-    import torch.distributed as dist
     t = torch.tensor(shapes or (0, 0, 0), dtype=torch.float64)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    all_reduce_([t], op="max")
     if not t.all():
         raise ValueError("no images to fit the attention bias on (or the model's attention never "
                          "reached scaled_dot_product_attention / nn.MultiheadAttention)")
@@ -104,8 +98,8 @@ def fit_attention_bias(model, neurons, images, *, num_registers: int = 1, preset
     if check:
         rn.check_model(ad)
     images = shard_for_rank(images, strict)
-    batches = batches_with_progress(iter_batches(images, ad, batch_size, transform, strict=strict),
-                                    images, batch_size, "fitting the attention bias", progress)
+    batches = shard_batches(images, ad, batch_size, transform, strict, progress,
+                            "fitting the attention bias")
     L, R = ad.num_layers, num_registers
     stats: BiasStats | None = None
     images_seen = 0

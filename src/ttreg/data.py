@@ -212,49 +212,77 @@ def _expand(entry) -> list:
     return [entry]
 
 
-def resolve_images(images, strict: bool = False) -> ImageSource:
-    """Turn a folder, a list file (one path per line), ``"skimage"``, or a list of paths,
-    folders or PIL images into an :class:`ImageSource`. Bad files are skipped (or raise with
-    ``strict``); no images at all is an :class:`ImageError`."""
+def list_entries(images) -> list[tuple]:
+    """The images an input stands for, in order, as ``(entry, name or None)`` pairs -- a path
+    (not decoded yet) or an RGB PIL image -- for a folder, a list file (one path per line),
+    ``"skimage"``, or a list of paths, folders or PIL images. A missing path, an empty list or
+    an entry of another type is an :class:`ImageError`."""
     from PIL import Image
-    src = ImageSource()
     if isinstance(images, (str, os.PathLike)):
         if str(images) in ("skimage", "skimage:"):
-            for name, im in skimage_photos():
-                src.items.append(im)
-                src.names.append(f"skimage:{name}")
-            return src
+            return [(im, f"skimage:{name}") for name, im in skimage_photos()]
         p = Path(images)
         if not (p.is_dir() or p.is_file()):
             raise ImageError(f"no such file or folder: {display_name(p)}")
-        entries: list = _expand(p)
+        found: list = _expand(p)
     else:
         if torch.is_tensor(images):
             raise ImageError("a tensor batch goes to iter_batches directly, not resolve_images")
-        entries = [e for entry in images for e in _expand(entry)]
-        if not entries:
+        found = [e for entry in images for e in _expand(entry)]
+        if not found:
             raise ImageError("no images given (an empty list); give image files, a folder or a batch")
-    for e in entries:
+    out = []
+    for e in found:
         if isinstance(e, Image.Image):
-            src.items.append(to_rgb(e))
-            src.names.append(f"image{len(src.names)}")
-            continue
-        if not isinstance(e, (str, os.PathLike)):
+            out.append((to_rgb(e), None))
+        elif isinstance(e, (str, os.PathLike)):
+            out.append((Path(e), display_name(e)))
+        else:
             raise ImageError(f"cannot read an image from {type(e).__name__}; give paths, PIL images "
                              "or a tensor batch")
-        try:
-            load_image(e)  # check it decodes; decoded again when used
-            src.items.append(Path(e))
-            src.names.append(display_name(e))
-        except ImageError as err:
-            if strict:
-                raise
-            src.skipped.append(Skipped(display_name(e), str(err)))
+    return out
+
+
+def check_entries(entries: list[tuple], indices, strict: bool = False) -> dict[int, str]:
+    """Decode the files among ``entries[i]`` for ``i`` in ``indices``; ``{i: reason}`` for the
+    unreadable ones (with ``strict``, the first raises its :class:`ImageError`)."""
+    bad = {}
+    for i in indices:
+        e = entries[i][0]
+        if isinstance(e, Path):
+            try:
+                load_image(e)  # check it decodes; decoded again when used
+            except ImageError as err:
+                if strict:
+                    raise
+                bad[i] = str(err)
+    return bad
+
+
+def build_source(images, entries: list[tuple], bad: dict[int, str]) -> ImageSource:
+    """The :class:`ImageSource` of ``entries`` without the unreadable ones (``bad``, listed as
+    skipped); no readable image at all is an :class:`ImageError`."""
+    src = ImageSource()
+    for i, (e, name) in enumerate(entries):
+        if i in bad:
+            src.skipped.append(Skipped(name, bad[i]))
+            continue
+        src.items.append(e)
+        src.names.append(name if name is not None else f"image{len(src.names)}")
     if not src.items:
         where = display_name(images) if isinstance(images, (str, os.PathLike)) else "the inputs"
         raise ImageError(f"no readable images in {where}"
                          + (f" ({len(src.skipped)} skipped: {src.skipped[0].reason})" if src.skipped else ""))
     return src
+
+
+def resolve_images(images, strict: bool = False) -> ImageSource:
+    """Turn a folder, a list file (one path per line), ``"skimage"``, or a list of paths,
+    folders or PIL images into an :class:`ImageSource`. Bad files are skipped (or raise with
+    ``strict``); no images at all is an :class:`ImageError`. (Under ``torch.distributed``,
+    :func:`ttreg.distributed.resolve` shares the decoding check out over the ranks.)"""
+    entries = list_entries(images)
+    return build_source(images, entries, check_entries(entries, range(len(entries)), strict))
 
 
 def check_images_given(images) -> None:
@@ -335,6 +363,16 @@ def batches_with_progress(batches: Iterator[torch.Tensor], images, batch_size: i
     from tqdm.auto import tqdm
     total = count_images(images)
     return tqdm(batches, total=None if total is None else -(-total // batch_size), desc=desc, unit="batch")
+
+
+def shard_batches(images, adapter, batch_size: int, transform: Callable | None = None,
+                  strict: bool = False, progress: bool = False, desc: str = "") -> Iterator[torch.Tensor]:
+    """:func:`iter_batches` over one rank's share of the images, which may be empty (a rank of
+    a ``torch.distributed`` run with fewer images than ranks): then no batch at all."""
+    if count_images(images) == 0:
+        return iter(())
+    return batches_with_progress(iter_batches(images, adapter, batch_size, transform, strict=strict),
+                                 images, batch_size, desc, progress)
 
 
 def count_images(images) -> int | None:

@@ -32,6 +32,7 @@ import hashlib
 import json
 import operator
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -75,6 +76,29 @@ def as_index(v: Any, what: str) -> int:
     if i < 0:
         raise ValueError(f"{what} must be >= 0, got {i}")
     return i
+
+
+#: units of :func:`as_bytes` (K, M, G, T alone are binary, as in most tools)
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 10 ** 6,
+          "mib": 1 << 20, "g": 1 << 30, "gb": 10 ** 9, "gib": 1 << 30, "t": 1 << 40, "tb": 10 ** 12,
+          "tib": 1 << 40}
+
+
+def as_bytes(budget) -> int:
+    """A memory budget as bytes: a whole number of bytes, or a string such as ``"512MiB"``,
+    ``"2GB"`` or ``"1.5G"`` (K/M/G/T alone are binary); a one-line ``ValueError`` otherwise."""
+    if isinstance(budget, str):
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", budget)
+        unit = m.group(2).lower() if m else None
+        if unit not in _UNITS:
+            raise ValueError(f"memory_budget must be bytes or a size such as '512MiB' or '2GB', "
+                             f"got {budget!r}")
+        return int(float(m.group(1)) * _UNITS[unit])
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget >= 0 \
+            or budget != budget or budget == float("inf"):
+        raise ValueError(f"memory_budget must be a number of bytes >= 0 or a size such as '2GB', "
+                         f"got {budget!r}")
+    return int(budget)
 
 
 def _number(v: Any, what: str) -> float:
