@@ -21,6 +21,7 @@ from .data import shard_batches
 from .distributed import all_reduce_, shard_for_rank
 from .hooks import HookSet
 from .registers import active_registers, test_time_registers
+from .sizes import as_sizes, at_size
 from .spec import AttentionBias, RegisterNeurons, as_register_neurons
 
 
@@ -79,7 +80,7 @@ def _agreed_shapes(shapes: tuple[int, int, int] | None) -> tuple[int, int, int]:
 def fit_attention_bias(model, neurons, images, *, num_registers: int = 1, preset: str = "paper",
                        batch_size: int = 16, transform: Callable | None = None,
                        progress: bool = False, strict: bool = False,
-                       check: bool = True) -> AttentionBias:
+                       check: bool = True, sizes=None) -> AttentionBias:
     """Fit the attention-bias form of ``neurons`` on ``images``: per layer and head, the mean key
     and value of the test-time register(s) over the images.
 
@@ -87,7 +88,8 @@ def fit_attention_bias(model, neurons, images, *, num_registers: int = 1, preset
     form whose registers are measured (the bias then stands for that many tokens: its weight).
     Returns an :class:`~ttreg.AttentionBias`; attach it (``neurons.attention_bias = bias``) to save
     it beside the neuron file, and install it with
-    ``ttreg.test_time_registers(model, neurons, form="bias")``.
+    ``ttreg.test_time_registers(model, neurons, form="bias")``. ``sizes`` (e.g. ``[224, 518]``):
+    the mean over every image at each size (see :func:`ttreg.calibrate`).
     """
     ad = wrap(model)
     rn: RegisterNeurons = as_register_neurons(neurons, ad)
@@ -97,9 +99,11 @@ def fit_attention_bias(model, neurons, images, *, num_registers: int = 1, preset
         raise RuntimeError("remove test-time registers before fitting the attention bias")
     if check:
         rn.check_model(ad)
+    size_list = [None] if sizes is None else as_sizes(sizes)
+    for size in size_list:                       # a size the model cannot take: before any work
+        with at_size(ad, size):
+            pass
     images = shard_for_rank(images, strict)
-    batches = shard_batches(images, ad, batch_size, transform, strict, progress,
-                            "fitting the attention bias")
     L, R = ad.num_layers, num_registers
     stats: BiasStats | None = None
     images_seen = 0
@@ -112,13 +116,17 @@ def fit_attention_bias(model, neurons, images, *, num_registers: int = 1, preset
     was_training = ad.model.training
     ad.model.eval()
     try:
-        for x in batches:
-            with torch.no_grad(), HookSet() as hooks, \
-                    test_time_registers(ad, rn, num_registers=R, preset=preset, check=False):
-                for layer in range(L):
-                    attention.tap(hooks, ad.attention(layer), kv=(R, lambda k, v, layer=layer: sink(layer, k, v)))
-                ad.run(x)
-            images_seen += x.shape[0]
+        for size in size_list:
+            with at_size(ad, size, probe=False):
+                for x in shard_batches(images, ad, batch_size, transform, strict, progress,
+                                       "fitting the attention bias", size=size):
+                    with torch.no_grad(), HookSet() as hooks, \
+                            test_time_registers(ad, rn, num_registers=R, preset=preset, check=False):
+                        for layer in range(L):
+                            attention.tap(hooks, ad.attention(layer),
+                                          kv=(R, lambda k, v, layer=layer: sink(layer, k, v)))
+                        ad.run(x)
+                    images_seen += x.shape[0]
     finally:
         ad.model.train(was_training)
     shapes = None if stats is None else (stats.key_sum.shape[1], stats.key_sum.shape[2],

@@ -35,6 +35,7 @@ from .neurons import (MEMORY_BUDGET, _resolve_layer, as_bytes, eval_mode, layers
                       neurons_from_stats, search_options, search_stats)
 from .outliers import check_threshold, norm_ratio, outlier_mask
 from .registers import test_time_registers, zero_neurons
+from .sizes import Size, as_sizes, at_size, label
 from .spec import RegisterNeurons, as_index
 from .trace import record, run_until
 
@@ -54,7 +55,8 @@ class Calibration:
             return (f"measured {len(rn)} given neurons on {r['num_heldout_images']} images\n"
                     f"max/median patch norm at layer {r['detection_layer']}: "
                     f"{b['mean_norm_ratio']:.2f} -> {a['mean_norm_ratio']:.2f}; images with outliers: "
-                    f"{b['fraction_with_outliers']:.0%} -> {a['fraction_with_outliers']:.0%}")
+                    f"{b['fraction_with_outliers']:.0%} -> {a['fraction_with_outliers']:.0%}"
+                    + self._per_size())
         lines = [f"images: {r['num_search_images']} searched, {r['num_heldout_images']} held out"
                  + (f", {r['num_skipped']} skipped" if r.get("num_skipped") else "")]
         lines.append(f"outliers at layer {r['detection_layer']}: "
@@ -70,26 +72,46 @@ class Calibration:
         b, a = r["heldout_before"], r["heldout_after"]
         lines.append(f"held-out max/median patch norm at layer {r['detection_layer']}: "
                      f"{b['mean_norm_ratio']:.2f} -> {a['mean_norm_ratio']:.2f}; images with "
-                     f"outliers: {b['fraction_with_outliers']:.0%} -> {a['fraction_with_outliers']:.0%}")
+                     f"outliers: {b['fraction_with_outliers']:.0%} -> {a['fraction_with_outliers']:.0%}"
+                     + self._per_size())
         return "\n".join(lines)
+
+    def _per_size(self) -> str:
+        """One line per input size when there are several or one is not cleared: before -> after,
+        cleared or not."""
+        per = self.report.get("per_size") or {}
+        if len(per) < 2 and all(r["cleared"] for r in per.values()):
+            return ""
+        return "".join(f"\n  at {size} px: {r['heldout_before']['mean_norm_ratio']:.2f} -> "
+                       f"{r['heldout_after']['mean_norm_ratio']:.2f}, images with outliers "
+                       f"{r['heldout_before']['fraction_with_outliers']:.0%} -> "
+                       f"{r['heldout_after']['fraction_with_outliers']:.0%}"
+                       f" ({'cleared' if r['cleared'] else 'NOT cleared'})" for size, r in per.items())
 
 
 def _measure_given(ad, src, neurons: RegisterNeurons, threshold, det: int, batch_size: int,
-                   transform, strict: bool, skipped: list) -> Calibration:
-    """Measure a given set on all the images: outliers before and after test-time registers."""
+                   transform, strict: bool, skipped: list,
+                   sizes: tuple[list[Size | None], list[str]], tolerance: float) -> Calibration:
+    """Measure a given set on all the images at each size: outliers before and after test-time
+    registers; the sizes join those the set records as measured."""
     neurons.check_model(ad)
-    held = _Heldout(ad, src, det, threshold, batch_size, transform, strict)
-    before, after = held.measure().summary, held.measure(neurons).summary
+    held = _Heldout(ad, src, det, threshold, batch_size, transform, strict, *sizes)
+    plain, edited = held.measure(), held.measure(neurons)
+    before, after = plain.summary, edited.summary
     n = held.n
     report = {"detection_layer": det, "threshold": threshold, "emergence_layer": None,
               "top_layer": neurons.hyperparameters.get("top_layer"), "top_k": len(neurons),
               "num_search_images": 0, "num_heldout_images": n, "num_skipped": len(skipped),
               "skipped": skipped, "sweep": [], "given_neurons": True,
-              "heldout_before": before, "heldout_after": after}
+              "heldout_before": before, "heldout_after": after,
+              "sizes": sizes[1],
+              "per_size": _per_size(held, plain, edited, tolerance)}
     out = RegisterNeurons.from_dict(neurons.to_dict())
     out.attention_bias = neurons.attention_bias
+    out.with_measured_sizes(_as_recorded(sizes[1]))
     out.statistics.update({"measured_on_images": n, "measured_detection_layer": det,
-                           "measured_before": before, "measured_after": after})
+                           "measured_before": before, "measured_after": after,
+                           "measured_per_size": report["per_size"]})
     out.note = (f"{len(out)} given register neurons measured on {n} images: max/median patch norm "
                 f"at layer {det} {before['mean_norm_ratio']:.2f} -> {after['mean_norm_ratio']:.2f}")
     return Calibration(out, report)
@@ -112,18 +134,24 @@ def _split(src: ImageSource | torch.Tensor, heldout: float) -> tuple[Any, Any]:
 
 @dataclass
 class _Pass:
-    """What one pass over the held-out images left. Per image of this rank's share: the
-    max/median patch norm at the detection layer (``ratio``) and whether it has outlier tokens
-    by the outlier rule applied to its own patch norms (``outliers``); over all ranks: the image
-    count and the sums behind :attr:`summary`."""
+    """What one pass over the held-out images (at every size) left. Per image of this rank's
+    share and size, sizes one after the other: the max/median patch norm at the detection layer
+    (``ratio``) and whether it has outlier tokens by the outlier rule applied to its own patch
+    norms (``outliers``); per size, over all ranks: the image count and the sums behind
+    :attr:`summary` and :meth:`at`."""
 
-    ratio: torch.Tensor       # (n_local,)
-    outliers: torch.Tensor    # (n_local,) bool
-    sums: torch.Tensor        # (4,) float64: images, images with outliers, sum of ratios, of max norms
+    ratio: torch.Tensor       # (sizes * n_local,)
+    outliers: torch.Tensor    # (sizes * n_local,) bool
+    sums: torch.Tensor        # (sizes, 4) float64: images, with outliers, sum of ratios, of max norms
 
     @property
     def summary(self) -> dict[str, float]:
-        return _summary(self.sums)
+        """Over all sizes (each image counts once per size)."""
+        return _summary(self.sums.sum(dim=0))
+
+    def at(self, i: int) -> dict[str, float]:
+        """At the ``i``-th size."""
+        return _summary(self.sums[i])
 
 
 def _summary(sums: torch.Tensor) -> dict[str, float]:
@@ -144,15 +172,18 @@ def _image_numbers(norms: torch.Tensor, R: int, npre: int, threshold):
 
 
 class _Heldout:
-    """The held-out images: this rank's share, re-read on every pass -- never all decoded at
-    once, so memory does not grow with their number. Each pass runs up to the detection layer
-    only and leaves per-image numbers (:class:`_Pass`); counts and sums are all-reduced."""
+    """The held-out images: this rank's share, re-read on every pass at every size -- never all
+    decoded at once, so memory does not grow with their number. Each pass runs up to the
+    detection layer only and leaves per-image numbers (:class:`_Pass`); counts and sums are
+    all-reduced."""
 
-    def __init__(self, ad, images, det: int, threshold, batch_size: int, transform, strict: bool):
+    def __init__(self, ad, images, det: int, threshold, batch_size: int, transform, strict: bool,
+                 sizes: list[Size | None], labels: list[str]):
         self.ad, self.det, self.threshold = ad, det, threshold
         self.batch_size, self.transform, self.strict = batch_size, transform, strict
         self.n = len(images.items) if isinstance(images, ImageSource) else int(images.shape[0])
         self.images = shard(images)
+        self.sizes, self.labels = sizes, labels
 
     @torch.no_grad()
     def measure(self, neurons: RegisterNeurons | None = None, mode: str = "registers",
@@ -168,24 +199,56 @@ class _Heldout:
         else:
             edit, R = test_time_registers(ad, neurons, num_registers=1, preset=preset, check=False), 1
         ratios, outliers = [], []
-        sums = torch.zeros(4, dtype=torch.float64)
+        sums = torch.zeros(len(self.sizes), 4, dtype=torch.float64)
         with edit, record(ad, [det]) as rec:
-            for x in shard_batches(self.images, ad, self.batch_size, self.transform, self.strict):
-                run_until(ad, x, det)
-                ratio, out, top = _image_numbers(rec.norms[det], R, ad.num_prefix_tokens, self.threshold)
-                ratios.append(ratio.cpu())
-                outliers.append(out.cpu())
-                sums += torch.stack([torch.tensor(float(len(ratio))), out.sum().double().cpu(),
-                                     ratio.double().sum().cpu(), top.double().sum().cpu()]).double()
+            for i, size in enumerate(self.sizes):
+                with at_size(ad, size, probe=False):
+                    for x in shard_batches(self.images, ad, self.batch_size, self.transform,
+                                           self.strict, size=size):
+                        run_until(ad, x, det)
+                        ratio, out, top = _image_numbers(rec.norms[det], R, ad.num_prefix_tokens,
+                                                         self.threshold)
+                        ratios.append(ratio.cpu())
+                        outliers.append(out.cpu())
+                        sums[i] += torch.stack([torch.tensor(float(len(ratio))), out.sum().double().cpu(),
+                                                ratio.double().sum().cpu(), top.double().sum().cpu()]).double()
         all_reduce_([sums])
         cat = lambda xs, dtype: torch.cat(xs) if xs else torch.zeros(0, dtype=dtype)  # noqa: E731
         return _Pass(cat(ratios, torch.float32), cat(outliers, torch.bool), sums)
 
-    def share(self, local: torch.Tensor) -> float:
-        """The share of all held-out images (every rank's) for which ``local`` is True."""
-        count = local.sum().double().reshape(1)
+    def shares(self, local: torch.Tensor) -> list[float]:
+        """Per size, the share of all held-out images (every rank's) for which ``local`` (one
+        entry per image of this rank and size, as in :class:`_Pass`) is True."""
+        count = local.reshape(len(self.sizes), -1).sum(dim=1).double()
         all_reduce_([count])
-        return float(count[0]) / max(self.n, 1)
+        return [float(c) / max(self.n, 1) for c in count]
+
+    def share(self, local: torch.Tensor) -> float:
+        """The largest share over the sizes of held-out images for which ``local`` is True: a
+        test that must hold at every size fails by its worst size."""
+        return max(self.shares(local))
+
+
+def _as_recorded(labels: list[str]) -> list[Size]:
+    """Size labels (``"224x224"``) as the neuron file records them."""
+    return [as_sizes(name)[0] for name in labels]
+
+
+def _input_size(ad, src, transform) -> Size:
+    """The size the images reach the model at without ``sizes``: a tensor batch's own, else
+    what the transform (or the model's default one) makes of the first image."""
+    if torch.is_tensor(src):
+        return tuple(int(v) for v in src.shape[-2:])
+    from .data import default_transform
+    return tuple(int(v) for v in (transform or default_transform(ad))(src.image(0)).shape[-2:])
+
+
+def _per_size(held: _Heldout, plain: _Pass, edited: _Pass, tolerance: float) -> dict[str, dict]:
+    """Per size: held-out numbers before and after, and whether it is cleared (images that
+    still have outlier tokens with test-time registers: at most ``tolerance`` of them)."""
+    left = held.shares(edited.outliers)
+    return {name: {"heldout_before": plain.at(i), "heldout_after": edited.at(i),
+                   "cleared": left[i] <= tolerance} for i, name in enumerate(held.labels)}
 
 
 class _Sweep:
@@ -273,7 +336,8 @@ def calibrate(model, images, *, threshold: float | str = "auto", detection_layer
               batch_size: int = 16, transform: Callable | None = None, strict: bool = False,
               progress: bool = False, neurons: RegisterNeurons | None = None, preset: str = "paper",
               include_prefix: bool | None = None, sparsity: bool | None = True,
-              memory_budget: int | str | None = None, attention_bias: bool = False) -> Calibration:
+              memory_budget: int | str | None = None, attention_bias: bool = False,
+              sizes=None) -> Calibration:
     """Find register neurons with every hyperparameter chosen automatically (or as given).
 
     ``heldout``: share of the images kept out of the search and used to pick ``top_k``.
@@ -289,12 +353,23 @@ def calibrate(model, images, *, threshold: float | str = "auto", detection_layer
     batch's MLP hidden states (bytes or ``"4GB"``; default 1 GiB) before it runs in two passes
     (see :func:`ttreg.find_register_neurons`; ``report["search_memory"]`` says which ran).
 
+    ``sizes`` (e.g. ``[224, 518]``, ``"224,518"`` or ``[(224, 448)]``): calibrate across input
+    sizes. Every image runs at each size (files: the default resize and centre crop at that
+    size, or the ``transform`` then a resize; tensors: resized), the model at each size the way
+    its library supports (timm: ``dynamic_img_size`` for the duration; Hugging Face:
+    ``interpolate_pos_encoding``; a model that cannot is a one-line ``ValueError`` before any
+    work). The search statistics are summed over the sizes (exact: sums and counts), the top_k
+    sweep must clear the held-out images at every size, and ``report["per_size"]`` gives
+    before/after and whether each size is cleared. The neuron set records the sizes
+    (``neurons.sizes``; without ``sizes``, the one size the images reach the model at).
+
     ``attention_bias``: also fit the attention-bias form of the neurons found
-    (:func:`ttreg.fit_attention_bias`, on all the images): ``neurons.attention_bias``, saved
-    beside the neuron file.
+    (:func:`ttreg.fit_attention_bias`, on all the images, at every size): ``neurons.attention_bias``,
+    saved beside the neuron file.
 
     With ``neurons`` (e.g. a published set) nothing is searched: the set is measured on all the
-    images (outliers before and after test-time registers) and returned with those statistics.
+    images (outliers before and after test-time registers), at each of ``sizes``, and returned
+    with those statistics and the sizes added to those it was measured at.
     The model runs in eval mode throughout; its mode is restored afterwards, also on errors.
     Memory does not grow with the number of images: every pass streams them in batches
     (the held-out images are read again on each step of the sweep) and keeps sums and counts,
@@ -325,26 +400,33 @@ def calibrate(model, images, *, threshold: float | str = "auto", detection_layer
     det = _resolve_layer(detection_layer, ad.num_layers, "detection_layer")
     opts = search_options(preset, include_prefix, sparsity)
     layers_to_search(top_layer, det, ad.num_layers)
+    size_list = None if sizes is None else as_sizes(sizes)
+    for size in size_list or ():                 # a size the model cannot take: before any work
+        with at_size(ad, size):
+            pass
     skipped = []
     if torch.is_tensor(images):
         src = images
     else:
         src = images if isinstance(images, ImageSource) else resolve(images, strict=strict)
         skipped = [s.__dict__ for s in src.skipped]
+    run_sizes = size_list or [None]
+    size_plan = (run_sizes, [label(s or _input_size(ad, src, transform)) for s in run_sizes])
     with eval_mode(ad.model):
         if neurons is not None:
             cal = _measure_given(ad, src, neurons, threshold, det, batch_size, transform, strict,
-                                 skipped)
+                                 skipped, size_plan, tolerance)
         else:
             cal = _calibrate(ad, src, skipped, threshold=threshold, det=det, top_layer=top_layer,
                              top_k=top_k, max_k=max_k, heldout=heldout, tolerance=tolerance,
                              slack=slack, batch_size=batch_size, transform=transform, strict=strict,
-                             progress=progress, preset=preset, opts=opts, memory_budget=memory_budget)
+                             progress=progress, preset=preset, opts=opts, memory_budget=memory_budget,
+                             sizes=size_plan)
         if attention_bias and len(cal.neurons) and cal.neurons.attention_bias is None:
             from .bias import fit_attention_bias
             cal.neurons.attention_bias = fit_attention_bias(
                 ad, cal.neurons, src, preset=preset, batch_size=batch_size, transform=transform,
-                strict=strict, progress=progress, check=False)
+                strict=strict, progress=progress, check=False, sizes=size_list)
         if cal.neurons.attention_bias is not None:
             cal.report["attention_bias"] = cal.neurons.attention_bias.summary()
     return cal
@@ -352,7 +434,7 @@ def calibrate(model, images, *, threshold: float | str = "auto", detection_layer
 
 def _calibrate(ad, src, skipped, *, threshold, det, top_layer, top_k, max_k, heldout, tolerance,
                slack, batch_size, transform, strict, progress, preset, opts,
-               memory_budget) -> Calibration:
+               memory_budget, sizes) -> Calibration:
     L = ad.num_layers
     search_layers = layers_to_search(top_layer, det, L)
     search_src, held_src = _split(src, heldout)
@@ -363,7 +445,8 @@ def _calibrate(ad, src, skipped, *, threshold, det, top_layer, top_k, max_k, hel
     k_search = max_k if top_k == "auto" else int(top_k)
     stats = search_stats(ad, search_src, threshold=threshold, detection_layer=det,
                          search_layers=search_layers, batch_size=batch_size, transform=transform,
-                         progress=progress, strict=strict, memory_budget=memory_budget, **opts)
+                         progress=progress, strict=strict, memory_budget=memory_budget,
+                         sizes=None if sizes[0] == [None] else sizes[0], **opts)
     rank = lambda top: neurons_from_stats(ad, stats, det=det, threshold=threshold, top_layer=top,
                                           top_k=k_search, preset=preset, **opts)
     ranked = rank(top_layer)
@@ -381,12 +464,16 @@ def _calibrate(ad, src, skipped, *, threshold, det, top_layer, top_k, max_k, hel
         "per_layer": {k: v for k, v in st.items() if k not in ("emergence_layer", "emergence_rule",
                                                                 "majority_layer", "search_memory")},
     }
-    held = _Heldout(ad, held_src, det, threshold, batch_size, transform, strict)
+    held = _Heldout(ad, held_src, det, threshold, batch_size, transform, strict, *sizes)
     plain = held.measure()
     before = plain.summary
     report["heldout_before"] = before
+    report["sizes"] = sizes[1]
+    recorded = _as_recorded(sizes[1])
     if not len(ranked):
-        report.update(heldout_after=before, top_k=0, top_k_rule="no outliers")
+        report.update(heldout_after=before, top_k=0, top_k_rule="no outliers",
+                      per_size=_per_size(held, plain, plain, tolerance))
+        ranked.sizes = {"calibrated": recorded, "measured": recorded}
         return Calibration(ranked, report)
 
     if top_k == "auto":
@@ -403,11 +490,16 @@ def _calibrate(ad, src, skipped, *, threshold, det, top_layer, top_k, max_k, hel
                                     "max_k": max_k, "tolerance": tolerance, "slack": slack})
     neurons.provenance["method"] = "ttreg.calibrate"
     if after is None:
-        after = held.measure(neurons, preset=preset).summary if k else before
+        after = held.measure(neurons, preset=preset) if k else plain
+    per_size = _per_size(held, plain, after, tolerance)
+    after = after.summary
     report.update(top_k=k, top_k_rule=rule, top_k_reason=reason, heldout_after=after,
-                  top_k_cleared=None if top_k != "auto" else warn is None)
+                  top_k_cleared=None if top_k != "auto" else warn is None, per_size=per_size)
     neurons.statistics.update(heldout_before=before, heldout_after=after, top_k_rule=rule,
                               top_k_reason=reason)
+    if len(per_size) > 1:
+        neurons.statistics["per_size"] = per_size
+    neurons.sizes = {"calibrated": recorded, "measured": recorded}
     neurons.note = (f"{k} register neurons; held-out max/median patch norm "
                     f"{before['mean_norm_ratio']:.2f} -> {after['mean_norm_ratio']:.2f}"
                     + ("" if warn is None else f"; {warn}"))
@@ -421,7 +513,7 @@ def _auto_k(held: _Heldout, plain: _Pass, ranked, rank, top_layer, det, *, prese
     """top_k="auto": the clearing test on the emergence ranking, widened to every layer up to
     the detection layer if it fails there (only when top_layer is automatic). Returns the k,
     the ranking it is from, the rule, the reason, the attempts, a warning (None when cleared)
-    and the held-out outcome of that k (None when no pass measured it)."""
+    and the held-out pass of that k (None when no pass measured it)."""
     has = plain.outliers
     attempts = []
     tops = [ranked]
@@ -445,7 +537,7 @@ def _auto_k(held: _Heldout, plain: _Pass, ranked, rank, top_layer, det, *, prese
                 rule = "cleared after widening"
                 reason = (f"{attempts[0]['why']}; widened the search to layers <= {top}: smallest k "
                           f"within {slack:.0%} of zeroing the {len(cand)} best neurons there")
-            return k, cand, rule, reason, attempts, None, sweep.run(k).summary
+            return k, cand, rule, reason, attempts, None, sweep.run(k)
     # Nothing clears: the smallest k that does (nearly) as well as all candidates, if they help.
     why = "; ".join(a["why"] for a in attempts)
     best = _Sweep(held, has, cand, preset=preset, slack=slack, tolerance=1.0, log=log)
@@ -459,4 +551,4 @@ def _auto_k(held: _Heldout, plain: _Pass, ranked, rank, top_layer, det, *, prese
     return (k, cand, "best available",
             f"{why}; smallest k within {slack:.0%} of all {n} candidates' test-time registers",
             attempts, f"outliers remain after calibration: {why}; raise max_k or check the detection layer",
-            best.run(k).summary)
+            best.run(k))

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from .command import (EXIT_NOT_CLEARED, EXIT_OK, OneLineParser, UserError, device_arg,
                       int_at_least, int_or_auto, load_neurons, memory_size, model_help, number_in, progress_ok,
-                      read_neurons, resolve_model, run, threshold_arg)
+                      read_neurons, resolve_model, run, sizes_arg, threshold_arg)
 
 EXAMPLES = """examples:
   ttreg demo
@@ -68,7 +68,8 @@ def _calibrate_command(args) -> int:
     say(f"calibrating {args.model} on {len(images)} images from {args.images} ...", flush=True)
     cal = calibrate(model, images, threshold=args.threshold, detection_layer=args.detection_layer,
                     top_layer=args.top_layer, top_k=args.top_k, max_k=args.max_k,
-                    heldout=args.heldout, batch_size=args.batch_size, transform=transform,
+                    heldout=args.heldout, batch_size=args.batch_size,
+                    transform=None if args.sizes else transform, sizes=args.sizes,
                     strict=args.strict, progress=main and not args.quiet and progress_ok(),
                     neurons=given, memory_budget=args.memory_budget,
                     attention_bias=args.attention_bias)
@@ -223,6 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what the search may keep of a batch's MLP activations, e.g. 512MiB or 4GB "
                         "(default 1GiB); beyond it the search runs in two passes (same result, "
                         "about twice the time)")
+    c.add_argument("--sizes", type=sizes_arg,
+                   help="calibrate across input sizes, e.g. 224,518 (or 224x448): the search sums "
+                        "over them and top-k must clear every size; with --neurons, measure the "
+                        "set at these sizes. Default: the model's own size")
     c.add_argument("--attention-bias", action="store_true",
                    help="also fit the attention-bias form (no extra token) and write it beside "
                         "--out as NAME.bias.safetensors")

@@ -326,15 +326,22 @@ def check_finite(x: torch.Tensor, what: str = "input") -> torch.Tensor:
 
 
 def iter_batches(images, adapter, batch_size: int = 16, transform: Callable | None = None,
-                 strict: bool = False) -> Iterator[torch.Tensor]:
+                 strict: bool = False, size: tuple[int, int] | None = None) -> Iterator[torch.Tensor]:
     """Yield ``(B, C, H, W)`` batches on the model's device and dtype.
 
     ``images``: a tensor ``(N, C, H, W)``, an iterable of such tensors, or anything
-    :func:`resolve_images` takes.
+    :func:`resolve_images` takes. ``size`` ``(H, W)``: bring every batch to that size --
+    image files without a ``transform`` by the default resize and centre crop at that size,
+    tensors (and what a ``transform`` gives) by resizing (:func:`ttreg.sizes.resize`).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     p = adapter.parameter()
+    if size is not None:
+        from .sizes import resize
+        fit = lambda x: resize(x, size)  # noqa: E731
+    else:
+        fit = lambda x: x  # noqa: E731
     if torch.is_tensor(images):
         if images.dim() == 3:
             images = images[None]
@@ -342,17 +349,19 @@ def iter_batches(images, adapter, batch_size: int = 16, transform: Callable | No
             raise ImageError(f"expected an image batch (N, C, H, W), got shape {tuple(images.shape)}")
         check_images_given(images)
         for i in range(0, len(images), batch_size):
-            yield check_finite(images[i:i + batch_size]).to(p.device, p.dtype)
+            yield fit(check_finite(images[i:i + batch_size])).to(p.device, p.dtype)
         return
     if isinstance(images, (list, tuple)) and images and all(torch.is_tensor(t) for t in images):
         for t in images:
-            yield from iter_batches(t, adapter, batch_size)
+            yield from iter_batches(t, adapter, batch_size, size=size)
         return
     src = images if isinstance(images, ImageSource) else resolve_images(images, strict=strict)
+    if transform is None and size is not None:
+        transform = make_transform(size, *adapter.mean_std())
     tf = transform or default_transform(adapter)
     for i in range(0, len(src.items), batch_size):
         x = torch.stack([tf(src.image(j)) for j in range(i, min(i + batch_size, len(src.items)))])
-        yield check_finite(x).to(p.device, p.dtype)
+        yield fit(check_finite(x)).to(p.device, p.dtype)
 
 
 def batches_with_progress(batches: Iterator[torch.Tensor], images, batch_size: int, desc: str,
@@ -366,12 +375,14 @@ def batches_with_progress(batches: Iterator[torch.Tensor], images, batch_size: i
 
 
 def shard_batches(images, adapter, batch_size: int, transform: Callable | None = None,
-                  strict: bool = False, progress: bool = False, desc: str = "") -> Iterator[torch.Tensor]:
+                  strict: bool = False, progress: bool = False, desc: str = "",
+                  size: tuple[int, int] | None = None) -> Iterator[torch.Tensor]:
     """:func:`iter_batches` over one rank's share of the images, which may be empty (a rank of
     a ``torch.distributed`` run with fewer images than ranks): then no batch at all."""
     if count_images(images) == 0:
         return iter(())
-    return batches_with_progress(iter_batches(images, adapter, batch_size, transform, strict=strict),
+    return batches_with_progress(iter_batches(images, adapter, batch_size, transform, strict=strict,
+                                              size=size),
                                  images, batch_size, desc, progress)
 
 

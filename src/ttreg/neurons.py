@@ -28,6 +28,7 @@ from .distributed import all_reduce_, shard_for_rank
 from .outliers import (AUTO_MIN_RATIO, check_threshold, JUMP_SHARE, emergence_layer, layers_with_outliers,
                        majority_layer, norm_ratio, outlier_mask)
 from .registers import active_registers
+from .sizes import as_sizes, at_size, label
 from .spec import RegisterNeurons, as_bytes, as_index
 from .hooks import HookSet
 from .trace import record, run_until
@@ -262,11 +263,16 @@ def search_stats(model, images, *, threshold: float | str = "auto", detection_la
                  search_layers: int | None = None, batch_size: int = 16,
                  transform: Callable | None = None, include_prefix: bool = False,
                  sparsity: bool = False, progress: bool = False, strict: bool = False,
-                 memory_budget: int | str | None = None) -> SearchStats:
+                 memory_budget: int | str | None = None, sizes=None) -> SearchStats:
     """The pass of Algorithm 1: :class:`SearchStats` over ``images`` for the neurons of layers
     ``< search_layers`` (default: up to the detection layer), summed over ``torch.distributed``
     ranks when there are several (each rank reads every world-size-th image). The model runs in
-    eval mode; its mode is restored. ``memory_budget``: see :func:`accumulate`."""
+    eval mode; its mode is restored. ``memory_budget``: see :func:`accumulate`.
+
+    ``sizes`` (e.g. ``[224, 518]``, see :func:`ttreg.sizes.as_sizes`): run every image at each
+    size (:func:`ttreg.sizes.at_size`) and merge the statistics of the sizes in that order --
+    sums and counts, so exactly what searching each size alone and merging gives; an image
+    counts once per size."""
     ad = wrap(model)
     if active_registers(ad):
         raise RuntimeError("remove test-time registers before searching for register neurons")
@@ -277,14 +283,23 @@ def search_stats(model, images, *, threshold: float | str = "auto", detection_la
     budget = as_bytes(MEMORY_BUDGET if memory_budget is None else memory_budget)
     L = ad.num_layers
     det = _resolve_layer(detection_layer, L, "detection_layer")
-    stats = SearchStats.zeros(L, search_layers or det + 1, ad.mlp_width(0))
-    stats.memory_budget = budget
+    size_list = [None] if sizes is None else as_sizes(sizes)
+    for size in size_list:                       # a size the model cannot take: before any work
+        with at_size(ad, size):
+            pass
     images = shard_for_rank(images, strict)
+    stats = None
     with eval_mode(ad.model):
-        for x in shard_batches(images, ad, batch_size, transform, strict, progress,
-                               "searching register neurons"):
-            accumulate(ad, x, stats, det, threshold, include_prefix, sparsity=sparsity,
-                       memory_budget=budget)
+        for size in size_list:
+            part = SearchStats.zeros(L, search_layers or det + 1, ad.mlp_width(0))
+            part.memory_budget = budget
+            desc = "searching register neurons" + (f" at {label(size)} px" if size else "")
+            with at_size(ad, size, probe=False):
+                for x in shard_batches(images, ad, batch_size, transform, strict, progress, desc,
+                                       size=size):
+                    accumulate(ad, x, part, det, threshold, include_prefix, sparsity=sparsity,
+                               memory_budget=budget)
+            stats = part if stats is None else stats.merge(part)
     return stats.all_reduce()
 
 

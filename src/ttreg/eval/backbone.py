@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from ..adapters import wrap
 from ..hooks import HookSet
+from ..sizes import dynamic_size  # noqa: F401  (re-exported: LOST runs at any size)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -199,27 +200,6 @@ def accepts_any_size(model) -> bool:
         except (TypeError, ValueError):  # pragma: no cover
             return False
     return False
-
-
-@contextlib.contextmanager
-def dynamic_size(model) -> Iterator[None]:
-    """Within the context a timm ViT (or an open_clip tower's timm trunk) accepts any input size
-    as if built with ``dynamic_img_size=True``: its position embedding is resampled to each
-    input's grid (timm's ``resample_abs_pos_embed``). The four switches that flag sets are
-    restored on exit, also on an exception. Other models are left alone (Hugging Face models
-    interpolate through their adapter's ``interpolate_pos_encoding``)."""
-    vit = _timm_vit(model)
-    if vit is None or vit.dynamic_img_size:
-        yield
-        return
-    from timm.layers import Format
-    pe = vit.patch_embed
-    with HookSet() as switches:
-        switches.set_attr(vit, "dynamic_img_size", True)
-        switches.set_attr(pe, "strict_img_size", False)
-        switches.set_attr(pe, "flatten", False)
-        switches.set_attr(pe, "output_fmt", Format.NHWC)
-        yield
 
 
 # --- tokens of any block --------------------------------------------------------------------------
