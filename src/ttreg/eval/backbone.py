@@ -1,6 +1,6 @@
 """What the experiments read from a model, per family: preprocessing, token features (last
 layer or any blocks, with or without the final norm), the last layer's keys, CLIP embeddings,
-any-size input (timm ``dynamic_img_size``), and a fingerprint. The one place besides
+whether a model takes any input size, and a fingerprint. The one place besides
 :mod:`.direct` that knows model internals beyond the adapters."""
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ import torch.nn.functional as F
 
 from ..adapters import wrap
 from ..hooks import HookSet
-from ..sizes import dynamic_size  # noqa: F401  (re-exported: LOST runs at any size)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
