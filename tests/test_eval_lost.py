@@ -11,7 +11,8 @@ import torch
 
 import ttreg
 from ttreg.testing import mixed_images, planted_vit
-from ttreg.eval.backbone import dynamic_size, last_layer_keys, patch_keys
+from ttreg.eval.backbone import last_layer_keys, patch_keys
+from ttreg.sizes import dynamic_size
 from ttreg.eval.cli import main
 from ttreg.eval.datasets import coco20k_filenames, coco20k_ids, coco_boxes, voc_boxes
 from ttreg.eval.lost import box_to_pixels, lost

@@ -395,6 +395,12 @@ def test_search_finds_the_planted_neurons(zoo, row, record):
     assert found.statistics["emergence_layer"] == 2 and found.num_images_with_outliers == len(zoo.images)
     more = ttreg.find_register_neurons(model, zoo.images, top_k=3)
     assert more.scores[1] > 3 * more.scores[2]                     # far above every other neuron
+    # the low-memory search (norms first, stopping after the last block; then the scores inside
+    # the down-projection hooks) ranks and scores like the one-pass search in every family
+    low = ttreg.find_register_neurons(model, zoo.images, top_k=3, memory_budget=0)
+    assert more.statistics["search_memory"]["mode"] == "one-pass"
+    assert low.statistics["search_memory"]["mode"] == "two-pass" and low.neurons == more.neurons
+    torch.testing.assert_close(torch.tensor(low.scores), torch.tensor(more.scores), rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("row", NAMES)

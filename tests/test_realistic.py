@@ -142,6 +142,21 @@ def _heldout_indices(n: int) -> list[int]:
     return _split(torch.arange(n)[:, None], 0.2)[1][:, 0].tolist()
 
 
+def test_low_memory_calibration_equals_the_one_pass_calibration(model, images):
+    """Two passes per batch (norms first, then the scores inside the hooks): the same ranking,
+    scores, emergence evidence and sweep as one pass that keeps every searched layer."""
+    one = ttreg.calibrate(model, images)
+    low = ttreg.calibrate(model, images, memory_budget=0)
+    assert one.report["search_memory"]["mode"] == "one-pass"
+    assert low.report["search_memory"] == {**one.report["search_memory"], "mode": "two-pass",
+                                           "memory_budget": 0}
+    assert low.neurons.neurons == one.neurons.neurons and sorted(low.neurons.neurons) == REGISTER
+    torch.testing.assert_close(torch.tensor(low.neurons.scores), torch.tensor(one.neurons.scores),
+                               rtol=1e-6, atol=0)
+    drop = lambda r: {k: v for k, v in r.items() if k != "search_memory"}  # noqa: E731
+    assert drop(low.report) == drop(one.report)
+
+
 def test_dense_distractors_only_the_sparsity_filter_keeps_out(model, images):
     dense = set(PLANTS.distractors)
     plain = ttreg.find_register_neurons(model, images, top_k=7)       # the paper's Algorithm 1
@@ -271,6 +286,10 @@ def test_official_search_preset_ranks_exactly_like_the_authors(model, images):
                                                top_k=40, preset="official", batch_size=bs)
             assert ours.neurons == authors_ranking(model, x, threshold, 6, 5, 40)
             assert ours.hyperparameters["include_prefix"] and ours.hyperparameters["sparsity"]
+            low = ttreg.find_register_neurons(model, x, threshold=threshold, top_layer=5, top_k=40,
+                                              preset="official", batch_size=bs, memory_budget=0)
+            assert low.statistics["search_memory"]["mode"] == "two-pass"
+            assert low.neurons == ours.neurons and low.scores == ours.scores
         assert ours.num_images_with_outliers == 4          # three below, one exactly at it
         paper = ttreg.find_register_neurons(model, x, threshold=0.9 * cls, top_layer=5, top_k=40)
         assert paper.neurons != ours.neurons

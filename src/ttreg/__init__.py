@@ -25,6 +25,7 @@ _EXPORTS = {
     "SearchStats": "neurons", "find_register_neurons": "neurons",
     "add_test_time_registers": "registers", "test_time_registers": "registers",
     "zero_neurons": "registers", "remove_test_time_registers": "registers",
+    "UnmeasuredSizeWarning": "registers",
     "fit_attention_bias": "bias", "AttentionBias": "spec",
     "ModelMismatchError": "spec", "RegisterNeurons": "spec",
     "Trace": "trace", "trace": "trace",

@@ -17,10 +17,11 @@ import torch
 
 from . import attention
 from .adapters import wrap
-from .data import batches_with_progress, iter_batches
+from .data import shard_batches
+from .distributed import all_reduce_, shard_for_rank
 from .hooks import HookSet
-from .neurons import shard_for_rank
 from .registers import active_registers, test_time_registers
+from .sizes import as_sizes, at_size
 from .spec import AttentionBias, RegisterNeurons, as_register_neurons
 
 
@@ -50,12 +51,8 @@ class BiasStats:
 
     def all_reduce(self) -> "BiasStats":
         """Sum over all ranks of the default ``torch.distributed`` group."""
-        import torch.distributed as dist
-        if not (dist.is_available() and dist.is_initialized()):
-            return self
         images = torch.tensor([float(self.images)], dtype=torch.float64)
-        for t in (self.key_sum, self.value_sum, self.count, images):
-            dist.all_reduce(t)
+        all_reduce_([self.key_sum, self.value_sum, self.count, images])
         self.images = int(images[0])
         return self
 
@@ -72,10 +69,8 @@ _NOT_REACHED = ("block {layer}'s attention ({cls}) never reached scaled_dot_prod
 def _agreed_shapes(shapes: tuple[int, int, int] | None, images: int) -> tuple[int, int, int]:
     """The attention shapes, agreed over ``torch.distributed`` ranks (a rank without images
     learns them from the others); ``images``: how many this rank ran."""
-    import torch.distributed as dist
     t = torch.tensor([*(shapes or (0, 0, 0)), images], dtype=torch.float64)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    all_reduce_([t], op="max")
     if not t[3]:
         raise ValueError("no images to fit the attention bias on; give at least one image")
     if not t[:3].all():
@@ -89,7 +84,7 @@ def _agreed_shapes(shapes: tuple[int, int, int] | None, images: int) -> tuple[in
 def fit_attention_bias(model, neurons, images, *, num_registers: int = 1, preset: str = "paper",
                        batch_size: int = 16, transform: Callable | None = None,
                        progress: bool = False, strict: bool = False,
-                       check: bool = True) -> AttentionBias:
+                       check: bool = True, sizes=None) -> AttentionBias:
     """Fit the attention-bias form of ``neurons`` on ``images``: per layer and head, the mean key
     and value of the test-time register(s) over the images.
 
@@ -97,7 +92,8 @@ def fit_attention_bias(model, neurons, images, *, num_registers: int = 1, preset
     form whose registers are measured (the bias then stands for that many tokens: its weight).
     Returns an :class:`~ttreg.AttentionBias`; attach it (``neurons.attention_bias = bias``) to save
     it beside the neuron file, and install it with
-    ``ttreg.test_time_registers(model, neurons, form="bias")``.
+    ``ttreg.test_time_registers(model, neurons, form="bias")``. ``sizes`` (e.g. ``[224, 518]``):
+    the mean over every image at each size (see :func:`ttreg.calibrate`).
     """
     ad = wrap(model)
     rn: RegisterNeurons = as_register_neurons(neurons, ad)
@@ -107,9 +103,11 @@ def fit_attention_bias(model, neurons, images, *, num_registers: int = 1, preset
         raise RuntimeError("remove test-time registers before fitting the attention bias")
     if check:
         rn.check_model(ad)
+    size_list = [None] if sizes is None else as_sizes(sizes)
+    for size in size_list:                       # a size the model cannot take: before any work
+        with at_size(ad, size):
+            pass
     images = shard_for_rank(images, strict)
-    batches = batches_with_progress(iter_batches(images, ad, batch_size, transform, strict=strict),
-                                    images, batch_size, "fitting the attention bias", progress)
     L, R = ad.num_layers, num_registers
     stats: BiasStats | None = None
     images_seen = 0
@@ -122,13 +120,17 @@ def fit_attention_bias(model, neurons, images, *, num_registers: int = 1, preset
     was_training = ad.model.training
     ad.model.eval()
     try:
-        for x in batches:
-            with torch.no_grad(), HookSet() as hooks, \
-                    test_time_registers(ad, rn, num_registers=R, preset=preset, check=False):
-                for layer in range(L):
-                    attention.tap(hooks, ad.attention(layer), kv=(R, lambda k, v, layer=layer: sink(layer, k, v)))
-                ad.run(x)
-            images_seen += x.shape[0]
+        for size in size_list:
+            with at_size(ad, size, probe=False):
+                for x in shard_batches(images, ad, batch_size, transform, strict, progress,
+                                       "fitting the attention bias", size=size):
+                    with torch.no_grad(), HookSet() as hooks, \
+                            test_time_registers(ad, rn, num_registers=R, preset=preset, check=False):
+                        for layer in range(L):
+                            attention.tap(hooks, ad.attention(layer),
+                                          kv=(R, lambda k, v, layer=layer: sink(layer, k, v)))
+                        ad.run(x)
+                    images_seen += x.shape[0]
     finally:
         ad.model.train(was_training)
     shapes = None if stats is None else (stats.key_sum.shape[1], stats.key_sum.shape[2],

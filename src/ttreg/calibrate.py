@@ -21,6 +21,7 @@ The whole calibration runs with the model in eval mode; its mode is restored aft
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -28,13 +29,15 @@ from typing import Any, Callable
 import torch
 
 from .adapters import wrap
-from .data import ImageSource, check_images_given, iter_batches, resolve_images
-from .neurons import (_resolve_layer, eval_mode, layers_to_search, neurons_from_stats, search_options,
-                      search_stats)
+from .data import ImageSource, check_images_given, shard_batches
+from .distributed import all_reduce_, resolve, shard
+from .neurons import (MEMORY_BUDGET, _resolve_layer, as_bytes, eval_mode, layers_to_search,
+                      neurons_from_stats, search_options, search_stats)
 from .outliers import check_threshold, norm_ratio, outlier_mask
 from .registers import test_time_registers, zero_neurons
+from .sizes import Size, as_sizes, at_size, label
 from .spec import RegisterNeurons, as_index
-from .trace import record
+from .trace import record, run_until
 
 
 @dataclass
@@ -52,7 +55,8 @@ class Calibration:
             return (f"measured {len(rn)} given neurons on {r['num_heldout_images']} images\n"
                     f"max/median patch norm at layer {r['detection_layer']}: "
                     f"{b['mean_norm_ratio']:.2f} -> {a['mean_norm_ratio']:.2f}; images with outliers: "
-                    f"{b['fraction_with_outliers']:.0%} -> {a['fraction_with_outliers']:.0%}")
+                    f"{b['fraction_with_outliers']:.0%} -> {a['fraction_with_outliers']:.0%}"
+                    + self._per_size())
         lines = [f"images: {r['num_search_images']} searched, {r['num_heldout_images']} held out"
                  + (f", {r['num_skipped']} skipped" if r.get("num_skipped") else "")]
         lines.append(f"outliers at layer {r['detection_layer']}: "
@@ -68,32 +72,46 @@ class Calibration:
         b, a = r["heldout_before"], r["heldout_after"]
         lines.append(f"held-out max/median patch norm at layer {r['detection_layer']}: "
                      f"{b['mean_norm_ratio']:.2f} -> {a['mean_norm_ratio']:.2f}; images with "
-                     f"outliers: {b['fraction_with_outliers']:.0%} -> {a['fraction_with_outliers']:.0%}")
+                     f"outliers: {b['fraction_with_outliers']:.0%} -> {a['fraction_with_outliers']:.0%}"
+                     + self._per_size())
         return "\n".join(lines)
 
+    def _per_size(self) -> str:
+        """One line per input size when there are several or one is not cleared: before -> after,
+        cleared or not."""
+        per = self.report.get("per_size") or {}
+        if len(per) < 2 and all(r["cleared"] for r in per.values()):
+            return ""
+        return "".join(f"\n  at {size} px: {r['heldout_before']['mean_norm_ratio']:.2f} -> "
+                       f"{r['heldout_after']['mean_norm_ratio']:.2f}, images with outliers "
+                       f"{r['heldout_before']['fraction_with_outliers']:.0%} -> "
+                       f"{r['heldout_after']['fraction_with_outliers']:.0%}"
+                       f" ({'cleared' if r['cleared'] else 'NOT cleared'})" for size, r in per.items())
 
-def _measure_given(model, images, neurons: RegisterNeurons, threshold, detection_layer: int,
-                   batch_size: int, transform, strict: bool) -> Calibration:
-    ad = wrap(model)
+
+def _measure_given(ad, src, neurons: RegisterNeurons, threshold, det: int, batch_size: int,
+                   transform, strict: bool, skipped: list,
+                   sizes: tuple[list[Size | None], list[str]], tolerance: float) -> Calibration:
+    """Measure a given set on all the images at each size: outliers before and after test-time
+    registers; the sizes join those the set records as measured."""
     neurons.check_model(ad)
-    det = _resolve_layer(detection_layer, ad.num_layers, "detection_layer")
-    skipped = []
-    if not torch.is_tensor(images):
-        images = images if isinstance(images, ImageSource) else resolve_images(images, strict=strict)
-        skipped = [s.__dict__ for s in images.skipped]
-    batches = list(iter_batches(images, ad, batch_size, transform))
-    base = _detection_norms(ad, batches, det)
-    before = _outcome(base, 0, ad.num_prefix_tokens, threshold)[0]
-    after = heldout_outcome(ad, batches, det, threshold, neurons)
-    n = int(base.shape[0])
+    held = _Heldout(ad, src, det, threshold, batch_size, transform, strict, *sizes)
+    plain, edited = held.measure(), held.measure(neurons)
+    before, after = plain.summary, edited.summary
+    n = held.n
     report = {"detection_layer": det, "threshold": threshold, "emergence_layer": None,
               "top_layer": neurons.hyperparameters.get("top_layer"), "top_k": len(neurons),
               "num_search_images": 0, "num_heldout_images": n, "num_skipped": len(skipped),
               "skipped": skipped, "sweep": [], "given_neurons": True,
-              "heldout_before": before, "heldout_after": after}
+              "heldout_before": before, "heldout_after": after,
+              "sizes": sizes[1],
+              "per_size": _per_size(held, plain, edited, tolerance)}
     out = RegisterNeurons.from_dict(neurons.to_dict())
+    out.attention_bias = neurons.attention_bias
+    out.with_measured_sizes(_as_recorded(sizes[1]))
     out.statistics.update({"measured_on_images": n, "measured_detection_layer": det,
-                           "measured_before": before, "measured_after": after})
+                           "measured_before": before, "measured_after": after,
+                           "measured_per_size": report["per_size"]})
     out.note = (f"{len(out)} given register neurons measured on {n} images: max/median patch norm "
                 f"at layer {det} {before['mean_norm_ratio']:.2f} -> {after['mean_norm_ratio']:.2f}")
     return Calibration(out, report)
@@ -114,78 +132,145 @@ def _split(src: ImageSource | torch.Tensor, heldout: float) -> tuple[Any, Any]:
     return src[keep], src[held]
 
 
-@torch.no_grad()
-def _detection_norms(ad, batches: list[torch.Tensor], det: int) -> torch.Tensor:
-    """Token norms at the detection layer, ``(N, T)``, for pre-made batches."""
-    out = []
-    with record(ad, [det]) as rec:
-        for x in batches:
-            ad.run(x)
-            out.append(rec.norms[det].cpu())
-    return torch.cat(out)
+@dataclass
+class _Pass:
+    """What one pass over the held-out images (at every size) left. Per image of this rank's
+    share and size, sizes one after the other: the max/median patch norm at the detection layer
+    (``ratio``) and whether it has outlier tokens by the outlier rule applied to its own patch
+    norms (``outliers``); per size, over all ranks: the image count and the sums behind
+    :attr:`summary` and :meth:`at`."""
+
+    ratio: torch.Tensor       # (sizes * n_local,)
+    outliers: torch.Tensor    # (sizes * n_local,) bool
+    sums: torch.Tensor        # (sizes, 4) float64: images, with outliers, sum of ratios, of max norms
+
+    @property
+    def summary(self) -> dict[str, float]:
+        """Over all sizes (each image counts once per size)."""
+        return _summary(self.sums.sum(dim=0))
+
+    def at(self, i: int) -> dict[str, float]:
+        """At the ``i``-th size."""
+        return _summary(self.sums[i])
 
 
-def _edited_norms(ad, batches: list[torch.Tensor], det: int, neurons: RegisterNeurons | None,
-                  mode: str = "registers", preset: str = "paper") -> tuple[torch.Tensor, int]:
-    """Detection-layer norms with ``neurons`` moved into one test-time register
-    (``mode="registers"``) or zeroed (``"zero"``); plain when there are none. Also the number
-    of register tokens at the end of the sequence."""
-    if neurons is None or not len(neurons):
-        return _detection_norms(ad, batches, det), 0
-    if mode == "zero":
-        with zero_neurons(ad, neurons, check=False):
-            return _detection_norms(ad, batches, det), 0
-    with test_time_registers(ad, neurons, num_registers=1, preset=preset, check=False):
-        return _detection_norms(ad, batches, det), 1
+def _summary(sums: torch.Tensor) -> dict[str, float]:
+    n = max(float(sums[0]), 1.0)
+    return {"fraction_with_outliers": float(sums[1]) / n, "mean_norm_ratio": float(sums[2]) / n,
+            "mean_max_patch_norm": float(sums[3]) / n}
 
 
-def _outcome(norms: torch.Tensor, R: int, npre: int, threshold) -> tuple[dict, torch.Tensor]:
-    """Summary numbers of detection-layer norms ``(N, T)`` and the per-image max/median ratio.
-    An image has outliers by the outlier rule applied to its own patch norms (edited or not; a
-    threshold taken from the plain image would be inflated by the outliers it should catch)."""
+def _image_numbers(norms: torch.Tensor, R: int, npre: int, threshold):
+    """Per image of a batch of detection-layer norms ``(B, T)`` (the last ``R`` tokens test-time
+    registers): max/median patch norm, outliers by the rule on its own patch norms (a threshold
+    taken from the plain image would be inflated by the outliers it should catch), max patch
+    norm."""
     T = norms.shape[1]
-    patch = norms[:, npre:T - R]
     ratio = norm_ratio(norms, npre, R)
-    left = outlier_mask(norms[:, :T - R], npre, 0, threshold).any(dim=1)
-    return ({"fraction_with_outliers": float(left.float().mean()),
-             "mean_norm_ratio": float(ratio.mean()),
-             "mean_max_patch_norm": float(patch.amax(dim=1).mean())}, ratio)
+    outliers = outlier_mask(norms[:, :T - R], npre, 0, threshold).any(dim=1)
+    return ratio, outliers, norms[:, npre:T - R].float().amax(dim=1)
 
 
-def heldout_outcome(ad, batches: list[torch.Tensor], det: int, threshold,
-                    neurons: RegisterNeurons | None, preset: str = "paper") -> dict[str, float]:
-    """Share of images with outlier tokens and the mean max/median patch norm at the detection
-    layer, with test-time registers for ``neurons`` (plain when None)."""
-    norms, R = _edited_norms(ad, batches, det, neurons, preset=preset)
-    return _outcome(norms, R, ad.num_prefix_tokens, threshold)[0]
+class _Heldout:
+    """The held-out images: this rank's share, re-read on every pass at every size -- never all
+    decoded at once, so memory does not grow with their number. Each pass runs up to the
+    detection layer only and leaves per-image numbers (:class:`_Pass`); counts and sums are
+    all-reduced."""
+
+    def __init__(self, ad, images, det: int, threshold, batch_size: int, transform, strict: bool,
+                 sizes: list[Size | None], labels: list[str]):
+        self.ad, self.det, self.threshold = ad, det, threshold
+        self.batch_size, self.transform, self.strict = batch_size, transform, strict
+        self.n = len(images.items) if isinstance(images, ImageSource) else int(images.shape[0])
+        self.images = shard(images)
+        self.sizes, self.labels = sizes, labels
+
+    @torch.no_grad()
+    def measure(self, neurons: RegisterNeurons | None = None, mode: str = "registers",
+                preset: str = "paper") -> _Pass:
+        """Detection-layer numbers with ``neurons`` moved into one test-time register
+        (``mode="registers"``) or zeroed (``"zero"``); plain when None or empty."""
+        ad, det = self.ad, self.det
+        R = 0
+        if neurons is None or not len(neurons):
+            edit = contextlib.nullcontext()
+        elif mode == "zero":
+            edit = zero_neurons(ad, neurons, check=False)
+        else:
+            edit, R = test_time_registers(ad, neurons, num_registers=1, preset=preset, check=False), 1
+        ratios, outliers = [], []
+        sums = torch.zeros(len(self.sizes), 4, dtype=torch.float64)
+        with edit, record(ad, [det]) as rec:
+            for i, size in enumerate(self.sizes):
+                with at_size(ad, size, probe=False):
+                    for x in shard_batches(self.images, ad, self.batch_size, self.transform,
+                                           self.strict, size=size):
+                        run_until(ad, x, det)
+                        ratio, out, top = _image_numbers(rec.norms[det], R, ad.num_prefix_tokens,
+                                                         self.threshold)
+                        ratios.append(ratio.cpu())
+                        outliers.append(out.cpu())
+                        sums[i] += torch.stack([torch.tensor(float(len(ratio))), out.sum().double().cpu(),
+                                                ratio.double().sum().cpu(), top.double().sum().cpu()]).double()
+        all_reduce_([sums])
+        cat = lambda xs, dtype: torch.cat(xs) if xs else torch.zeros(0, dtype=dtype)  # noqa: E731
+        return _Pass(cat(ratios, torch.float32), cat(outliers, torch.bool), sums)
+
+    def shares(self, local: torch.Tensor) -> list[float]:
+        """Per size, the share of all held-out images (every rank's) for which ``local`` (one
+        entry per image of this rank and size, as in :class:`_Pass`) is True."""
+        count = local.reshape(len(self.sizes), -1).sum(dim=1).double()
+        all_reduce_([count])
+        return [float(c) / max(self.n, 1) for c in count]
+
+    def share(self, local: torch.Tensor) -> float:
+        """The largest share over the sizes of held-out images for which ``local`` is True: a
+        test that must hold at every size fails by its worst size."""
+        return max(self.shares(local))
+
+
+def _as_recorded(labels: list[str]) -> list[Size]:
+    """Size labels (``"224x224"``) as the neuron file records them."""
+    return [as_sizes(name)[0] for name in labels]
+
+
+def _input_size(ad, src, transform) -> Size:
+    """The size the images reach the model at without ``sizes``: a tensor batch's own, else
+    what the transform (or the model's default one) makes of the first image."""
+    if torch.is_tensor(src):
+        return tuple(int(v) for v in src.shape[-2:])
+    from .data import default_transform
+    return tuple(int(v) for v in (transform or default_transform(ad))(src.image(0)).shape[-2:])
+
+
+def _per_size(held: _Heldout, plain: _Pass, edited: _Pass, tolerance: float) -> dict[str, dict]:
+    """Per size: held-out numbers before and after, and whether it is cleared (images that
+    still have outlier tokens with test-time registers: at most ``tolerance`` of them)."""
+    left = held.shares(edited.outliers)
+    return {name: {"heldout_before": plain.at(i), "heldout_after": edited.at(i),
+                   "cleared": left[i] <= tolerance} for i, name in enumerate(held.labels)}
 
 
 class _Sweep:
-    """The top-k sweep on held-out images: outcomes per k (cached, each one forward pass) and
+    """The top-k sweep on held-out images: outcomes per k (cached, each one pass over them) and
     the clearing test against a reference max/median ratio per image."""
 
-    def __init__(self, ad, batches, det, threshold, has_outliers, ranked: RegisterNeurons, *,
+    def __init__(self, held: _Heldout, has_outliers: torch.Tensor, ranked: RegisterNeurons, *,
                  preset: str, slack: float, tolerance: float, log: list) -> None:
-        self.ad, self.batches, self.det, self.has = ad, batches, det, has_outliers
-        self.threshold = threshold
+        self.held, self.has = held, has_outliers
         self.ranked, self.preset, self.slack, self.tolerance, self.log = ranked, preset, slack, tolerance, log
-        self.ratios: dict[int, torch.Tensor] = {}
-        self.summary: dict[int, dict] = {}
+        self.passes: dict[int, _Pass] = {}
 
-    def run(self, k: int) -> torch.Tensor:
-        if k not in self.ratios:
-            norms, R = _edited_norms(self.ad, self.batches, self.det, self.ranked.top(k),
-                                     preset=self.preset)
-            self.summary[k], self.ratios[k] = _outcome(norms, R, self.ad.num_prefix_tokens,
-                                                       self.threshold)
+    def run(self, k: int) -> _Pass:
+        if k not in self.passes:
+            self.passes[k] = self.held.measure(self.ranked.top(k), preset=self.preset)
             self.log.append({"k": k, "top_layer": self.ranked.hyperparameters["top_layer"],
-                             **self.summary[k]})
-        return self.ratios[k]
+                             **self.passes[k].summary})
+        return self.passes[k]
 
     def failing(self, k: int, reference: torch.Tensor) -> float:
         """Share of held-out images with outliers whose ratio stays above (1 + slack) x reference."""
-        bad = self.has & (self.run(k) > (1 + self.slack) * reference)
-        return float(bad.float().mean())
+        return self.held.share(self.has & (self.run(k).ratio > (1 + self.slack) * reference))
 
     def smallest(self, reference: torch.Tensor) -> int | None:
         """Smallest k in 1..N that passes against ``reference``, or None.
@@ -224,22 +309,22 @@ def score_gap(scores: list[float]) -> int:
     return int((logs[:-1] - logs[1:]).argmax()) + 1
 
 
-def _choose_k(sweep: _Sweep, npre: int) -> tuple[int | None, dict]:
+def _choose_k(sweep: _Sweep) -> tuple[int | None, dict]:
     """Clearing test for one ranking: the reference is zeroing all its candidates."""
-    ad, ranked = sweep.ad, sweep.ranked
+    held, ranked = sweep.held, sweep.ranked
     n, top = len(ranked), ranked.hyperparameters["top_layer"]
-    zeroed, _ = _edited_norms(ad, sweep.batches, sweep.det, ranked, mode="zero")
-    summary, ref = _outcome(zeroed, 0, npre, sweep.threshold)
-    left = sweep.has & outlier_mask(zeroed, npre, 0, sweep.threshold).any(dim=1)
+    zeroed = held.measure(ranked, mode="zero")
+    summary, ref = zeroed.summary, zeroed.ratio
+    left = held.share(sweep.has & zeroed.outliers)
     info = {"top_layer": top, "candidates": n, "zeroed_mean_norm_ratio": summary["mean_norm_ratio"],
-            "zeroed_fraction_with_outliers": float(left.float().mean())}
-    if float(left.float().mean()) > sweep.tolerance:
+            "zeroed_fraction_with_outliers": left}
+    if left > sweep.tolerance:
         info["why"] = (f"zeroing the {n} best neurons of layers <= {top} still leaves outliers on "
-                       f"{float(left.float().mean()):.0%} of the held-out images")
+                       f"{left:.0%} of the held-out images")
         return None, info
     k = sweep.smallest(ref)
     if k is None:
-        r = float(sweep.run(n).mean())
+        r = sweep.run(n).summary["mean_norm_ratio"]
         info["why"] = (f"test-time registers with all {n} candidates of layers <= {top} leave a "
                        f"max/median patch norm of {r:.2f}, zeroing them {summary['mean_norm_ratio']:.2f}")
     return k, info
@@ -250,7 +335,9 @@ def calibrate(model, images, *, threshold: float | str = "auto", detection_layer
               heldout: float = 0.2, tolerance: float = 0.0, slack: float = 0.1,
               batch_size: int = 16, transform: Callable | None = None, strict: bool = False,
               progress: bool = False, neurons: RegisterNeurons | None = None, preset: str = "paper",
-              include_prefix: bool | None = None, sparsity: bool | None = True) -> Calibration:
+              include_prefix: bool | None = None, sparsity: bool | None = True,
+              memory_budget: int | str | None = None, attention_bias: bool = False,
+              sizes=None) -> Calibration:
     """Find register neurons with every hyperparameter chosen automatically (or as given).
 
     ``heldout``: share of the images kept out of the search and used to pick ``top_k``.
@@ -262,11 +349,36 @@ def calibrate(model, images, *, threshold: float | str = "auto", detection_layer
     ``preset``: ``"paper"`` or ``"official"`` -- the search preset (see
     :func:`ttreg.find_register_neurons`) and the edit used in the sweep. ``sparsity`` (default
     on here: dense neurons that are large on every token never count) and ``include_prefix``
-    override the preset's search options.
+    override the preset's search options. ``memory_budget``: what the search may keep of a
+    batch's MLP hidden states (bytes or ``"4GB"``; default 1 GiB) before it runs in two passes
+    (see :func:`ttreg.find_register_neurons`; ``report["search_memory"]`` says which ran).
+
+    ``sizes`` (e.g. ``[224, 518]``, ``"224,518"`` or ``[(224, 448)]``): calibrate across input
+    sizes. Every image runs at each size (files: the default resize and centre crop at that
+    size, or the ``transform`` then a resize; tensors: resized), the model at each size the way
+    its library supports (timm: ``dynamic_img_size`` for the duration; Hugging Face:
+    ``interpolate_pos_encoding``; a model that cannot is a one-line ``ValueError`` before any
+    work). The search statistics are summed over the sizes (exact: sums and counts), the top_k
+    sweep must clear the held-out images at every size, and ``report["per_size"]`` gives
+    before/after and whether each size is cleared. The neuron set records the sizes
+    (``neurons.sizes``; without ``sizes``, the one size the images reach the model at).
+
+    ``attention_bias``: also fit the attention-bias form of the neurons found
+    (:func:`ttreg.fit_attention_bias`, on all the images, at every size): ``neurons.attention_bias``,
+    saved beside the neuron file.
 
     With ``neurons`` (e.g. a published set) nothing is searched: the set is measured on all the
-    images (outliers before and after test-time registers) and returned with those statistics.
+    images (outliers before and after test-time registers), at each of ``sizes``, and returned
+    with those statistics and the sizes added to those it was measured at.
     The model runs in eval mode throughout; its mode is restored afterwards, also on errors.
+    Memory does not grow with the number of images: every pass streams them in batches
+    (the held-out images are read again on each step of the sweep) and keeps sums and counts,
+    plus a few numbers per held-out image.
+
+    Under ``torch.distributed`` (``torchrun``) every rank reads its share of the images (every
+    world-size-th one, also for checking that files decode) and all sums and counts are
+    all-reduced, so every rank returns the single-process result; write files on rank 0.
+
     Bad arguments (threshold -1 or nan, heldout 1.5, no images, ...) are a one-line
     ``ValueError`` before any work. When ``top_k="auto"`` clears nothing, the best available set
     is returned with ``report["top_k_cleared"]`` False (``top_k_reason`` says why) and a warning.
@@ -282,30 +394,49 @@ def calibrate(model, images, *, threshold: float | str = "auto", detection_layer
         top_k = as_index(top_k, "top_k")
     if as_index(batch_size, "batch_size") < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size!r}")
+    memory_budget = as_bytes(MEMORY_BUDGET if memory_budget is None else memory_budget)
     check_images_given(images)
     ad = wrap(model)
+    det = _resolve_layer(detection_layer, ad.num_layers, "detection_layer")
+    opts = search_options(preset, include_prefix, sparsity)
+    layers_to_search(top_layer, det, ad.num_layers)
+    size_list = None if sizes is None else as_sizes(sizes)
+    for size in size_list or ():                 # a size the model cannot take: before any work
+        with at_size(ad, size):
+            pass
+    skipped = []
+    if torch.is_tensor(images):
+        src = images
+    else:
+        src = images if isinstance(images, ImageSource) else resolve(images, strict=strict)
+        skipped = [s.__dict__ for s in src.skipped]
+    run_sizes = size_list or [None]
+    size_plan = (run_sizes, [label(s or _input_size(ad, src, transform)) for s in run_sizes])
     with eval_mode(ad.model):
         if neurons is not None:
-            return _measure_given(ad, images, neurons, threshold, detection_layer, batch_size,
-                                  transform, strict)
-        return _calibrate(ad, images, threshold=threshold, detection_layer=detection_layer,
-                          top_layer=top_layer, top_k=top_k, max_k=max_k, heldout=heldout,
-                          tolerance=tolerance, slack=slack, batch_size=batch_size,
-                          transform=transform, strict=strict, progress=progress, preset=preset,
-                          opts=search_options(preset, include_prefix, sparsity))
+            cal = _measure_given(ad, src, neurons, threshold, det, batch_size, transform, strict,
+                                 skipped, size_plan, tolerance)
+        else:
+            cal = _calibrate(ad, src, skipped, threshold=threshold, det=det, top_layer=top_layer,
+                             top_k=top_k, max_k=max_k, heldout=heldout, tolerance=tolerance,
+                             slack=slack, batch_size=batch_size, transform=transform, strict=strict,
+                             progress=progress, preset=preset, opts=opts, memory_budget=memory_budget,
+                             sizes=size_plan)
+        if attention_bias and len(cal.neurons) and cal.neurons.attention_bias is None:
+            from .bias import fit_attention_bias
+            cal.neurons.attention_bias = fit_attention_bias(
+                ad, cal.neurons, src, preset=preset, batch_size=batch_size, transform=transform,
+                strict=strict, progress=progress, check=False, sizes=size_list)
+        if cal.neurons.attention_bias is not None:
+            cal.report["attention_bias"] = cal.neurons.attention_bias.summary()
+    return cal
 
 
-def _calibrate(ad, images, *, threshold, detection_layer, top_layer, top_k, max_k, heldout,
-               tolerance, slack, batch_size, transform, strict, progress, preset, opts) -> Calibration:
+def _calibrate(ad, src, skipped, *, threshold, det, top_layer, top_k, max_k, heldout, tolerance,
+               slack, batch_size, transform, strict, progress, preset, opts,
+               memory_budget, sizes) -> Calibration:
     L = ad.num_layers
-    det = _resolve_layer(detection_layer, L, "detection_layer")
     search_layers = layers_to_search(top_layer, det, L)
-    skipped = []
-    if not torch.is_tensor(images):
-        src = images if isinstance(images, ImageSource) else resolve_images(images, strict=strict)
-        skipped = [s.__dict__ for s in src.skipped]
-    else:
-        src = images
     search_src, held_src = _split(src, heldout)
     n_search = len(search_src.items) if isinstance(search_src, ImageSource) else search_src.shape[0]
     n_held = len(held_src.items) if isinstance(held_src, ImageSource) else held_src.shape[0]
@@ -314,7 +445,8 @@ def _calibrate(ad, images, *, threshold, detection_layer, top_layer, top_k, max_
     k_search = max_k if top_k == "auto" else int(top_k)
     stats = search_stats(ad, search_src, threshold=threshold, detection_layer=det,
                          search_layers=search_layers, batch_size=batch_size, transform=transform,
-                         progress=progress, strict=strict, **opts)
+                         progress=progress, strict=strict, memory_budget=memory_budget,
+                         sizes=None if sizes[0] == [None] else sizes[0], **opts)
     rank = lambda top: neurons_from_stats(ad, stats, det=det, threshold=threshold, top_layer=top,
                                           top_k=k_search, preset=preset, **opts)
     ranked = rank(top_layer)
@@ -328,43 +460,46 @@ def _calibrate(ad, images, *, threshold, detection_layer, top_layer, top_k, max_
                       "outlier_log_growth": st.get("outlier_log_growth")},
         "top_layer": ranked.hyperparameters.get("top_layer"),
         "num_search_images": n_search, "num_heldout_images": n_held, "num_skipped": len(skipped),
-        "skipped": skipped, "sweep": [],
+        "skipped": skipped, "sweep": [], "search_memory": stats.search_memory,
         "per_layer": {k: v for k, v in st.items() if k not in ("emergence_layer", "emergence_rule",
-                                                                "majority_layer")},
+                                                                "majority_layer", "search_memory")},
     }
-    held_batches = list(iter_batches(held_src, ad, batch_size, transform))
-    npre = ad.num_prefix_tokens
-    base = _detection_norms(ad, held_batches, det)
-    before, _ = _outcome(base, 0, npre, threshold)
-    has = outlier_mask(base, npre, 0, threshold).any(dim=1)
+    held = _Heldout(ad, held_src, det, threshold, batch_size, transform, strict, *sizes)
+    plain = held.measure()
+    before = plain.summary
     report["heldout_before"] = before
+    report["sizes"] = sizes[1]
+    recorded = _as_recorded(sizes[1])
     if not len(ranked):
-        report.update(heldout_after=before, top_k=0, top_k_rule="no outliers")
+        report.update(heldout_after=before, top_k=0, top_k_rule="no outliers",
+                      per_size=_per_size(held, plain, plain, tolerance))
+        ranked.sizes = {"calibrated": recorded, "measured": recorded}
         return Calibration(ranked, report)
 
     if top_k == "auto":
-        k, ranked, rule, reason, attempts, warn = _auto_k(
-            ad, held_batches, det, has, ranked, rank, top_layer, threshold, preset=preset,
-            slack=slack, tolerance=tolerance, log=report["sweep"])
-        seen = [r for r in report["sweep"] if r["k"] == k
-                and r["top_layer"] == ranked.hyperparameters["top_layer"]]
+        k, ranked, rule, reason, attempts, warn, after = _auto_k(
+            held, plain, ranked, rank, top_layer, det, preset=preset, slack=slack,
+            tolerance=tolerance, log=report["sweep"])
         report["attempts"] = attempts
         report["top_layer"] = ranked.hyperparameters["top_layer"]
         report["sweep"].sort(key=lambda r: (r["top_layer"], r["k"]))
     else:
-        k, rule, reason, warn, seen = int(top_k), "given", "top_k given", None, []
+        k, rule, reason, warn, after = int(top_k), "given", "top_k given", None, None
     neurons = ranked.top(k)
     neurons.hyperparameters.update({"top_k": k, "top_k_requested": top_k, "heldout": heldout,
                                     "max_k": max_k, "tolerance": tolerance, "slack": slack})
     neurons.provenance["method"] = "ttreg.calibrate"
-    if seen:
-        after = {key: seen[0][key] for key in before}
-    else:
-        after = heldout_outcome(ad, held_batches, det, threshold, neurons, preset=preset) if k else before
+    if after is None:
+        after = held.measure(neurons, preset=preset) if k else plain
+    per_size = _per_size(held, plain, after, tolerance)
+    after = after.summary
     report.update(top_k=k, top_k_rule=rule, top_k_reason=reason, heldout_after=after,
-                  top_k_cleared=None if top_k != "auto" else warn is None)
+                  top_k_cleared=None if top_k != "auto" else warn is None, per_size=per_size)
     neurons.statistics.update(heldout_before=before, heldout_after=after, top_k_rule=rule,
                               top_k_reason=reason)
+    if len(per_size) > 1:
+        neurons.statistics["per_size"] = per_size
+    neurons.sizes = {"calibrated": recorded, "measured": recorded}
     neurons.note = (f"{k} register neurons; held-out max/median patch norm "
                     f"{before['mean_norm_ratio']:.2f} -> {after['mean_norm_ratio']:.2f}"
                     + ("" if warn is None else f"; {warn}"))
@@ -373,11 +508,13 @@ def _calibrate(ad, images, *, threshold, detection_layer, top_layer, top_k, max_
     return Calibration(neurons, report)
 
 
-def _auto_k(ad, batches, det, has, ranked, rank, top_layer, threshold, *, preset, slack,
+def _auto_k(held: _Heldout, plain: _Pass, ranked, rank, top_layer, det, *, preset, slack,
             tolerance, log):
     """top_k="auto": the clearing test on the emergence ranking, widened to every layer up to
-    the detection layer if it fails there (only when top_layer is automatic)."""
-    npre = ad.num_prefix_tokens
+    the detection layer if it fails there (only when top_layer is automatic). Returns the k,
+    the ranking it is from, the rule, the reason, the attempts, a warning (None when cleared)
+    and the held-out pass of that k (None when no pass measured it)."""
+    has = plain.outliers
     attempts = []
     tops = [ranked]
     if top_layer == "auto" and ranked.hyperparameters["top_layer"] < det:
@@ -386,9 +523,8 @@ def _auto_k(ad, batches, det, has, ranked, rank, top_layer, threshold, *, preset
         if cand is None:
             cand = rank(det)
             cand.hyperparameters["top_layer_requested"] = "auto"
-        sweep = _Sweep(ad, batches, det, threshold, has, cand, preset=preset, slack=slack,
-                       tolerance=tolerance, log=log)
-        k, info = _choose_k(sweep, npre)
+        sweep = _Sweep(held, has, cand, preset=preset, slack=slack, tolerance=tolerance, log=log)
+        k, info = _choose_k(sweep)
         attempts.append(info)
         if k is not None:
             top = cand.hyperparameters["top_layer"]
@@ -401,19 +537,18 @@ def _auto_k(ad, batches, det, has, ranked, rank, top_layer, threshold, *, preset
                 rule = "cleared after widening"
                 reason = (f"{attempts[0]['why']}; widened the search to layers <= {top}: smallest k "
                           f"within {slack:.0%} of zeroing the {len(cand)} best neurons there")
-            return k, cand, rule, reason, attempts, None
+            return k, cand, rule, reason, attempts, None, sweep.run(k)
     # Nothing clears: the smallest k that does (nearly) as well as all candidates, if they help.
     why = "; ".join(a["why"] for a in attempts)
-    best = _Sweep(ad, batches, det, threshold, has, cand, preset=preset, slack=slack,
-                  tolerance=1.0, log=log)
+    best = _Sweep(held, has, cand, preset=preset, slack=slack, tolerance=1.0, log=log)
     n = len(cand)
     full = best.run(n)
-    plain_ratio = norm_ratio(_detection_norms(ad, batches, det), npre)
-    if float(full.mean()) > 0.9 * float(plain_ratio.mean()):
+    if full.summary["mean_norm_ratio"] > 0.9 * plain.summary["mean_norm_ratio"]:
         return (0, cand, "none", f"{why}; the candidates do not reduce the outliers: no neurons",
-                attempts, f"no register neurons clear the outliers: {why}")
+                attempts, f"no register neurons clear the outliers: {why}", None)
     best.tolerance = tolerance
-    k = best.smallest(full) or n
+    k = best.smallest(full.ratio) or n
     return (k, cand, "best available",
             f"{why}; smallest k within {slack:.0%} of all {n} candidates' test-time registers",
-            attempts, f"outliers remain after calibration: {why}; raise max_k or check the detection layer")
+            attempts, f"outliers remain after calibration: {why}; raise max_k or check the detection layer",
+            best.run(k))

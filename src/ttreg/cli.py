@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 
 from .command import (EXIT_NOT_CLEARED, EXIT_OK, OneLineParser, UserError, device_arg,
-                      int_at_least, int_or_auto, load_neurons, model_help, number_in, progress_ok,
-                      read_neurons, resolve_model, run, threshold_arg)
+                      int_at_least, int_or_auto, load_neurons, memory_size, model_help, number_in, progress_ok,
+                      read_neurons, resolve_model, run, sizes_arg, threshold_arg)
 
 EXAMPLES = """examples:
   ttreg demo
@@ -41,38 +41,55 @@ top-k cleared the held-out images with no set of neurons, 130 interrupted
 # --- calibrate -----------------------------------------------------------------------------------
 
 def cmd_calibrate(args) -> int:
+    """Under ``torchrun`` every rank reads its share of the images, the statistics are summed
+    over the ranks, and rank 0 alone prints and writes the files."""
+    from .distributed import launched
+    with launched():
+        return _calibrate_command(args)
+
+
+def _calibrate_command(args) -> int:
     from .calibrate import calibrate
-    from .data import resolve_images
+    from .distributed import is_main, local_device, resolve
     from .files import Outputs, check_output_file, same_file
+    main = is_main()
+    say = print if main else (lambda *a, **k: None)
     out = check_output_file(args.out, "--out")
     if args.report:
         check_output_file(args.report, "--report")
         if same_file(args.out, args.report):
             raise UserError(f"--out and --report both name {args.out}; give two different files")
     given = read_neurons(args.neurons)
-    images = resolve_images(args.images, strict=args.strict)
+    images = resolve(args.images, strict=args.strict)
     for s in images.skipped:
-        print(f"skipped {s.path}: {s.reason}", file=sys.stderr)
-    model, transform, _ = resolve_model(args.model, args.device)
+        say(f"skipped {s.path}: {s.reason}", file=sys.stderr)
+    model, transform, _ = resolve_model(args.model, local_device(args.device))
     given = load_neurons(given, model)
     t0 = time.time()
-    print(f"calibrating {args.model} on {len(images)} images from {args.images} ...", flush=True)
+    say(f"calibrating {args.model} on {len(images)} images from {args.images} ...", flush=True)
     cal = calibrate(model, images, threshold=args.threshold, detection_layer=args.detection_layer,
                     top_layer=args.top_layer, top_k=args.top_k, max_k=args.max_k,
-                    heldout=args.heldout, batch_size=args.batch_size, transform=transform,
-                    strict=args.strict, progress=not args.quiet and progress_ok(), neurons=given)
+                    heldout=args.heldout, batch_size=args.batch_size,
+                    transform=None if args.sizes else transform, sizes=args.sizes,
+                    strict=args.strict, progress=main and not args.quiet and progress_ok(),
+                    neurons=given, memory_budget=args.memory_budget,
+                    attention_bias=args.attention_bias)
     rn = cal.neurons
     rn.provenance.update({"model_spec": args.model, "images": str(args.images)})
-    with Outputs() as o:
-        rn.save(out, outputs=o)
-        if args.report:
-            from .files import write_json
-            write_json(args.report, cal.report, outputs=o)
-    print(cal.summary())
-    print(f"wrote {out} ({len(rn)} neurons) in {time.time() - t0:.1f} s")
+    if main:
+        with Outputs() as o:
+            rn.save(out, outputs=o)
+            if args.report:
+                from .files import write_json
+                write_json(args.report, cal.report, outputs=o)
+    say(cal.summary())
+    say(f"wrote {out} ({len(rn)} neurons"
+        + (", with its attention bias" if rn.attention_bias is not None else "")
+        + f") in {time.time() - t0:.1f} s")
     if cal.report.get("top_k_cleared") is False:
-        print(f"ttreg: automatic top-k failed: {cal.report['top_k_reason']}; {out} holds the "
-              f"{len(rn)} best neurons (exit status {EXIT_NOT_CLEARED})", file=sys.stderr)
+        if main:
+            print(f"ttreg: automatic top-k failed: {cal.report['top_k_reason']}; {out} holds the "
+                  f"{len(rn)} best neurons (exit status {EXIT_NOT_CLEARED})", file=sys.stderr)
         return EXIT_NOT_CLEARED
     return EXIT_OK
 
@@ -179,7 +196,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Find a model's register neurons from images, choosing threshold, "
                                    "top layer and top k automatically unless given, and write the "
                                    "neuron set as JSON. Exit status 3 when --top-k auto finds no set "
-                                   "of neurons that clears the held-out images.")
+                                   "of neurons that clears the held-out images. Under torchrun "
+                                   "(torchrun --nproc_per_node N -m ttreg calibrate ...) each process "
+                                   "reads its share of the images and the first writes the files; "
+                                   "the result equals one process's.")
     c.add_argument("--model", required=True, help=mhelp)
     c.add_argument("--images", required=True,
                    help="a folder (searched recursively), a .txt list of paths, an image file, or "
@@ -202,6 +222,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--neurons", help="measure a given set instead of searching: a neuron JSON, a "
                                      "published name (dinov2_vitl14) or hf:ORG/NAME; written to --out "
                                      "with the numbers")
+    c.add_argument("--memory-budget", type=memory_size, default="1GiB",
+                   help="what the search may keep of a batch's MLP activations, e.g. 512MiB or 4GB "
+                        "(default 1GiB); beyond it the search runs in two passes (same result, "
+                        "about twice the time)")
+    c.add_argument("--sizes", type=sizes_arg,
+                   help="calibrate across input sizes, e.g. 224,518 (or 224x448): the search sums "
+                        "over them and top-k must clear every size; with --neurons, measure the "
+                        "set at these sizes. Default: the model's own size")
+    c.add_argument("--attention-bias", action="store_true",
+                   help="also fit the attention-bias form (no extra token) and write it beside "
+                        "--out as NAME.bias.safetensors")
     _common(c)
     c.set_defaults(func=cmd_calibrate)
 

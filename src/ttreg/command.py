@@ -103,6 +103,24 @@ def int_or_auto(lo: int | None = None) -> Callable[[str], int | str]:
     return parse
 
 
+def memory_size(text: str) -> int:
+    """An argparse type: a memory size in bytes, or with a unit (512MiB, 4GB, 1.5G)."""
+    from .spec import as_bytes
+    try:
+        return as_bytes(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size such as 512MiB or 4GB, got {text!r}") from None
+
+
+def sizes_arg(text: str) -> list[tuple[int, int]]:
+    """An argparse type: input sizes, comma-separated (``224,518`` or ``224x448``)."""
+    from .sizes import as_sizes
+    try:
+        return as_sizes(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected sizes such as 224,518 or 224x448, got {text!r}") from None
+
+
 def device_arg(text: str) -> str:
     """An argparse type: a torch device that exists here (``cpu:0`` is ``cpu``)."""
     import torch

@@ -212,49 +212,77 @@ def _expand(entry) -> list:
     return [entry]
 
 
-def resolve_images(images, strict: bool = False) -> ImageSource:
-    """Turn a folder, a list file (one path per line), ``"skimage"``, or a list of paths,
-    folders or PIL images into an :class:`ImageSource`. Bad files are skipped (or raise with
-    ``strict``); no images at all is an :class:`ImageError`."""
+def list_entries(images) -> list[tuple]:
+    """The images an input stands for, in order, as ``(entry, name or None)`` pairs -- a path
+    (not decoded yet) or an RGB PIL image -- for a folder, a list file (one path per line),
+    ``"skimage"``, or a list of paths, folders or PIL images. A missing path, an empty list or
+    an entry of another type is an :class:`ImageError`."""
     from PIL import Image
-    src = ImageSource()
     if isinstance(images, (str, os.PathLike)):
         if str(images) in ("skimage", "skimage:"):
-            for name, im in skimage_photos():
-                src.items.append(im)
-                src.names.append(f"skimage:{name}")
-            return src
+            return [(im, f"skimage:{name}") for name, im in skimage_photos()]
         p = Path(images)
         if not (p.is_dir() or p.is_file()):
             raise ImageError(f"no such file or folder: {display_name(p)}")
-        entries: list = _expand(p)
+        found: list = _expand(p)
     else:
         if torch.is_tensor(images):
             raise ImageError("a tensor batch goes to iter_batches directly, not resolve_images")
-        entries = [e for entry in images for e in _expand(entry)]
-        if not entries:
+        found = [e for entry in images for e in _expand(entry)]
+        if not found:
             raise ImageError("no images given (an empty list); give image files, a folder or a batch")
-    for e in entries:
+    out = []
+    for e in found:
         if isinstance(e, Image.Image):
-            src.items.append(to_rgb(e))
-            src.names.append(f"image{len(src.names)}")
-            continue
-        if not isinstance(e, (str, os.PathLike)):
+            out.append((to_rgb(e), None))
+        elif isinstance(e, (str, os.PathLike)):
+            out.append((Path(e), display_name(e)))
+        else:
             raise ImageError(f"cannot read an image from {type(e).__name__}; give paths, PIL images "
                              "or a tensor batch")
-        try:
-            load_image(e)  # check it decodes; decoded again when used
-            src.items.append(Path(e))
-            src.names.append(display_name(e))
-        except ImageError as err:
-            if strict:
-                raise
-            src.skipped.append(Skipped(display_name(e), str(err)))
+    return out
+
+
+def check_entries(entries: list[tuple], indices, strict: bool = False) -> dict[int, str]:
+    """Decode the files among ``entries[i]`` for ``i`` in ``indices``; ``{i: reason}`` for the
+    unreadable ones (with ``strict``, the first raises its :class:`ImageError`)."""
+    bad = {}
+    for i in indices:
+        e = entries[i][0]
+        if isinstance(e, Path):
+            try:
+                load_image(e)  # check it decodes; decoded again when used
+            except ImageError as err:
+                if strict:
+                    raise
+                bad[i] = str(err)
+    return bad
+
+
+def build_source(images, entries: list[tuple], bad: dict[int, str]) -> ImageSource:
+    """The :class:`ImageSource` of ``entries`` without the unreadable ones (``bad``, listed as
+    skipped); no readable image at all is an :class:`ImageError`."""
+    src = ImageSource()
+    for i, (e, name) in enumerate(entries):
+        if i in bad:
+            src.skipped.append(Skipped(name, bad[i]))
+            continue
+        src.items.append(e)
+        src.names.append(name if name is not None else f"image{len(src.names)}")
     if not src.items:
         where = display_name(images) if isinstance(images, (str, os.PathLike)) else "the inputs"
         raise ImageError(f"no readable images in {where}"
                          + (f" ({len(src.skipped)} skipped: {src.skipped[0].reason})" if src.skipped else ""))
     return src
+
+
+def resolve_images(images, strict: bool = False) -> ImageSource:
+    """Turn a folder, a list file (one path per line), ``"skimage"``, or a list of paths,
+    folders or PIL images into an :class:`ImageSource`. Bad files are skipped (or raise with
+    ``strict``); no images at all is an :class:`ImageError`. (Under ``torch.distributed``,
+    :func:`ttreg.distributed.resolve` shares the decoding check out over the ranks.)"""
+    entries = list_entries(images)
+    return build_source(images, entries, check_entries(entries, range(len(entries)), strict))
 
 
 def check_images_given(images) -> None:
@@ -298,15 +326,22 @@ def check_finite(x: torch.Tensor, what: str = "input") -> torch.Tensor:
 
 
 def iter_batches(images, adapter, batch_size: int = 16, transform: Callable | None = None,
-                 strict: bool = False) -> Iterator[torch.Tensor]:
+                 strict: bool = False, size: tuple[int, int] | None = None) -> Iterator[torch.Tensor]:
     """Yield ``(B, C, H, W)`` batches on the model's device and dtype.
 
     ``images``: a tensor ``(N, C, H, W)``, an iterable of such tensors, or anything
-    :func:`resolve_images` takes.
+    :func:`resolve_images` takes. ``size`` ``(H, W)``: bring every batch to that size --
+    image files without a ``transform`` by the default resize and centre crop at that size,
+    tensors (and what a ``transform`` gives) by resizing (:func:`ttreg.sizes.resize`).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     p = adapter.parameter()
+    if size is not None:
+        from .sizes import resize
+        fit = lambda x: resize(x, size)  # noqa: E731
+    else:
+        fit = lambda x: x  # noqa: E731
     if torch.is_tensor(images):
         if images.dim() == 3:
             images = images[None]
@@ -314,17 +349,19 @@ def iter_batches(images, adapter, batch_size: int = 16, transform: Callable | No
             raise ImageError(f"expected an image batch (N, C, H, W), got shape {tuple(images.shape)}")
         check_images_given(images)
         for i in range(0, len(images), batch_size):
-            yield check_finite(images[i:i + batch_size]).to(p.device, p.dtype)
+            yield fit(check_finite(images[i:i + batch_size])).to(p.device, p.dtype)
         return
     if isinstance(images, (list, tuple)) and images and all(torch.is_tensor(t) for t in images):
         for t in images:
-            yield from iter_batches(t, adapter, batch_size)
+            yield from iter_batches(t, adapter, batch_size, size=size)
         return
     src = images if isinstance(images, ImageSource) else resolve_images(images, strict=strict)
+    if transform is None and size is not None:
+        transform = make_transform(size, *adapter.mean_std())
     tf = transform or default_transform(adapter)
     for i in range(0, len(src.items), batch_size):
         x = torch.stack([tf(src.image(j)) for j in range(i, min(i + batch_size, len(src.items)))])
-        yield check_finite(x).to(p.device, p.dtype)
+        yield fit(check_finite(x)).to(p.device, p.dtype)
 
 
 def batches_with_progress(batches: Iterator[torch.Tensor], images, batch_size: int, desc: str,
@@ -335,6 +372,18 @@ def batches_with_progress(batches: Iterator[torch.Tensor], images, batch_size: i
     from tqdm.auto import tqdm
     total = count_images(images)
     return tqdm(batches, total=None if total is None else -(-total // batch_size), desc=desc, unit="batch")
+
+
+def shard_batches(images, adapter, batch_size: int, transform: Callable | None = None,
+                  strict: bool = False, progress: bool = False, desc: str = "",
+                  size: tuple[int, int] | None = None) -> Iterator[torch.Tensor]:
+    """:func:`iter_batches` over one rank's share of the images, which may be empty (a rank of
+    a ``torch.distributed`` run with fewer images than ranks): then no batch at all."""
+    if count_images(images) == 0:
+        return iter(())
+    return batches_with_progress(iter_batches(images, adapter, batch_size, transform, strict=strict,
+                                              size=size),
+                                 images, batch_size, desc, progress)
 
 
 def count_images(images) -> int | None:

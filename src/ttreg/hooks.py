@@ -4,6 +4,8 @@ Modelled on baukit's ``Trace``: a ``HookSet`` is a context manager; on exit -- a
 exception escapes -- all hooks it registered are removed and all attributes it changed are
 restored, in reverse order. Inside, its hooks act only on the entering context's forwards.
 Long-lived hooks (test-time registers) are :class:`OwnedHook` objects, findable on any model.
+A pass that needs only the first blocks ends the forward early with :class:`StopForward`
+(baukit's ``stop=True``).
 """
 from __future__ import annotations
 
@@ -23,6 +25,16 @@ class OwnedHook:
 
     def __call__(self, *args):  # pragma: no cover - overridden
         raise NotImplementedError
+
+
+class StopForward(Exception):
+    """Raised by a hook to end a forward pass once the blocks a pass needs have run; caught
+    around the run (:func:`ttreg.trace.run_until`), never seen by a caller."""
+
+
+def stop_forward(*args) -> None:
+    """A forward hook that ends the forward pass (:class:`StopForward`)."""
+    raise StopForward
 
 
 _HOOK_DICTS = (("_forward_pre_hooks", ("_forward_pre_hooks_with_kwargs",)),

@@ -23,13 +23,15 @@ from typing import Callable, Iterator
 import torch
 
 from .adapters import Adapter, wrap
-from .data import (ImageError, ImageSource, batches_with_progress, check_images_given, iter_batches,
-                   resolve_images)
+from .data import ImageError, check_images_given, shard_batches
+from .distributed import all_reduce_, shard_for_rank
 from .outliers import (AUTO_MIN_RATIO, check_threshold, JUMP_SHARE, emergence_layer, layers_with_outliers,
                        majority_layer, norm_ratio, outlier_mask)
 from .registers import active_registers
-from .spec import RegisterNeurons, as_index
-from .trace import record
+from .sizes import as_sizes, at_size, label
+from .spec import RegisterNeurons, as_bytes, as_index
+from .hooks import HookSet
+from .trace import record, run_until
 
 
 #: search presets: which tokens are outlier candidates, and whether the sparsity filter is on
@@ -57,6 +59,10 @@ class SearchStats:
     #: (L,) sum over images with outliers of log(mean norm of the detection layer's outlier
     #: tokens at layer l / median patch norm at layer l): the outliers followed back in depth
     outlier_log_ratio_sum: torch.Tensor = None
+    #: how the pass ran (not statistics): the largest one-pass activation memory of a batch
+    #: (:func:`one_pass_bytes`) and the budget it was held against (merged by maximum)
+    activation_bytes: int = 0
+    memory_budget: int = 0
 
     @classmethod
     def zeros(cls, num_layers: int, search_layers: int, width: int) -> "SearchStats":
@@ -68,18 +74,26 @@ class SearchStats:
         sums = {k: getattr(self, k) + getattr(other, k) for k in _SUMS}
         return SearchStats(images=self.images + other.images,
                            images_with_outliers=self.images_with_outliers + other.images_with_outliers,
-                           **sums)
+                           activation_bytes=max(self.activation_bytes, other.activation_bytes),
+                           memory_budget=max(self.memory_budget, other.memory_budget), **sums)
 
     def all_reduce(self) -> "SearchStats":
         """Sum the statistics over all ranks of the default ``torch.distributed`` group."""
-        import torch.distributed as dist
-        if not (dist.is_available() and dist.is_initialized()):
-            return self
         counts = torch.tensor([self.images, self.images_with_outliers], dtype=torch.float64)
-        for t in [getattr(self, k) for k in _SUMS] + [counts]:
-            dist.all_reduce(t)
+        all_reduce_([getattr(self, k) for k in _SUMS] + [counts])
+        peak = torch.tensor([self.activation_bytes, self.memory_budget], dtype=torch.float64)
+        all_reduce_([peak], op="max")
         self.images, self.images_with_outliers = int(counts[0]), int(counts[1])
+        self.activation_bytes, self.memory_budget = int(peak[0]), int(peak[1])
         return self
+
+    @property
+    def search_memory(self) -> dict:
+        """How the search ran: ``mode`` (``"one-pass"`` when the largest batch's hidden states
+        fit ``memory_budget``, else ``"two-pass"``), ``activation_bytes`` and the budget."""
+        mode = "one-pass" if self.activation_bytes <= self.memory_budget else "two-pass"
+        return {"mode": mode, "activation_bytes": self.activation_bytes,
+                "memory_budget": self.memory_budget}
 
     def outlier_log_ratio(self) -> torch.Tensor | None:
         """``(L,)`` mean over images with outliers of the log size of the detection layer's
@@ -101,19 +115,6 @@ class SearchStats:
             out["outlier_norm_ratio"] = lr.exp().tolist()
             out["outlier_log_growth"] = (lr - torch.cat([lr.new_zeros(1), lr[:-1]])).tolist()
         return out
-
-
-def shard_for_rank(images, strict: bool = False):
-    """Under ``torch.distributed``, this rank's share of the images (every world-size-th one);
-    the statistics are summed over ranks afterwards. Unchanged in a single process."""
-    import torch.distributed as dist
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return images
-    rank, world = dist.get_rank(), dist.get_world_size()
-    if torch.is_tensor(images):
-        return images[rank::world]
-    src = images if isinstance(images, ImageSource) else resolve_images(images, strict=strict)
-    return src.subset(range(rank, len(src), world))
 
 
 @contextlib.contextmanager
@@ -142,29 +143,82 @@ def sparse_neurons(act: torch.Tensor) -> torch.Tensor:
     return below >= SPARSE_FRACTION * act.shape[1]
 
 
+#: the default memory budget of a search (bytes): what the one-pass search may keep of the MLP
+#: hidden states of one batch; a search that would keep more runs in two passes instead
+MEMORY_BUDGET = 1 << 30
+
+
+def one_pass_bytes(adapter: Adapter, batch: int, tokens: int, search_layers: int) -> int:
+    """What the one-pass search keeps for a batch: the MLP hidden states of every searched layer,
+    ``(batch, tokens, width)`` in float32, until the detection layer has run."""
+    return sum(batch * tokens * adapter.mlp_width(l) * 4 for l in range(search_layers))
+
+
+def _layer_scores(weights: torch.Tensor, h: torch.Tensor, sparsity: bool) -> torch.Tensor:
+    """One layer's share of the scores, ``(H,)`` float64: per image, the mean ``|activation|``
+    over its outlier tokens (``weights`` ``(B, T)``: 1/count on them), summed over the batch;
+    with ``sparsity`` only where the neuron is sparse on the image. ``h``: the MLP hidden state
+    ``(B, T, H)``, as the down-projection receives it. The one function both search paths use,
+    so they give the same numbers."""
+    act = h.float()
+    if sparsity:
+        per_image = torch.einsum("bt,bth->bh", weights, act.abs()) * sparse_neurons(act)
+        return per_image.sum(dim=0).double().cpu()
+    return torch.einsum("bt,bth->h", weights, act.abs()).double().cpu()
+
+
 def accumulate(adapter: Adapter, x: torch.Tensor, stats: SearchStats, detection_layer: int,
                threshold: float | str, include_prefix: bool = False,
-               min_ratio: float = AUTO_MIN_RATIO, sparsity: bool = False) -> None:
-    """One batch of Algorithm 1: add this batch's sums to ``stats`` (no per-image loop).
+               min_ratio: float = AUTO_MIN_RATIO, sparsity: bool = False,
+               memory_budget: int | str | None = None) -> str:
+    """One batch of Algorithm 1: add this batch's sums to ``stats`` (no per-image loop); return
+    how it ran, ``"one-pass"`` or ``"two-pass"``.
 
     ``sparsity``: a neuron's score for an image counts only if the neuron is sparse on that
     image (:func:`sparse_neurons`), as in the authors' code with its filter on.
+
+    Which tokens are outliers is known only once the detection layer has run. The one-pass path
+    keeps the MLP hidden states of every searched layer until then (:func:`one_pass_bytes`);
+    when that exceeds ``memory_budget`` (default :data:`MEMORY_BUDGET`) the batch runs twice:
+    first the token norms (stopping after the last block, before any head), then the scores,
+    summed inside the down-projection hooks with the now known outlier weights, one layer at a
+    time (stopping after the last searched layer). Both paths compute the scores with the same
+    function on the same tensors, so they give the same numbers.
     """
     L, Ls = adapter.num_layers, stats.scores.shape[0]
     npre = adapter.num_prefix_tokens
-    with torch.no_grad(), record(adapter, range(L), {l: None for l in range(Ls)},
-                                 abs_activations=not sparsity) as rec:
-        adapter.run(x)
-        norms = torch.stack([rec.norms[l] for l in range(L)], dim=1)           # (B, L, T)
+    rows, cols = adapter.grid_size(x)
+    need = one_pass_bytes(adapter, x.shape[0], npre + rows * cols, Ls)
+    budget = as_bytes(MEMORY_BUDGET if memory_budget is None else memory_budget)
+    two_pass = need > budget
+    stats.activation_bytes = max(stats.activation_bytes, need)
+    stats.memory_budget = budget
+
+    def outlier_weights(norms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mask = outlier_mask(norms[:, detection_layer], npre, 0, threshold, include_prefix, min_ratio)
-        weights = mask.float() / mask.sum(dim=1, keepdim=True).clamp_min(1)   # (B, T)
-        for l in range(Ls):
-            act = rec.activations[l]
-            if sparsity:
-                per_image = torch.einsum("bt,bth->bh", weights, act.abs()) * sparse_neurons(act)
-                stats.scores[l] += per_image.sum(dim=0).double().cpu()
-            else:
-                stats.scores[l] += torch.einsum("bt,bth->h", weights, act).double().cpu()
+        return mask, mask.float() / mask.sum(dim=1, keepdim=True).clamp_min(1)    # (B, T)
+
+    with torch.no_grad():
+        if two_pass:
+            with record(adapter, range(L)) as rec:
+                run_until(adapter, x, L - 1)
+                norms = torch.stack([rec.norms[l] for l in range(L)], dim=1)  # (B, L, T)
+            mask, weights = outlier_weights(norms)
+            td = adapter.token_dim
+            with HookSet() as hooks:
+                for l in range(Ls):
+                    def add(mod, args, l=l):
+                        h = args[0] if td == 1 else args[0].transpose(0, 1)
+                        stats.scores[l] += _layer_scores(weights, h.detach(), sparsity)
+                    hooks.pre(adapter.down_proj(l), add)
+                run_until(adapter, x, Ls - 1)
+        else:
+            with record(adapter, range(L), {l: None for l in range(Ls)}) as rec:
+                run_until(adapter, x, L - 1)
+                norms = torch.stack([rec.norms[l] for l in range(L)], dim=1)
+                mask, weights = outlier_weights(norms)
+                for l in range(Ls):
+                    stats.scores[l] += _layer_scores(weights, rec.activations.pop(l), sparsity)
     hits = layers_with_outliers(norms, npre, 0, threshold, include_prefix=include_prefix,
                                 min_ratio=min_ratio)
     patch = norms[:, :, npre:]
@@ -180,6 +234,7 @@ def accumulate(adapter: Adapter, x: torch.Tensor, stats: SearchStats, detection_
     tracked = torch.einsum("bt,blt->bl", weights, norms.float())              # outliers, back in depth
     log_ratio = (tracked.clamp_min(1e-12) / median.float().clamp_min(1e-12)).log()
     stats.outlier_log_ratio_sum += log_ratio[has].sum(0).double().cpu()
+    return "two-pass" if two_pass else "one-pass"
 
 
 def layers_to_search(top_layer: int | str, det: int, num_layers: int) -> int:
@@ -207,10 +262,17 @@ def search_options(preset: str, include_prefix: bool | None, sparsity: bool | No
 def search_stats(model, images, *, threshold: float | str = "auto", detection_layer: int = -1,
                  search_layers: int | None = None, batch_size: int = 16,
                  transform: Callable | None = None, include_prefix: bool = False,
-                 sparsity: bool = False, progress: bool = False, strict: bool = False) -> SearchStats:
+                 sparsity: bool = False, progress: bool = False, strict: bool = False,
+                 memory_budget: int | str | None = None, sizes=None) -> SearchStats:
     """The pass of Algorithm 1: :class:`SearchStats` over ``images`` for the neurons of layers
     ``< search_layers`` (default: up to the detection layer), summed over ``torch.distributed``
-    ranks when there are several. The model runs in eval mode; its mode is restored."""
+    ranks when there are several (each rank reads every world-size-th image). The model runs in
+    eval mode; its mode is restored. ``memory_budget``: see :func:`accumulate`.
+
+    ``sizes`` (e.g. ``[224, 518]``, see :func:`ttreg.sizes.as_sizes`): run every image at each
+    size (:func:`ttreg.sizes.at_size`) and merge the statistics of the sizes in that order --
+    sums and counts, so exactly what searching each size alone and merging gives; an image
+    counts once per size."""
     ad = wrap(model)
     if active_registers(ad):
         raise RuntimeError("remove test-time registers before searching for register neurons")
@@ -218,15 +280,26 @@ def search_stats(model, images, *, threshold: float | str = "auto", detection_la
     check_images_given(images)
     if as_index(batch_size, "batch_size") < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    budget = as_bytes(MEMORY_BUDGET if memory_budget is None else memory_budget)
     L = ad.num_layers
     det = _resolve_layer(detection_layer, L, "detection_layer")
-    stats = SearchStats.zeros(L, search_layers or det + 1, ad.mlp_width(0))
+    size_list = [None] if sizes is None else as_sizes(sizes)
+    for size in size_list:                       # a size the model cannot take: before any work
+        with at_size(ad, size):
+            pass
     images = shard_for_rank(images, strict)
-    batches = batches_with_progress(iter_batches(images, ad, batch_size, transform, strict=strict),
-                                    images, batch_size, "searching register neurons", progress)
+    stats = None
     with eval_mode(ad.model):
-        for x in batches:
-            accumulate(ad, x, stats, det, threshold, include_prefix, sparsity=sparsity)
+        for size in size_list:
+            part = SearchStats.zeros(L, search_layers or det + 1, ad.mlp_width(0))
+            part.memory_budget = budget
+            desc = "searching register neurons" + (f" at {label(size)} px" if size else "")
+            with at_size(ad, size, probe=False):
+                for x in shard_batches(images, ad, batch_size, transform, strict, progress, desc,
+                                       size=size):
+                    accumulate(ad, x, part, det, threshold, include_prefix, sparsity=sparsity,
+                               memory_budget=budget)
+            stats = part if stats is None else stats.merge(part)
     return stats.all_reduce()
 
 
@@ -235,7 +308,7 @@ def find_register_neurons(model, images, *, threshold: float | str = "auto",
                           top_k: int = 10, batch_size: int = 16, transform: Callable | None = None,
                           preset: str = "paper", include_prefix: bool | None = None,
                           sparsity: bool | None = None, progress: bool = False,
-                          strict: bool = False) -> RegisterNeurons:
+                          strict: bool = False, memory_budget: int | str | None = None) -> RegisterNeurons:
     """Find the register neurons of ``model`` from ``images`` (Algorithm 1).
 
     ``images``: a folder, a list of paths or PIL images, ``"skimage"``, or a tensor batch.
@@ -251,6 +324,14 @@ def find_register_neurons(model, images, *, threshold: float | str = "auto",
     as CLS are outlier candidates) and ``sparsity`` (a neuron counts for an image only if its
     activation is below 0.5 on at least half of the tokens) override the preset.
 
+    ``memory_budget`` (bytes, or a size such as ``"4GB"``; default 1 GiB): what the search may
+    keep of a batch's MLP hidden states. A batch whose searched layers would need more runs in
+    two passes instead of one (about twice the compute, the same scores; see :func:`accumulate`);
+    the choice is recorded in ``statistics["search_memory"]``.
+
+    Under ``torch.distributed`` each rank reads every world-size-th image and the statistics
+    are summed over the ranks: every rank returns the single-process result.
+
     A model with no outlier tokens gets an empty set whose ``note`` says so (and a warning).
     """
     ad = wrap(model)
@@ -260,7 +341,7 @@ def find_register_neurons(model, images, *, threshold: float | str = "auto",
     opts = search_options(preset, include_prefix, sparsity)
     stats = search_stats(ad, images, threshold=threshold, detection_layer=det,
                          search_layers=search_layers, batch_size=batch_size, transform=transform,
-                         progress=progress, strict=strict, **opts)
+                         progress=progress, strict=strict, memory_budget=memory_budget, **opts)
     return neurons_from_stats(ad, stats, det=det, threshold=threshold, top_layer=top_layer,
                               top_k=top_k, preset=preset, **opts)
 
@@ -309,7 +390,8 @@ def neurons_from_stats(adapter: Adapter, stats: SearchStats, *, det: int, thresh
              "include_prefix": include_prefix, "sparsity": sparsity,
              "auto_min_ratio": AUTO_MIN_RATIO if threshold == "auto" else None}
     statistics = {"emergence_layer": emerge, "emergence_rule": evidence["rule"],
-                  "majority_layer": evidence["majority_layer"], **per_layer}
+                  "majority_layer": evidence["majority_layer"], **per_layer,
+                  "search_memory": stats.search_memory}
     fp = RegisterNeurons.fingerprint_of(adapter)
     prov = {"method": "ttreg.find_register_neurons", "model": adapter.describe()}
     if stats.images_with_outliers == 0:

@@ -176,6 +176,39 @@ class AppendRegisters(RegisterHook):
         return None
 
 
+class UnmeasuredSizeWarning(UserWarning):
+    """Test-time registers used at an input size their neuron set was never measured at."""
+
+
+class SizeCheck(RegisterHook):
+    """Pre-hook on block 0 (only when the neuron set records the sizes it was measured at):
+    warn, once per installation and patch count, when an input has a number of patches no
+    measured size has. The first block knows an input's size only by its token count, and the
+    patch count is what outliers depend on. Holds configuration and the counts already warned
+    about (a warnings registry, like Python's own), never data of one forward."""
+
+    def __init__(self, activation: Activation, io: BlockIO, num_prefix: int,
+                 measured: dict[int, str]) -> None:
+        self.activation, self.io, self.num_prefix, self.measured = activation, io, num_prefix, measured
+        self.warned: set[int] = set()
+
+    def __call__(self, mod, args, kwargs):
+        if _compiling() or torch.jit.is_tracing() or not self.activation.active():
+            return None
+        x = self.io.input(args, kwargs)
+        patches = int(self.io.batch_first(x).shape[1]) - self.num_prefix
+        if patches in self.measured or patches in self.warned:
+            return None
+        self.warned.add(patches)
+        import warnings
+        where = ", ".join(f"{v} px ({n} patches)" for n, v in self.measured.items())
+        warnings.warn(f"these register neurons were measured at {where}, never on an input of "
+                      f"{patches} patches; check them there: ttreg calibrate --neurons FILE "
+                      f"--sizes H (or ttreg.calibrate(model, images, neurons=..., sizes=[H]))",
+                      UnmeasuredSizeWarning, stacklevel=2)
+        return None
+
+
 class MarkCall(RegisterHook):
     """Pre-hook on the first module inside a block (its pre-attention norm): if the block's input
     carries this installation's registers, the block call is on for the edits below. Block-level
@@ -482,6 +515,7 @@ class RegistersHandle:
         if check:
             self.neurons.check_model(ad)
         self.num_registers, self.preset, self.shift_to = num_registers, preset, shift_to
+        self.check = check
         self.normal_values = normal_values
         self.activation = Activation(persistent=not scoped)
         remove_owned_hooks(ad.model, OwnedHook, _closed)
@@ -508,6 +542,12 @@ class RegistersHandle:
             for mod, hook in ad.output_trims(R):
                 hook.activation = act
                 self.hooks.forward(mod, hook, prepend=True)
+        sizes = self.neurons.measured_sizes if self.check else None
+        if sizes:
+            from .sizes import label, num_patches
+            measured = {num_patches(s, ad.patch_size): label(s) for s in sizes}
+            self.hooks.pre(ad.blocks[0], SizeCheck(act, io, ad.num_prefix_tokens, measured),
+                           prepend=True, with_kwargs=True)
         for layer, idx in self.neurons.by_layer().items():
             edit = EditNeurons(act, torch.tensor(idx, dtype=torch.long), ad.num_prefix_tokens, R,
                                self.preset, shift, ad.token_dim, self.normal_values, self.scale)
@@ -631,6 +671,6 @@ def _entered(handle: RegistersHandle) -> Iterator[RegistersHandle]:
         handle.remove()
 
 
-__all__ = ["FORMS", "PRESETS", "NORMAL_VALUES", "RegistersHandle", "add_test_time_registers", "test_time_registers",
+__all__ = ["FORMS", "PRESETS", "NORMAL_VALUES", "RegistersHandle", "UnmeasuredSizeWarning", "add_test_time_registers", "test_time_registers",
            "zero_neurons", "remove_test_time_registers", "installed", "active_registers",
            "edit_activations", "ATTR"]

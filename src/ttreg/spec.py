@@ -3,7 +3,7 @@
 The file is what ``ttreg calibrate`` writes and what anyone can load::
 
     {
-      "format": "ttreg.register_neurons", "version": 1,
+      "format": "ttreg.register_neurons", "version": 2,
       "neurons": [{"layer": 17, "neuron": 884, "score": 12.3}, ...],   # best first
       "hyperparameters": {"threshold": "auto", "detection_layer": -1, ...},
       "num_images": 200, "num_images_with_outliers": 197,
@@ -11,8 +11,12 @@ The file is what ``ttreg calibrate`` writes and what anyone can load::
       "provenance": {...},          # where the set comes from (calibration run, paper, ...)
       "statistics": {...},          # what the search measured (emergence layer, norm ratios)
       "note": "...",                # a human sentence, e.g. why the set is empty
-      "attention_bias": {"file": "NAME.bias.safetensors", "sha256": "...", ...}   # optional
+      "attention_bias": {"file": "NAME.bias.safetensors", "sha256": "...", ...},  # optional
+      "sizes": {"calibrated": [[224, 224]], "measured": [[224, 224], [518, 518]]}   # or null
     }
+
+``sizes`` (version 2): the input sizes ``[height, width]`` the set was searched at and those its
+effect was measured at; null when unknown. Version 1 files (no ``sizes``) still load.
 
 ``attention_bias`` names the :class:`AttentionBias` file written beside the JSON (the bias form).
 
@@ -32,12 +36,15 @@ import hashlib
 import json
 import operator
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 FORMAT = "ttreg.register_neurons"
-VERSION = 1
+VERSION = 2
+#: the versions this ttreg reads (1: no ``sizes``)
+READS = (1, 2)
 #: deepest nesting accepted in the free-form fields (hyperparameters, provenance, statistics)
 MAX_DEPTH = 32
 
@@ -75,6 +82,52 @@ def as_index(v: Any, what: str) -> int:
     if i < 0:
         raise ValueError(f"{what} must be >= 0, got {i}")
     return i
+
+
+#: units of :func:`as_bytes` (K, M, G, T alone are binary, as in most tools)
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 10 ** 6,
+          "mib": 1 << 20, "g": 1 << 30, "gb": 10 ** 9, "gib": 1 << 30, "t": 1 << 40, "tb": 10 ** 12,
+          "tib": 1 << 40}
+
+
+def as_bytes(budget) -> int:
+    """A memory budget as bytes: a whole number of bytes, or a string such as ``"512MiB"``,
+    ``"2GB"`` or ``"1.5G"`` (K/M/G/T alone are binary); a one-line ``ValueError`` otherwise."""
+    if isinstance(budget, str):
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", budget)
+        unit = m.group(2).lower() if m else None
+        if unit not in _UNITS:
+            raise ValueError(f"memory_budget must be bytes or a size such as '512MiB' or '2GB', "
+                             f"got {budget!r}")
+        return int(float(m.group(1)) * _UNITS[unit])
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget >= 0 \
+            or budget != budget or budget == float("inf"):
+        raise ValueError(f"memory_budget must be a number of bytes >= 0 or a size such as '2GB', "
+                         f"got {budget!r}")
+    return int(budget)
+
+
+def _sizes_field(v: Any) -> dict[str, list[tuple[int, int]]] | None:
+    """The ``sizes`` field validated: null, or an object whose ``calibrated`` and ``measured``
+    are lists of ``[height, width]`` whole pixels."""
+    if v is None:
+        return None
+    if not isinstance(v, Mapping):
+        raise ValueError(f"'sizes' must be an object or null, got {type(v).__name__}")
+    out = {}
+    for key in ("calibrated", "measured"):
+        rows = v.get(key) or []
+        if not isinstance(rows, (list, tuple)):
+            raise ValueError(f"sizes.{key} must be a list of [height, width], got {rows!r}")
+        out[key] = []
+        for i, r in enumerate(rows):
+            if isinstance(r, (str, bytes, Mapping)) or not hasattr(r, "__len__") or len(r) != 2:
+                raise ValueError(f"sizes.{key}[{i}] must be [height, width], got {r!r}")
+            h, w = (as_index(n, f"sizes.{key}[{i}]") for n in r)
+            if not (h and w):
+                raise ValueError(f"sizes.{key}[{i}] must be at least 1 pixel, got {r!r}")
+            out[key].append((h, w))
+    return out
 
 
 def _number(v: Any, what: str) -> float:
@@ -125,6 +178,8 @@ class RegisterNeurons:
     note: str = ""
     #: the attention-bias form fitted for this set (:func:`ttreg.fit_attention_bias`), if any
     attention_bias: "AttentionBias | None" = None
+    #: input sizes: ``{"calibrated": [(h, w), ...], "measured": [(h, w), ...]}``; None: unknown
+    sizes: dict[str, list[tuple[int, int]]] | None = None
 
     def __post_init__(self) -> None:
         pairs = []
@@ -139,6 +194,7 @@ class RegisterNeurons:
                 raise ValueError("scores and neurons differ in length")
         if len(set(self.neurons)) != len(self.neurons):
             raise ValueError("a neuron is listed twice")
+        self.sizes = _sizes_field(self.sizes)
 
     # --- views --------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -227,7 +283,21 @@ class RegisterNeurons:
             "provenance": self.provenance,
             "statistics": self.statistics,
             "note": self.note,
+            "sizes": None if self.sizes is None else {k: [list(s) for s in v] for k, v in self.sizes.items()},
         }
+
+    @property
+    def measured_sizes(self) -> list[tuple[int, int]] | None:
+        """The input sizes this set's effect was measured at (None: unknown, e.g. a version 1
+        file or a set made by hand)."""
+        return None if self.sizes is None else list(self.sizes.get("measured") or [])
+
+    def with_measured_sizes(self, sizes) -> None:
+        """Add ``sizes`` to those measured (kept in order, no repeats)."""
+        cur = dict(self.sizes or {"calibrated": []})
+        seen = list(cur.get("measured") or [])
+        cur["measured"] = seen + [tuple(s) for s in sizes if tuple(s) not in seen]
+        self.sizes = _sizes_field(cur)
 
     @classmethod
     def from_dict(cls, data: Mapping, model=None) -> "RegisterNeurons":
@@ -261,9 +331,9 @@ class RegisterNeurons:
             raise ValueError(f"not a ttreg register-neuron file: 'format' is {data.get('format')!r}, "
                              f"expected {FORMAT!r}")
         version = data.get("version", VERSION)
-        if isinstance(version, bool) or not isinstance(version, int) or version != VERSION:
-            raise ValueError(f"'version' is {version!r}; this ttreg reads version {VERSION} "
-                             "(upgrade ttreg to read newer files)")
+        if isinstance(version, bool) or not isinstance(version, int) or version not in READS:
+            raise ValueError(f"'version' is {version!r}; this ttreg reads versions "
+                             f"{', '.join(map(str, READS))} (upgrade ttreg to read newer files)")
         rows = data.get("neurons")
         if not isinstance(rows, list):
             raise ValueError(f"'neurons' must be a list of {{\"layer\", \"neuron\", \"score\"}} objects, "
@@ -304,6 +374,7 @@ class RegisterNeurons:
             provenance=_mapping(data.get("provenance"), "provenance"),
             statistics=_mapping(data.get("statistics"), "statistics"),
             note=note or "",
+            sizes=data.get("sizes") if version >= 2 else None,
         )
 
     def save(self, path: str | os.PathLike, outputs=None) -> Path:

@@ -18,6 +18,8 @@ Channels at the end of the embedding are reserved: written and read only by the 
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -527,4 +529,70 @@ DEMO_PLANTS = ContentPlants(trigger=(0, 100), shared=((6, 200), (7, 300), (8, 40
 def plant_demo(model):
     """Plant :data:`DEMO_PLANTS` into a timm DINOv2 ViT-S/14 (the built-in model) in place."""
     plant_content_outliers(model, DEMO_PLANTS)
+    return model
+
+
+#: the neurons :func:`size_planted_vit` plants: two that fire at every size (patch 12), one that
+#: fires only on inputs with many patches (patch 40 of the 8x8 grid)
+SIZE_PLANTS = ((1, 7, 12, 0.4), (3, 21, 12, 12.0), (2, 30, 40, 12.0))
+
+
+@torch.no_grad()
+def size_planted_vit(small: int = 64, large: int = 128, *, seed: int = 0) -> nn.Module:
+    """A small random timm ViT (64 px, patch 8) whose register neurons depend on the input size:
+    (1, 7) and (3, 21) fire at every size, (2, 30) only when the image has many patches -- at
+    ``large`` px (256 patches) but not at ``small`` px (64).
+
+    The count is read the way a real model could, through an attention sink: one head of block 0
+    gives the CLS token a fixed logit and every patch about zero, and reads a channel only CLS
+    has, so its output is CLS's value times 128 / (128 + patches); (2, 30) fires on its trigger
+    only when that output is small. The
+    model runs at other sizes as timm runs it (``dynamic_img_size``, see
+    :func:`ttreg.sizes.dynamic_size`)."""
+    from .sizes import dynamic_size
+    model = _random_vit(6, 96, 4, 64, 8, seed)
+    D, blk0 = model.embed_dim, model.blocks[0]
+    c_cls, c_cnt = D - 7, D - 8                      # below the plants' trigger and write channels
+    _reserve_channels(model, [c_cls, c_cnt], read=[])
+    for blk in model.blocks:                         # nothing else reads the two channels
+        blk.attn.qkv.weight[:, [c_cls, c_cnt]] = 0
+        blk.mlp.fc1.weight[:, [c_cls, c_cnt]] = 0
+    model.cls_token[0, 0, c_cls] = 50.0
+    head_dim = D // blk0.attn.num_heads
+    qkv = blk0.attn.qkv
+    q, k, v = (slice(i * D, i * D + head_dim) for i in range(3))      # head 0's rows
+    for rows in (q, k, v):
+        qkv.weight[rows] = 0
+        qkv.bias[rows] = 0
+    qkv.weight[D, c_cls] = 1.0                       # head 0's key and value read CLS's channel
+    qkv.weight[2 * D, c_cls] = 1.0
+    x = mixed_images(5, 64, seed)
+    s_cls = float(_ln_output(model, blk0.norm1, x)[:, 0, c_cls].median())
+    # one query for every token: CLS's logit ln(128), the patches' about 0, so head 0 gives CLS
+    # the weight 128 / (128 + patches) and its output falls with the number of patches
+    qkv.bias[0] = math.log(128.0) / (s_cls * head_dim ** -0.5)
+    blk0.attn.proj.weight[:, 0] = 0
+    blk0.attn.proj.weight[c_cnt, 0] = 1.0            # ... written to the count channel
+    plants = [_as_plant(p) for p in SIZE_PLANTS]
+    plant_register_neurons(model, plants, seed=seed)
+
+    blk = model.blocks[2]
+    fc1 = blk.mlp.fc1
+    npre, trig = model.num_prefix_tokens, D - 2      # patch 40's trigger channel (second position)
+
+    def seen(px: int) -> tuple[float, float]:
+        """The trigger and the count as block 2's MLP reads them on its token, at ``px``."""
+        x = torch.nn.functional.interpolate(mixed_images(5, 64, seed), size=(px, px), mode="bilinear")
+        with dynamic_size(model):
+            h = _ln_output(model, blk.norm2, x)
+        tok = npre + int(h[:, npre:, trig].mean(0).argmax())
+        return float(h[:, tok, trig].median()), float(h[:, tok, c_cnt].median())
+
+    (t_s, a_s), (t_l, a_l) = seen(small), seen(large)
+    # pre-activation -2 + alpha * trigger - beta * count: -4 at the small size, +6 at the large
+    m = torch.tensor([[t_s, -a_s], [t_l, -a_l]], dtype=torch.float64)
+    alpha, beta = torch.linalg.solve(m, torch.tensor([-2.0, 8.0], dtype=torch.float64)).tolist()
+    n = plants[2].neuron
+    fc1.weight[n, c_cnt] = -beta
+    fc1.weight[n, trig] = alpha
     return model

@@ -16,7 +16,7 @@ import torch
 from . import attention as _attention
 from .adapters import Adapter, wrap
 from .carry import carried, num_carried
-from .hooks import HookSet
+from .hooks import HookSet, StopForward, stop_forward
 
 
 @dataclass
@@ -94,6 +94,18 @@ def _record_attention(ad: Adapter, layers: list[int], hooks: HookSet,
             _attention.tap(hooks, mods[l], probs=sink)
     stack.enter_context(_attention.recording(sinks))
     return store
+
+
+def run_until(adapter: Adapter, x: torch.Tensor, layer: int) -> None:
+    """Run ``x`` through blocks ``0..layer`` and stop: the later blocks, final norm and head are
+    not run (hooks on block ``layer`` registered before this call still run). For passes that
+    only need what the first blocks compute."""
+    with HookSet() as hooks:
+        hooks.forward(adapter.blocks[layer], stop_forward)
+        try:
+            adapter.run(x)
+        except StopForward:
+            pass
 
 
 def check_layer(layer, num_layers: int, what: str = "layer") -> int:

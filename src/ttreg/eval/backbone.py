@@ -1,6 +1,6 @@
 """What the experiments read from a model, per family: preprocessing, token features (last
 layer or any blocks, with or without the final norm), the last layer's keys, CLIP embeddings,
-any-size input (timm ``dynamic_img_size``), and a fingerprint. The one place besides
+whether a model takes any input size, and a fingerprint. The one place besides
 :mod:`.direct` that knows model internals beyond the adapters."""
 from __future__ import annotations
 
@@ -199,27 +199,6 @@ def accepts_any_size(model) -> bool:
         except (TypeError, ValueError):  # pragma: no cover
             return False
     return False
-
-
-@contextlib.contextmanager
-def dynamic_size(model) -> Iterator[None]:
-    """Within the context a timm ViT (or an open_clip tower's timm trunk) accepts any input size
-    as if built with ``dynamic_img_size=True``: its position embedding is resampled to each
-    input's grid (timm's ``resample_abs_pos_embed``). The four switches that flag sets are
-    restored on exit, also on an exception. Other models are left alone (Hugging Face models
-    interpolate through their adapter's ``interpolate_pos_encoding``)."""
-    vit = _timm_vit(model)
-    if vit is None or vit.dynamic_img_size:
-        yield
-        return
-    from timm.layers import Format
-    pe = vit.patch_embed
-    with HookSet() as switches:
-        switches.set_attr(vit, "dynamic_img_size", True)
-        switches.set_attr(pe, "strict_img_size", False)
-        switches.set_attr(pe, "flatten", False)
-        switches.set_attr(pe, "output_fmt", Format.NHWC)
-        yield
 
 
 # --- tokens of any block --------------------------------------------------------------------------

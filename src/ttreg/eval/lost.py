@@ -29,8 +29,9 @@ import torch
 import torch.nn.functional as F
 
 from ..adapters import wrap
+from ..sizes import dynamic_size
 from .arms import control_rows, make_arms, summarize_random
-from .backbone import accepts_any_size, dynamic_size, patch_keys, preprocessing
+from .backbone import accepts_any_size, patch_keys, preprocessing
 from .datasets import BoxSample, load_rgb, resize as resize_image, to_tensor
 from .metrics import corloc_hits
 from .report import format_table
