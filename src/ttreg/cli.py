@@ -227,9 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default 1GiB); beyond it the search runs in two passes (same result, "
                         "about twice the time)")
     c.add_argument("--sizes", type=sizes_arg,
-                   help="calibrate across input sizes, e.g. 224,518 (or 224x448): the search sums "
-                        "over them and top-k must clear every size; with --neurons, measure the "
-                        "set at these sizes. Default: the model's own size")
+                   help="calibrate across input sizes, e.g. 224,518 (or 224x448; each image resized "
+                        "and centre-cropped to each): the search sums over them and top-k must "
+                        "clear every size; with --neurons, measure the set at these sizes. "
+                        "Default: the model's own size and preprocessing")
     c.add_argument("--attention-bias", action="store_true",
                    help="also fit the attention-bias form (no extra token) and write it beside "
                         "--out as NAME.bias.safetensors")
