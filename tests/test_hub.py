@@ -41,6 +41,7 @@ def test_folder_round_trip_and_model_card(calibrated, tmp_path):
     assert f"| {before:.2f} | {after:.2f} |" in card and "my_photos/" in card
     assert "layer 1: 7; layer 3: 21" in card and "6 layers x 4 heads x 24" in card
     assert "from_pretrained('me/dinov2-s-neurons')" in card and 'form="bias"' in card
+    assert "**Input sizes:** calibrated at 64x64 px, measured at 64x64 px" in card
 
 
 def _fill_cache(cache: Path, repo: str, folder: Path) -> None:

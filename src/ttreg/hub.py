@@ -115,6 +115,15 @@ def _ratio_lines(stats: dict[str, Any], det) -> list[str]:
             "(`ttreg calibrate` records one)."]
 
 
+def _sizes_line(sizes) -> str:
+    """Where the set was calibrated and measured, in pixels (ttreg warns at other sizes)."""
+    if not sizes:
+        return "not recorded"
+    px = lambda rows: ", ".join(f"{h}x{w}" for h, w in rows) or "none"  # noqa: E731
+    return (f"calibrated at {px(sizes.get('calibrated') or [])} px, measured at "
+            f"{px(sizes.get('measured') or [])} px (ttreg warns when used at another size)")
+
+
 def model_card(neurons, repo_id: str | None = None) -> str:
     """The README.md of a neuron-set repository: what model, which images, what was measured."""
     prov, hp, stats = neurons.provenance, neurons.hyperparameters, neurons.statistics
@@ -139,7 +148,8 @@ def model_card(neurons, repo_id: str | None = None) -> str:
         f"- **Register neurons ({len(neurons)}):** {by_layer or 'none'}",
         f"- **Found by:** {prov.get('method', 'not recorded')}"
         + (f" (threshold {hp.get('threshold')}, detection layer {det}, top layer "
-           f"{hp.get('top_layer')}, top k {hp.get('top_k')})" if hp else ""), "",
+           f"{hp.get('top_layer')}, top k {hp.get('top_k')})" if hp else ""),
+        f"- **Input sizes:** {_sizes_line(neurons.sizes)}", "",
         *_ratio_lines(stats, det), "",
     ]
     if neurons.note:
