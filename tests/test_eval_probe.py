@@ -219,3 +219,13 @@ def test_dense_probe_end_to_end(tmp_path, task):
             assert 0 < arm["miou"]["mean"] <= 1 and 0 < arm["pixel_accuracy"]["mean"] <= 1
         else:                       # depth in 1..5 m, range 0..10 m
             assert 0 < arm["rmse"]["mean"] < 5
+
+
+def test_depth_rmse_is_the_mean_over_images_of_each_images_rmse():
+    """Per image, the RMSE over its valid pixels (min < depth < max, finite); images without a
+    valid pixel are left out; then the mean over images -- by hand on three 1x2 maps."""
+    from ttreg.eval.probe import _depth_rmse
+    pred = torch.tensor([[[[1.0, 2.0]]], [[[0.0, 0.0]]], [[[5.0, 5.0]]]])           # (3, 1, 1, 2)
+    depths = np.array([[[1.0, 4.0]], [[3.0, float("nan")]], [[20.0, 0.0]]])     # third: none valid
+    got = _depth_rmse(lambda f, c: f, pred, None, depths, 1e-3, 10.0, chunk=2)
+    assert got == pytest.approx((math.sqrt((0 + 4) / 2) + 3.0) / 2)

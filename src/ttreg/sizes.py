@@ -42,7 +42,7 @@ def as_size(v, what: str = "size") -> Size:
 def as_sizes(v, what: str = "sizes") -> list[Size]:
     """Several sizes, in order, without repeats: a list of what :func:`as_size` takes, or a
     comma-separated string (``"224,518"``); a one-line ``ValueError`` otherwise."""
-    items = [s for s in v.split(",")] if isinstance(v, str) else v
+    items = v.split(",") if isinstance(v, str) else v
     if isinstance(items, (int, tuple)) and not isinstance(items, bool):
         items = [items]
     if not isinstance(items, (list, tuple)) or not items:
@@ -66,7 +66,7 @@ def num_patches(size: Size, patch_size: tuple[int, int]) -> int:
     return (size[0] // patch_size[0]) * (size[1] // patch_size[1])
 
 
-def _timm_dynamic(model: nn.Module) -> nn.Module | None:
+def timm_trunk(model: nn.Module) -> nn.Module | None:
     """The timm model that has a ``dynamic_img_size`` switch (a ``VisionTransformer`` or an
     ``Eva``, itself or an open_clip tower's trunk)."""
     for mod in (model, getattr(getattr(model, "visual", None), "trunk", None),
@@ -84,7 +84,7 @@ def dynamic_size(model: nn.Module) -> Iterator[None]:
     trunk) accepts any input size as if built with ``dynamic_img_size=True``: its position
     embedding (and rotary embedding) follows each input's grid. The switches that flag sets are
     restored on exit, also on an exception. Other models are left alone."""
-    vit = _timm_dynamic(model)
+    vit = timm_trunk(model)
     if vit is None or vit.dynamic_img_size:
         yield
         return
@@ -137,5 +137,5 @@ def resize(x: torch.Tensor, size: Size) -> torch.Tensor:
     return out.to(dtype)
 
 
-__all__ = ["Size", "as_size", "as_sizes", "label", "num_patches", "dynamic_size", "at_size",
-           "resize"]
+__all__ = ["Size", "as_size", "as_sizes", "label", "num_patches", "timm_trunk", "dynamic_size",
+           "at_size", "resize"]

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from ..adapters import wrap
 from ..hooks import HookSet
+from ..sizes import timm_trunk
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -172,24 +173,11 @@ def patch_keys(model, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
 
 
 # --- any input size ------------------------------------------------------------------------------
-def _timm_vit(model) -> nn.Module | None:
-    """The timm ``VisionTransformer`` of a model (itself, or an open_clip tower's trunk)."""
-    try:
-        from timm.models.vision_transformer import VisionTransformer
-    except ImportError:  # pragma: no cover
-        return None
-    if isinstance(model, VisionTransformer):
-        return model
-    visual = _open_clip_visual(model)
-    trunk = getattr(visual, "trunk", None) if visual is not None else None
-    return trunk if isinstance(trunk, VisionTransformer) else None
-
-
 def accepts_any_size(model) -> bool:
-    """Whether the model runs on any image size (a multiple of the patch size): timm ViTs (made
-    dynamic by :func:`dynamic_size`), Hugging Face DINOv2 (always interpolates) and HF models
+    """Whether the model runs on any image size (a multiple of the patch size): timm ViTs and
+    Evas (made dynamic by :func:`ttreg.sizes.dynamic_size`), Hugging Face DINOv2 (always interpolates) and HF models
     whose ``forward`` takes ``interpolate_pos_encoding``. open_clip's own towers do not."""
-    if _timm_vit(model) is not None:
+    if timm_trunk(model) is not None:
         return True
     if type(model).__module__.startswith("transformers"):
         if "Dinov2" in type(model).__name__:
@@ -208,7 +196,7 @@ def final_norm(model) -> nn.Module:
     visual = _open_clip_visual(model)
     if visual is not None:
         return visual.trunk.norm if hasattr(visual, "trunk") else visual.ln_post
-    vit = _timm_vit(model)
+    vit = timm_trunk(model)
     if vit is not None:
         return vit.norm
     for owner in (model, getattr(model, "vision_model", None)):

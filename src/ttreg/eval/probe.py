@@ -291,11 +291,13 @@ def _depth_rmse(pred_fn, feats, cls, depths, min_depth, max_depth, clamp: bool =
             pred = F.interpolate(pred, size=depths.shape[1:], mode="bilinear", align_corners=False)[:, 0]
             if clamp:
                 pred = pred.clamp(min_depth, max_depth)
-            for p, d in zip(pred.numpy(), depths[i:i + chunk]):
-                v = (d > min_depth) & (d < max_depth) & np.isfinite(d)
-                if v.any():
-                    errs.append(float(np.sqrt(np.mean((p[v] - d[v]) ** 2))))
-    return float(np.mean(errs)) if errs else float("nan")
+            d = np.asarray(depths[i:i + chunk], dtype=np.float64)          # (B, H, W), per image
+            valid = (d > min_depth) & (d < max_depth) & np.isfinite(d)
+            sq = np.where(valid, pred.numpy().astype(np.float64) - np.where(valid, d, 0.0), 0.0) ** 2
+            count = valid.sum(axis=(1, 2))
+            errs.append(np.sqrt(sq.sum(axis=(1, 2))[count > 0] / count[count > 0]))
+    errs = np.concatenate(errs) if errs else np.zeros(0)
+    return float(errs.mean()) if len(errs) else float("nan")
 
 
 def depth_grid(ftr, ctr, dtr, fsel, csel, dsel, *, min_depth: float = 1e-3, max_depth: float = 10.0,
