@@ -416,10 +416,11 @@ class Sites:
             return self._plain()
         else:
             edit, regs = prev.edit, prev.registers
-            if regs is not None and regs.shape[1] and torch.is_grad_enabled() and x.requires_grad \
-                    and not regs.requires_grad:
-                raise RuntimeError(REENTRANT.format(layer=layer))
-        if edit.appends and self.reentrant(block):
+        if x.requires_grad and (not torch.is_grad_enabled() or (
+                layer and regs is not None and regs.shape[1] and not regs.requires_grad)) \
+                or self.reentrant(block):
+            # a block run without autograd on an input that needs gradients, or registers that lost
+            # theirs between blocks: re-entrant checkpointing, which re-runs it on a detached copy
             raise RuntimeError(REENTRANT.format(layer=layer))
         if edit.appends and io.causal(args, kwargs):
             raise RuntimeError("test-time registers are for bidirectional (ViT) attention: this block "
@@ -614,11 +615,9 @@ def _refuse_compiled(ad: Adapter) -> None:
         if isinstance(mod, OptimizedModule) or getattr(mod, "_compiled_call_impl", None) is not None:
             what = f"its module {name!r}" if name else "it"
             break
-    if what is None:
-        holders = [r for r in gc.get_referrers(ad.model) if isinstance(r, dict)]
-        if any(isinstance(o, OptimizedModule) and o._orig_mod is ad.model
-               for d in holders for o in gc.get_referrers(d)):
-            what = "a torch.compile wrapper of it"
+    if what is None and any(issubclass(type(o), OptimizedModule) and o._orig_mod is ad.model
+                            for o in gc.get_objects()):
+        what = "a torch.compile wrapper of it"
     if what is not None:
         raise RuntimeError(
             f"this model was compiled with torch.compile ({what}) before test-time registers were "
