@@ -61,8 +61,16 @@ def fail_inside(model, neurons, run, x) -> None:
 
 
 def all_hooks(module: torch.nn.Module) -> int:
-    """Number of forward hooks and pre-hooks on a module tree."""
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in module.modules())
+    """Number of forward hooks and pre-hooks on a module tree, other than ttreg's register sites
+    (installed once, the first time a model gets registers, and inert when none are active)."""
+    return sum(1 for m in module.modules() for d in (m._forward_hooks, m._forward_pre_hooks)
+               for h in d.values() if getattr(h, "sites", None) is None)
+
+
+def site_hooks(module: torch.nn.Module) -> int:
+    """Number of ttreg's register-site hooks on a module tree."""
+    return sum(1 for m in module.modules() for d in (m._forward_hooks, m._forward_pre_hooks)
+               for h in d.values() if getattr(h, "sites", None) is not None)
 
 
 @pytest.fixture(scope="module")

@@ -380,5 +380,5 @@ def test_attention_call_is_popped_after_an_error(planted_set, x, recwarn):
     finally:
         h.remove()
     assert not torch.overrides._get_current_function_mode_stack()   # the call was popped
-    assert not attention.intercepted(m.blocks[2].attn) and all_hooks(m) == 0
+    assert all_hooks(m) == 0          # only the register sites stay, inert
     assert not [w for w in recwarn if "always_call" in str(w.message)]

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 import ttreg
-from ttreg.registers import edit_activations, _target_and_zero_masks
+from ttreg.registers import edit_activations, target_and_zero_masks
 from ttreg.testing import mixed_images, planted_vit
 
-from conftest import all_hooks
+from conftest import all_hooks, site_hooks
 
 PLANTS = [(1, 7), (3, 21)]
 
@@ -121,7 +121,7 @@ def test_exception_inside_context_cleans_up(planted, images):
 def test_handle_remove(planted, images):
     ref = planted(images)
     h = ttreg.add_test_time_registers(planted, {3: [21]})
-    assert all_hooks(planted) > 0
+    assert site_hooks(planted) > 0
     assert not torch.equal(planted(images), ref)
     h.remove()
     assert all_hooks(planted) == 0 and torch.equal(planted(images), ref)
@@ -148,7 +148,7 @@ def _example():
 
 def test_paper_preset_by_hand():
     h, idx = _example()
-    target, zero = _target_and_zero_masks(2, 4, 1, 1, None, "paper", h.device)
+    target, zero = target_and_zero_masks(2, 4, 1, 1, None, "paper", h.device)
     out = edit_activations(h.clone(), idx, target, zero, "paper")
     want = torch.tensor([
         [[0.0, 9.0, 0.0], [0.0, 8.0, 0.0], [0.0, 7.0, 0.0], [5.0, 6.0, 0.5]],   # max per neuron
@@ -159,7 +159,7 @@ def test_paper_preset_by_hand():
 
 def test_official_preset_by_hand():
     h, idx = _example()
-    target, zero = _target_and_zero_masks(2, 4, 1, 1, None, "official", h.device)
+    target, zero = target_and_zero_masks(2, 4, 1, 1, None, "official", h.device)
     out = edit_activations(h.clone(), idx, target, zero, "official")
     # image 0: largest |value| over all tokens of neurons {0, 2} is -6 (signed), shared;
     # image 1: it is -4, on the CLS token. CLS is left untouched, patches zeroed.
@@ -173,7 +173,7 @@ def test_official_preset_by_hand():
 def test_shift_to_by_hand():
     h, idx = _example()
     shift = torch.tensor([[False, True, False], [True, False, False]])  # per-image patch targets
-    target, zero = _target_and_zero_masks(2, 4, 1, 0, shift, "paper", h.device)
+    target, zero = target_and_zero_masks(2, 4, 1, 0, shift, "paper", h.device)
     out = edit_activations(h.clone(), idx, target, zero, "paper")
     want = torch.tensor([
         [[0.0, 9.0, 0.0], [0.0, 8.0, 0.0], [5.0, 7.0, 0.5], [0.0, 6.0, 0.0]],

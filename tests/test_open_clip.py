@@ -121,6 +121,7 @@ def test_batch_equals_single(clip, images):
 
 
 def test_hooks_never_leak(clip, images):
+    from ttreg.trace import record
     x = images[:3]
     with torch.no_grad():
         plain = clip.encode_image(x)
@@ -130,7 +131,7 @@ def test_hooks_never_leak(clip, images):
         assert torch.equal(clip.encode_image(x), plain)
     assert all_hooks(clip) == 0
     with pytest.raises(RuntimeError, match="boom"):
-        with ttreg.test_time_registers(clip, RN), ttreg.wrap(clip).attention_probs([0, 3]):
+        with ttreg.test_time_registers(clip, RN), record(clip, attention_layers=[0, 3]):
             clip.encode_image(x)
             raise RuntimeError("boom")
     assert all_hooks(clip) == 0
@@ -188,6 +189,7 @@ def test_custom_attention_probs_reproduce_the_module_output(images, kw):
 def test_sequence_first_blocks(clip, images):
     """open_clip < 2.24 ran its blocks sequence-first; the adapter follows ``batch_first``."""
     seq = copy.deepcopy(clip)
+    ttreg.remove_test_time_registers(seq)   # the hooks were installed for the batch-first layout
     seq.visual.transformer.batch_first = False
     for blk in seq.visual.transformer.resblocks:
         blk.attn.batch_first = False

@@ -329,13 +329,13 @@ def authors_edit(out: torch.Tensor, R: int, idx: list[int], scale, normal_values
 @pytest.mark.parametrize("normal_values", ["zero", "mean", "only_outliers", "same"])
 @pytest.mark.parametrize("scale", [1.0, 0.5, [1.0, 0.25]])
 def test_edit_modes_equal_the_authors_hook(normal_values, scale):
-    from ttreg.registers import _target_and_zero_masks, edit_activations
+    from ttreg.registers import target_and_zero_masks, edit_activations
     g = torch.Generator().manual_seed(0)
     B, T, H, R = 3, 11, 16, 2
     h = torch.randn(B, T, H, generator=g, dtype=torch.float64)
     h[1, 4, 5] = -9.0                       # a negative value of largest magnitude
     idx = [2, 5, 9]
-    target, zero = _target_and_zero_masks(B, T, 1, R, None, "official", h.device)
+    target, zero = target_and_zero_masks(B, T, 1, R, None, "official", h.device)
     ts = None if scale == 1.0 else torch.tensor([0.0] * (T - R) + (scale if isinstance(scale, list) else [scale] * R))
     got = edit_activations(h, torch.tensor(idx), target, zero, "official", normal_values, ts)
     for b in range(B):

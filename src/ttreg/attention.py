@@ -25,12 +25,14 @@ graph without a break, and the ONNX exporter records the concatenation like any 
 
 An attention that calls neither function (an explicit softmax path: timm's ``fused_attn=False``,
 transformers' ``"eager"`` attention, open_clip's scaled-cosine attention) cannot take the extra
-key: the call raises instead of silently leaving it out.
+key: the call raises instead of silently leaving it out. Its attention *maps* are still read: the
+first ``softmax`` over a square ``(B, heads, T, T)`` inside the module is its probabilities. So
+one interception gives ``trace`` the attention maps of every family, without switching any
+model to another attention path.
 """
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import inspect
 import math
 import sys
@@ -40,13 +42,22 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
 
+from .calls import entered, in_scope
 from .hooks import OwnedHook
 
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 _MHA_SIG = inspect.signature(F.multi_head_attention_forward)
 
-#: ``{id(attention module): sink}``: attention maps this context wants (``trace``)
-_WANTED: contextvars.ContextVar[dict] = contextvars.ContextVar("ttreg_attention_wanted", default={})
+#: the softmax calls that, inside an attention module, make its attention probabilities
+_SOFTMAX = (F.softmax, torch.softmax, torch.Tensor.softmax)
+
+
+class Wanted:
+    """A :data:`ttreg.calls.SCOPE` entry: the attention maps this context wants (``trace``),
+    ``{id(attention module): sink}``."""
+
+    def __init__(self, sinks: dict) -> None:
+        self.sinks = sinks
 
 #: ``(key (heads, d), value (heads, dv), log_weight or None)`` appended to one call's keys/values
 Extra = tuple
@@ -66,7 +77,8 @@ class AttentionCall(TorchFunctionMode):
                  kv: tuple[int, Callable] | None = None) -> None:
         super().__init__()
         self.owner, self.extra, self.probs, self.kv = owner, extra, probs, kv
-        self.seen = 0
+        self.seen = 0           # kernel calls (SDPA / MHA) seen
+        self.mapped = False     # an explicit softmax gave the maps
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -76,7 +88,12 @@ class AttentionCall(TorchFunctionMode):
         if func is F.multi_head_attention_forward:
             self.seen += 1
             return self._mha(func, args, kwargs)
-        return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        if self.probs is not None and func in _SOFTMAX and not (self.seen or self.mapped) \
+                and _square(out):
+            self.mapped = True      # an explicit-softmax attention: its probabilities as they are
+            self.probs(out.detach())
+        return out
 
     def _sdpa(self, func, args, kwargs):
         a = dict(zip(_SDPA_ARGS, args))
@@ -119,6 +136,11 @@ class AttentionCall(TorchFunctionMode):
         out, weights = func(**a)
         self.probs(weights.detach())
         return out, (weights.mean(dim=1) if average else weights) if need else None
+
+
+def _square(t) -> bool:
+    """Is ``t`` attention probabilities, ``(B, heads, T, T)``?"""
+    return torch.is_tensor(t) and t.dim() == 4 and t.shape[-1] == t.shape[-2]
 
 
 def _check(key: torch.Tensor, heads: int, dim: int, what: str) -> torch.Tensor:
@@ -195,7 +217,11 @@ def enter(call: AttentionCall) -> None:
 class ExitCall(OwnedHook):
     """Forward hook, registered with ``always_call=True``: pop the :class:`AttentionCall` the
     module's pre-hook pushed (nothing if none), and refuse a call that was to get the extra key
-    but never reached an attention kernel ttreg can reach into."""
+    but never reached an attention kernel ttreg can reach into. ``sites``: the installation that
+    owns the hook, if any."""
+
+    def __init__(self, sites=None) -> None:
+        self.sites = sites
 
     def __call__(self, mod, args, output):
         stack = _get_current_function_mode_stack()
@@ -233,18 +259,19 @@ def intercepted(module) -> bool:
 
 def wanted(module) -> Callable | None:
     """The sink this context wants ``module``'s attention maps in, if any."""
-    return _WANTED.get().get(id(module))
+    for w in in_scope(Wanted):
+        sink = w.sinks.get(id(module))
+        if sink is not None:
+            return sink
+    return None
 
 
 @contextlib.contextmanager
 def recording(sinks: dict) -> Iterator[None]:
     """Within this context (this thread), intercepted attention modules (``{module: sink}``) hand
     their post-softmax attention to ``sink``."""
-    token = _WANTED.set({**_WANTED.get(), **{id(m): s for m, s in sinks.items()}})
-    try:
+    with entered(Wanted({id(m): s for m, s in sinks.items()})):
         yield
-    finally:
-        _WANTED.reset(token)
 
 
 __all__ = ["AttentionCall", "ExitCall", "InterceptHook", "append_kv", "attention_probs", "enter",

@@ -2,17 +2,19 @@
 
 Modelled on baukit's ``Trace``: a ``HookSet`` is a context manager; on exit -- also when an
 exception escapes -- all hooks it registered are removed and all attributes it changed are
-restored, in reverse order. Inside, its hooks act only on the entering context's forwards.
+restored, in reverse order. Inside, its hooks act only on the entering context's forwards (the set is an entry of
+:data:`ttreg.calls.SCOPE`).
 Long-lived hooks (test-time registers) are :class:`OwnedHook` objects, findable on any model.
 A pass that needs only the first blocks ends the forward early with :class:`StopForward`
 (baukit's ``stop=True``).
 """
 from __future__ import annotations
 
-import contextvars
 from typing import Any, Callable, Iterator
 
 import torch.nn as nn
+
+from .calls import SCOPE, entered
 
 
 class OwnedHook:
@@ -65,10 +67,6 @@ def remove_owned_hooks(model: nn.Module, kind: type = OwnedHook, where=lambda ho
     return n
 
 
-#: hook sets entered (``with HookSet() as hooks``) by this context
-_ENTERED: contextvars.ContextVar[tuple] = contextvars.ContextVar("ttreg_hooksets", default=())
-
-
 class HookSet:
     """A bag of forward hooks, pre-hooks and temporary attribute changes, undone together.
 
@@ -82,14 +80,14 @@ class HookSet:
     def __init__(self) -> None:
         self._handles: list[Any] = []
         self._restore: list[tuple[object, str, Any]] = []
-        self._token: contextvars.Token | None = None
+        self._scope = None
 
     def _scoped(self, fn: Callable) -> Callable:
-        if self._token is None:
+        if self._scope is None:
             return fn
 
         def hook(*args):
-            if self in _ENTERED.get():
+            if any(e is self for e in SCOPE.get()):
                 return fn(*args)
             return None
         return hook
@@ -121,15 +119,16 @@ class HookSet:
             setattr(obj, name, old)
 
     def __enter__(self) -> "HookSet":
-        self._token = _ENTERED.set(_ENTERED.get() + (self,))
+        self._scope = entered(self)
+        self._scope.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
         try:
             self.remove()
         finally:
-            if self._token is not None:
-                _ENTERED.reset(self._token)
+            if self._scope is not None:
+                self._scope.__exit__(None, None, None)
 
     def __len__(self) -> int:
         return len(self._handles)

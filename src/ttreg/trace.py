@@ -15,7 +15,7 @@ import torch
 
 from . import attention as _attention
 from .adapters import Adapter, wrap
-from .carry import carried, num_carried
+from .calls import carried, num_carried
 from .hooks import HookSet, StopForward, stop_forward
 
 
@@ -76,22 +76,21 @@ def record(model, norm_layers: Sequence[int] = (), activation_layers: dict[int, 
 
 def _record_attention(ad: Adapter, layers: list[int], hooks: HookSet,
                       stack: contextlib.ExitStack) -> dict[int, torch.Tensor]:
-    """Attention maps of ``layers``, filled on each forward. Normally through the family's
-    explicit path (:meth:`Adapter.attention_probs`). With the attention-bias form installed, the
-    attention must stay on the kernel that takes the extra key, so every layer's maps are read
-    from inside its attention call instead (:mod:`ttreg.attention`), extra key column included."""
-    mods = [ad.attention(l) for l in range(ad.num_layers)]
-    if not any(_attention.intercepted(m) for m in mods):
-        return stack.enter_context(ad.attention_probs(layers))
+    """Attention maps of ``layers``, filled on each forward, read from inside each attention call
+    (:mod:`ttreg.attention`): one interception for every family, nothing switched on the model.
+    A layer whose attention carries ttreg's register hooks hands its maps over from there (with the
+    bias form's extra key column); any other is tapped for the duration."""
     store: dict[int, torch.Tensor] = {}
     sinks = {}
     for l in layers:
+        mod = ad.attention(l)
+
         def sink(p, l=l):
             store[l] = p
-        if _attention.intercepted(mods[l]):
-            sinks[mods[l]] = sink
+        if _attention.intercepted(mod):
+            sinks[mod] = sink
         else:
-            _attention.tap(hooks, mods[l], probs=sink)
+            _attention.tap(hooks, mod, probs=sink)
     stack.enter_context(_attention.recording(sinks))
     return store
 

@@ -90,12 +90,19 @@ class Adapter:
         (CLIP's ``ln_pre``) is applied to them before they join the first block's input."""
         return None
 
-    def output_trims(self, num_registers: int) -> list[tuple[nn.Module, Any]]:
-        """``(module, hook)`` forward hooks a family needs while ``num_registers`` test-time
-        registers are installed, e.g. to cut them from outputs a library records from *inside*
-        the blocks (Hugging Face's ``hidden_states[0]`` and ``attentions``). Hooks hold no
-        per-call state. None by default."""
+    def output_trims(self) -> list[tuple[nn.Module, Any]]:
+        """``(module, trim)`` for the modules whose outputs hold what a library recorded *inside*
+        the blocks (Hugging Face's ``hidden_states[0]`` and ``attentions``): ``trim(output, R)``
+        returns that output as the plain model gives it, with ``R`` test-time registers active.
+        None by default."""
         return []
+
+    @staticmethod
+    def reentrant_checkpointing(block: nn.Module) -> bool:
+        """Will the family's own gradient checkpointing re-run ``block`` re-entrantly (on detached
+        inputs, outside its hooks) in this call? Checked before a block with registers runs, so
+        that case is refused before the backward pass. False unless a family says so."""
+        return False
 
     # --- block input/output plumbing -------------------------------------------------------
     @property
@@ -137,16 +144,6 @@ class Adapter:
         """Patch grid ``(rows, cols)`` for an image batch ``x`` of shape (B, C, H, W)."""
         ph, pw = self.patch_size
         return x.shape[-2] // ph, x.shape[-1] // pw
-
-    @contextlib.contextmanager
-    def attention_probs(self, layers: Sequence[int]) -> Iterator[dict[int, torch.Tensor]]:
-        """Record post-softmax attention probabilities ``(B, heads, T, T)`` of ``layers``.
-
-        The adapter switches those layers to their explicit (non-fused) path for the duration
-        and restores it afterwards. The dict is filled on each forward.
-        """
-        raise NotImplementedError
-        yield {}
 
     # --- identity ------------------------------------------------------------------------------
     def architecture(self) -> dict[str, Any]:
@@ -241,8 +238,12 @@ class DelegatingAdapter(Adapter):
     def pre_block_module(self) -> nn.Module | None:
         return self.inner.pre_block_module()
 
-    def output_trims(self, num_registers: int) -> list[tuple[nn.Module, Any]]:
-        return self.inner.output_trims(num_registers)
+    def output_trims(self) -> list[tuple[nn.Module, Any]]:
+        return self.inner.output_trims()
+
+    @property
+    def reentrant_checkpointing(self):  # type: ignore[override]
+        return self.inner.reentrant_checkpointing
 
     @property
     def block_io(self) -> "BlockIO":
@@ -262,9 +263,6 @@ class DelegatingAdapter(Adapter):
 
     def grid_size(self, x: torch.Tensor) -> tuple[int, int]:
         return self.inner.grid_size(x)
-
-    def attention_probs(self, layers: Sequence[int]):
-        return self.inner.attention_probs(layers)
 
     def architecture(self) -> dict[str, Any]:
         return self.inner.architecture()
@@ -291,6 +289,8 @@ class BlockIO:
 
     #: index of the token axis of a block's hidden state (1 for batch-first, 0 for seq-first)
     token_dim: int = 1
+    #: ``(keyword, position)`` of a block's ``is_causal`` argument (position -1: keyword only)
+    causal_arg: tuple[str, int] = ("is_causal", -1)
 
     _KEYS = ("hidden_states", "x", "q_x")
 
@@ -314,6 +314,12 @@ class BlockIO:
         """Adjust a block's other per-token inputs (rotary tables, masks) for ``num_registers``
         appended tokens. Nothing to adjust by default."""
         return args, kwargs
+
+    def causal(self, args: tuple, kwargs: dict) -> bool:
+        """Is the block called with causal attention (``is_causal=True``)?"""
+        key, pos = self.causal_arg
+        v = kwargs.get(key, args[pos] if 0 <= pos < len(args) else False)
+        return v is True
 
     def valid_tokens(self, args: tuple, kwargs: dict) -> torch.Tensor | None:
         """``(B, T)`` bool: which of the block input's ``T`` tokens are real (not padding), or None

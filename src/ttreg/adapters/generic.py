@@ -40,7 +40,6 @@ import torch.nn as nn
 
 from . import roles
 from .base import Adapter, BlockIO
-from .capture import capture_attention
 
 #: attribute of a wrapped model holding its :class:`WrapSpec`
 SPEC_ATTR = "_ttreg_wrap"
@@ -154,9 +153,6 @@ class GenericAdapter(Adapter):
 
     def mean_std(self):
         return self.spec.mean_std or super().mean_std()
-
-    def attention_probs(self, layers: Sequence[int]):
-        return capture_attention({layer: self.attention(layer) for layer in layers})
 
 
 # --- resolving a spec ------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from typing import Any, Iterator, Sequence
 import torch
 import torch.nn as nn
 
-from ..hooks import HookSet, OwnedHook
+from ..calls import tagged
 from . import roles
 from .base import Adapter, BlockIO, DelegatingAdapter, TokenInputsIO
 
@@ -103,48 +103,42 @@ def _pair(v) -> tuple[int, int]:
     return (int(v[0]), int(v[1])) if isinstance(v, (tuple, list)) else (int(v), int(v))
 
 
-def _trim(obj: Any, tokens: int, keep: int) -> Any:
-    """Cut hidden states ``(B, tokens, D)`` and attention maps ``(B, h, tokens, tokens)`` inside a
-    model output back to ``keep`` tokens (nothing a user sees may carry the registers)."""
-    if torch.is_tensor(obj):
-        if obj.dim() == 3 and obj.shape[1] == tokens:
-            return obj[:, :keep]
-        if obj.dim() == 4 and obj.shape[-1] == obj.shape[-2] == tokens:
-            return obj[..., :keep, :keep]
-        return obj
-    if isinstance(obj, dict):                       # ModelOutput is an OrderedDict
+def _visible(h: Any, tokens: int, keep: int) -> Any:
+    """One recorded tensor as the plain model gives it: a hidden state ``(B, tokens, D)`` that was a
+    block's input with the registers appended becomes the tensor the block received (the very one
+    the output was computed from, so gradients reach it); other ``tokens``-long hidden states and
+    ``(B, h, tokens, tokens)`` attention maps are cut back to ``keep`` tokens."""
+    if not torch.is_tensor(h):
+        return h
+    call = tagged(h)
+    if call is not None and call.visible is not None and h.dim() == 3 and h.shape[1] == tokens:
+        return call.visible
+    if h.dim() == 3 and h.shape[1] == tokens:
+        return h[:, :keep]
+    if h.dim() == 4 and h.shape[-1] == h.shape[-2] == tokens:
+        return h[..., :keep, :keep]
+    return h
+
+
+def trim_recorded(output: Any, num_registers: int) -> Any:
+    """A transformers model output (a ``ModelOutput`` or, with ``return_dict=False``, a tuple)
+    with the ``hidden_states`` and ``attentions`` it recorded inside the layers made as the plain
+    model returns them. The visible token count is the last hidden state's."""
+    first = output.get("last_hidden_state") if isinstance(output, dict) else (
+        output[0] if isinstance(output, tuple) and output else None)
+    if not torch.is_tensor(first) or first.dim() != 3:
+        return output
+    keep = int(first.shape[1])
+    tokens = keep + num_registers
+
+    def fix(group):
+        return tuple(_visible(h, tokens, keep) for h in group) if type(group) in (tuple, list) else group
+    if isinstance(output, dict):                       # ModelOutput is an OrderedDict
         for key in ("hidden_states", "attentions"):
-            if obj.get(key) is not None:
-                obj[key] = _trim(obj[key], tokens, keep)
-        return obj
-    if type(obj) in (tuple, list):
-        return type(obj)(_trim(o, tokens, keep) for o in obj)
-    return obj
-
-
-def visible_tokens(output: Any) -> int | None:
-    """Token count of the hidden states a user sees in a model output (``last_hidden_state``,
-    else the shortest recorded hidden state), or None."""
-    last = output.get("last_hidden_state") if isinstance(output, dict) else None
-    if torch.is_tensor(last) and last.dim() == 3:
-        return int(last.shape[1])
-    states = output.get("hidden_states") if isinstance(output, dict) else None
-    sizes = [int(h.shape[1]) for h in states or () if torch.is_tensor(h) and h.dim() == 3]
-    return min(sizes) if sizes else None
-
-
-class TrimRecordedOutputs(OwnedHook):
-    """Forward hook: cut ``num`` test-time registers out of the ``hidden_states`` / ``attentions``
-    a transformers model recorded inside its layers. The visible token count is read from the
-    output itself, so the hook keeps no per-call state, and on a forward without registers no
-    tensor has the extra tokens and nothing is cut."""
-
-    def __init__(self, num: int) -> None:
-        self.num = num
-
-    def __call__(self, mod, args, output):
-        keep = visible_tokens(output)
-        return None if keep is None else _trim(output, keep + self.num, keep)
+            if output.get(key) is not None:
+                output[key] = fix(output[key])
+        return output
+    return type(output)(fix(o) if i else o for i, o in enumerate(output))
 
 
 class HFVisionAdapter(Adapter):
@@ -207,13 +201,23 @@ class HFVisionAdapter(Adapter):
         """An ``attention_mask`` argument of the layers is extended for the registers."""
         return TokenInputsIO(self.token_dim, masks=(("attention_mask", _arg_index(self._layers[0], "attention_mask")),))
 
-    def output_trims(self, num_registers: int) -> list[tuple[nn.Module, Any]]:
+    def output_trims(self) -> list[tuple[nn.Module, Any]]:
         """transformers records ``hidden_states`` and ``attentions`` from inside the layers, where
         the registers are present (5.x: ``hidden_states[0]`` is layer 0's input, and every
-        attention map); cut them off in the outputs of the models that return those."""
+        attention map); the models that return those give them back as the plain model does."""
         from transformers import PreTrainedModel
-        return [(mod, TrimRecordedOutputs(num_registers)) for mod in self.vision.modules()
+        return [(mod, trim_recorded) for mod in self.vision.modules()
                 if mod is self.vision or isinstance(mod, PreTrainedModel)]
+
+    @staticmethod
+    def reentrant_checkpointing(block: nn.Module) -> bool:
+        """transformers checkpoints a layer's ``forward`` (its hooks stay outside) with the
+        ``use_reentrant`` given to ``gradient_checkpointing_enable``."""
+        if not (getattr(block, "gradient_checkpointing", False) and block.training
+                and torch.is_grad_enabled()):
+            return False
+        fn = getattr(block, "_gradient_checkpointing_func", None)
+        return bool(getattr(fn, "keywords", {}).get("use_reentrant", False))
 
     # --- running ---------------------------------------------------------------------------
     def run(self, x: torch.Tensor) -> Any:
@@ -245,46 +249,6 @@ class HFVisionAdapter(Adapter):
 
     def fingerprint_module(self) -> nn.Module:
         return self.vision
-
-    @contextlib.contextmanager
-    def attention_probs(self, layers: Sequence[int]) -> Iterator[dict[int, torch.Tensor]]:
-        """Post-softmax attention through the eager path: every config involved is switched to
-        ``"eager"`` (and, before transformers 5, to ``output_attentions``) until the context ends.
-        The weights are read from whichever attention submodule returns them (the outer one in
-        5.x, the inner self-attention in 4.5x)."""
-        import transformers
-        before_5 = int(transformers.__version__.split(".")[0]) < 5
-        store: dict[int, torch.Tensor] = {}
-        subs = {layer: [m for n, m in self._layers[layer].named_modules()
-                        if n and "attention" in type(m).__name__.lower()] for layer in layers}
-        # the vision config and the attention modules' own; never a composite model's top-level
-        # config, whose setter would rewrite every sub-config on restore
-        configs = {id(c): c for c in [self.config] + [getattr(m, "config", None)
-                                                      for ms in subs.values() for m in ms] if c is not None}
-        with HookSet() as hooks:
-            for cfg in configs.values():
-                if getattr(cfg, "_attn_implementation", None) != "eager":
-                    hooks.set_attr(cfg, "_attn_implementation", "eager")
-                if before_5:
-                    hooks.set_attr(cfg, "output_attentions", True)
-            for layer, mods in subs.items():
-                def grab(mod, args, out, layer=layer):
-                    w = out[1] if isinstance(out, (tuple, list)) and len(out) > 1 else None
-                    if torch.is_tensor(w) and w.dim() == 4 and layer not in store:
-                        store[layer] = w.detach()
-
-                def start(mod, args, layer=layer):
-                    store.pop(layer, None)
-
-                def check(mod, args, out, layer=layer):
-                    if layer not in store:
-                        raise RuntimeError(f"block {layer}: no attention module of "
-                                           f"{type(mod).__name__} returned weights on the eager path")
-                hooks.pre(self._layers[layer], start)
-                for m in mods:
-                    hooks.forward(m, grab)
-                hooks.forward(self._layers[layer], check)
-            yield store
 
 
 class HFDinov2Adapter(HFVisionAdapter):

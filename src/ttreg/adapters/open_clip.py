@@ -16,18 +16,15 @@ only, so a neuron set found on ``model.visual`` applies to ``model`` and back.
 """
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD  # without open_clip,
 from open_clip.timm_model import TimmModel                              # wrap() skips this module
-from open_clip.transformer import Attention as CustomAttention
 from open_clip.transformer import VisionTransformer as OpenCLIPVisionTransformer
 
-from ..hooks import HookSet
 from .base import Adapter, DelegatingAdapter
 from .timm_vit import TimmViTAdapter
 
@@ -48,31 +45,6 @@ def _preprocess(visual: nn.Module):
 
 def _size2(size) -> tuple[int, int]:
     return (int(size[0]), int(size[1])) if isinstance(size, (tuple, list)) else (int(size),) * 2
-
-
-def custom_attention_probs(attn: nn.Module, x: torch.Tensor,
-                           attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Post-softmax probabilities ``(B, heads, T, T)`` of open_clip's ``Attention`` on input ``x``.
-
-    Recomputes what ``Attention.forward`` does before it multiplies by the values (qk-norm,
-    scaled-cosine logits, masks); ``x`` is batch-first, as that module requires.
-    """
-    N, L, _ = x.shape
-    q, k, _ = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
-    q = q.reshape(N, L, attn.num_heads, -1).transpose(1, 2)
-    k = k.reshape(N, L, attn.num_heads, -1).transpose(1, 2)
-    if attn.logit_scale is not None:
-        scale = torch.clamp(attn.logit_scale, max=attn.logit_scale_max).exp()
-        logits = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-1, -2) * scale
-    else:
-        logits = (attn.ln_q(q) * attn.scale) @ attn.ln_k(k).transpose(-1, -2)
-    if attn_mask is not None:
-        if attn_mask.ndim == 3:
-            attn_mask = attn_mask.reshape(N, attn.num_heads, L, L)
-        if attn_mask.dtype == torch.bool:
-            attn_mask = torch.zeros_like(attn_mask, dtype=logits.dtype).masked_fill(attn_mask, float("-inf"))
-        logits = logits + attn_mask.to(logits.dtype)
-    return logits.softmax(dim=-1)
 
 
 class _OpenCLIPModel(Adapter):
@@ -142,37 +114,6 @@ class OpenCLIPViTAdapter(_OpenCLIPModel):
     def parameter(self) -> torch.Tensor:
         return next(self.visual.parameters())
 
-    @contextlib.contextmanager
-    def attention_probs(self, layers: Sequence[int]) -> Iterator[dict[int, torch.Tensor]]:
-        """``nn.MultiheadAttention`` is asked for per-head weights (its explicit path) and the
-        weights are dropped from its output again; open_clip's custom ``Attention`` (whose
-        explicit path cannot run on 4-D heads) gets its probabilities recomputed from its input.
-        Hooks only, all removed on exit."""
-        store: dict[int, torch.Tensor] = {}
-        with HookSet() as hooks:
-            for layer in layers:
-                attn = self.attention(layer)
-                if isinstance(attn, nn.MultiheadAttention):
-                    def ask(mod, args, kwargs):
-                        return args, {**kwargs, "need_weights": True, "average_attn_weights": False}
-
-                    def grab(mod, args, out, layer=layer):
-                        store[layer] = out[1].detach()
-                        return out[0], None
-                    hooks.pre(attn, ask, with_kwargs=True)
-                    hooks.forward(attn, grab)
-                elif isinstance(attn, CustomAttention):
-                    def recompute(mod, args, kwargs, layer=layer):
-                        x = args[0] if args else kwargs["x"]
-                        mask = args[1] if len(args) > 1 else kwargs.get("attn_mask")
-                        with torch.no_grad():
-                            store[layer] = custom_attention_probs(mod, x.detach(), mask)
-                    hooks.pre(attn, recompute, with_kwargs=True)
-                else:
-                    raise TypeError(f"open_clip block {layer} has an attention module "
-                                    f"({type(attn).__name__}) ttreg cannot read maps from")
-            yield store
-
     # --- identity --------------------------------------------------------------------------------
     def architecture(self):
         arch = super().architecture()
@@ -234,4 +175,4 @@ def _timm_adapter(trunk: nn.Module) -> Adapter:
 
 OPEN_CLIP_ADAPTERS: list[type[Adapter]] = [OpenCLIPViTAdapter, OpenCLIPTimmAdapter]
 
-__all__ = ["OpenCLIPViTAdapter", "OpenCLIPTimmAdapter", "OPEN_CLIP_ADAPTERS", "custom_attention_probs"]
+__all__ = ["OpenCLIPViTAdapter", "OpenCLIPTimmAdapter", "OPEN_CLIP_ADAPTERS"]

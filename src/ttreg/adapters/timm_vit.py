@@ -2,15 +2,13 @@
 gated MLPs, ``dynamic_img_size``)."""
 from __future__ import annotations
 
-import contextlib
 import importlib
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn as nn
 
-from ..hooks import HookSet
-from .base import Adapter
+from .base import Adapter, BlockIO, TokenInputsIO
 
 
 def is_timm(model: nn.Module, module: str, name: str) -> bool:
@@ -61,6 +59,11 @@ class TimmViTAdapter(Adapter):
     def entry_module(self, layer: int) -> nn.Module:
         return self.blocks[layer].norm1
 
+    @property
+    def block_io(self) -> BlockIO:
+        """``blk(x, attn_mask=None, is_causal=False)``: a mask is extended for the registers."""
+        return TokenInputsIO(self.token_dim, masks=(("attn_mask", 1),), causal_arg=("is_causal", 2))
+
     def pre_block_module(self) -> nn.Module | None:
         pre = self.model.norm_pre
         return None if isinstance(pre, nn.Identity) else pre
@@ -85,20 +88,3 @@ class TimmViTAdapter(Adapter):
         if hasattr(pe, "dynamic_feat_size") and getattr(self.model, "dynamic_img_size", False):
             return tuple(int(v) for v in pe.dynamic_feat_size(x.shape[-2:]))
         return super().grid_size(x)
-
-    @contextlib.contextmanager
-    def attention_probs(self, layers: Sequence[int]) -> Iterator[dict[int, torch.Tensor]]:
-        store: dict[int, torch.Tensor] = {}
-        with HookSet() as hooks:
-            for layer in layers:
-                attn = self.attention(layer)
-                if not hasattr(attn, "attn_drop"):
-                    raise TypeError(f"timm block {layer} has an attention module "
-                                    f"({type(attn).__name__}) ttreg cannot read maps from")
-                if hasattr(attn, "fused_attn"):
-                    hooks.set_attr(attn, "fused_attn", False)
-
-                def grab(mod, args, out, layer=layer):
-                    store[layer] = args[0].detach()
-                hooks.forward(attn.attn_drop, grab)
-            yield store
