@@ -1,14 +1,14 @@
 """One image set (:class:`ttreg.data.ImageSet`): files or tensor batches normalised once, with a
 length, subsets, one share per rank and batches; the search reads a folder and the same images
 as a tensor to bitwise the same statistics."""
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 import ttreg
 from ttreg import distributed
-from ttreg.data import ImageError, ImageSet, default_transform, image_set, iter_batches, list_image_files, load_image
+from ttreg.data import (ImageError, ImageSet, default_transform, image_set, iter_batches,
+                        list_image_files, load_image)
 from ttreg.neurons import SearchStats, search_stats
 from ttreg.testing import mixed_images
 

@@ -127,7 +127,9 @@ def test_two_gloo_ranks_reduce_as_merge_does(tmp_path):
         assert reduced[name].keys() == merged.keys()
         for field, value in merged.items():
             got = reduced[name][field]
-            assert torch.equal(got, value) if torch.is_tensor(value) else (type(got) is int and got == value), \
-                (name, field)
+            if torch.is_tensor(value):
+                assert torch.equal(got, value), (name, field)
+            else:
+                assert type(got) is int and got == value, (name, field)
     assert reduced["search"]["images"] == 9 and reduced["search"]["activation_bytes"] == 2000
     assert reduced["search"]["memory_budget"] == 8 and reduced["bias"]["images"] == 12

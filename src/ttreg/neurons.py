@@ -49,7 +49,8 @@ class SearchStats(MergeableStats):
     """Mergeable sums from a pass over images: each field declares how shards combine
     (:func:`ttreg.stats.state`), so ``merge`` and ``all_reduce`` give the single-pass numbers."""
 
-    scores: torch.Tensor = state("sum")            # (Ls, H) float64: sum over images of mean |act| on outliers
+    #: (Ls, H) float64: sum over images of the mean |activation| on their outlier tokens
+    scores: torch.Tensor = state("sum")
     images: int = state("sum", 0)
     images_with_outliers: int = state("sum", 0)
     layer_hits: torch.Tensor = state("sum", None)  # (L,) images with outliers at each layer
