@@ -17,22 +17,47 @@ import torch
 
 from . import attention
 from .adapters import wrap
-from .data import shard_batches
+from .data import check_batch_size, shard_batches
 from .distributed import all_reduce_, shard_for_rank
 from .hooks import HookSet
 from .registers import active_registers, test_time_registers
 from .sizes import as_sizes, at_size
 from .spec import AttentionBias, RegisterNeurons, as_register_neurons
+from .stats import MergeableStats, state
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """The options of an attention-bias fit (the token form it measures), each checked once
+    (a one-line ``ValueError`` before any work). Build it with :meth:`of`."""
+
+    num_registers: int
+    preset: str
+    batch_size: int
+    sizes: tuple[tuple[int, int], ...] | None   # None: the size the images come at
+
+    @classmethod
+    def of(cls, *, num_registers, preset, batch_size, sizes) -> "FitConfig":
+        if isinstance(num_registers, bool) or not isinstance(num_registers, int) or num_registers < 1:
+            raise ValueError(f"num_registers must be a whole number >= 1, got {num_registers!r}")
+        return cls(num_registers, preset, check_batch_size(batch_size),
+                   None if sizes is None else tuple(as_sizes(sizes)))
+
+    @property
+    def run_sizes(self) -> list:
+        """The sizes each image runs at, in order; ``[None]``: the size it comes at."""
+        return [None] if self.sizes is None else list(self.sizes)
 
 
 @dataclass
-class BiasStats:
-    """Mergeable sums of the registers' keys and values, per layer and head."""
+class BiasStats(MergeableStats):
+    """Mergeable sums of the registers' keys and values, per layer and head (each field
+    declares how shards combine, :func:`ttreg.stats.state`)."""
 
-    key_sum: torch.Tensor     # (L, heads, d) float64
-    value_sum: torch.Tensor   # (L, heads, dv) float64
-    count: torch.Tensor       # (L,) float64: register tokens summed per layer
-    images: int = 0
+    key_sum: torch.Tensor = state("sum")     # (L, heads, d) float64
+    value_sum: torch.Tensor = state("sum")   # (L, heads, dv) float64
+    count: torch.Tensor = state("sum")       # (L,) float64: register tokens summed per layer
+    images: int = state("sum", 0)
 
     @classmethod
     def zeros(cls, layers: int, heads: int, dim: int, value_dim: int) -> "BiasStats":
@@ -44,17 +69,6 @@ class BiasStats:
         self.key_sum[layer] += key.detach().double().sum(dim=(0, 2)).cpu()
         self.value_sum[layer] += value.detach().double().sum(dim=(0, 2)).cpu()
         self.count[layer] += key.shape[0] * key.shape[2]
-
-    def merge(self, other: "BiasStats") -> "BiasStats":
-        return BiasStats(self.key_sum + other.key_sum, self.value_sum + other.value_sum,
-                         self.count + other.count, self.images + other.images)
-
-    def all_reduce(self) -> "BiasStats":
-        """Sum over all ranks of the default ``torch.distributed`` group."""
-        images = torch.tensor([float(self.images)], dtype=torch.float64)
-        all_reduce_([self.key_sum, self.value_sum, self.count, images])
-        self.images = int(images[0])
-        return self
 
     def mean(self) -> tuple[torch.Tensor, torch.Tensor]:
         n = self.count.clamp_min(1)[:, None, None]
@@ -97,18 +111,16 @@ def fit_attention_bias(model, neurons, images, *, num_registers: int = 1, preset
     """
     ad = wrap(model)
     rn: RegisterNeurons = as_register_neurons(neurons, ad)
-    if isinstance(num_registers, bool) or not isinstance(num_registers, int) or num_registers < 1:
-        raise ValueError(f"num_registers must be a whole number >= 1, got {num_registers!r}")
+    cfg = FitConfig.of(num_registers=num_registers, preset=preset, batch_size=batch_size, sizes=sizes)
     if active_registers(ad):
         raise RuntimeError("remove test-time registers before fitting the attention bias")
     if check:
         rn.check_model(ad)
-    size_list = [None] if sizes is None else as_sizes(sizes)
-    for size in size_list:                       # a size the model cannot take: before any work
+    for size in cfg.run_sizes:                   # a size the model cannot take: before any work
         with at_size(ad, size):
             pass
     images = shard_for_rank(images, strict)
-    L, R = ad.num_layers, num_registers
+    L, R = ad.num_layers, cfg.num_registers
     stats: BiasStats | None = None
     images_seen = 0
 
@@ -120,12 +132,12 @@ def fit_attention_bias(model, neurons, images, *, num_registers: int = 1, preset
     was_training = ad.model.training
     ad.model.eval()
     try:
-        for size in size_list:
+        for size in cfg.run_sizes:
             with at_size(ad, size, probe=False):
-                for x in shard_batches(images, ad, batch_size, transform, strict, progress,
+                for x in shard_batches(images, ad, cfg.batch_size, transform, strict, progress,
                                        "fitting the attention bias", size=size):
                     with torch.no_grad(), HookSet() as hooks, \
-                            test_time_registers(ad, rn, num_registers=R, preset=preset, check=False):
+                            test_time_registers(ad, rn, num_registers=R, preset=cfg.preset, check=False):
                         for layer in range(L):
                             attention.tap(hooks, ad.attention(layer),
                                           kv=(R, lambda k, v, layer=layer: sink(layer, k, v)))
@@ -148,7 +160,7 @@ def fit_attention_bias(model, neurons, images, *, num_registers: int = 1, preset
                          num_images=stats.images, num_registers=R,
                          fingerprint=RegisterNeurons.fingerprint_of(ad),
                          provenance={"method": "ttreg.fit_attention_bias", "model": ad.describe(),
-                                     "preset": preset})
+                                     "preset": cfg.preset})
 
 
-__all__ = ["BiasStats", "fit_attention_bias"]
+__all__ = ["BiasStats", "FitConfig", "fit_attention_bias"]

@@ -29,15 +29,39 @@ from typing import Any, Callable
 import torch
 
 from .adapters import wrap
-from .data import ImageSource, check_images_given, shard_batches
-from .distributed import all_reduce_, resolve, shard
-from .neurons import (MEMORY_BUDGET, _resolve_layer, as_bytes, eval_mode, layers_to_search,
-                      neurons_from_stats, search_options, search_stats)
-from .outliers import check_threshold, norm_ratio, outlier_mask
+from .data import ImageSet, check_images_given, shard_batches
+from .distributed import shard, shared_image_set
+from .neurons import SearchConfig, eval_mode, neurons_from_stats, run_search
+from .outliers import norm_ratio, outlier_mask
 from .registers import test_time_registers, zero_neurons
 from .sizes import Size, as_sizes, at_size, label
 from .spec import RegisterNeurons, as_index
+from .stats import MergeableStats, state
 from .trace import record, run_until
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """The options of the held-out top-k sweep, each checked once (a one-line ``ValueError``
+    before any work). Build it with :meth:`of`."""
+
+    heldout: float          # share of the images held out of the search, in [0, 1)
+    tolerance: float        # share of held-out images allowed to stay uncleared, in [0, 1]
+    slack: float            # cleared: within 1 + slack of zeroing the candidates
+    max_k: int | None       # the most neurons the sweep considers (None: 1% of the searched)
+    top_k: int | str        # a number of neurons, or "auto" (the sweep chooses)
+
+    @classmethod
+    def of(cls, *, heldout, tolerance, slack, max_k, top_k) -> "SweepConfig":
+        if isinstance(heldout, bool) or not isinstance(heldout, (int, float)) or not 0 <= heldout < 1:
+            raise ValueError(f"heldout must be a share in [0, 1), got {heldout!r}")
+        if not (isinstance(tolerance, (int, float)) and 0 <= tolerance <= 1):
+            raise ValueError(f"tolerance must be a share in [0, 1], got {tolerance!r}")
+        if max_k is not None and as_index(max_k, "max_k") < 1:
+            raise ValueError(f"max_k must be at least 1, got {max_k!r}")
+        if top_k != "auto":
+            top_k = as_index(top_k, "top_k")
+        return cls(heldout, tolerance, slack, max_k, top_k)
 
 
 @dataclass
@@ -89,13 +113,13 @@ class Calibration:
                        f" ({'cleared' if r['cleared'] else 'NOT cleared'})" for size, r in per.items())
 
 
-def _measure_given(ad, src, neurons: RegisterNeurons, threshold, det: int, batch_size: int,
-                   transform, strict: bool, skipped: list,
-                   sizes: tuple[list[Size | None], list[str]], tolerance: float) -> Calibration:
+def _measure_given(ad, src: ImageSet, neurons: RegisterNeurons, cfg: SearchConfig, transform,
+                   strict: bool, skipped: list, labels: list[str], tolerance: float) -> Calibration:
     """Measure a given set on all the images at each size: outliers before and after test-time
     registers; the sizes join those the set records as measured."""
     neurons.check_model(ad)
-    held = _Heldout(ad, src, det, threshold, batch_size, transform, strict, *sizes)
+    det, threshold = cfg.detection_layer, cfg.threshold
+    held = _Heldout(ad, src, cfg, transform, strict, labels)
     plain, edited = held.measure(), held.measure(neurons)
     before, after = plain.summary, edited.summary
     n = held.n
@@ -104,11 +128,11 @@ def _measure_given(ad, src, neurons: RegisterNeurons, threshold, det: int, batch
               "num_search_images": 0, "num_heldout_images": n, "num_skipped": len(skipped),
               "skipped": skipped, "sweep": [], "given_neurons": True,
               "heldout_before": before, "heldout_after": after,
-              "sizes": sizes[1],
+              "sizes": labels,
               "per_size": _per_size(held, plain, edited, tolerance)}
     out = RegisterNeurons.from_dict(neurons.to_dict())
     out.attention_bias = neurons.attention_bias
-    out.with_measured_sizes(_as_recorded(sizes[1]))
+    out.with_measured_sizes(_as_recorded(labels))
     out.statistics.update({"measured_on_images": n, "measured_detection_layer": det,
                            "measured_before": before, "measured_after": after,
                            "measured_per_size": report["per_size"]})
@@ -117,18 +141,18 @@ def _measure_given(ad, src, neurons: RegisterNeurons, threshold, det: int, batch
     return Calibration(out, report)
 
 
-def _split(src: ImageSource | torch.Tensor, heldout: float) -> tuple[Any, Any]:
+def _split(src: ImageSet, heldout: float) -> tuple[Any, Any]:
     """A fixed pseudo-random share ``heldout`` of the images is held out (deterministic; not
-    every k-th image, which would pick one kind from a set that cycles through kinds)."""
-    n = len(src.items) if isinstance(src, ImageSource) else src.shape[0]
+    every k-th image, which would pick one kind from a set that cycles through kinds).
+    ``src``: an :class:`~ttreg.data.ImageSet` (or anything with ``len`` that indexes by a list
+    of indices, such as a tensor batch)."""
+    n = len(src)
     if n < 2 or heldout <= 0:
         return src, src
     n_held = min(n - 1, max(1, round(n * heldout)))
     order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
     held = sorted(order[:n_held].tolist())
     keep = sorted(order[n_held:].tolist())
-    if isinstance(src, ImageSource):
-        return src.subset(keep), src.subset(held)
     return src[keep], src[held]
 
 
@@ -142,16 +166,48 @@ class _Pass:
 
     ratio: torch.Tensor       # (sizes * n_local,)
     outliers: torch.Tensor    # (sizes * n_local,) bool
-    sums: torch.Tensor        # (sizes, 4) float64: images, with outliers, sum of ratios, of max norms
+    sums: "HeldoutSums"       # per size, over all ranks
 
     @property
     def summary(self) -> dict[str, float]:
         """Over all sizes (each image counts once per size)."""
-        return _summary(self.sums.sum(dim=0))
+        return _summary(self.sums.table().sum(dim=0))
 
     def at(self, i: int) -> dict[str, float]:
         """At the ``i``-th size."""
-        return _summary(self.sums[i])
+        return _summary(self.sums.table()[i])
+
+
+@dataclass
+class HeldoutSums(MergeableStats):
+    """Mergeable sums of a pass over held-out images, per size (``(sizes,)`` float64 each)."""
+
+    images: torch.Tensor = state("sum")
+    with_outliers: torch.Tensor = state("sum")   # images with outlier tokens
+    ratio_sum: torch.Tensor = state("sum")       # of the max/median patch norms
+    max_norm_sum: torch.Tensor = state("sum")    # of the max patch norms
+
+    @classmethod
+    def zeros(cls, sizes: int) -> "HeldoutSums":
+        return cls(*(torch.zeros(sizes, dtype=torch.float64) for _ in range(4)))
+
+    def add(self, i: int, ratio: torch.Tensor, outliers: torch.Tensor, top: torch.Tensor) -> None:
+        """Add a batch's per-image numbers (:func:`_image_numbers`) at the ``i``-th size."""
+        self.images[i] += float(len(ratio))
+        self.with_outliers[i] += outliers.sum().double().cpu()
+        self.ratio_sum[i] += ratio.double().sum().cpu()
+        self.max_norm_sum[i] += top.double().sum().cpu()
+
+    def table(self) -> torch.Tensor:
+        """``(sizes, 4)``: images, with outliers, sum of ratios, of max norms."""
+        return torch.stack([self.images, self.with_outliers, self.ratio_sum, self.max_norm_sum], dim=1)
+
+
+@dataclass
+class HeldoutCounts(MergeableStats):
+    """Per size, how many held-out images meet a test (``(sizes,)`` float64)."""
+
+    count: torch.Tensor = state("sum")
 
 
 def _summary(sums: torch.Tensor) -> dict[str, float]:
@@ -177,13 +233,14 @@ class _Heldout:
     detection layer only and leaves per-image numbers (:class:`_Pass`); counts and sums are
     all-reduced."""
 
-    def __init__(self, ad, images, det: int, threshold, batch_size: int, transform, strict: bool,
-                 sizes: list[Size | None], labels: list[str]):
-        self.ad, self.det, self.threshold = ad, det, threshold
-        self.batch_size, self.transform, self.strict = batch_size, transform, strict
-        self.n = len(images.items) if isinstance(images, ImageSource) else int(images.shape[0])
+    def __init__(self, ad, images: ImageSet, cfg: SearchConfig, transform, strict: bool,
+                 labels: list[str]):
+        self.ad, self.det, self.threshold = ad, cfg.detection_layer, cfg.threshold
+        self.batch_size, self.transform, self.strict = cfg.batch_size, transform, strict
+        self.n = len(images)
         self.images = shard(images)
-        self.sizes, self.labels = sizes, labels
+        self.sizes: list[Size | None] = cfg.run_sizes
+        self.labels = labels
 
     @torch.no_grad()
     def measure(self, neurons: RegisterNeurons | None = None, mode: str = "registers",
@@ -199,7 +256,7 @@ class _Heldout:
         else:
             edit, R = test_time_registers(ad, neurons, num_registers=1, preset=preset, check=False), 1
         ratios, outliers = [], []
-        sums = torch.zeros(len(self.sizes), 4, dtype=torch.float64)
+        sums = HeldoutSums.zeros(len(self.sizes))
         with edit, record(ad, [det]) as rec:
             for i, size in enumerate(self.sizes):
                 with at_size(ad, size, probe=False):
@@ -210,18 +267,16 @@ class _Heldout:
                                                          self.threshold)
                         ratios.append(ratio.cpu())
                         outliers.append(out.cpu())
-                        sums[i] += torch.stack([torch.tensor(float(len(ratio))), out.sum().double().cpu(),
-                                                ratio.double().sum().cpu(), top.double().sum().cpu()]).double()
-        all_reduce_([sums])
+                        sums.add(i, ratio, out, top)
+        sums.all_reduce()
         cat = lambda xs, dtype: torch.cat(xs) if xs else torch.zeros(0, dtype=dtype)  # noqa: E731
         return _Pass(cat(ratios, torch.float32), cat(outliers, torch.bool), sums)
 
     def shares(self, local: torch.Tensor) -> list[float]:
         """Per size, the share of all held-out images (every rank's) for which ``local`` (one
         entry per image of this rank and size, as in :class:`_Pass`) is True."""
-        count = local.reshape(len(self.sizes), -1).sum(dim=1).double()
-        all_reduce_([count])
-        return [float(c) / max(self.n, 1) for c in count]
+        counts = HeldoutCounts(local.reshape(len(self.sizes), -1).sum(dim=1).double()).all_reduce()
+        return [float(c) / max(self.n, 1) for c in counts.count]
 
     def share(self, local: torch.Tensor) -> float:
         """The largest share over the sizes of held-out images for which ``local`` is True: a
@@ -232,15 +287,6 @@ class _Heldout:
 def _as_recorded(labels: list[str]) -> list[Size]:
     """Size labels (``"224x224"``) as the neuron file records them."""
     return [as_sizes(name)[0] for name in labels]
-
-
-def _input_size(ad, src, transform) -> Size:
-    """The size the images reach the model at without ``sizes``: a tensor batch's own, else
-    what the transform (or the model's default one) makes of the first image."""
-    if torch.is_tensor(src):
-        return tuple(int(v) for v in src.shape[-2:])
-    from .data import default_transform
-    return tuple(int(v) for v in (transform or default_transform(ad))(src.image(0)).shape[-2:])
 
 
 def _per_size(held: _Heldout, plain: _Pass, edited: _Pass, tolerance: float) -> dict[str, dict]:
@@ -383,70 +429,48 @@ def calibrate(model, images, *, threshold: float | str = "auto", detection_layer
     ``ValueError`` before any work. When ``top_k="auto"`` clears nothing, the best available set
     is returned with ``report["top_k_cleared"]`` False (``top_k_reason`` says why) and a warning.
     """
-    threshold = check_threshold(threshold)
-    if isinstance(heldout, bool) or not isinstance(heldout, (int, float)) or not 0 <= heldout < 1:
-        raise ValueError(f"heldout must be a share in [0, 1), got {heldout!r}")
-    if not (isinstance(tolerance, (int, float)) and 0 <= tolerance <= 1):
-        raise ValueError(f"tolerance must be a share in [0, 1], got {tolerance!r}")
-    if max_k is not None and as_index(max_k, "max_k") < 1:
-        raise ValueError(f"max_k must be at least 1, got {max_k!r}")
-    if top_k != "auto":
-        top_k = as_index(top_k, "top_k")
-    if as_index(batch_size, "batch_size") < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size!r}")
-    memory_budget = as_bytes(MEMORY_BUDGET if memory_budget is None else memory_budget)
-    check_images_given(images)
     ad = wrap(model)
-    det = _resolve_layer(detection_layer, ad.num_layers, "detection_layer")
-    opts = search_options(preset, include_prefix, sparsity)
-    layers_to_search(top_layer, det, ad.num_layers)
-    size_list = None if sizes is None else as_sizes(sizes)
-    for size in size_list or ():                 # a size the model cannot take: before any work
-        with at_size(ad, size):
-            pass
-    skipped = []
-    if torch.is_tensor(images):
-        src = images
-    else:
-        src = images if isinstance(images, ImageSource) else resolve(images, strict=strict)
-        skipped = [s.__dict__ for s in src.skipped]
-    run_sizes = size_list or [None]
-    size_plan = (run_sizes, [label(s or _input_size(ad, src, transform)) for s in run_sizes])
+    cfg = SearchConfig.of(ad.num_layers, threshold=threshold, detection_layer=detection_layer,
+                          top_layer=top_layer, batch_size=batch_size, preset=preset,
+                          include_prefix=include_prefix, sparsity=sparsity,
+                          memory_budget=memory_budget, sizes=sizes)
+    sweep = SweepConfig.of(heldout=heldout, tolerance=tolerance, slack=slack, max_k=max_k,
+                           top_k=top_k)
+    check_images_given(images)
+    cfg.check_sizes(ad)
+    src = shared_image_set(images, strict)
+    skipped = [s.__dict__ for s in src.skipped]
+    labels = [label(s or src.input_size(ad, transform)) for s in cfg.run_sizes]
     with eval_mode(ad.model):
         if neurons is not None:
-            cal = _measure_given(ad, src, neurons, threshold, det, batch_size, transform, strict,
-                                 skipped, size_plan, tolerance)
+            cal = _measure_given(ad, src, neurons, cfg, transform, strict, skipped, labels,
+                                 sweep.tolerance)
         else:
-            cal = _calibrate(ad, src, skipped, threshold=threshold, det=det, top_layer=top_layer,
-                             top_k=top_k, max_k=max_k, heldout=heldout, tolerance=tolerance,
-                             slack=slack, batch_size=batch_size, transform=transform, strict=strict,
-                             progress=progress, preset=preset, opts=opts, memory_budget=memory_budget,
-                             sizes=size_plan)
+            cal = _calibrate(ad, src, skipped, cfg, sweep, transform=transform, strict=strict,
+                             progress=progress, labels=labels)
         if attention_bias and len(cal.neurons) and cal.neurons.attention_bias is None:
             from .bias import fit_attention_bias
             cal.neurons.attention_bias = fit_attention_bias(
-                ad, cal.neurons, src, preset=preset, batch_size=batch_size, transform=transform,
-                strict=strict, progress=progress, check=False, sizes=size_list)
+                ad, cal.neurons, src, preset=preset, batch_size=cfg.batch_size, transform=transform,
+                strict=strict, progress=progress, check=False,
+                sizes=None if cfg.sizes is None else list(cfg.sizes))
         if cal.neurons.attention_bias is not None:
             cal.report["attention_bias"] = cal.neurons.attention_bias.summary()
     return cal
 
 
-def _calibrate(ad, src, skipped, *, threshold, det, top_layer, top_k, max_k, heldout, tolerance,
-               slack, batch_size, transform, strict, progress, preset, opts,
-               memory_budget, sizes) -> Calibration:
+def _calibrate(ad, src: ImageSet, skipped, cfg: SearchConfig, sweep: SweepConfig, *, transform,
+               strict, progress, labels: list[str]) -> Calibration:
     L = ad.num_layers
-    search_layers = layers_to_search(top_layer, det, L)
+    det, threshold, preset, opts = cfg.detection_layer, cfg.threshold, cfg.preset, cfg.options
+    top_layer, top_k, max_k = cfg.top_layer, sweep.top_k, sweep.max_k
+    heldout, tolerance, slack = sweep.heldout, sweep.tolerance, sweep.slack
     search_src, held_src = _split(src, heldout)
-    n_search = len(search_src.items) if isinstance(search_src, ImageSource) else search_src.shape[0]
-    n_held = len(held_src.items) if isinstance(held_src, ImageSource) else held_src.shape[0]
+    n_search, n_held = len(search_src), len(held_src)
     if max_k is None:
         max_k = max(16, (L * ad.mlp_width(0)) // 100)
     k_search = max_k if top_k == "auto" else int(top_k)
-    stats = search_stats(ad, search_src, threshold=threshold, detection_layer=det,
-                         search_layers=search_layers, batch_size=batch_size, transform=transform,
-                         progress=progress, strict=strict, memory_budget=memory_budget,
-                         sizes=None if sizes[0] == [None] else sizes[0], **opts)
+    stats = run_search(ad, search_src, cfg, transform=transform, progress=progress, strict=strict)
     rank = lambda top: neurons_from_stats(ad, stats, det=det, threshold=threshold, top_layer=top,
                                           top_k=k_search, preset=preset, **opts)
     ranked = rank(top_layer)
@@ -464,12 +488,12 @@ def _calibrate(ad, src, skipped, *, threshold, det, top_layer, top_k, max_k, hel
         "per_layer": {k: v for k, v in st.items() if k not in ("emergence_layer", "emergence_rule",
                                                                 "majority_layer", "search_memory")},
     }
-    held = _Heldout(ad, held_src, det, threshold, batch_size, transform, strict, *sizes)
+    held = _Heldout(ad, held_src, cfg, transform, strict, labels)
     plain = held.measure()
     before = plain.summary
     report["heldout_before"] = before
-    report["sizes"] = sizes[1]
-    recorded = _as_recorded(sizes[1])
+    report["sizes"] = labels
+    recorded = _as_recorded(labels)
     if not len(ranked):
         report.update(heldout_after=before, top_k=0, top_k_rule="no outliers",
                       per_size=_per_size(held, plain, plain, tolerance))

@@ -1,5 +1,10 @@
 """Images in, robustly: folders, list files, paths, PIL images or tensors -> normalised batches.
 
+Every input is made one :class:`ImageSet` at the boundary (:func:`image_set`; under
+``torch.distributed``, :func:`ttreg.distributed.shared_image_set`): files or tensor batches, with
+a length, subsets, one share per rank and batches, so the search, the held-out sweep, the
+attention-bias fit and the sizes never ask again what they were given.
+
 Every failure a user can hit becomes an :class:`ImageError` with a one-line message; unreadable
 files are skipped and listed unless ``strict`` is set.
 
@@ -13,6 +18,7 @@ the source, so its memory is bounded by the output size whatever the aspect rati
 """
 from __future__ import annotations
 
+import bisect
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -21,6 +27,8 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
+
+from .spec import as_index
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 #: images larger than this many pixels are refused (decompression-bomb guard)
@@ -64,6 +72,91 @@ class ImageSource:
 
     def subset(self, indices) -> "ImageSource":
         return ImageSource([self.items[i] for i in indices], [self.names[i] for i in indices])
+
+
+@dataclass(frozen=True, eq=False)
+class ImageSet:
+    """The images of one call, normalised once at the boundary (:func:`image_set`): image files
+    or PIL images (``source``, an :class:`ImageSource`, decoded batch by batch so memory stays
+    flat), or tensor batches ``(N, C, H, W)`` (``parts``, kept apart so that no batch spans two
+    of them). The search, the held-out sweep, the attention-bias fit and the sizes take one;
+    it has a length, :meth:`subset`, :meth:`shard` (one rank's share) and :meth:`batches`."""
+
+    source: ImageSource | None = None
+    parts: tuple[torch.Tensor, ...] = ()
+
+    def __len__(self) -> int:
+        if self.source is not None:
+            return len(self.source)
+        return sum(int(t.shape[0]) for t in self.parts)
+
+    @property
+    def skipped(self) -> list[Skipped]:
+        """The files that could not be read (none for tensors)."""
+        return [] if self.source is None else self.source.skipped
+
+    def subset(self, indices) -> "ImageSet":
+        """The images at ``indices`` (of the whole set), in that order."""
+        indices = [int(i) for i in indices]
+        if self.source is not None:
+            return ImageSet(self.source.subset(indices))
+        offsets = [0]
+        for t in self.parts:
+            offsets.append(offsets[-1] + int(t.shape[0]))
+        runs: list[tuple[int, list[int]]] = []   # consecutive indices into one part: one tensor
+        for i in indices:
+            if not 0 <= i < offsets[-1]:
+                raise IndexError(f"image {i} is out of range for a set of {offsets[-1]} images")
+            p = bisect.bisect_right(offsets, i) - 1
+            if not runs or runs[-1][0] != p:
+                runs.append((p, []))
+            runs[-1][1].append(i - offsets[p])
+        parts = [self.parts[p][local] for p, local in runs]
+        return ImageSet(parts=tuple(parts))
+
+    def __getitem__(self, indices) -> "ImageSet":
+        """``images[indices]``: :meth:`subset`, as a tensor batch indexes by a list."""
+        return self.subset(indices)
+
+    def shard(self, rank: int, world_size: int) -> "ImageSet":
+        """Rank ``rank``'s share of ``world_size``: every ``world_size``-th image, from the
+        rank (possibly none); the set itself when there is one rank."""
+        if world_size == 1:
+            return self
+        return self.subset(range(rank, len(self), world_size))
+
+    def batches(self, adapter, batch_size: int, transform: Callable | None = None,
+                size: tuple[int, int] | None = None) -> Iterator[torch.Tensor]:
+        """``(B, C, H, W)`` batches on the model's device and dtype (see :func:`iter_batches`
+        for ``transform`` and ``size``); none for an empty set."""
+        check_batch_size(batch_size)
+        p = adapter.parameter()
+        if size is not None:
+            from .sizes import resize
+            fit = lambda x: resize(x, size)  # noqa: E731
+        else:
+            fit = lambda x: x  # noqa: E731
+        for t in self.parts:
+            for i in range(0, len(t), batch_size):
+                yield fit(check_finite(t[i:i + batch_size])).to(p.device, p.dtype)
+        src = self.source
+        if src is None:
+            return
+        if transform is None and size is not None:
+            transform = make_transform(size, *adapter.mean_std())
+        tf = transform or default_transform(adapter)
+        for i in range(0, len(src.items), batch_size):
+            x = torch.stack([tf(src.image(j)) for j in range(i, min(i + batch_size, len(src.items)))])
+            yield fit(check_finite(x)).to(p.device, p.dtype)
+
+    def input_size(self, adapter, transform: Callable | None = None) -> tuple[int, int]:
+        """The size ``(H, W)`` the images reach the model at when no size is asked for: a
+        tensor batch's own, else what ``transform`` (or the model's default one) makes of the
+        first image."""
+        if self.source is None:
+            return tuple(int(v) for v in self.parts[0].shape[-2:])
+        tf = transform or default_transform(adapter)
+        return tuple(int(v) for v in tf(self.source.image(0)).shape[-2:])
 
 
 def display_name(path: str | os.PathLike) -> str:
@@ -285,6 +378,13 @@ def resolve_images(images, strict: bool = False) -> ImageSource:
     return build_source(images, entries, check_entries(entries, range(len(entries)), strict))
 
 
+def check_batch_size(batch_size) -> int:
+    """``batch_size`` as a whole number >= 1; a one-line ``ValueError`` otherwise."""
+    if as_index(batch_size, "batch_size") < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    return int(batch_size)
+
+
 def check_images_given(images) -> None:
     """Refuse an empty batch or list before any work (one line)."""
     n = count_images(images)
@@ -325,43 +425,43 @@ def check_finite(x: torch.Tensor, what: str = "input") -> torch.Tensor:
     return x
 
 
+def _as_batch(t: torch.Tensor) -> torch.Tensor:
+    """A tensor image ``(C, H, W)`` or batch ``(N, C, H, W)`` as a non-empty batch."""
+    if t.dim() == 3:
+        t = t[None]
+    if t.dim() != 4:
+        raise ImageError(f"expected an image batch (N, C, H, W), got shape {tuple(t.shape)}")
+    check_images_given(t)
+    return t
+
+
+def image_set(images, strict: bool = False, resolve: Callable | None = None) -> ImageSet:
+    """Any image input as an :class:`ImageSet`, the one place that asks what it is: a tensor
+    ``(N, C, H, W)`` (or one image ``(C, H, W)``), a list of such tensors, an
+    :class:`ImageSource`, or anything :func:`resolve_images` takes (resolved by ``resolve``,
+    default :func:`resolve_images`, with ``strict``). An :class:`ImageSet` is returned as is."""
+    if isinstance(images, ImageSet):
+        return images
+    if isinstance(images, ImageSource):
+        return ImageSet(images)
+    if torch.is_tensor(images):
+        return ImageSet(parts=(_as_batch(images),))
+    if isinstance(images, (list, tuple)) and images and all(torch.is_tensor(t) for t in images):
+        return ImageSet(parts=tuple(_as_batch(t) for t in images))
+    return ImageSet((resolve or resolve_images)(images, strict=strict))
+
+
 def iter_batches(images, adapter, batch_size: int = 16, transform: Callable | None = None,
                  strict: bool = False, size: tuple[int, int] | None = None) -> Iterator[torch.Tensor]:
     """Yield ``(B, C, H, W)`` batches on the model's device and dtype.
 
-    ``images``: a tensor ``(N, C, H, W)``, an iterable of such tensors, or anything
-    :func:`resolve_images` takes. ``size`` ``(H, W)``: bring every batch to that size --
-    image files without a ``transform`` by the default resize and centre crop at that size,
-    tensors (and what a ``transform`` gives) by resizing (:func:`ttreg.sizes.resize`).
+    ``images``: a tensor ``(N, C, H, W)``, an iterable of such tensors, an :class:`ImageSet`,
+    or anything :func:`resolve_images` takes. ``size`` ``(H, W)``: bring every batch to that
+    size -- image files without a ``transform`` by the default resize and centre crop at that
+    size, tensors (and what a ``transform`` gives) by resizing (:func:`ttreg.sizes.resize`).
+    A ``transform`` applies to image files and PIL images, not to tensors.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    p = adapter.parameter()
-    if size is not None:
-        from .sizes import resize
-        fit = lambda x: resize(x, size)  # noqa: E731
-    else:
-        fit = lambda x: x  # noqa: E731
-    if torch.is_tensor(images):
-        if images.dim() == 3:
-            images = images[None]
-        if images.dim() != 4:
-            raise ImageError(f"expected an image batch (N, C, H, W), got shape {tuple(images.shape)}")
-        check_images_given(images)
-        for i in range(0, len(images), batch_size):
-            yield fit(check_finite(images[i:i + batch_size])).to(p.device, p.dtype)
-        return
-    if isinstance(images, (list, tuple)) and images and all(torch.is_tensor(t) for t in images):
-        for t in images:
-            yield from iter_batches(t, adapter, batch_size, size=size)
-        return
-    src = images if isinstance(images, ImageSource) else resolve_images(images, strict=strict)
-    if transform is None and size is not None:
-        transform = make_transform(size, *adapter.mean_std())
-    tf = transform or default_transform(adapter)
-    for i in range(0, len(src.items), batch_size):
-        x = torch.stack([tf(src.image(j)) for j in range(i, min(i + batch_size, len(src.items)))])
-        yield fit(check_finite(x)).to(p.device, p.dtype)
+    yield from image_set(images, strict).batches(adapter, batch_size, transform, size)
 
 
 def batches_with_progress(batches: Iterator[torch.Tensor], images, batch_size: int, desc: str,
@@ -379,18 +479,18 @@ def shard_batches(images, adapter, batch_size: int, transform: Callable | None =
                   size: tuple[int, int] | None = None) -> Iterator[torch.Tensor]:
     """:func:`iter_batches` over one rank's share of the images, which may be empty (a rank of
     a ``torch.distributed`` run with fewer images than ranks): then no batch at all."""
-    if count_images(images) == 0:
+    images = image_set(images, strict)
+    if len(images) == 0:
         return iter(())
-    return batches_with_progress(iter_batches(images, adapter, batch_size, transform, strict=strict,
-                                              size=size),
+    return batches_with_progress(images.batches(adapter, batch_size, transform, size),
                                  images, batch_size, desc, progress)
 
 
 def count_images(images) -> int | None:
     if torch.is_tensor(images):
         return images.shape[0] if images.dim() == 4 else 1
-    if isinstance(images, ImageSource):
-        return len(images.items)
+    if isinstance(images, (ImageSource, ImageSet)):
+        return len(images)
     if isinstance(images, (list, tuple)):
         if images and all(torch.is_tensor(t) for t in images):
             return sum(t.shape[0] for t in images)

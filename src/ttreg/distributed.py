@@ -1,9 +1,10 @@
 """``torch.distributed`` for calibration: which images a rank reads, and summing what it measured.
 
 Every statistic of calibration is a sum or a count (the search's :class:`~ttreg.SearchStats`, the
-held-out sweep's, the attention-bias fit's), so under ``torchrun`` each rank reads every
-world-size-th image and the sums are all-reduced: every rank then holds the single-process
-numbers. Nothing here does anything in a single process.
+held-out sweep's, the attention-bias fit's; each declares its reductions, :mod:`ttreg.stats`),
+so under ``torchrun`` each rank reads every world-size-th image of the one
+:class:`~ttreg.data.ImageSet` (:func:`shard_for_rank`) and the sums are all-reduced: every rank
+then holds the single-process numbers. Nothing here does anything in a single process.
 
 Ranks must make the same collective calls in the same order, so every decision taken between
 two reductions depends only on reduced numbers (never on a rank's own share).
@@ -90,25 +91,24 @@ def all_gather(obj) -> list:
 
 
 def shard(images):
-    """This rank's share of ``images`` (a tensor batch or an :class:`~ttreg.data.ImageSource`):
-    every world-size-th image, starting at the rank. Unchanged in one process."""
-    rank, size = world()
-    if size == 1:
-        return images
-    if torch.is_tensor(images):
-        return images[rank::size]
-    return images.subset(range(rank, len(images), size))
+    """This rank's share of ``images`` as an :class:`~ttreg.data.ImageSet` (anything
+    :func:`ttreg.data.image_set` takes): every world-size-th image, starting at the rank.
+    The whole set in one process."""
+    from .data import image_set
+    return image_set(images).shard(*world())
+
+
+def shared_image_set(images, strict: bool = False):
+    """:func:`ttreg.data.image_set`, with image files resolved by :func:`resolve` (the check
+    that they decode shared out over the ranks): the same set on every rank."""
+    from .data import image_set
+    return image_set(images, strict, resolve=resolve)
 
 
 def shard_for_rank(images, strict: bool = False):
-    """This rank's share of any image input (resolved first, see :func:`resolve`); unchanged in
-    one process."""
-    if world()[1] == 1:
-        return images
-    from .data import ImageSource
-    if not torch.is_tensor(images) and not isinstance(images, ImageSource):
-        images = resolve(images, strict)
-    return shard(images)
+    """This rank's share of any image input, as an :class:`~ttreg.data.ImageSet` (see
+    :func:`shared_image_set`); the whole set in one process."""
+    return shared_image_set(images, strict).shard(*world())
 
 
 def resolve(images, strict: bool = False):
@@ -128,4 +128,5 @@ def resolve(images, strict: bool = False):
     return build_source(images, entries, bad)
 
 
-__all__ = ["world", "is_main", "launched", "local_device", "all_reduce_", "all_gather", "shard", "shard_for_rank", "resolve"]
+__all__ = ["world", "is_main", "launched", "local_device", "all_reduce_", "all_gather", "shard",
+           "shared_image_set", "shard_for_rank", "resolve"]

@@ -23,13 +23,14 @@ from typing import Callable, Iterator
 import torch
 
 from .adapters import Adapter, wrap
-from .data import ImageError, check_images_given, shard_batches
-from .distributed import all_reduce_, shard_for_rank
+from .data import ImageError, check_batch_size, check_images_given, shard_batches
+from .distributed import shard_for_rank
 from .outliers import (AUTO_MIN_RATIO, check_threshold, JUMP_SHARE, emergence_layer, layers_with_outliers,
                        majority_layer, norm_ratio, outlier_mask)
 from .registers import active_registers
 from .sizes import as_sizes, at_size, label
 from .spec import RegisterNeurons, as_bytes, as_index
+from .stats import MergeableStats, state
 from .hooks import HookSet
 from .trace import record, run_until
 
@@ -42,50 +43,33 @@ SEARCH_PRESETS = {"paper": {"include_prefix": False, "sparsity": False},
 SPARSE_ACTIVATION = 0.5
 SPARSE_FRACTION = 0.5
 
-_SUMS = ("scores", "layer_hits", "ratio_sum", "max_norm_sum", "median_norm_sum", "outlier_log_ratio_sum")
-
 
 @dataclass
-class SearchStats:
-    """Mergeable sums from a pass over images."""
+class SearchStats(MergeableStats):
+    """Mergeable sums from a pass over images: each field declares how shards combine
+    (:func:`ttreg.stats.state`), so ``merge`` and ``all_reduce`` give the single-pass numbers."""
 
-    scores: torch.Tensor            # (Ls, H) float64: sum over images of mean |act| on outliers
-    images: int = 0
-    images_with_outliers: int = 0
-    layer_hits: torch.Tensor = None  # (L,) images with outliers at each layer
-    ratio_sum: torch.Tensor = None   # (L,) sum over images of max/median patch norm
-    max_norm_sum: torch.Tensor = None     # (L,) sum over images of the max patch norm
-    median_norm_sum: torch.Tensor = None  # (L,) sum over images of the median patch norm
+    #: (Ls, H) float64: sum over images of the mean |activation| on their outlier tokens
+    scores: torch.Tensor = state("sum")
+    images: int = state("sum", 0)
+    images_with_outliers: int = state("sum", 0)
+    layer_hits: torch.Tensor = state("sum", None)  # (L,) images with outliers at each layer
+    ratio_sum: torch.Tensor = state("sum", None)   # (L,) sum over images of max/median patch norm
+    max_norm_sum: torch.Tensor = state("sum", None)     # (L,) sum over images of the max patch norm
+    median_norm_sum: torch.Tensor = state("sum", None)  # (L,) sum over images of the median patch norm
     #: (L,) sum over images with outliers of log(mean norm of the detection layer's outlier
     #: tokens at layer l / median patch norm at layer l): the outliers followed back in depth
-    outlier_log_ratio_sum: torch.Tensor = None
+    outlier_log_ratio_sum: torch.Tensor = state("sum", None)
     #: how the pass ran (not statistics): the largest one-pass activation memory of a batch
     #: (:func:`one_pass_bytes`) and the budget it was held against (merged by maximum)
-    activation_bytes: int = 0
-    memory_budget: int = 0
+    activation_bytes: int = state("max", 0)
+    memory_budget: int = state("max", 0)
 
     @classmethod
     def zeros(cls, num_layers: int, search_layers: int, width: int) -> "SearchStats":
         z = lambda *s: torch.zeros(*s, dtype=torch.float64)
         return cls(z(search_layers, width), 0, 0, z(num_layers), z(num_layers), z(num_layers),
                    z(num_layers), z(num_layers))
-
-    def merge(self, other: "SearchStats") -> "SearchStats":
-        sums = {k: getattr(self, k) + getattr(other, k) for k in _SUMS}
-        return SearchStats(images=self.images + other.images,
-                           images_with_outliers=self.images_with_outliers + other.images_with_outliers,
-                           activation_bytes=max(self.activation_bytes, other.activation_bytes),
-                           memory_budget=max(self.memory_budget, other.memory_budget), **sums)
-
-    def all_reduce(self) -> "SearchStats":
-        """Sum the statistics over all ranks of the default ``torch.distributed`` group."""
-        counts = torch.tensor([self.images, self.images_with_outliers], dtype=torch.float64)
-        all_reduce_([getattr(self, k) for k in _SUMS] + [counts])
-        peak = torch.tensor([self.activation_bytes, self.memory_budget], dtype=torch.float64)
-        all_reduce_([peak], op="max")
-        self.images, self.images_with_outliers = int(counts[0]), int(counts[1])
-        self.activation_bytes, self.memory_budget = int(peak[0]), int(peak[1])
-        return self
 
     @property
     def search_memory(self) -> dict:
@@ -259,6 +243,85 @@ def search_options(preset: str, include_prefix: bool | None, sparsity: bool | No
     return opts
 
 
+@dataclass(frozen=True)
+class SearchConfig:
+    """The options of one search, each checked once (a one-line ``ValueError`` before any
+    work) and with the model's layer indices resolved: what :func:`search_stats`,
+    :func:`find_register_neurons` and :func:`ttreg.calibrate` share. Build it with :meth:`of`."""
+
+    threshold: float | str         # a norm > 0, or "auto"
+    detection_layer: int           # resolved: 0 .. num_layers - 1
+    top_layer: int | str           # as requested (an index or "auto"), recorded with the result
+    search_layers: int             # the layers 0 .. search_layers - 1 are searched
+    batch_size: int
+    preset: str
+    include_prefix: bool
+    sparsity: bool
+    memory_budget: int             # bytes
+    sizes: tuple[tuple[int, int], ...] | None   # None: the size the images come at
+
+    @classmethod
+    def of(cls, num_layers: int, *, threshold, detection_layer, top_layer, batch_size, preset,
+           include_prefix, sparsity, memory_budget, sizes,
+           search_layers: int | None = None) -> "SearchConfig":
+        """Check and resolve the options for a model of ``num_layers`` blocks; ``preset``
+        gives ``include_prefix`` and ``sparsity`` where they are None (:func:`search_options`).
+        ``search_layers`` given: searched as such, instead of up to ``top_layer``."""
+        threshold = check_threshold(threshold)
+        batch_size = check_batch_size(batch_size)
+        budget = as_bytes(MEMORY_BUDGET if memory_budget is None else memory_budget)
+        det = _resolve_layer(detection_layer, num_layers, "detection_layer")
+        opts = search_options(preset, include_prefix, sparsity)
+        if search_layers is None:
+            search_layers = layers_to_search(top_layer, det, num_layers)
+        return cls(threshold, det, top_layer, search_layers, batch_size, preset,
+                   opts["include_prefix"], opts["sparsity"], budget,
+                   None if sizes is None else tuple(as_sizes(sizes)))
+
+    @property
+    def options(self) -> dict:
+        """``include_prefix`` and ``sparsity``, as :func:`search_options` gives them."""
+        return {"include_prefix": self.include_prefix, "sparsity": self.sparsity}
+
+    @property
+    def run_sizes(self) -> list:
+        """The sizes each image runs at, in order; ``[None]``: the size it comes at."""
+        return [None] if self.sizes is None else list(self.sizes)
+
+    def check_sizes(self, adapter: Adapter) -> None:
+        """A size the model cannot take: a one-line ``ValueError`` before any work."""
+        for size in self.sizes or ():
+            with at_size(adapter, size):
+                pass
+
+
+def run_search(adapter: Adapter, images, config: SearchConfig, *, transform: Callable | None = None,
+               progress: bool = False, strict: bool = False) -> SearchStats:
+    """The pass of Algorithm 1 with checked options (see :func:`search_stats`): ``images`` are
+    made an image set and this rank's share taken; the statistics are merged over the sizes,
+    then over the ranks."""
+    ad, cfg = adapter, config
+    if active_registers(ad):
+        raise RuntimeError("remove test-time registers before searching for register neurons")
+    check_images_given(images)
+    cfg.check_sizes(ad)
+    images = shard_for_rank(images, strict)
+    L = ad.num_layers
+    stats = None
+    with eval_mode(ad.model):
+        for size in cfg.run_sizes:
+            part = SearchStats.zeros(L, cfg.search_layers, ad.mlp_width(0))
+            part.memory_budget = cfg.memory_budget
+            desc = "searching register neurons" + (f" at {label(size)} px" if size else "")
+            with at_size(ad, size, probe=False):
+                for x in shard_batches(images, ad, cfg.batch_size, transform, strict, progress, desc,
+                                       size=size):
+                    accumulate(ad, x, part, cfg.detection_layer, cfg.threshold, cfg.include_prefix,
+                               sparsity=cfg.sparsity, memory_budget=cfg.memory_budget)
+            stats = part if stats is None else stats.merge(part)
+    return stats.all_reduce()
+
+
 def search_stats(model, images, *, threshold: float | str = "auto", detection_layer: int = -1,
                  search_layers: int | None = None, batch_size: int = 16,
                  transform: Callable | None = None, include_prefix: bool = False,
@@ -274,33 +337,11 @@ def search_stats(model, images, *, threshold: float | str = "auto", detection_la
     sums and counts, so exactly what searching each size alone and merging gives; an image
     counts once per size."""
     ad = wrap(model)
-    if active_registers(ad):
-        raise RuntimeError("remove test-time registers before searching for register neurons")
-    threshold = check_threshold(threshold)
-    check_images_given(images)
-    if as_index(batch_size, "batch_size") < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    budget = as_bytes(MEMORY_BUDGET if memory_budget is None else memory_budget)
-    L = ad.num_layers
-    det = _resolve_layer(detection_layer, L, "detection_layer")
-    size_list = [None] if sizes is None else as_sizes(sizes)
-    for size in size_list:                       # a size the model cannot take: before any work
-        with at_size(ad, size):
-            pass
-    images = shard_for_rank(images, strict)
-    stats = None
-    with eval_mode(ad.model):
-        for size in size_list:
-            part = SearchStats.zeros(L, search_layers or det + 1, ad.mlp_width(0))
-            part.memory_budget = budget
-            desc = "searching register neurons" + (f" at {label(size)} px" if size else "")
-            with at_size(ad, size, probe=False):
-                for x in shard_batches(images, ad, batch_size, transform, strict, progress, desc,
-                                       size=size):
-                    accumulate(ad, x, part, det, threshold, include_prefix, sparsity=sparsity,
-                               memory_budget=budget)
-            stats = part if stats is None else stats.merge(part)
-    return stats.all_reduce()
+    cfg = SearchConfig.of(ad.num_layers, threshold=threshold, detection_layer=detection_layer,
+                          top_layer="auto", search_layers=search_layers or None,
+                          batch_size=batch_size, preset="paper", include_prefix=include_prefix,
+                          sparsity=sparsity, memory_budget=memory_budget, sizes=sizes)
+    return run_search(ad, images, cfg, transform=transform, progress=progress, strict=strict)
 
 
 def find_register_neurons(model, images, *, threshold: float | str = "auto",
@@ -335,15 +376,14 @@ def find_register_neurons(model, images, *, threshold: float | str = "auto",
     A model with no outlier tokens gets an empty set whose ``note`` says so (and a warning).
     """
     ad = wrap(model)
-    det = _resolve_layer(detection_layer, ad.num_layers, "detection_layer")
-    search_layers = layers_to_search(top_layer, det, ad.num_layers)
+    cfg = SearchConfig.of(ad.num_layers, threshold=threshold, detection_layer=detection_layer,
+                          top_layer=top_layer, batch_size=batch_size, preset=preset,
+                          include_prefix=include_prefix, sparsity=sparsity,
+                          memory_budget=memory_budget, sizes=None)
     top_k = as_index(top_k, "top_k")
-    opts = search_options(preset, include_prefix, sparsity)
-    stats = search_stats(ad, images, threshold=threshold, detection_layer=det,
-                         search_layers=search_layers, batch_size=batch_size, transform=transform,
-                         progress=progress, strict=strict, memory_budget=memory_budget, **opts)
-    return neurons_from_stats(ad, stats, det=det, threshold=threshold, top_layer=top_layer,
-                              top_k=top_k, preset=preset, **opts)
+    stats = run_search(ad, images, cfg, transform=transform, progress=progress, strict=strict)
+    return neurons_from_stats(ad, stats, det=cfg.detection_layer, threshold=threshold,
+                              top_layer=top_layer, top_k=top_k, preset=preset, **cfg.options)
 
 
 def emergence_evidence(stats: SearchStats, det: int) -> dict:
