@@ -201,6 +201,10 @@ class Adapter:
         return (f"{self.family} {type(self.model).__name__} ({self.num_layers} blocks, "
                 f"width {self.embed_dim}, MLP {self.mlp_width(0)})")
 
+    def __repr__(self) -> str:
+        """A short summary (the family, the model's class and its sizes), never the weights."""
+        return f"{type(self).__name__}({self.describe()})"
+
 
 class DelegatingAdapter(Adapter):
     """An adapter for a model that contains a supported one (a VLM's vision tower, an open_clip
