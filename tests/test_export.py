@@ -55,8 +55,8 @@ def test_onnx_equals_eager(tmp_path, family, form):
     for c in report.checks:          # relative to the features' scale, as reported
         assert c["scale"] > 0 and 0 <= c["relative_diff"] <= 1e-5
         assert c["relative_diff"] * c["scale"] <= c["max_abs_diff"] * (1 + 1e-6)
-    assert report.relative_diff <= 1e-5 and report.tolerance == 1e-5
-    assert "relative error" in report.summary() and "tolerance 1e-05" in report.summary()
+    assert report.relative_diff <= 1e-5 and report.tolerance == 1e-4
+    assert "relative error" in report.summary() and "tolerance 0.0001" in report.summary()
     assert report.dynamic_size == (family == "hf_dinov2")
     assert os.listdir(tmp_path) == ["m.onnx"]                   # no temporary file left
     # independently: another batch size (and, where the family allows, another size)

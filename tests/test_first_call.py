@@ -233,3 +233,77 @@ def test_every_map_has_a_colour_bar_and_the_cleaned_map_keeps_its_structure(monk
     assert float(nm_p.max()) > 5 * hi             # the outlier is far above the scale ...
     assert spread > 0.9                           # ... and the cleaned map uses the colours
     assert any(f"max {float(nm_p.max()):.3g}" in t for t in titles)   # its value is in the title
+
+
+# --- outputs, progress, help -----------------------------------------------------------------------
+
+def test_a_path_ending_in_a_slash_is_a_folder_never_a_file(tmp_path, capsys):
+    from ttreg.cli import main as cli
+    from ttreg.eval.cli import main as eval_cli
+    from ttreg.files import OutputPathError, check_output_file
+    with pytest.raises(OutputPathError, match="ends in '/', so it names a folder"):
+        check_output_file(f"{tmp_path}/n.json/", "--out")
+    neurons = tmp_path / "n.json"
+    ttreg.RegisterNeurons.from_dict({1: [7], 3: [21]}, model=planted_vit()).save(neurons)
+    for argv, run in ((["calibrate", "--model", "planted", "--images", "skimage", "--out", f"{tmp_path}/new/"], cli),
+                      (["export", "--model", "planted", "--neurons", str(neurons), "--out", f"{tmp_path}/m.onnx/"], cli),
+                      (["outliers", "--model", "planted", "--images", "skimage", "--out", f"{tmp_path}/r.json/"], eval_cli)):
+        assert run(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert "names a folder, not a file" in err and err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["n.json"]
+
+
+def test_missing_output_folders_are_created_and_named(tmp_path, capsys):
+    from PIL import Image
+    from ttreg.cli import main
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for i, im in enumerate(mixed_images(6, seed=3)):
+        Image.fromarray((im.permute(1, 2, 0).clamp(-1, 1) * 127 + 128).byte().numpy()).save(imgs / f"{i}.png")
+    out = tmp_path / "a" / "b" / "n.json"
+    assert main(["calibrate", "--model", "planted", "--images", str(imgs), "--out", str(out), "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert out.is_file() and f"created the folder {tmp_path / 'a' / 'b'} for the outputs" in text
+    assert main(["calibrate", "--model", "planted", "--images", str(imgs), "--out", str(out), "--quiet"]) == 0
+    assert "created the folder" not in capsys.readouterr().out          # it exists now
+    # inspect with --neurons auto calibrates on the inspected images and says so
+    figs = tmp_path / "figs" / "run1"
+    assert main(["inspect", str(imgs), "--model", "planted", "--out", str(figs), "--quiet",
+                 "--num-neurons", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "calibrating on the 6 inspected images (--neurons auto)" in text
+    assert "5 searched, 1 held out" in text and "in-sample" not in text
+    assert f"created the folder {figs} for the outputs" in text and (figs / "inspect.json").is_file()
+
+
+def test_inspect_shows_progress_over_the_images(tmp_path, planted, capsys):
+    pytest.importorskip("matplotlib")
+    from ttreg.data import default_transform, resolve_images
+    from ttreg.report import inspect_images
+    from PIL import Image
+    for i, im in enumerate(mixed_images(3, seed=5)):
+        Image.fromarray((im.permute(1, 2, 0).clamp(-1, 1) * 127 + 128).byte().numpy()).save(tmp_path / f"{i}.png")
+    src = resolve_images([str(tmp_path)])
+    rn = ttreg.RegisterNeurons.from_dict({1: [7], 3: [21]}, model=planted)
+    inspect_images(planted, default_transform(ttreg.wrap(planted)), src, rn, tmp_path / "figs",
+                   batch_size=2, num_neurons=1, progress=True)
+    err = capsys.readouterr().err
+    assert "inspecting images" in err and "3/3" in err
+
+
+def test_help_says_what_the_defaults_are(capsys):
+    from ttreg.cli import main
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "3 calibrate found no set of neurons that clears the held-out images" in text
+    with pytest.raises(SystemExit):
+        main(["inspect", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "'auto' (the default): calibrate on the inspected images" in text
+    for cmd in (["calibrate"], ["eval", "outliers"]):
+        with pytest.raises(SystemExit):
+            main([*cmd, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert "--top-k" in text and "'auto'" in text

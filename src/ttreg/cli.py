@@ -288,9 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--num-registers", type=int_at_least(1), default=None,
                    help="token form: registers (default 1)")
     x.add_argument("--opset", type=int_at_least(9), default=17, help="ONNX opset (default 17)")
-    x.add_argument("--tolerance", type=number_in(0, 1, lo_open=True, hi_open=True), default=1e-5,
+    x.add_argument("--tolerance", type=number_in(0, 1, lo_open=True, hi_open=True), default=1e-4,
                    help="largest relative error the onnxruntime check accepts: per output, max "
-                        "|onnxruntime - PyTorch| over max |PyTorch value| (default 1e-5)")
+                        "|onnxruntime - PyTorch| over max |PyTorch value| (default 1e-4)")
     _common(x)
     x.set_defaults(func=cmd_export)
 

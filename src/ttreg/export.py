@@ -13,8 +13,8 @@ records every op, with the batch axis (and, where the family resizes its positio
 exportable ops, height and width) left dynamic. The file is written atomically, and by default
 checked with onnxruntime against eager PyTorch on other batch sizes (and sizes) before it is put
 in place. The check is relative to the features' scale: per output, the largest
-``|onnxruntime - PyTorch|`` over the largest ``|PyTorch|`` value (float32 graphs of a ViT whose
-features reach norms of a few hundred differ by about 1e-4 absolutely, 1e-6 relatively).
+``|onnxruntime - PyTorch|`` over the largest ``|PyTorch|`` value (the demo's DINOv2-S/14 plant:
+1.2e-4 absolutely on values up to 43, 2.8e-6 relatively; the default accepts 1e-4).
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ from .files import atomic_write, check_output_file
 
 #: the largest relative error the check accepts: per output, max |onnxruntime - PyTorch| over
 #: max |PyTorch| (the features' scale)
-TOLERANCE = 1e-5
+TOLERANCE = 1e-4
 
 
 class ExportCheckError(RuntimeError):
@@ -117,7 +117,7 @@ def export_onnx(model, neurons, out, *, form: str = "token", bias=None,
     ``verify``: run the graph in onnxruntime on two other batch sizes (and another size when
     dynamic) and refuse to write it if any output differs from eager PyTorch by more than
     ``tolerance`` relative to that output's scale (max |diff| / max |PyTorch value|; default
-    1e-5; skipped when onnxruntime is not installed). The model runs in eval mode while it is
+    1e-4; skipped when onnxruntime is not installed). The model runs in eval mode while it is
     traced; every module's own mode is restored afterwards. Returns an :class:`ExportReport`.
     """
     ad = wrap(model)
@@ -128,7 +128,7 @@ def export_onnx(model, neurons, out, *, form: str = "token", bias=None,
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 < tolerance < 1:
-        raise ValueError(f"tolerance must be a relative error in (0, 1), such as 1e-5; got {tolerance!r}")
+        raise ValueError(f"tolerance must be a relative error in (0, 1), such as 1e-4; got {tolerance!r}")
     if dynamic_size is None:
         dynamic_size = ad.dynamic_size()
     elif dynamic_size and not ad.dynamic_size():
