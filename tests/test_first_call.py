@@ -307,3 +307,14 @@ def test_help_says_what_the_defaults_are(capsys):
             main([*cmd, "--help"])
         text = " ".join(capsys.readouterr().out.split())
         assert "--top-k" in text and "'auto'" in text
+
+
+def test_hf_transform_says_how_it_resizes_and_normalises():
+    transformers = pytest.importorskip("transformers")
+    from ttreg.models import HFImageTransform
+    p = transformers.BitImageProcessor(size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224},
+                                       do_center_crop=True, image_mean=[0.5, 0.5, 0.5], image_std=[0.25, 0.25, 0.25])
+    assert repr(HFImageTransform(p)) == (
+        "HFImageTransform(BitImageProcessor, resize to {'shortest_edge': 256}, centre crop "
+        "{'height': 224, 'width': 224}, rescale by 0.003922, normalise mean=(0.5, 0.5, 0.5) "
+        "std=(0.25, 0.25, 0.25))")
