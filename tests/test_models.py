@@ -34,7 +34,7 @@ def offline(monkeypatch, tmp_path):
     ("tf:resnet50", "unknown model kind 'tf'; model specs: timm:NAME"),
     ("no/such/path", "no such file or folder 'no/such/path'; model specs: timm:NAME"),
     ("hf:", "empty model name in 'hf:'"),
-    ("builtin:dinov2_vitg14", "unknown built-in model 'dinov2_vitg14'; built-in models: dinov2_vits14"),
+    ("builtin:dinov2_vitg14", "unknown built-in model 'dinov2_vitg14'; built-in models: builtin:dinov2_vits14 (timm), builtin:dinov2_vits14-hf (transformers)"),
 ])
 def test_bad_specs_are_one_line(spec, start):
     with pytest.raises(ModelLoadError) as e:

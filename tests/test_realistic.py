@@ -159,10 +159,12 @@ def test_low_memory_calibration_equals_the_one_pass_calibration(model, images):
 
 def test_dense_distractors_only_the_sparsity_filter_keeps_out(model, images):
     dense = set(PLANTS.distractors)
-    plain = ttreg.find_register_neurons(model, images, top_k=7)       # the paper's Algorithm 1
+    # the paper's Algorithm 1 as its text states it, no filter
+    plain = ttreg.find_register_neurons(model, images, top_k=7, sparsity=False)
     assert set(plain.neurons) == set(REGISTER) | dense                # they outrank the trigger
     assert plain.neurons.index(PLANTS.trigger) == 6
-    filtered = ttreg.find_register_neurons(model, images, top_k=30, sparsity=True)
+    assert ttreg.find_register_neurons(model, images, top_k=7, sparsity=None).neurons == plain.neurons
+    filtered = ttreg.find_register_neurons(model, images, top_k=30)  # the default: filter on
     assert not dense & set(filtered.neurons) and set(REGISTER) <= set(filtered.neurons[:5])
     assert not dense & set(ttreg.calibrate(model, images).neurons.neurons)
 

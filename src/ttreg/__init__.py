@@ -40,11 +40,30 @@ def export_onnx(model, neurons, out, **kwargs):
     return _export(model, neurons, out, **kwargs)
 
 
-def load_model(spec: str, *args, **kwargs):
-    """``(model, transform)`` for ``timm:NAME``, ``hf:ORG/NAME``, ``open_clip:ARCH/PRETRAINED``,
-    ``builtin:dinov2_vits14`` or a local path (see :mod:`ttreg.models`)."""
+def load_model(spec: str, device: str = "cpu", *, library: str | None = None):
+    """``(model, transform)``: the model in eval mode on ``device``, and what turns a PIL image
+    into the normalised ``(C, H, W)`` tensor it expects (its repr says how it resizes and
+    normalises), each loaded the way its library loads it.
+
+    ``spec``: ``timm:NAME`` (pretrained, from the Hub), ``timm:NAME@/path/weights.safetensors``,
+    ``hf:ORG/NAME`` or ``hf:/local/folder`` (transformers), ``open_clip:ARCH/PRETRAINED``,
+    ``builtin:dinov2_vits14`` (the offline DINOv2 ViT-S/14, timm) or ``builtin:dinov2_vits14-hf``
+    (the same in transformers), or a local path (see :mod:`ttreg.models`). The command line's
+    synthetic models load here too: ``"planted"`` (:func:`ttreg.testing.planted_vit`),
+    ``"planted-clip"`` (a tiny open_clip CLIP around it; its tokenizer:
+    ``ttreg.eval.synthetic.planted_clip()``) and ``"builtin:dinov2_vits14+planted"`` (the built-in
+    model with :func:`ttreg.testing.plant_demo`'s planted neurons).
+    ``device``: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``, ...
+    ``library``: ``"timm"`` or ``"hf"`` for the built-in model (the same as the ``-hf`` suffix).
+    Errors are one line (:class:`ttreg.ModelLoadError`)."""
+    from .command import SYNTHETIC, resolve_model
+    if spec in SYNTHETIC:
+        if library is not None:
+            raise ValueError(f"library= does not apply to the synthetic model {spec!r}")
+        model, transform, _ = resolve_model(spec, device)
+        return model, transform
     from .models import load_model as _load
-    return _load(spec, *args, **kwargs)
+    return _load(spec, device, library=library)
 
 
 def __getattr__(name: str):
@@ -59,8 +78,14 @@ def __getattr__(name: str):
     return value
 
 
+#: public submodules ``dir(ttreg)`` lists beside the API (the README names them)
+_SUBMODULES = ("testing", "plant", "models", "eval")
+
+
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+    """The API (:data:`__all__`), the version and the public submodules -- not what the package
+    imports for itself (``sys``, ``importlib``, ...)."""
+    return sorted({*__all__, "__version__", *_SUBMODULES})
 
 
 class _Package(types.ModuleType):

@@ -71,7 +71,8 @@ def _error(msg: str) -> Exception:
 
 def _check_name(name: str) -> str:
     if name not in NAMES:
-        raise _error(f"unknown built-in model {name!r}; built-in models: {', '.join(NAMES)}")
+        models = ", ".join(f"builtin:{n} (timm), builtin:{n}-hf (transformers)" for n in NAMES)
+        raise _error(f"unknown built-in model {name!r}; built-in models: {models}")
     return name
 
 

@@ -31,12 +31,13 @@ import torch
 from .adapters import wrap
 from .data import ImageSet, check_images_given, shard_batches
 from .distributed import shard, shared_image_set
-from .neurons import SearchConfig, eval_mode, neurons_from_stats, run_search
+from .neurons import DEFAULT_SPARSITY, SearchConfig, check_top_k, eval_mode, neurons_from_stats, run_search
 from .outliers import norm_ratio, outlier_mask
 from .registers import test_time_registers, zero_neurons
 from .sizes import Size, as_sizes, at_size, label
 from .spec import RegisterNeurons, as_index
 from .stats import MergeableStats, state
+from .text import count
 from .trace import record, run_until
 
 
@@ -60,29 +61,45 @@ class SweepConfig:
         if max_k is not None and as_index(max_k, "max_k") < 1:
             raise ValueError(f"max_k must be at least 1, got {max_k!r}")
         if top_k != "auto":
-            top_k = as_index(top_k, "top_k")
+            top_k = check_top_k(top_k)
         return cls(heldout, tolerance, slack, max_k, top_k)
 
 
-@dataclass
+@dataclass(repr=False)
 class Calibration:
     """The neurons found and what calibration measured on the way."""
 
     neurons: RegisterNeurons
     report: dict[str, Any] = field(default_factory=dict)
 
+    def __repr__(self) -> str:
+        r, rn = self.report, self.neurons
+        body = ", ".join(f"{l}: {ns}" for l, ns in rn.by_layer().items())
+        text = f"Calibration({count(len(rn), 'neuron')} {{{body}}}"
+        if "heldout_before" in r and "heldout_after" in r:
+            which = "in-sample" if r.get("heldout_in_sample") else "held-out"
+            text += (f"; {which} max/median patch norm {r['heldout_before']['mean_norm_ratio']:.2f} -> "
+                     f"{r['heldout_after']['mean_norm_ratio']:.2f}")
+        if r.get("top_k_rule"):
+            text += f"; top k {r.get('top_k')} ({r['top_k_rule']})"
+        return text + "; .summary() and .report for the rest)"
+
     def summary(self) -> str:
         r = self.report
         rn = self.neurons
         if r.get("given_neurons"):
             b, a = r["heldout_before"], r["heldout_after"]
-            return (f"measured {len(rn)} given neurons on {r['num_heldout_images']} images\n"
+            return (f"measured {count(len(rn), 'given neuron')} on {count(r['num_heldout_images'], 'image')}\n"
                     f"max/median patch norm at layer {r['detection_layer']}: "
                     f"{b['mean_norm_ratio']:.2f} -> {a['mean_norm_ratio']:.2f}; images with outliers: "
                     f"{b['fraction_with_outliers']:.0%} -> {a['fraction_with_outliers']:.0%}"
                     + self._per_size())
-        lines = [f"images: {r['num_search_images']} searched, {r['num_heldout_images']} held out"
-                 + (f", {r['num_skipped']} skipped" if r.get("num_skipped") else "")]
+        skipped = f", {r['num_skipped']} skipped" if r.get("num_skipped") else ""
+        if r.get("heldout_in_sample"):
+            lines = [f"images: {r['num_search_images']} searched and the same measured (none held "
+                     f"out: {r['in_sample_reason']}, so the numbers below are in-sample){skipped}"]
+        else:
+            lines = [f"images: {r['num_search_images']} searched, {r['num_heldout_images']} held out{skipped}"]
         lines.append(f"outliers at layer {r['detection_layer']}: "
                      f"{rn.num_images_with_outliers}/{rn.num_images} search images; "
                      f"emergence layer: {r['emergence_layer']}")
@@ -94,7 +111,8 @@ class Calibration:
         if r.get("top_k_rule"):
             lines.append(f"top k = {r['top_k']} ({r['top_k_rule']}): {r['top_k_reason']}")
         b, a = r["heldout_before"], r["heldout_after"]
-        lines.append(f"held-out max/median patch norm at layer {r['detection_layer']}: "
+        which = "in-sample (not held out)" if r.get("heldout_in_sample") else "held-out"
+        lines.append(f"{which} max/median patch norm at layer {r['detection_layer']}: "
                      f"{b['mean_norm_ratio']:.2f} -> {a['mean_norm_ratio']:.2f}; images with "
                      f"outliers: {b['fraction_with_outliers']:.0%} -> {a['fraction_with_outliers']:.0%}"
                      + self._per_size())
@@ -114,12 +132,13 @@ class Calibration:
 
 
 def _measure_given(ad, src: ImageSet, neurons: RegisterNeurons, cfg: SearchConfig, transform,
-                   strict: bool, skipped: list, labels: list[str], tolerance: float) -> Calibration:
+                   strict: bool, skipped: list, labels: list[str], tolerance: float,
+                   progress: bool = False) -> Calibration:
     """Measure a given set on all the images at each size: outliers before and after test-time
     registers; the sizes join those the set records as measured."""
     neurons.check_model(ad)
     det, threshold = cfg.detection_layer, cfg.threshold
-    held = _Heldout(ad, src, cfg, transform, strict, labels)
+    held = _Heldout(ad, src, cfg, transform, strict, labels, progress=progress)
     plain, edited = held.measure(), held.measure(neurons)
     before, after = plain.summary, edited.summary
     n = held.n
@@ -136,7 +155,7 @@ def _measure_given(ad, src: ImageSet, neurons: RegisterNeurons, cfg: SearchConfi
     out.statistics.update({"measured_on_images": n, "measured_detection_layer": det,
                            "measured_before": before, "measured_after": after,
                            "measured_per_size": report["per_size"]})
-    out.note = (f"{len(out)} given register neurons measured on {n} images: max/median patch norm "
+    out.note = (f"{count(len(out), 'given register neuron')} measured on {count(n, 'image')}: max/median patch norm "
                 f"at layer {det} {before['mean_norm_ratio']:.2f} -> {after['mean_norm_ratio']:.2f}")
     return Calibration(out, report)
 
@@ -234,8 +253,8 @@ class _Heldout:
     all-reduced."""
 
     def __init__(self, ad, images: ImageSet, cfg: SearchConfig, transform, strict: bool,
-                 labels: list[str]):
-        self.ad, self.det, self.threshold = ad, cfg.detection_layer, cfg.threshold
+                 labels: list[str], progress: bool = False):
+        self.ad, self.det, self.threshold, self.progress = ad, cfg.detection_layer, cfg.threshold, progress
         self.batch_size, self.transform, self.strict = cfg.batch_size, transform, strict
         self.n = len(images)
         self.images = shard(images)
@@ -250,18 +269,20 @@ class _Heldout:
         ad, det = self.ad, self.det
         R = 0
         if neurons is None or not len(neurons):
-            edit = contextlib.nullcontext()
+            edit, what = contextlib.nullcontext(), "plain model"
         elif mode == "zero":
-            edit = zero_neurons(ad, neurons, check=False)
+            edit, what = zero_neurons(ad, neurons, check=False), f"{count(len(neurons), 'neuron')} zeroed"
         else:
             edit, R = test_time_registers(ad, neurons, num_registers=1, preset=preset, check=False), 1
+            what = f"registers with {count(len(neurons), 'neuron')}"
         ratios, outliers = [], []
         sums = HeldoutSums.zeros(len(self.sizes))
         with edit, record(ad, [det]) as rec:
             for i, size in enumerate(self.sizes):
+                desc = f"held-out check, {what}" + (f" at {self.labels[i]} px" if len(self.sizes) > 1 else "")
                 with at_size(ad, size, probe=False):
                     for x in shard_batches(self.images, ad, self.batch_size, self.transform,
-                                           self.strict, size=size):
+                                           self.strict, self.progress, desc, size=size):
                         run_until(ad, x, det)
                         ratio, out, top = _image_numbers(rec.norms[det], R, ad.num_prefix_tokens,
                                                          self.threshold)
@@ -381,7 +402,7 @@ def calibrate(model, images, *, threshold: float | str = "auto", detection_layer
               heldout: float = 0.2, tolerance: float = 0.0, slack: float = 0.1,
               batch_size: int = 16, transform: Callable | None = None, strict: bool = False,
               progress: bool = False, neurons: RegisterNeurons | None = None, preset: str = "paper",
-              include_prefix: bool | None = None, sparsity: bool | None = True,
+              include_prefix: bool | None = None, sparsity: bool | None = DEFAULT_SPARSITY,
               memory_budget: int | str | None = None, attention_bias: bool = False,
               sizes=None) -> Calibration:
     """Find register neurons with every hyperparameter chosen automatically (or as given).
@@ -444,7 +465,7 @@ def calibrate(model, images, *, threshold: float | str = "auto", detection_layer
     with eval_mode(ad.model):
         if neurons is not None:
             cal = _measure_given(ad, src, neurons, cfg, transform, strict, skipped, labels,
-                                 sweep.tolerance)
+                                 sweep.tolerance, progress)
         else:
             cal = _calibrate(ad, src, skipped, cfg, sweep, transform=transform, strict=strict,
                              progress=progress, labels=labels)
@@ -467,6 +488,14 @@ def _calibrate(ad, src: ImageSet, skipped, cfg: SearchConfig, sweep: SweepConfig
     heldout, tolerance, slack = sweep.heldout, sweep.tolerance, sweep.slack
     search_src, held_src = _split(src, heldout)
     n_search, n_held = len(search_src), len(held_src)
+    in_sample = None
+    if search_src is held_src:                   # nothing held out: the check is in-sample
+        in_sample = (f"heldout={heldout:g}" if heldout <= 0 else
+                     f"{count(n_search, 'image')} cannot be split")
+        warnings.warn(f"calibration on {count(n_search, 'image')} with {in_sample}: top k is "
+                      f"chosen and measured on the images it was searched on, so the held-out "
+                      f"numbers are in-sample; give at least 2 images (5 or more for a 20% "
+                      f"held-out share)", stacklevel=3)
     if max_k is None:
         max_k = max(16, (L * ad.mlp_width(0)) // 100)
     k_search = max_k if top_k == "auto" else int(top_k)
@@ -484,11 +513,12 @@ def _calibrate(ad, src: ImageSet, skipped, cfg: SearchConfig, sweep: SweepConfig
                       "outlier_log_growth": st.get("outlier_log_growth")},
         "top_layer": ranked.hyperparameters.get("top_layer"),
         "num_search_images": n_search, "num_heldout_images": n_held, "num_skipped": len(skipped),
+        "heldout_in_sample": in_sample is not None, "in_sample_reason": in_sample,
         "skipped": skipped, "sweep": [], "search_memory": stats.search_memory,
         "per_layer": {k: v for k, v in st.items() if k not in ("emergence_layer", "emergence_rule",
                                                                 "majority_layer", "search_memory")},
     }
-    held = _Heldout(ad, held_src, cfg, transform, strict, labels)
+    held = _Heldout(ad, held_src, cfg, transform, strict, labels, progress=progress)
     plain = held.measure()
     before = plain.summary
     report["heldout_before"] = before
@@ -524,7 +554,9 @@ def _calibrate(ad, src: ImageSet, skipped, cfg: SearchConfig, sweep: SweepConfig
     if len(per_size) > 1:
         neurons.statistics["per_size"] = per_size
     neurons.sizes = {"calibrated": recorded, "measured": recorded}
-    neurons.note = (f"{k} register neurons; held-out max/median patch norm "
+    neurons.statistics["heldout_in_sample"] = in_sample is not None
+    neurons.note = (f"{count(k, 'register neuron')}; "
+                    f"{'in-sample' if in_sample else 'held-out'} max/median patch norm "
                     f"{before['mean_norm_ratio']:.2f} -> {after['mean_norm_ratio']:.2f}"
                     + ("" if warn is None else f"; {warn}"))
     if warn:

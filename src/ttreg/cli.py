@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from .command import (EXIT_NOT_CLEARED, EXIT_OK, OneLineParser, UserError, device_arg,
+from .command import (EXIT_NOT_CLEARED, EXIT_OK, TOP_K_DEFAULT, OneLineParser, UserError, device_arg,
                       int_at_least, int_or_auto, load_neurons, memory_size, model_help, number_in, progress_ok,
                       read_neurons, resolve_model, run, sizes_arg, threshold_arg)
 
@@ -34,8 +34,8 @@ EXAMPLES = """examples:
   ttreg inspect --model timm:vit_large_patch14_dinov2.lvd142m --neurons dinov2_vitl14 photo.jpg --out figs/
   ttreg export --model timm:vit_large_patch14_dinov2.lvd142m --neurons dinov2_l.json --out model.onnx
 
-exit status: 0 done, 1 unexpected failure, 2 user error (one line), 3 calibrate's automatic
-top-k cleared the held-out images with no set of neurons, 130 interrupted
+exit status: 0 done, 1 unexpected failure, 2 user error (one line), 3 calibrate found no set
+of neurons that clears the held-out images (the best available set is written), 130 interrupted
 """
 
 # --- calibrate -----------------------------------------------------------------------------------
@@ -50,6 +50,7 @@ def cmd_calibrate(args) -> int:
 
 def _calibrate_command(args) -> int:
     from .calibrate import calibrate
+    from .text import count
     from .distributed import is_main, local_device, resolve
     from .files import Outputs, check_output_file, same_file
     main = is_main()
@@ -66,7 +67,7 @@ def _calibrate_command(args) -> int:
     model, transform, _ = resolve_model(args.model, local_device(args.device))
     given = load_neurons(given, model)
     t0 = time.time()
-    say(f"calibrating {args.model} on {len(images)} images from {args.images} ...", flush=True)
+    say(f"calibrating {args.model} on {count(len(images), 'image')} from {args.images} ...", flush=True)
     cal = calibrate(model, images, threshold=args.threshold, detection_layer=args.detection_layer,
                     top_layer=args.top_layer, top_k=args.top_k, max_k=args.max_k,
                     heldout=args.heldout, batch_size=args.batch_size,
@@ -83,7 +84,7 @@ def _calibrate_command(args) -> int:
                 from .files import write_json
                 write_json(args.report, cal.report, outputs=o)
     say(cal.summary())
-    say(f"wrote {out} ({len(rn)} neurons"
+    say(f"wrote {out} ({count(len(rn), 'neuron')}"
         + (", with its attention bias" if rn.attention_bias is not None else "")
         + f") in {time.time() - t0:.1f} s")
     if cal.report.get("top_k_cleared") is False:
@@ -98,6 +99,7 @@ def _calibrate_command(args) -> int:
 
 def cmd_inspect(args) -> int:
     from .calibrate import calibrate
+    from .text import count
     from .data import resolve_images
     from .files import check_output_folder
     from .report import inspect_images
@@ -113,19 +115,25 @@ def cmd_inspect(args) -> int:
     from .neurons import _resolve_layer
     _resolve_layer(args.layer, wrap(model).num_layers, "--layer")
     neurons = load_neurons(given, model)
-    if neurons is None:
-        neurons = calibrate(model, src, heldout=0, transform=transform, batch_size=args.batch_size).neurons
+    progress = not args.quiet and progress_ok()
+    if neurons is None:     # --neurons auto: calibrate on the inspected images, as calibrate does
+        print(f"calibrating on the {count(len(src.items), 'inspected image')} "
+              f"(--neurons auto) ...", flush=True)
+        cal = calibrate(model, src, transform=transform, batch_size=args.batch_size,
+                        strict=args.strict, progress=progress)
+        print(cal.summary())
+        neurons = cal.neurons
     results, written = inspect_images(model, transform, src, neurons, out, layer=args.layer,
                                       num_registers=args.num_registers, preset=args.preset,
                                       num_neurons=args.num_neurons, model_name=args.model,
-                                      batch_size=args.batch_size)
+                                      batch_size=args.batch_size, progress=progress)
     det = results["detection_layer"]
-    print(f"{len(src.items)} images, {len(neurons)} register neurons"
+    print(f"{count(len(src.items), 'image')}, {count(len(neurons), 'register neuron')}"
           + (f" ({neurons.note})" if neurons.note else ""))
     for r in results["images"]:
         print(f"  {r['image']}: max/median patch norm at layer {det}: "
               f"{r['plain']['norm_ratio'][det]:.2f} -> {r['registers']['norm_ratio'][det]:.2f}")
-    print(f"wrote {len(written) - 1} figures and inspect.json to {out}")
+    print(f"wrote {count(len(written) - 1, 'figure')} and inspect.json to {out}")
     return EXIT_OK
 
 
@@ -133,12 +141,12 @@ def cmd_inspect(args) -> int:
 
 def cmd_export(args) -> int:
     from .bias import fit_attention_bias
-    from .export import export_onnx
+    from .export import ExportCheckError, export_onnx
     from .files import check_output_file
+    check_output_file(args.out, "--out")      # the path as given: "m.onnx/" is a folder
     out = Path(args.out)
     if out.suffix.lower() != ".onnx":
         raise UserError(f"--out {out}: give a file name ending in .onnx")
-    check_output_file(out, "--out")
     given = read_neurons(args.neurons)
     if given is None:
         raise UserError("--neurons: give a neuron file, a published name or hf:ORG/NAME ('auto' is "
@@ -154,8 +162,12 @@ def cmd_export(args) -> int:
         bias = fit_attention_bias(model, neurons, args.images, transform=transform,
                                   batch_size=args.batch_size, strict=args.strict,
                                   progress=not args.quiet and progress_ok())
-    report = export_onnx(model, neurons, out, form=args.form, bias=bias,
-                         num_registers=args.num_registers, opset=args.opset)
+    try:
+        report = export_onnx(model, neurons, out, form=args.form, bias=bias,
+                             num_registers=args.num_registers, opset=args.opset,
+                             tolerance=args.tolerance)
+    except ExportCheckError as e:      # a check the user can loosen: one line, exit status 2
+        raise UserError(str(e)) from None
     print(report.summary())
     return 0
 
@@ -212,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="block whose output is checked for outliers (default -1, the last)")
     c.add_argument("--top-layer", type=int_or_auto(), default="auto",
                    help="last block searched, or 'auto' (the block where the outliers emerge)")
-    c.add_argument("--top-k", type=int_or_auto(0), default="auto",
+    c.add_argument("--top-k", type=int_or_auto(1), default=TOP_K_DEFAULT,
                    help="number of neurons, or 'auto' (the smallest k whose registers clean the held-out "
                         "images as well as zeroing all candidates)")
     c.add_argument("--max-k", type=int_at_least(1), default=None,
@@ -245,8 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("images", nargs="+", help="image files, folders (searched recursively) or .txt lists of paths")
     i.add_argument("--model", required=True, help=mhelp)
     i.add_argument("--neurons", default="auto",
-                   help="neuron JSON file, a published name (dinov2_vitl14), hf:ORG/NAME, or 'auto' to "
-                        "calibrate on the images")
+                   help="neuron JSON file, a published name (dinov2_vitl14), hf:ORG/NAME, or 'auto' "
+                        "(the default): calibrate on the inspected images, as 'ttreg calibrate' "
+                        "does (20%% of them held out for its check; with one image the check is "
+                        "in-sample)")
     i.add_argument("--out", required=True, help="folder for the PNGs and inspect.json")
     i.add_argument("--layer", type=int, default=-1, help="detection layer for the norm map (default -1)")
     i.add_argument("--num-registers", type=int_at_least(1), default=1,
@@ -274,6 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--num-registers", type=int_at_least(1), default=None,
                    help="token form: registers (default 1)")
     x.add_argument("--opset", type=int_at_least(9), default=17, help="ONNX opset (default 17)")
+    x.add_argument("--tolerance", type=number_in(0, 1, lo_open=True, hi_open=True), default=1e-4,
+                   help="largest relative error the onnxruntime check accepts: per output, max "
+                        "|onnxruntime - PyTorch| over max |PyTorch value| (default 1e-4)")
     _common(x)
     x.set_defaults(func=cmd_export)
 

@@ -23,6 +23,9 @@ SYNTHETIC = {
     "builtin:dinov2_vits14+planted": "the built-in model with content-dependent planted register neurons (the demo's)",
 }
 
+#: ``--top-k``'s default wherever the command line chooses neurons (``calibrate``, ``eval``)
+TOP_K_DEFAULT = "auto"
+
 #: pip commands for optional packages, by the module name a failed import reports
 PIP_NAMES = {"timm": "timm", "matplotlib": "matplotlib", "transformers": "transformers",
              "open_clip": "open_clip_torch", "onnx": "onnx", "skimage": "scikit-image",
@@ -233,15 +236,18 @@ def run(parse: Callable[[], argparse.Namespace], prog: str) -> int:
     """Parse and run a command, turning every user error into one line and an exit status."""
     mark = None
     try:
-        from .files import committed_count
-        mark = committed_count()
+        from .files import committed_count, created_folders
+        mark, made = committed_count(), len(created_folders())
         import warnings
         args = parse()
         # the CLI prints the same facts itself
         for said in ("no outlier tokens", "outliers remain after calibration",
-                     "no register neurons clear the outliers"):   # the commands print these facts
+                     "no register neurons clear the outliers",
+                     "calibration on .* the held-out numbers are in-sample"):  # the summary says so
             warnings.filterwarnings("ignore", message=said, category=UserWarning)
-        return int(args.func(args) or 0)
+        status = int(args.func(args) or 0)
+        say_created(created_folders()[made:], prog)
+        return status
     except BadArguments:
         return EXIT_USAGE
     except KeyboardInterrupt:
@@ -255,6 +261,16 @@ def run(parse: Callable[[], argparse.Namespace], prog: str) -> int:
             raise
         print(f"{prog}: error: {message}", file=sys.stderr)
         return EXIT_USAGE
+
+
+def say_created(folders: list[Path], prog: str) -> None:
+    """One line naming the folders a command created for its outputs (the deepest of each
+    chain: ``a/b/c`` for ``a``, ``a/b`` and ``a/b/c``)."""
+    made = set(folders)
+    leaves = [str(d) for d in folders if not any(o.parent == d for o in made)]
+    if leaves:
+        what = f"the folder {leaves[0]}" if len(leaves) == 1 else f"the folders {', '.join(leaves)}"
+        print(f"{prog}: created {what} for the outputs (missing folders are made, with their parents)")
 
 
 def user_error_message(e: BaseException) -> str | None:

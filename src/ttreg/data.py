@@ -392,14 +392,20 @@ def check_images_given(images) -> None:
         raise ImageError("no images given (an empty batch or list); give at least one image")
 
 
-def make_transform(size: tuple[int, int], mean: Sequence[float], std: Sequence[float]) -> Callable:
-    """Resize the shorter side, center-crop to ``size``, to a normalised float tensor."""
-    from PIL import Image
-    mean_t = torch.tensor(mean).view(3, 1, 1)
-    std_t = torch.tensor(std).view(3, 1, 1)
-    h, w = size
+class CenterCropTransform:
+    """PIL image -> normalised ``(3, H, W)`` float tensor: the shorter side resized (bicubic) so
+    the image covers ``size``, the centre ``size`` crop, values scaled to [0, 1], then
+    ``(x - mean) / std`` per channel. Its repr says exactly that."""
 
-    def transform(im) -> torch.Tensor:
+    def __init__(self, size: tuple[int, int], mean: Sequence[float], std: Sequence[float]) -> None:
+        self.size = (int(size[0]), int(size[1]))
+        self.mean, self.std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+        self._mean = torch.tensor(self.mean).view(3, 1, 1)
+        self._std = torch.tensor(self.std).view(3, 1, 1)
+
+    def __call__(self, im) -> torch.Tensor:
+        from PIL import Image
+        h, w = self.size
         # the centre crop of the resized image, taken straight from the source region (Pillow's
         # ``box``): the same pixels as resize-then-crop, without the full-size intermediate
         scale = max(h / im.height, w / im.width)
@@ -409,9 +415,19 @@ def make_transform(size: tuple[int, int], mean: Sequence[float], std: Sequence[f
         im = im.resize((w, h), Image.BICUBIC,
                        box=(left * sx, top * sy, (left + w) * sx, (top + h) * sy))
         x = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1)
-        return (x - mean_t) / std_t
+        return (x - self._mean) / self._std
 
-    return transform
+    def __repr__(self) -> str:
+        h, w = self.size
+        fmt = lambda v: "(" + ", ".join(f"{x:.4g}" for x in v) + ")"  # noqa: E731
+        return (f"CenterCropTransform(resize the shorter side (bicubic) to cover {h}x{w}, centre "
+                f"crop {h}x{w}, scale to [0, 1], normalise mean={fmt(self.mean)} std={fmt(self.std)})")
+
+
+def make_transform(size: tuple[int, int], mean: Sequence[float], std: Sequence[float]) -> Callable:
+    """Resize the shorter side, center-crop to ``size``, to a normalised float tensor
+    (a :class:`CenterCropTransform`)."""
+    return CenterCropTransform(size, mean, std)
 
 
 def default_transform(adapter) -> Callable:

@@ -11,7 +11,11 @@ created is removed, so nothing half-written is left.
 * A file that is replaced keeps its permission bits; a new file gets ``0o666`` minus the umask,
   like any file the user creates.
 * :func:`check_output_file` and :func:`check_output_folder` say what is wrong with a path (parent
-  is a file, no write permission, ...) in one line, before a long computation starts.
+  is a file, no write permission, ...) in one line, before a long computation starts. A path
+  that ends in ``/`` names a folder, never a file.
+* Folders that do not exist are created (with their parents) when the files are committed, and
+  recorded (:func:`created_folders`; the command line prints them); a failed or interrupted run
+  removes the folders it created.
 """
 from __future__ import annotations
 
@@ -26,7 +30,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 __all__ = ["OutputPathError", "Outputs", "atomic_write", "write_json", "write_text",
-           "check_output_file", "check_output_folder", "same_file", "committed_count"]
+           "check_output_file", "check_output_folder", "same_file", "committed_count",
+           "created_folders"]
 
 
 class OutputPathError(OSError):
@@ -34,6 +39,12 @@ class OutputPathError(OSError):
 
 
 _COMMITTED = 0  # files renamed into place by this process (the CLI reports it on Ctrl-C)
+_CREATED: list[Path] = []  # folders this process created for files it committed, in order
+
+
+def created_folders() -> list[Path]:
+    """The folders this process created for the files it has written (outermost first), so far."""
+    return list(_CREATED)
 
 
 def committed_count() -> int:
@@ -86,6 +97,9 @@ def check_output_file(path: str | os.PathLike, what: str = "output") -> Path:
     p = Path(path)
     if str(path) == "" or p.name in ("", ".", ".."):
         raise OutputPathError(f"{what} {str(path)!r} is not a file name; give one such as result.json")
+    if isinstance(path, str) and path.endswith(("/", os.sep)):
+        raise OutputPathError(f"{what} {path} ends in '/', so it names a folder, not a file; give a "
+                              f"file name (inside it, or without the '/')")
     st = _lstat(p)
     if st is not None:
         if stat.S_ISDIR(st.st_mode):
@@ -227,6 +241,7 @@ class Outputs:
         except BaseException:
             self.abort()
             raise
+        _CREATED.extend(self._made)
         self._made = []
         return self.written
 

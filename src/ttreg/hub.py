@@ -23,6 +23,7 @@ from typing import Any
 
 from .loading import _is_network_error, _loading, _one_line
 from .files import write_text
+from .text import count
 
 NEURONS_FILE = "register_neurons.json"
 CARD_FILE = "README.md"
@@ -141,10 +142,12 @@ def model_card(neurons, repo_id: str | None = None) -> str:
         "# Register neurons" + (f" for {spec}" if spec else ""), "",
         "Test-time registers (Jiang et al., \"Vision Transformers Don't Need Trained Registers\", "
         "NeurIPS 2025) for this model, made with [ttreg](https://pypi.org/project/ttreg/).", "",
+        # the architecture once: prov["model"] (the adapter's description) already gives it
         f"- **Model:** {model}" + (f" ({arch.get('class')}, {arch.get('num_layers')} blocks, "
-                                   f"width {arch.get('embed_dim')})" if arch else ""),
-        f"- **Images:** {prov.get('images', 'not recorded')}; {neurons.num_images} searched, "
-        f"{neurons.num_images_with_outliers} with outlier tokens",
+                                   f"width {arch.get('embed_dim')})"
+                                   if arch and (spec or not prov.get("model")) else ""),
+        f"- **Images:** {prov.get('images', 'not recorded')}; {count(neurons.num_images, 'image')} "
+        f"searched, {neurons.num_images_with_outliers} with outlier tokens",
         f"- **Register neurons ({len(neurons)}):** {by_layer or 'none'}",
         f"- **Found by:** {prov.get('method', 'not recorded')}"
         + (f" (threshold {hp.get('threshold')}, detection layer {det}, top layer "
@@ -160,7 +163,7 @@ def model_card(neurons, repo_id: str | None = None) -> str:
         body += ["## Attention-bias form", "",
                  f"`register_neurons.bias.safetensors`: per layer and head, the mean key and value of "
                  f"the test-time register ({L} layers x {H} heads x {D}), fitted on "
-                 f"{bias.num_images} images; installed with `form=\"bias\"` it replaces the token.", ""]
+                 f"{count(bias.num_images, 'image')}; installed with `form=\"bias\"` it replaces the token.", ""]
     repo = repo_id or "ORG/NAME"
     body += ["## Use", "", "```python", "import ttreg",
              f"model, transform = ttreg.load_model({spec or 'SPEC'!r})",

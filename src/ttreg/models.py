@@ -43,9 +43,16 @@ from .loading import (META_KWARGS, META_SPEC, ModelLoadError,  # noqa: F401 - pu
 
 def load_model(spec: str, device: str = "cpu", *, library: str | None = None
                ) -> tuple[nn.Module, Callable]:
-    """Load ``spec`` (see the module docstring) in eval mode on ``device``; return
-    ``(model, transform)``. ``library`` (``"timm"`` or ``"hf"``) picks the built-in model's
-    library (same as the ``-hf`` suffix)."""
+    """Load ``spec`` in eval mode on ``device``; return ``(model, transform)``.
+
+    ``spec``: ``timm:NAME``, ``timm:NAME@/path/weights.safetensors``, ``hf:ORG/NAME``,
+    ``hf:/local/folder``, ``open_clip:ARCH/PRETRAINED``, ``builtin:dinov2_vits14`` (timm) or
+    ``builtin:dinov2_vits14-hf`` (transformers), or a local path (see the module docstring).
+    ``device``: where the model goes (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...).
+    ``library`` (``"timm"`` or ``"hf"``): the built-in model's library (the same as the ``-hf``
+    suffix), also of its cached ``.safetensors`` file given as a local path.
+    ``transform``: PIL image -> normalised ``(C, H, W)`` tensor, as the model expects (its
+    repr says how it resizes and normalises). Errors are a one-line :class:`ModelLoadError`."""
     spec = str(spec).strip()
     kind, sep, rest = spec.partition(":")
     if kind in KINDS and sep:
@@ -101,7 +108,17 @@ class HFImageTransform:
         return self.processor(images=image, return_tensors="pt")["pixel_values"][0]
 
     def __repr__(self) -> str:
-        return f"HFImageTransform({type(self.processor).__name__})"
+        p = self.processor
+        steps = [type(p).__name__]
+        if getattr(p, "do_resize", False) and getattr(p, "size", None):
+            steps.append(f"resize to {dict(p.size)}")
+        if getattr(p, "do_center_crop", False) and getattr(p, "crop_size", None):
+            steps.append(f"centre crop {dict(p.crop_size)}")
+        if getattr(p, "do_rescale", False):
+            steps.append(f"rescale by {getattr(p, 'rescale_factor', 1 / 255):.4g}")
+        if getattr(p, "do_normalize", False):
+            steps.append(f"normalise mean={tuple(p.image_mean)} std={tuple(p.image_std)}")
+        return f"HFImageTransform({', '.join(steps)})"
 
 
 def hf_auto_class(config):

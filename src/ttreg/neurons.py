@@ -31,6 +31,7 @@ from .registers import active_registers
 from .sizes import as_sizes, at_size, label
 from .spec import RegisterNeurons, as_bytes, as_index
 from .stats import MergeableStats, state
+from .text import count
 from .hooks import HookSet
 from .trace import record, run_until
 
@@ -41,6 +42,10 @@ SEARCH_PRESETS = {"paper": {"include_prefix": False, "sparsity": False},
 #: the authors' sparsity filter: a neuron counts for an image only if its activation is below
 #: SPARSE_ACTIVATION on at least SPARSE_FRACTION of the image's tokens
 SPARSE_ACTIVATION = 0.5
+#: the ``sparsity`` default of every way of choosing neurons (:func:`find_register_neurons`,
+#: :func:`ttreg.calibrate`, ``--neurons auto``): on, so dense neurons that are large on every
+#: token never rank; ``sparsity=None`` takes the preset's (``"paper"``: off, as the paper's text)
+DEFAULT_SPARSITY = True
 SPARSE_FRACTION = 0.5
 
 
@@ -231,6 +236,15 @@ def layers_to_search(top_layer: int | str, det: int, num_layers: int) -> int:
     return _resolve_layer(int(top_layer), num_layers, "top_layer") + 1
 
 
+def check_top_k(top_k) -> int:
+    """``top_k`` as a whole number >= 1 (a set of 0 neurons is not a search result), else a
+    one-line ``ValueError``."""
+    k = as_index(top_k, "top_k")
+    if k < 1:
+        raise ValueError(f"top_k must be at least 1, got {k} (calibrate's top_k='auto' chooses it)")
+    return k
+
+
 def search_options(preset: str, include_prefix: bool | None, sparsity: bool | None) -> dict:
     """The search options of ``preset``, with any option given explicitly taking precedence."""
     if preset not in SEARCH_PRESETS:
@@ -348,7 +362,7 @@ def find_register_neurons(model, images, *, threshold: float | str = "auto",
                           detection_layer: int = -1, top_layer: int | str = "auto",
                           top_k: int = 10, batch_size: int = 16, transform: Callable | None = None,
                           preset: str = "paper", include_prefix: bool | None = None,
-                          sparsity: bool | None = None, progress: bool = False,
+                          sparsity: bool | None = DEFAULT_SPARSITY, progress: bool = False,
                           strict: bool = False, memory_budget: int | str | None = None) -> RegisterNeurons:
     """Find the register neurons of ``model`` from ``images`` (Algorithm 1).
 
@@ -357,13 +371,18 @@ def find_register_neurons(model, images, *, threshold: float | str = "auto",
     twice the median). ``detection_layer``: the block whose output is checked for outliers
     (negative indexes count from the end). ``top_layer``: last layer searched, or ``"auto"``,
     the emergence layer (the last block that makes the detection layer's outlier tokens grow,
-    see docs/method.md). ``top_k``: how many neurons.
+    see docs/method.md). ``top_k``: how many neurons (at least 1), a fixed number: this is the
+    paper's Algorithm 1 for a k you know (to reproduce the paper, or a published set's k).
+    :func:`ttreg.calibrate` is the call to use otherwise: the same search with the same
+    defaults, and the smallest k that clears held-out images.
 
-    ``preset``: ``"paper"`` (patch tokens are the outlier candidates, no filter) or
-    ``"official"`` (ranks like the authors' ``algorithms.py`` as their notebook runs it: CLS
-    is a candidate too, and the sparsity filter is on). ``include_prefix`` (prefix tokens such
-    as CLS are outlier candidates) and ``sparsity`` (a neuron counts for an image only if its
-    activation is below 0.5 on at least half of the tokens) override the preset.
+    ``preset``: ``"paper"`` (patch tokens are the outlier candidates) or ``"official"`` (ranks
+    like the authors' ``algorithms.py`` as their notebook runs it: CLS is a candidate too).
+    ``include_prefix`` (prefix tokens such as CLS are outlier candidates) overrides the preset.
+    ``sparsity`` (default on, as in :func:`ttreg.calibrate`: a neuron counts for an image only
+    if its activation is below 0.5 on at least half of the tokens, so dense neurons that are
+    large on every token never rank); ``sparsity=None`` takes the preset's (``"paper"``: off, as
+    the paper's text; ``"official"``: on).
 
     ``memory_budget`` (bytes, or a size such as ``"4GB"``; default 1 GiB): what the search may
     keep of a batch's MLP hidden states. A batch whose searched layers would need more runs in
@@ -380,7 +399,7 @@ def find_register_neurons(model, images, *, threshold: float | str = "auto",
                           top_layer=top_layer, batch_size=batch_size, preset=preset,
                           include_prefix=include_prefix, sparsity=sparsity,
                           memory_budget=memory_budget, sizes=None)
-    top_k = as_index(top_k, "top_k")
+    top_k = check_top_k(top_k)
     stats = run_search(ad, images, cfg, transform=transform, progress=progress, strict=strict)
     return neurons_from_stats(ad, stats, det=cfg.detection_layer, threshold=threshold,
                               top_layer=top_layer, top_k=top_k, preset=preset, **cfg.options)
@@ -436,12 +455,12 @@ def neurons_from_stats(adapter: Adapter, stats: SearchStats, *, det: int, thresh
     prov = {"method": "ttreg.find_register_neurons", "model": adapter.describe()}
     if stats.images_with_outliers == 0:
         ratio = per_layer["mean_norm_ratio"][det]
-        note = (f"no outlier tokens at layer {det} over {stats.images} images "
+        note = (f"no outlier tokens at layer {det} over {count(stats.images, 'image')} "
                 f"(mean max/median patch-norm ratio {ratio:.2f}); this model does not need registers")
         warnings.warn(note, stacklevel=3)
         return RegisterNeurons([], [], hyper, stats.images, 0, fp, prov, statistics, note)
     pairs, vals = rank(stats, top, top_k)
-    note = (f"{len(pairs)} register neurons from {stats.images_with_outliers}/{stats.images} "
-            f"images with outliers at layer {det}; outliers emerge at layer {emerge}")
+    note = (f"{count(len(pairs), 'register neuron')} from {stats.images_with_outliers}/"
+            f"{count(stats.images, 'image')} with outliers at layer {det}; outliers emerge at layer {emerge}")
     return RegisterNeurons(pairs, vals, hyper, stats.images, stats.images_with_outliers,
                            fp, prov, statistics, note)

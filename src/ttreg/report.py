@@ -27,10 +27,11 @@ from .trace import Trace, trace
 def inspect_images(model, transform, src: ImageSource, neurons: RegisterNeurons, out: Path, *,
                    layer: int = -1, num_registers: int = 1, preset: str = "paper",
                    num_neurons: int = 6, model_name: str = "", batch_size: int = 16,
-                   outputs: Outputs | None = None) -> tuple[dict, list[Path]]:
+                   outputs: Outputs | None = None, progress: bool = False) -> tuple[dict, list[Path]]:
     """Figures and ``inspect.json`` for the images of ``src`` in ``out``, ``batch_size`` images
-    per forward pass. With ``outputs`` the files are staged there (the caller commits);
-    otherwise they are all written at the end, or none on an error or Ctrl-C."""
+    per forward pass (``progress``: a bar over the images). With ``outputs`` the files are
+    staged there (the caller commits); otherwise they are all written at the end, or none on an
+    error or Ctrl-C."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     viz.require_matplotlib()
@@ -46,7 +47,12 @@ def inspect_images(model, transform, src: ImageSource, neurons: RegisterNeurons,
                                "note": neurons.note, "images": []}
     out = Path(out)
     written: list[Path] = []
-    with contextlib.nullcontext(outputs) if outputs is not None else Outputs() as o:
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(src), desc="inspecting images", unit="image")
+    with contextlib.nullcontext(outputs) if outputs is not None else Outputs() as o, \
+            (bar or contextlib.nullcontext()):
         for start in range(0, len(src), batch_size):
             idx = range(start, min(start + batch_size, len(src)))
             x = torch.stack([transform(src.image(i)) for i in idx]).to(p.device, p.dtype)
@@ -72,6 +78,8 @@ def inspect_images(model, transform, src: ImageSource, neurons: RegisterNeurons,
                 results["images"].append({"image": name, "figures": [f.name for f in figs],
                                           "plain": arm_numbers(plain, b, det),
                                           "registers": arm_numbers(reg, b, det)})
+            if bar is not None:
+                bar.update(len(idx))
         written.append(write_json(out / "inspect.json", results, outputs=o))
     return results, written
 

@@ -222,9 +222,12 @@ class RegisterNeurons:
         return sorted({l for l, _ in self.neurons})
 
     def __repr__(self) -> str:
+        from .text import count
         body = ", ".join(f"{l}: {ns}" for l, ns in self.by_layer().items())
-        return (f"RegisterNeurons({len(self)} neurons {{{body}}}, "
-                f"{self.num_images_with_outliers}/{self.num_images} images with outliers)")
+        text = f"RegisterNeurons({count(len(self), 'neuron')} {{{body}}}"
+        if self.num_images:        # found on images; a set from a dict or a name was not
+            text += f", {self.num_images_with_outliers}/{count(self.num_images, 'image')} with outliers"
+        return text + ")"
 
     # --- model checks ---------------------------------------------------------------------
     def check_model(self, model) -> None:
@@ -554,9 +557,10 @@ class AttentionBias:
                 "num_registers": self.num_registers}
 
     def __repr__(self) -> str:
+        from .text import count
         L, H, D = self.key.shape
-        return (f"AttentionBias({L} layers x {H} heads x {D}, {len(self.layers)} layers on, "
-                f"fitted on {self.num_images} images with {len(self.neurons)} neurons)")
+        return (f"AttentionBias({L} layers x {H} heads x {D}, {count(len(self.layers), 'layer')} on, "
+                f"fitted on {count(self.num_images, 'image')} with {count(len(self.neurons), 'neuron')})")
 
     def check_model(self, model, neurons: "RegisterNeurons | None" = None) -> None:
         """Raise :class:`ModelMismatchError` if this bias was fitted on another model (or, given

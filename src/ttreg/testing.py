@@ -596,3 +596,13 @@ def size_planted_vit(small: int = 64, large: int = 128, *, seed: int = 0) -> nn.
     fc1.weight[n, c_cnt] = -beta
     fc1.weight[n, trig] = alpha
     return model
+
+
+__all__ = ["ContentPlants", "DEMO_PLANTS", "Plant", "SIZE_PLANTS", "content_planted_vit", "mixed_images",
+           "plant_content_outliers", "plant_demo", "plant_register_neurons", "planted_vit",
+           "size_planted_vit"]
+
+
+def __dir__() -> list[str]:
+    """The public names only (not ``torch``, ``math``, ``dataclass``)."""
+    return sorted(__all__)

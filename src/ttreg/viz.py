@@ -57,20 +57,44 @@ def _upsample(m: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
 def _overlay(ax, image: np.ndarray, heat: torch.Tensor, title: str, cmap="inferno",
              vmin=None, vmax=None):
     ax.imshow(image)
-    ax.imshow(_upsample(heat, image.shape[:2]), cmap=cmap, alpha=0.6,
-              vmin=None if vmin is None else float(vmin), vmax=None if vmax is None else float(vmax))
-    ax.set_title(title, fontsize=9)
-    ax.axis("off")
-
-
-def _heat(ax, heat: torch.Tensor, title: str, cmap="inferno", vmax=None, mark_max=False):
-    im = ax.imshow(heat.numpy(), cmap=cmap, vmin=0, vmax=float(vmax) if vmax is not None else None)
-    if mark_max:
-        r, c = divmod(int(heat.argmax()), heat.shape[1])
-        ax.scatter([c], [r], s=40, facecolors="none", edgecolors="cyan", linewidths=1.2)
+    im = ax.imshow(_upsample(heat, image.shape[:2]), cmap=cmap, alpha=0.6,
+                   vmin=None if vmin is None else float(vmin), vmax=None if vmax is None else float(vmax))
     ax.set_title(title, fontsize=9)
     ax.axis("off")
     return im
+
+
+#: the marker of the patch with the largest norm, as the figure's note explains it
+MAX_MARK = {"s": 40, "facecolors": "none", "edgecolors": "cyan", "linewidths": 1.2}
+
+
+def _heat(ax, heat: torch.Tensor, title: str, cmap="inferno", vmax=None, mark_max=False, vmin=0.0):
+    im = ax.imshow(heat.numpy(), cmap=cmap, vmin=float(vmin),
+                   vmax=float(vmax) if vmax is not None else None)
+    if mark_max:
+        r, c = divmod(int(heat.argmax()), heat.shape[1])
+        ax.scatter([c], [r], **MAX_MARK)
+    ax.set_title(title, fontsize=9)
+    ax.axis("off")
+    return im
+
+
+def _colorbar(fig, im, ax, label: str = "", extend: str = "neither"):
+    """A colour bar beside ``ax`` (every map has one)."""
+    bar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03, extend=extend)
+    if label:
+        bar.set_label(label, fontsize=8)
+    bar.ax.tick_params(labelsize=7)
+    return bar
+
+
+def norm_scale(plain_map: torch.Tensor, reg_map: torch.Tensor) -> tuple[float, float]:
+    """The shared colour scale of a plain and a cleaned norm map: from the smaller minimum to the
+    larger of the cleaned map's maximum and the plain map's 95th percentile, so outlier tokens
+    (above it, shown at the top colour, their value in the title) do not flatten the rest."""
+    lo = min(float(plain_map.min()), float(reg_map.min()))
+    hi = max(float(reg_map.max()), float(torch.quantile(plain_map.flatten().float(), 0.95)))
+    return lo, max(hi, lo + 1e-6)
 
 
 def overview(image: np.ndarray, plain, reg, i: int, layer: int, name: str, path,
@@ -84,15 +108,22 @@ def overview(image: np.ndarray, plain, reg, i: int, layer: int, name: str, path,
     L = plain.norms.shape[1]
     layer = layer % L
     nm_p, nm_r = plain.norm_map(layer)[i], reg.norm_map(layer)[i]
-    vmax = max(float(nm_p.max()), float(nm_r.max()))
-    ax = fig.add_subplot(gs[0, 0]); ax.imshow(image); ax.set_title(name, fontsize=9); ax.axis("off")
+    vmin, vmax = norm_scale(nm_p, nm_r)
+    ax = fig.add_subplot(gs[0, 0]); ax.imshow(image); ax.axis("off")
+    h, w = image.shape[:2]
+    ax.set_title(f"{name}\nmodel input: the resized centre crop\nthe model saw ({h}x{w} px)", fontsize=9)
     rp = float(nm_p.max() / nm_p.median())
     rr = float(nm_r.max() / nm_r.median())
-    im = _heat(fig.add_subplot(gs[0, 1]), nm_p, f"patch norms, layer {layer}\nplain (max/median {rp:.1f})",
-               vmax=vmax, mark_max=True)
-    _heat(fig.add_subplot(gs[0, 2]), nm_r, f"patch norms, layer {layer}\n"
-          f"test-time register (max/median {rr:.1f})", vmax=vmax, mark_max=True)
-    fig.colorbar(im, cax=fig.add_subplot(gs[0, 3]), label="token norm")
+    im = _heat(fig.add_subplot(gs[0, 1]), nm_p, f"patch norms, layer {layer}: plain\n"
+               f"max/median {rp:.1f}, max {float(nm_p.max()):.3g}", vmin=vmin, vmax=vmax, mark_max=True)
+    ax_r = fig.add_subplot(gs[0, 2])
+    _heat(ax_r, nm_r, f"patch norms, layer {layer}: test-time\nregister, max/median {rr:.1f}, "
+          f"max {float(nm_r.max()):.3g}", vmin=vmin, vmax=vmax, mark_max=True)
+    over = float(nm_p.max()) > vmax
+    fig.colorbar(im, cax=fig.add_subplot(gs[0, 3]), extend="max" if over else "neither",
+                 label=f"token norm (shared scale{'; higher norms at the top colour' if over else ''})")
+    ax_r.text(0.5, -0.08, "cyan circle: the patch with the largest norm", transform=ax_r.transAxes,
+              ha="center", va="top", fontsize=8)
     last = L - 1
     if last in plain.attention and last in reg.attention and plain.num_prefix_tokens > 0:
         a_p = plain.cls_attention(last)[i].mean(0)
@@ -101,8 +132,9 @@ def overview(image: np.ndarray, plain, reg, i: int, layer: int, name: str, path,
         hi = max(float(a_p.max()), float(a_r.max()))
         _overlay(fig.add_subplot(gs[0, 5]), image, a_p,
                  f"CLS attention, layer {last}\nplain (mean of heads)", vmin=lo, vmax=hi)
-        _overlay(fig.add_subplot(gs[0, 6]), image, a_r,
-                 f"CLS attention, layer {last}\ntest-time register", vmin=lo, vmax=hi)
+        ax_a = fig.add_subplot(gs[0, 6])
+        im_a = _overlay(ax_a, image, a_r, f"CLS attention, layer {last}\ntest-time register", vmin=lo, vmax=hi)
+        _colorbar(fig, im_a, ax_a, "attention weight (both panels)")
     ax = fig.add_subplot(gs[1, :])
     x = np.arange(L)
     ps, rs = plain.patch_slice, reg.patch_slice
@@ -128,7 +160,8 @@ def heads(image: np.ndarray, plain, reg, i: int, name: str, path, outputs: Outpu
     for h in range(H):
         vmax = max(float(a_p[h].max()), float(a_r[h].max()))
         _heat(axes[0, h], a_p[h], f"head {h}", cmap="viridis", vmax=vmax)
-        _heat(axes[1, h], a_r[h], "", cmap="viridis", vmax=vmax)
+        im = _heat(axes[1, h], a_r[h], "", cmap="viridis", vmax=vmax)
+        _colorbar(fig, im, list(axes[:, h]), "attention" if h == H - 1 else "")
     axes[0, 0].text(-0.15, 0.5, "plain", transform=axes[0, 0].transAxes, rotation=90, va="center", ha="right")
     axes[1, 0].text(-0.15, 0.5, "register", transform=axes[1, 0].transAxes, rotation=90, va="center", ha="right")
     fig.suptitle(f"{name}: CLS attention per head, block {last}", fontsize=10)
@@ -147,6 +180,7 @@ def neuron_maps(image: np.ndarray, plain, reg, i: int, name: str, path, max_neur
         vmax = max(float(m_p.abs().max()), 1e-6)
         _heat(axes[0, k], m_p.abs(), f"neuron ({l}, {j})\nplain, max {float(m_p.max()):.1f}", vmax=vmax)
         reg_val = float(reg.activations[i, k, -reg.num_registers:].max()) if reg.num_registers else 0.0
-        _heat(axes[1, k], m_r.abs(), f"with register\npatches 0, register {reg_val:.1f}", vmax=vmax)
+        im = _heat(axes[1, k], m_r.abs(), f"with register\npatches 0, register {reg_val:.1f}", vmax=vmax)
+        _colorbar(fig, im, list(axes[:, k]), "|activation|" if k == n - 1 else "")
     fig.suptitle(f"{name}: register-neuron activations on the patches", fontsize=10)
     return save_figure(fig, path, outputs=outputs)

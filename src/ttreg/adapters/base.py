@@ -5,10 +5,9 @@ exposes the same small surface, so the method never looks at a model's attribute
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
@@ -197,6 +196,10 @@ class Adapter:
     def describe(self) -> str:
         return (f"{self.family} {type(self.model).__name__} ({self.num_layers} blocks, "
                 f"width {self.embed_dim}, MLP {self.mlp_width(0)})")
+
+    def __repr__(self) -> str:
+        """A short summary (the family, the model's class and its sizes), never the weights."""
+        return f"{type(self).__name__}({self.describe()})"
 
 
 class DelegatingAdapter(Adapter):

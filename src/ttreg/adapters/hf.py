@@ -18,9 +18,8 @@ name along the model's MRO.
 """
 from __future__ import annotations
 
-import contextlib
 import inspect
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn as nn

@@ -20,7 +20,6 @@ from typing import Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD  # without open_clip,
 from open_clip.timm_model import TimmModel                              # wrap() skips this module
 from open_clip.transformer import VisionTransformer as OpenCLIPVisionTransformer

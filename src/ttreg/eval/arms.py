@@ -150,15 +150,16 @@ def control_rows(result: dict[str, Any], first: str = "images") -> list[dict[str
     return rows
 
 
-def resolve_neurons(model, neurons, images=None, **search) -> RegisterNeurons:
+def resolve_neurons(model, neurons, images=None, **options) -> RegisterNeurons:
     """``neurons`` as a :class:`RegisterNeurons`: a set, a dict/pairs, a JSON path, or ``"auto"``
-    (search ``images`` with :func:`ttreg.find_register_neurons`; ``search`` goes to it)."""
+    (:func:`ttreg.calibrate` on ``images``, with the held-out check; ``options`` go to it). The
+    set's ``note`` says what the check measured (and when it was in-sample)."""
     if isinstance(neurons, str) and neurons == "auto":
         if images is None:
-            raise ValueError("neurons='auto' needs images to search on")
+            raise ValueError("neurons='auto' needs images to calibrate on")
         import warnings
-        from ..neurons import find_register_neurons
+        from ..calibrate import calibrate
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return find_register_neurons(model, images, **search)
+            warnings.simplefilter("ignore")    # the note says the same
+            return calibrate(model, images, **options).neurons
     return as_register_neurons(neurons)

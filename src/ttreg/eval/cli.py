@@ -8,21 +8,24 @@ import argparse
 import sys
 import time
 
-from ..command import (OneLineParser, device_arg, int_at_least, int_or_auto, load_neurons, model_help,
+from ..command import (TOP_K_DEFAULT, OneLineParser, device_arg, int_at_least, int_or_auto, load_neurons, model_help,
                    number_in, positive_number, read_neurons, resolve_model, run, threshold_arg)
 
 
 # --- the model's neurons, and checks before the model loads ------------------------------------------
 def resolve_neurons(args, model, images, transform):
-    """``--neurons``: ``auto`` (search ``images``), a published name, or a JSON file."""
+    """``--neurons``: ``auto`` (calibrate on the first ``--search-images`` of ``images``, with
+    the held-out check), a published name, or a JSON file."""
+    from ..text import count
     from .arms import resolve_neurons as _resolve
     if args.neurons == "auto":
         imgs = list(images)[: args.search_images]
         rn = _resolve(model, "auto", imgs, threshold=args.threshold,
                       detection_layer=args.detection_layer, top_layer=args.top_layer,
-                      top_k=args.top_k, batch_size=args.batch_size, transform=transform)
-        _say(args, f"register neurons (searched on {len(imgs)} images): "
-                   f"{[list(p) for p in rn.neurons]}" + (f" -- {rn.note}" if not len(rn) else ""))
+                      top_k=args.top_k, batch_size=args.batch_size, transform=transform,
+                      progress=not args.quiet and sys.stderr.isatty())
+        _say(args, f"register neurons (calibrated on {count(len(imgs), 'image')}): "
+                   f"{[list(p) for p in rn.neurons]} -- {rn.note}")
         return rn
     return load_neurons(args.given_neurons, model)
 
@@ -212,15 +215,17 @@ def _common(p: argparse.ArgumentParser, controls: int) -> None:
     g.add_argument("--model", required=True, help=model_help())
     g.add_argument("--neurons", default="auto",
                    help="register neurons: a JSON from 'ttreg calibrate', a published name, or "
-                        "'auto' (search the evaluation images; default)")
-    g.add_argument("--top-k", type=int_at_least(0), default=10,
-                   help="neurons to keep with --neurons auto (10)")
+                        "'auto' (default: calibrate on the first --search-images evaluation images, "
+                        "as 'ttreg calibrate' does, with its held-out check)")
+    g.add_argument("--top-k", type=int_or_auto(1), default=TOP_K_DEFAULT,
+                   help="neurons to keep with --neurons auto, or 'auto' (default, as for 'ttreg "
+                        "calibrate': the smallest k that clears the held-out images)")
     g.add_argument("--threshold", type=threshold_arg, default="auto",
                    help="outlier norm threshold (> 0) or 'auto' (mean + 3 std)")
     g.add_argument("--detection-layer", type=int, default=-1, help="block checked for outliers (-1)")
     g.add_argument("--top-layer", type=int_or_auto(), default="auto", help="last layer searched, or 'auto'")
     g.add_argument("--search-images", type=int_at_least(1), default=64,
-                   help="evaluation images the 'auto' search uses (64)")
+                   help="evaluation images --neurons auto calibrates on (64; 20%% of them held out)")
     g.add_argument("--num-registers", type=int_at_least(1), default=1, help="test-time registers (1)")
     g.add_argument("--preset", default="paper", choices=("paper", "official"),
                    help="the paper's edit or the authors' released code's (paper)")
