@@ -55,7 +55,7 @@ def main() -> None:
                    batch_size=8, page=page)
     print(f"inspect with the page: {time.time() - t0:.0f} s; {page.summary()} "
           f"({page.bytes / n / 1e3:.0f} kB per image)")
-    with chromium(1400, 1010) as d:
+    with chromium(1400, 1200) as d:
         times = [open_page(d, page.path) for _ in range(args.loads)]
         print(f"load to first drawing: median {statistics.median(times):.0f} ms "
               f"(min {min(times):.0f}, max {max(times):.0f}, {args.loads} loads, headless Chromium)")

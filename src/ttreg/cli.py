@@ -141,7 +141,8 @@ def _html_page(args, out: Path):
     from .html_report import Page
     path = check_output_file(Path(args.html) if args.html else out / "inspect.html", "--html")
     if path.suffix.lower() not in (".html", ".htm"):
-        raise UserError(f"--html {path}: give a file name ending in .html")
+        raise UserError(f"--html {path}: give a file name ending in .html (or put --html, with "
+                        "no file, after the images)")
     caption = f"synthetic model: {SYNTHETIC[args.model]}" if args.model in SYNTHETIC else ""
     return Page(path, neuron_source=args.neurons, caption=caption)
 

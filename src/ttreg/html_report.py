@@ -272,7 +272,7 @@ canvas{display:block;image-rendering:pixelated}
 #neuron-list{list-style:none;padding:0;margin:0;max-height:230px;overflow-y:auto}
 #neuron-list li{padding:2px 6px;border-radius:4px;cursor:pointer;font-size:12.5px}
 #neuron-list li.on{background:#2060c0;color:#fff}
-#summary{display:grid;grid-template-columns:auto auto;gap:1px 10px;margin:0;font-size:12.5px;max-width:330px}
+#summary{display:grid;grid-template-columns:max-content minmax(0,1fr);gap:1px 10px;margin:0;font-size:12.5px;max-width:440px}
 #summary dt{color:#666}#summary dd{margin:0}
 footer{padding:4px 20px 16px;color:#666;font-size:12px}
 svg text{font-size:11px;fill:#333}
