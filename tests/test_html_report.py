@@ -226,3 +226,23 @@ def test_page_in_headless_chromium(built):
         assert _text(d, "image-name") == ref[1]["image"]
         assert _text(d, "ratio") == f"{ref[1]['plain']['norm_ratio'][det]:.2f}"
         assert console_errors(d) == []
+
+
+@needs_browser
+def test_page_without_register_neurons(tmp_path):
+    """A model that needs no registers: the switch is disabled, both conditions are the plain
+    model, no neuron view, and the page still draws without a console error."""
+    model, tf, _ = resolve_model("planted")
+    photo(size=(64, 64)).save(tmp_path / "a.png")
+    page = Page(tmp_path / "p.html")
+    results, _ = inspect_images(model, tf, resolve_images([str(tmp_path / "a.png")]), RegisterNeurons([]),
+                                tmp_path / "figs", page=page)
+    _, data = _data(page.path)
+    assert data["num_registers"] == 0 and data["neurons"] == [] and data["summary"]["count"] == 0
+    assert "activations" not in data["images"][0]["arrays"]["plain"]
+    with chromium() as d:
+        open_page(d, page.path)
+        assert d.find_element("id", "registers").get_attribute("disabled") == "true"
+        assert not d.find_element("id", "neuron-view").is_displayed()
+        assert _text(d, "ratio") == f"{results['images'][0]['plain']['norm_ratio'][-1]:.2f}"
+        assert console_errors(d) == []

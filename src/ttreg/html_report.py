@@ -399,8 +399,8 @@ function drawNeuron() {
   $("neuron-label").textContent = `(${nl}, ${nn})`;
   document.querySelectorAll("#neuron-list li").forEach((li, j) => li.classList.toggle("on", j === k));
 }
-function ticks(lo, hi) {   // 1-2-5 steps between 10^lo and 10^hi, at most 7
-  for (const steps of [[1, 2, 5], [1, 3], [1]]) {
+function ticks(lo, hi) {   // the finest of these steps between 10^lo and 10^hi with at most 7
+  for (const steps of [[1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 8], [1, 2, 5], [1, 3], [1]]) {
     const out = [];
     for (let e = Math.floor(lo) - 1; e <= Math.ceil(hi); e++)
       for (const m of steps) { const v = m * Math.pow(10, e), g = Math.log10(v); if (g >= lo && g <= hi) out.push(v); }
@@ -420,7 +420,7 @@ function drawCurve() {
   let s = "";
   for (const v of ticks(lo, hi)) {
     const yy = y(v);
-    s += `<line x1="${m.l}" y1="${yy}" x2="${W - m.r}" y2="${yy}" stroke="#eee"/><text x="${m.l - 4}" y="${yy + 4}" text-anchor="end">${v >= 1 ? v : v.toPrecision(1)}</text>`;
+    s += `<line x1="${m.l}" y1="${yy}" x2="${W - m.r}" y2="${yy}" stroke="#eee"/><text x="${m.l - 4}" y="${yy + 4}" text-anchor="end">${v >= 1 ? +v.toPrecision(3) : v.toPrecision(2)}</text>`;
   }
   s += `<line x1="${m.l}" y1="${Hh - m.b}" x2="${W - m.r}" y2="${Hh - m.b}" stroke="#999"/>`;
   s += `<line x1="${m.l}" y1="${m.t}" x2="${m.l}" y2="${Hh - m.b}" stroke="#999"/>`;
