@@ -38,6 +38,10 @@ def test_demo_end_to_end(tmp_path):
     assert len(links) >= 9
     for link in links:
         assert_png(out / link)
+    # the interactive page beside the report, labelled synthetic
+    page = out / "synthetic.html"
+    assert f"wrote {page} (3 images," in r.stdout and "](synthetic.html)" in report
+    assert "DINOv2 ViT-S/14 with register neurons planted by ttreg" in page.read_text()
 
 
 def test_calibrate_builtin_subprocess(tmp_path):

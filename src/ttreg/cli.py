@@ -105,6 +105,7 @@ def cmd_inspect(args) -> int:
     from .report import inspect_images
     from .viz import require_matplotlib
     out = check_output_folder(args.out, "--out")
+    page = _html_page(args, out)
     require_matplotlib()
     given = read_neurons(args.neurons)
     src = resolve_images(list(args.images), strict=args.strict)
@@ -126,15 +127,32 @@ def cmd_inspect(args) -> int:
     results, written = inspect_images(model, transform, src, neurons, out, layer=args.layer,
                                       num_registers=args.num_registers, preset=args.preset,
                                       num_neurons=args.num_neurons, model_name=args.model,
-                                      batch_size=args.batch_size, progress=progress)
+                                      batch_size=args.batch_size, progress=progress, page=page)
     det = results["detection_layer"]
     print(f"{count(len(src.items), 'image')}, {count(len(neurons), 'register neuron')}"
           + (f" ({neurons.note})" if neurons.note else ""))
     for r in results["images"]:
         print(f"  {r['image']}: max/median patch norm at layer {det}: "
               f"{r['plain']['norm_ratio'][det]:.2f} -> {r['registers']['norm_ratio'][det]:.2f}")
-    print(f"wrote {count(len(written) - 1, 'figure')} and inspect.json to {out}")
+    print(f"wrote {count(len(written) - 1 - (page is not None), 'figure')} and inspect.json to {out}")
+    if page is not None:
+        print(page.summary())
     return EXIT_OK
+
+
+def _html_page(args, out: Path):
+    """``--html [FILE]``: the page to write (default inspect.html in --out), its path checked."""
+    if args.html is None:
+        return None
+    from .command import SYNTHETIC
+    from .files import check_output_file
+    from .html_report import Page
+    path = check_output_file(Path(args.html) if args.html else out / "inspect.html", "--html")
+    if path.suffix.lower() not in (".html", ".htm"):
+        raise UserError(f"--html {path}: give a file name ending in .html (or put --html, with "
+                        "no file, after the images)")
+    caption = f"synthetic model: {SYNTHETIC[args.model]}" if args.model in SYNTHETIC else ""
+    return Page(path, neuron_source=args.neurons, caption=caption)
 
 
 # --- export --------------------------------------------------------------------------------------
@@ -268,6 +286,11 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--preset", choices=["paper", "official"], default="paper",
                    help="the paper's edit or the authors' released code's (default paper)")
     i.add_argument("--num-neurons", type=int_at_least(0), default=6, help="neuron maps to draw (default 6)")
+    i.add_argument("--html", nargs="?", const="", default=None, metavar="FILE",
+                   help="also write one self-contained interactive HTML page (registers on/off, "
+                        "every block's norm map and attention, the neuron maps); default FILE: "
+                        "inspect.html in --out. It traces the attention of every block: lower "
+                        "--batch-size if memory is short")
     _common(i)
     i.set_defaults(func=cmd_inspect)
 

@@ -6,7 +6,9 @@
    by :func:`ttreg.testing.plant_content_outliers` (:data:`DEMO_PLANTS`: the outliers sit on the
    brightest patches of each photo, so they move with the image), goes through calibration,
    test-time registers and figures. Its outliers are an artifact we made, clearly labelled.
-3. A Markdown report with the figures and numbers is written to the output folder.
+3. A Markdown report with the figures and numbers is written to the output folder, and beside
+   it ``synthetic.html``: the interactive page of ``ttreg inspect --html`` for the synthetic
+   model (:mod:`ttreg.html_report`).
 
 Every optional package the demo needs (timm, matplotlib, scikit-image) and the output folder are
 checked before any work, and all files are written together at the end (:mod:`ttreg.files`), so
@@ -21,6 +23,7 @@ from pathlib import Path
 from .calibrate import calibrate
 from .data import resolve_images
 from .files import Outputs, check_output_folder, write_json, write_text
+from .html_report import Page
 from .report import inspect_images
 from .testing import DEMO_PLANTS
 
@@ -29,6 +32,9 @@ NEEDS = {"timm": "timm", "matplotlib": "matplotlib", "skimage": "scikit-image"}
 
 REAL = "builtin:dinov2_vits14"
 SYNTHETIC = "builtin:dinov2_vits14+planted"
+#: the line under the synthetic page's title
+SYNTHETIC_CAPTION = ("synthetic: DINOv2 ViT-S/14 with register neurons planted by ttreg (its "
+                     "outliers are a test artifact, not a property of DINOv2)")
 FIGURE_PHOTOS = ("skimage:astronaut", "skimage:chelsea", "skimage:coffee")
 
 def _say(msg: str) -> None:
@@ -74,8 +80,12 @@ def _run(out: Path, batch_size: int, files: Outputs, t0: float) -> Path:
     _say("[3/3] figures for a few photos, plain vs. test-time register")
     pick = [i for i, n in enumerate(photos.names) if n in FIGURE_PHOTOS]
     sub = photos.subset(pick)
+    page = Page(out / "synthetic.html", neuron_source="found by this demo (synthetic_neurons.json)",
+                caption=SYNTHETIC_CAPTION)
     res_syn, figs_syn = inspect_images(planted, tf, sub, syn.neurons, out / "synthetic",
-                                       model_name=SYNTHETIC, batch_size=batch_size, outputs=files)
+                                       model_name=SYNTHETIC, batch_size=batch_size, outputs=files,
+                                       page=page)
+    figs_syn = figs_syn[:-1]   # the page is last
     res_real, figs_real = inspect_images(model, tf, sub, real.neurons, out / "real", model_name=REAL,
                                          batch_size=batch_size, outputs=files)
     where = [_outlier_patch(r, syn.report["detection_layer"]) for r in res_syn["images"]]
@@ -90,6 +100,7 @@ def _run(out: Path, batch_size: int, files: Outputs, t0: float) -> Path:
     report = _markdown(real, syn, planted_pairs, res_syn, figs_syn, figs_real, time.time() - t0)
     path = write_text(out / "report.md", report, outputs=files)
     files.commit()
+    _say(f"      {page.summary()}")
     _say(f"done in {time.time() - t0:.0f} s; report: {path}")
     return path
 
@@ -137,6 +148,8 @@ def _markdown(real, syn, planted_pairs, res_syn, figs_syn, figs_real, seconds) -
         f"- held-out max/median patch norm at layer {det}: {sb['mean_norm_ratio']:.2f} -> "
         f"{sa['mean_norm_ratio']:.2f}; images with outliers {sb['fraction_with_outliers']:.0%} -> "
         f"{sa['fraction_with_outliers']:.0%}", "",
+        "Open [synthetic.html](synthetic.html) in a browser to switch the register on and off, "
+        "walk the blocks and open the neurons (one self-contained file).", "",
     ]
     for r in res_syn["images"]:
         lines.append(f"### {r['image']}")

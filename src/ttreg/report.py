@@ -27,11 +27,16 @@ from .trace import Trace, trace
 def inspect_images(model, transform, src: ImageSource, neurons: RegisterNeurons, out: Path, *,
                    layer: int = -1, num_registers: int = 1, preset: str = "paper",
                    num_neurons: int = 6, model_name: str = "", batch_size: int = 16,
-                   outputs: Outputs | None = None, progress: bool = False) -> tuple[dict, list[Path]]:
+                   outputs: Outputs | None = None, progress: bool = False,
+                   page=None) -> tuple[dict, list[Path]]:
     """Figures and ``inspect.json`` for the images of ``src`` in ``out``, ``batch_size`` images
     per forward pass (``progress``: a bar over the images). With ``outputs`` the files are
     staged there (the caller commits); otherwise they are all written at the end, or none on an
-    error or Ctrl-C."""
+    error or Ctrl-C.
+
+    ``page``: a :class:`ttreg.html_report.Page`; the attention of every block is then traced
+    too (memory: batch x blocks x heads x tokens^2 floats per condition), each batch handed to
+    it and the HTML page written with the other files (last in ``written``)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     viz.require_matplotlib()
@@ -56,18 +61,21 @@ def inspect_images(model, transform, src: ImageSource, neurons: RegisterNeurons,
         for start in range(0, len(src), batch_size):
             idx = range(start, min(start + batch_size, len(src)))
             x = torch.stack([transform(src.image(i)) for i in idx]).to(p.device, p.dtype)
-            plain = trace(model, x, attention=[L - 1], neurons=top)
+            att = list(range(L)) if page is not None else [L - 1]
+            plain = trace(model, x, attention=att, neurons=top)
             if len(neurons):
                 with test_time_registers(model, neurons, num_registers=num_registers, preset=preset,
                                          check=False):
-                    reg = trace(model, x, attention=[L - 1], neurons=top)
+                    reg = trace(model, x, attention=att, neurons=top)
             else:
                 reg = plain
+            imgs = []
             for b, i in enumerate(idx):
                 name = display_name(src.names[i])
                 stem = _stem(name, i)
                 title = Path(name).name
                 img = viz.denormalize(x[b], mean, std)
+                imgs.append(img)
                 figs = [viz.overview(img, plain, reg, b, det, title, out / f"{stem}_overview.png", outputs=o)]
                 if plain.attention and plain.num_prefix_tokens:
                     figs.append(viz.heads(img, plain, reg, b, title, out / f"{stem}_heads.png", outputs=o))
@@ -80,7 +88,11 @@ def inspect_images(model, transform, src: ImageSource, neurons: RegisterNeurons,
                                           "registers": arm_numbers(reg, b, det)})
             if bar is not None:
                 bar.update(len(idx))
+            if page is not None:
+                page.add(imgs, plain, reg)
         written.append(write_json(out / "inspect.json", results, outputs=o))
+        if page is not None:
+            written.append(page.write(results, neurons, outputs=o))
     return results, written
 
 
