@@ -39,14 +39,6 @@ def vlms():
     return get
 
 
-def pil_images(model, x):
-    """Tower-sized normalised images as the PIL images a user has (exactly representable)."""
-    from PIL import Image
-    from ttreg.viz import denormalize
-    mean, std = ttreg.wrap(model).mean_std()
-    return [Image.fromarray((denormalize(t, mean, std) * 255).round().astype("uint8")) for t in x]
-
-
 def hand_inputs(family, model, x, prompts):
     """What the processor gives, built by hand from tower-sized pixels (one view per image for
     Idefics3, the base view and one tile for LLaVA-OneVision): prompt ids + image tokens."""
@@ -115,7 +107,7 @@ def test_attribution_equals_eager_attention_row_by_row(vlms, family):
 @pytest.mark.parametrize("family", ["llava", "llava_onevision"])
 def test_the_public_call_takes_a_real_processor(vlms, family):
     model, proc, x, marked = vlms(family)
-    ims = pil_images(model, x[:2])
+    ims = testing_vlm.to_pil(model, x[:2])
     a = attribution(model, proc, ims, "what is in the image", answer="a red square")
     assert a.answers == ["a red square"] * 2
     enc = proc(images=ims, text=["<image>\nwhat is in the image"] * 2, return_tensors="pt")

@@ -209,3 +209,36 @@ def planted_vlm(family: str, plants: Sequence = ((1, 7, 0.5), (2, 21, 12.0)), *,
         big = max(range(len(done)), key=lambda i: done[i].write)
         read_outliers(model, D - 1 - big)
     return model, tiny_vlm_processor(family, model), x, marked
+
+
+def to_pil(model, x: torch.Tensor) -> list:
+    """Tower-sized normalised images ``(B, 3, H, W)`` as PIL images (the inverse of the model's
+    normalisation; exact for :func:`ttreg.plant.marked_images`' markers)."""
+    from PIL import Image
+    from .adapters import wrap
+    from .viz import denormalize
+    mean, std = wrap(model).mean_std()
+    return [Image.fromarray((denormalize(t, mean, std) * 255).round().astype("uint8")) for t in x]
+
+
+def write_marker_voc(root, model, x: torch.Tensor, marked: torch.Tensor, name: str = "marker") -> list:
+    """A Pascal-VOC-layout folder of the images ``x`` (lossless PNGs) with one box each, named
+    ``name``, around the marked patch (``marked``: ``(B, patches)`` bool); returns the boxes."""
+    from pathlib import Path
+    root = Path(root)
+    (root / "Annotations").mkdir(parents=True, exist_ok=True)
+    (root / "JPEGImages").mkdir(parents=True, exist_ok=True)
+    v = model.config.vision_config
+    patch, cells = int(v.patch_size), int(v.image_size) // int(v.patch_size)
+    boxes = []
+    for i, im in enumerate(to_pil(model, x)):
+        r, c = divmod(int(marked[i].float().argmax()), cells)
+        x1, y1, x2, y2 = c * patch, r * patch, (c + 1) * patch, (r + 1) * patch
+        stem = f"{i:06d}"
+        im.save(root / "JPEGImages" / f"{stem}.png")
+        (root / "Annotations" / f"{stem}.xml").write_text(
+            f"<annotation><filename>{stem}.png</filename><object><name>{name}</name>"
+            f"<bndbox><xmin>{x1 + 1}</xmin><ymin>{y1 + 1}</ymin><xmax>{x2}</xmax><ymax>{y2}</ymax>"
+            "</bndbox></object></annotation>")
+        boxes.append([x1, y1, x2, y2])
+    return boxes
