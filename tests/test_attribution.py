@@ -20,14 +20,6 @@ FAMILIES = list(testing_vlm.VLM_FAMILIES)
 IMAGE = testing_vlm.VLM_IMAGE_TOKEN
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def vlms():
     cache = {}
@@ -243,3 +235,29 @@ def test_a_model_without_a_language_model_is_refused():
     model = testing.planted_vit()
     with pytest.raises(ValueError, match="vision-language model"):
         attribute_inputs(model, {"input_ids": torch.zeros(1, 3, dtype=torch.long)}, [[1]])
+
+
+def test_inspect_draws_the_attribution_and_writes_its_numbers(tmp_path, capsys):
+    from ttreg.cli import main
+    paths = testing_vlm.save_planted_vlm(tmp_path / "vlm", images=1)
+    out = tmp_path / "figs"
+    args = ["inspect", "--model", f"hf:{paths['model']}", "--neurons", str(paths["neurons"]),
+            *map(str, paths["images"]), "--out", str(out)]
+    assert main(args + ["--prompt", "what is in the image", "--answer", "a red square"]) == 0
+    said = capsys.readouterr().out
+    assert "attribution mass on the outlier patches 100.0% -> 2.8% with registers" in said
+    import json
+    rep = json.loads((out / "inspect.json").read_text())
+    assert rep["attribution"]["prompt"] == "what is in the image"
+    for img in rep["images"]:
+        at = img["attribution"]
+        assert at["plain"]["answer"] == at["registers"]["answer"] == "a red square"
+        assert at["plain"]["outlier_tokens"] == 1 and at["plain"]["outlier_share"] > 0.99
+        assert at["registers"]["outlier_share"] < 1.5 * at["registers"]["uniform_share"]
+        assert len(at["plain"]["map"]) == 6 and any(f.endswith("_attribution.png") for f in img["figures"])
+        assert (out / img["figures"][-1]).stat().st_size > 10_000
+    assert main(args + ["--answer", "a cat"]) == 2
+    assert "give --prompt too" in capsys.readouterr().err
+    assert main(["inspect", "--model", "planted", str(paths["images"][0]), "--out", str(tmp_path / "x"),
+                 "--prompt", "what"]) == 2
+    assert "vision-language model" in capsys.readouterr().err

@@ -22,7 +22,6 @@ NEURONS = [(1, 7), (2, 21)]
 
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory):
-    torch.set_num_threads(1)
     model, proc, x, marked = testing_vlm.planted_vlm("llava", images=6)
     root = tmp_path_factory.mktemp("voc")
     testing_vlm.write_marker_voc(root, model, x, marked)

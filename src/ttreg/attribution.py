@@ -179,12 +179,21 @@ def _per_row(value, n: int, what: str) -> list:
     return value
 
 
+def require_vlm(model) -> None:
+    """Raise a one-line ``ValueError`` unless ``model`` is a VLM :func:`attribution` supports."""
+    _vlm_adapter(model)
+
+
 def _vlm_adapter(model):
     from .adapters.hf import HFVLMAdapter
     ad = wrap(model)
+    supported = "LLaVA, LLaVA-OneVision, Idefics3, SmolVLM"
     if not isinstance(ad, HFVLMAdapter):
-        raise ValueError(f"attribution needs a vision-language model (LLaVA, LLaVA-OneVision, "
-                         f"Idefics3, SmolVLM); {type(ad.model).__name__} is {ad.describe()}")
+        raise ValueError(f"attribution needs a vision-language model ({supported}); "
+                         f"{type(ad.model).__name__} is {ad.describe()}")
+    if type(ad).image_tokens is HFVLMAdapter.image_tokens:
+        raise ValueError(f"attribution is not available for {type(ad.model).__name__} yet "
+                         f"(it is for {supported})")
     return ad
 
 
@@ -410,4 +419,4 @@ def attribute_inputs(model, inputs: dict, answer_ids: Sequence[Sequence[int]] | 
 
 
 __all__ = ["Attribution", "attribution", "attribute_inputs", "prompt_text", "greedy_answers", "spread",
-           "load_processor"]
+           "load_processor", "require_vlm"]

@@ -32,6 +32,7 @@ EXAMPLES = """examples:
   ttreg calibrate --model timm:vit_large_patch14_dinov2.lvd142m --images imgs/ --out dinov2_l.json
   ttreg inspect --model builtin:dinov2_vits14 --neurons auto photo.jpg --out figs/
   ttreg inspect --model timm:vit_large_patch14_dinov2.lvd142m --neurons dinov2_vitl14 photo.jpg --out figs/
+  ttreg inspect --model hf:llava-hf/llava-1.5-7b-hf --prompt "What is in the image?" photo.jpg --out figs/
   ttreg export --model timm:vit_large_patch14_dinov2.lvd142m --neurons dinov2_l.json --out model.onnx
 
 exit status: 0 done, 1 unexpected failure, 2 user error (one line), 3 calibrate's automatic
@@ -108,23 +109,46 @@ def cmd_inspect(args) -> int:
     src = resolve_images(list(args.images), strict=args.strict)
     for s in src.skipped:
         print(f"skipped {s.path}: {s.reason}", file=sys.stderr)
+    if args.answer and not args.prompt:
+        raise UserError("--answer is attributed to the image for a --prompt: give --prompt too")
     model, transform, _ = resolve_model(args.model, args.device)
     from .adapters import wrap
     from .neurons import _resolve_layer
     _resolve_layer(args.layer, wrap(model).num_layers, "--layer")
+    processor = None
+    if args.prompt:
+        from .attribution import load_processor, require_vlm
+        require_vlm(model)
+        processor = load_processor(args.model)
     neurons = load_neurons(given, model)
     if neurons is None:
         neurons = calibrate(model, src, heldout=0, transform=transform, batch_size=args.batch_size).neurons
-    results, written = inspect_images(model, transform, src, neurons, out, layer=args.layer,
-                                      num_registers=args.num_registers, preset=args.preset,
-                                      num_neurons=args.num_neurons, model_name=args.model,
-                                      batch_size=args.batch_size)
+    from .files import Outputs
+    with Outputs() as o:
+        attributed, figs = None, []
+        if args.prompt:
+            from .attribution_report import inspect_attribution
+            attributed, figs = inspect_attribution(model, processor, src, neurons, out, args.prompt,
+                                                   args.answer, num_registers=args.num_registers,
+                                                   preset=args.preset, batch_size=args.batch_size,
+                                                   outputs=o)
+        results, written = inspect_images(model, transform, src, neurons, out, layer=args.layer,
+                                          num_registers=args.num_registers, preset=args.preset,
+                                          num_neurons=args.num_neurons, model_name=args.model,
+                                          batch_size=args.batch_size, outputs=o, attribution=attributed)
+    written += figs
     det = results["detection_layer"]
     print(f"{len(src.items)} images, {len(neurons)} register neurons"
           + (f" ({neurons.note})" if neurons.note else ""))
     for r in results["images"]:
         print(f"  {r['image']}: max/median patch norm at layer {det}: "
               f"{r['plain']['norm_ratio'][det]:.2f} -> {r['registers']['norm_ratio'][det]:.2f}")
+    for r in results["images"]:
+        at = r.get("attribution")
+        if at:
+            print(f"  {r['image']}: \"{at['plain']['answer']}\": attribution mass on the outlier "
+                  f"patches {100 * at['plain']['outlier_share']:.1f}% -> "
+                  f"{100 * at['registers']['outlier_share']:.1f}% with registers")
     print(f"wrote {len(written) - 1} figures and inspect.json to {out}")
     return EXIT_OK
 
@@ -241,7 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Make figures for images: per-layer norm curves, the norm map at "
                                    "the detection layer, last-layer CLS attention (mean and per head) "
                                    "and register-neuron activation maps, each plain and with "
-                                   "test-time registers, plus inspect.json with the numbers.")
+                                   "test-time registers, plus inspect.json with the numbers. With "
+                                   "--prompt (vision-language models): the language model's "
+                                   "text-to-image attribution maps beside the tower's norm maps.")
     i.add_argument("images", nargs="+", help="image files, folders (searched recursively) or .txt lists of paths")
     i.add_argument("--model", required=True, help=mhelp)
     i.add_argument("--neurons", default="auto",
@@ -254,6 +280,11 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--preset", choices=["paper", "official"], default="paper",
                    help="the paper's edit or the authors' released code's (default paper)")
     i.add_argument("--num-neurons", type=int_at_least(0), default=6, help="neuron maps to draw (default 6)")
+    i.add_argument("--prompt", default=None,
+                   help="vision-language models (hf:...): also draw the language model's attribution "
+                        "of the answer to this prompt on each image, plain vs test-time registers")
+    i.add_argument("--answer", default=None,
+                   help="with --prompt: the answer to attribute (default: the model's greedy answer)")
     _common(i)
     i.set_defaults(func=cmd_inspect)
 

@@ -27,10 +27,12 @@ from .trace import Trace, trace
 def inspect_images(model, transform, src: ImageSource, neurons: RegisterNeurons, out: Path, *,
                    layer: int = -1, num_registers: int = 1, preset: str = "paper",
                    num_neurons: int = 6, model_name: str = "", batch_size: int = 16,
-                   outputs: Outputs | None = None) -> tuple[dict, list[Path]]:
+                   outputs: Outputs | None = None, attribution: dict | None = None) -> tuple[dict, list[Path]]:
     """Figures and ``inspect.json`` for the images of ``src`` in ``out``, ``batch_size`` images
     per forward pass. With ``outputs`` the files are staged there (the caller commits);
-    otherwise they are all written at the end, or none on an error or Ctrl-C."""
+    otherwise they are all written at the end, or none on an error or Ctrl-C. ``attribution``:
+    a VLM's attribution numbers (:func:`ttreg.attribution_report.inspect_attribution`), put into
+    ``inspect.json`` beside each image's."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     viz.require_matplotlib()
@@ -59,7 +61,7 @@ def inspect_images(model, transform, src: ImageSource, neurons: RegisterNeurons,
                 reg = plain
             for b, i in enumerate(idx):
                 name = display_name(src.names[i])
-                stem = _stem(name, i)
+                stem = figure_stem(name, i)
                 title = Path(name).name
                 img = viz.denormalize(x[b], mean, std)
                 figs = [viz.overview(img, plain, reg, b, det, title, out / f"{stem}_overview.png", outputs=o)]
@@ -72,11 +74,17 @@ def inspect_images(model, transform, src: ImageSource, neurons: RegisterNeurons,
                 results["images"].append({"image": name, "figures": [f.name for f in figs],
                                           "plain": arm_numbers(plain, b, det),
                                           "registers": arm_numbers(reg, b, det)})
+        if attribution is not None:
+            results["attribution"] = attribution["config"]
+            for entry, extra in zip(results["images"], attribution["images"]):
+                entry["figures"].append(extra["figure"])
+                entry["attribution"] = {k: extra[k] for k in ("plain", "registers")}
         written.append(write_json(out / "inspect.json", results, outputs=o))
     return results, written
 
 
-def _stem(name: str, i: int) -> str:
+def figure_stem(name: str, i: int) -> str:
+    """The file-name stem of image ``i`` (shown as ``name``) in a report folder."""
     base = Path(name).stem if ("/" in name or "." in name) and ":" not in name else name.split(":")[-1]
     return f"{i:02d}_" + re.sub(r"[^A-Za-z0-9_.-]+", "_", base)[:60]
 

@@ -16,6 +16,8 @@ import torch.nn as nn
 
 #: the families :func:`tiny_vlm` builds
 VLM_FAMILIES = ("llava", "llava_onevision", "idefics3")
+#: the register neurons :func:`planted_vlm` plants: ``(layer, neuron, write)``, a small one and a big one
+VLM_PLANTS = ((1, 7, 0.5), (2, 21, 12.0))
 #: the image placeholder token's id in :func:`tiny_tokenizer` (the last of its 96 ids)
 VLM_IMAGE_TOKEN = 95
 _WORDS = ("what what's is are in on the a an of this that image picture photo there here where "
@@ -189,7 +191,7 @@ def read_outliers(model, channel: int, *, gain: float = 0.1, focus: float = 16.0
     attn.k_proj.weight[d::dh, e] = 1.0
 
 
-def planted_vlm(family: str, plants: Sequence = ((1, 7, 0.5), (2, 21, 12.0)), *, images: int = 8,
+def planted_vlm(family: str, plants: Sequence = VLM_PLANTS, *, images: int = 8,
                 read: bool = True):
     """``(model, processor, images, marked)``: :func:`tiny_vlm` with register neurons planted in
     its tower (:func:`ttreg.plant.plant_register_neurons`, firing on the marker patch of
@@ -242,3 +244,22 @@ def write_marker_voc(root, model, x: torch.Tensor, marked: torch.Tensor, name: s
             "</bndbox></object></annotation>")
         boxes.append([x1, y1, x2, y2])
     return boxes
+
+
+def save_planted_vlm(folder, family: str = "llava", images: int = 2) -> dict:
+    """Write a :func:`planted_vlm` (its language model reading the outliers) for the command line:
+    ``folder/model`` (weights, config and processor, loadable as ``hf:folder/model``),
+    ``folder/neurons.json`` (the planted neurons) and ``images`` marked images as PNGs. Returns
+    the paths. A synthetic model."""
+    from pathlib import Path
+    from .spec import RegisterNeurons
+    folder = Path(folder)
+    model, proc, x, marked = planted_vlm(family)
+    model.save_pretrained(folder / "model")
+    proc.save_pretrained(folder / "model")
+    RegisterNeurons([p[:2] for p in VLM_PLANTS], provenance={"source": "ttreg.testing_vlm planted"}).save(folder / "neurons.json")
+    paths = []
+    for i, im in enumerate(to_pil(model, x[:images])):
+        paths.append(folder / f"marked_{i}.png")
+        im.save(paths[-1])
+    return {"model": folder / "model", "neurons": folder / "neurons.json", "images": paths}
