@@ -35,7 +35,7 @@ def hand_inputs(family, model, x, prompts):
     """What the processor gives, built by hand from tower-sized pixels (one view per image for
     Idefics3, the base view and one tile for LLaVA-OneVision): prompt ids + image tokens."""
     pix = testing_vlm.vlm_pixels(model, x)
-    per_view = {"llava": 36, "llava_onevision": 36 + 36 + 6, "idefics3": 9}[family]
+    per_view = {"llava": 36, "llava_onevision": 36 + 36 + 6, "idefics3": 9, "smolvlm": 9}[family]
     rows = [[2] + [IMAGE] * per_view + p for p in prompts]
     T = max(len(r) for r in rows)
     ids = torch.zeros(len(rows), T, dtype=torch.long)
@@ -68,7 +68,7 @@ def _pixels_of(inputs, b):
     return {k: v[b:b + 1] for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + ["smolvlm"])
 def test_attribution_equals_eager_attention_row_by_row(vlms, family):
     model, proc, x, marked = vlms(family)
     prompts = [[8, 9, 10, 11, 12], [13, 14]]                      # unequal: the batch is padded
@@ -115,7 +115,7 @@ def test_the_public_call_takes_a_real_processor(vlms, family):
         attribution(model, proc, ims, "what", answer="a", layers=[5])
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + ["smolvlm"])
 def test_registers_take_the_outlier_patch_out_of_the_map(vlms, family):
     """The language model reads the planted outlier: the marked patch carries nearly all the
     plain map's mass; with test-time registers the same tokens carry about their area's share."""

@@ -45,7 +45,8 @@ def tiny_tokenizer():
 
 
 def tiny_vlm(family: str, *, size: int = 48, patch: int = 8, width: int = 64, depth: int = 4):
-    """A tiny random ``transformers`` VLM of ``family`` (:data:`VLM_FAMILIES`) built offline: a
+    """A tiny random ``transformers`` VLM of ``family`` (:data:`VLM_FAMILIES`, or ``"smolvlm"``,
+    built like Idefics3; no processor here) built offline: a
     ``depth``-block tower of ``width`` on ``size``-px images, a one-layer language model with
     query/key biases and a rotary base so large that positions barely turn the keys (so an
     attention pattern can be written into the weights, see :func:`read_outliers`).
@@ -69,11 +70,13 @@ def tiny_vlm(family: str, *, size: int = 48, patch: int = 8, width: int = 64, de
             image_token_index=VLM_IMAGE_TOKEN, vision_feature_layer=-1, vision_feature_select_strategy="full",
             image_grid_pinpoints=[[size, size], [size, 2 * size], [2 * size, size], [2 * size, 2 * size]])
         model = tf.LlavaOnevisionForConditionalGeneration(cfg)
-    elif family == "idefics3":
-        cfg = tf.Idefics3Config(vision_config=tf.Idefics3VisionConfig(**vision).to_dict(),
-                                text_config=tf.LlamaConfig(**text, attention_bias=True).to_dict(),
-                                image_token_id=VLM_IMAGE_TOKEN, scale_factor=2)
-        model = tf.Idefics3ForConditionalGeneration(cfg)
+    elif family in ("idefics3", "smolvlm"):
+        V, C, M = ((tf.Idefics3VisionConfig, tf.Idefics3Config, tf.Idefics3ForConditionalGeneration)
+                   if family == "idefics3" else
+                   (tf.SmolVLMVisionConfig, tf.SmolVLMConfig, tf.SmolVLMForConditionalGeneration))
+        cfg = C(vision_config=V(**vision).to_dict(), image_token_id=VLM_IMAGE_TOKEN, scale_factor=2,
+                text_config=tf.LlamaConfig(**text, attention_bias=True).to_dict())
+        model = M(cfg)
     else:
         raise ValueError(f"unknown family {family!r}; choose one of {', '.join(VLM_FAMILIES)}")
     model.generation_config.pad_token_id = 0
@@ -193,7 +196,7 @@ def read_outliers(model, channel: int, *, gain: float = 0.1, focus: float = 16.0
 
 def planted_vlm(family: str, plants: Sequence = VLM_PLANTS, *, images: int = 8,
                 read: bool = True):
-    """``(model, processor, images, marked)``: :func:`tiny_vlm` with register neurons planted in
+    """``(model, processor, images, marked)``: :func:`tiny_vlm` (processor None for SmolVLM) with register neurons planted in
     its tower (:func:`ttreg.plant.plant_register_neurons`, firing on the marker patch of
     :func:`ttreg.plant.marked_images`), and with ``read`` the plants' channels silenced before
     planting (:func:`silence_channels`) and the language model looking at the outliers
@@ -210,7 +213,7 @@ def planted_vlm(family: str, plants: Sequence = VLM_PLANTS, *, images: int = 8,
     if read:                        # the biggest plant's channel
         big = max(range(len(done)), key=lambda i: done[i].write)
         read_outliers(model, D - 1 - big)
-    return model, tiny_vlm_processor(family, model), x, marked
+    return model, tiny_vlm_processor(family, model) if family in VLM_FAMILIES else None, x, marked
 
 
 def to_pil(model, x: torch.Tensor) -> list:

@@ -390,7 +390,7 @@ def add_eval_parsers(subparsers) -> None:
                                           "model (hf:... LLaVA, LLaVA-OneVision, Idefics3, SmolVLM) "
                                           "for a prompt naming each object of each image, scored "
                                           "against its boxes (pointing game, energy in box) for "
-                                          "the arms plain, registers, zeroed and bias; 95%% "
+                                          "the arms plain, registers, zeroed and bias; 95% "
                                           "bootstrap intervals over the image-object pairs.")
     p.add_argument("--data", required=True, help="a VOC folder (Annotations/, JPEGImages/), a COCO-style "
                                                  "JSON, or a folder holding one (images in images/)")
