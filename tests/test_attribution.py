@@ -106,6 +106,7 @@ def test_the_public_call_takes_a_real_processor(vlms, family):
     answer = proc.tokenizer("a red square", add_special_tokens=False)["input_ids"]
     b = attribute_inputs(model, enc, [answer] * 2)
     assert torch.equal(a.weights, b.weights)
+    assert torch.equal(attribution(model, proc, ims, "what is in the image", answer=a.answer_ids).weights, a.weights)
     assert a.tokens.valid.sum(1).tolist() == enc["input_ids"].eq(IMAGE).sum(1).tolist()
     greedy = attribution(model, proc, ims, "what is in the image", max_new_tokens=3)
     assert all(1 <= len(t) <= 3 for t in greedy.answer_ids)

@@ -298,7 +298,8 @@ def attribution(model, processor, images, prompt, answer=None, layers=None, head
     """Text-to-image attribution of ``model``'s answer on ``images`` (PIL images, one sequence
     each) for ``prompt`` (one string, or one per image).
 
-    ``answer``: the text to attribute (one, or one per image); None asks the model for its greedy
+    ``answer``: the text to attribute (one, or one per image; token ids are taken as they are,
+    e.g. another run's :attr:`Attribution.answer_ids`); None asks the model for its greedy
     answer (at most ``max_new_tokens`` tokens). ``layers``: language-model layers kept (indices,
     negatives from the end; default all). ``heads``: ``"mean"`` (all heads) or the head indices
     averaged. ``tower_layer``/``threshold``: where and how the tower's outlier patches are read
@@ -321,13 +322,16 @@ def attribution(model, processor, images, prompt, answer=None, layers=None, head
     inputs = dict(processor(images=ad.processor_images(images), text=texts, return_tensors="pt",
                             padding=True))
     layout = ad.layout(processor, images)
+    if isinstance(answer, (list, tuple)) and answer and all(isinstance(a, int) for a in answer):
+        answer = [answer] * len(images)                      # one answer as token ids
     answers = _per_row(answer, len(images), "answer")
     if all(a is None for a in answers):
         answer_ids = None
     elif any(a is None for a in answers):
         raise ValueError("answer: give every row an answer, or none (the model's own)")
     else:
-        answer_ids = [tok(a, add_special_tokens=False)["input_ids"] for a in answers]
+        answer_ids = [list(a) if isinstance(a, (list, tuple)) else tok(a, add_special_tokens=False)["input_ids"]
+                      for a in answers]
         if any(not a for a in answer_ids):
             raise ValueError("answer: an answer is empty after tokenising")
     return attribute_inputs(model, inputs, answer_ids, layout=layout, layers=layers, heads=heads,

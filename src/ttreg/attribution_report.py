@@ -44,7 +44,7 @@ def inspect_attribution(model, processor, src: ImageSource, neurons: RegisterNeu
         plain = attribution(model, processor, images, prompt, answer, layers=layers, heads=heads)
         if len(neurons):
             with test_time_registers(model, neurons, num_registers=num_registers, preset=preset, check=False):
-                reg = attribution(model, processor, images, prompt, plain.answers, layers=layers, heads=heads)
+                reg = attribution(model, processor, images, prompt, plain.answer_ids, layers=layers, heads=heads)
         else:
             reg = plain
         results["config"].update(layers=plain.layers, tower_layer=plain.tower_layer)
