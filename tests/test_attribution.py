@@ -262,3 +262,18 @@ def test_inspect_draws_the_attribution_and_writes_its_numbers(tmp_path, capsys):
     assert main(["inspect", "--model", "planted", str(paths["images"][0]), "--out", str(tmp_path / "x"),
                  "--prompt", "what"]) == 2
     assert "vision-language model" in capsys.readouterr().err
+
+
+def test_prompt_text_uses_the_chat_template_when_there_is_one(vlms):
+    from ttreg.attribution import prompt_text
+    model, proc, x, marked = vlms("llava")
+    assert prompt_text(proc, "what is this") == "<image>\nwhat is this"
+    assert prompt_text(proc, "<image> what") == "<image> what"
+    with pytest.raises(ValueError, match="no chat template"):
+        prompt_text(proc, "what", chat=True)
+    chat = testing_vlm.tiny_vlm_processor("llava", model)
+    chat.chat_template = ("{% for m in messages %}USER: {% for c in m['content'] %}{% if c['type'] == 'image' %}"
+                          "<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}"
+                          "{% if add_generation_prompt %} ASSISTANT:{% endif %}")
+    assert prompt_text(chat, "what is this") == "USER: <image>\nwhat is this ASSISTANT:"
+    assert prompt_text(chat, "what is this", chat=False) == "<image>\nwhat is this"

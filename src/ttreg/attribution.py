@@ -160,7 +160,7 @@ def prompt_text(processor, prompt: str, chat: bool | None = None) -> str:
         return prompt
     if chat is not False and getattr(processor, "chat_template", None):
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-        return processor.apply_chat_template(messages, add_generation_prompt=True)
+        return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     if chat:
         raise ValueError("chat=True: this processor has no chat template")
     return f"{token}\n{prompt}"
@@ -395,8 +395,8 @@ def attribute_inputs(model, inputs: dict, answer_ids: Sequence[Sequence[int]] | 
             store[layer] = got[layer]                                    # drop the full map
         return hook
 
-    tower = ad.blocks[tower_layer]
-    tl = tower_layer % ad.num_layers
+    tl = _resolve_indices(tower_layer, ad.num_layers, "tower_layer")[0]
+    tower = ad.blocks[tl]
     norms: list[torch.Tensor] = []
     with capture_attention({l: attn[l] for l in keep}) as store, HookSet() as hooks:
         for l in keep:

@@ -5,6 +5,9 @@ Encoders: Dinov2, Dinov2WithRegisters, ViT, CLIPVision, CLIP (image side), Sigli
 pre-patchified pixels, padding masks), Aimv2Vision / Aimv2, InternVLVision. VLMs -- LLaVA,
 LLaVA-OneVision, PaliGemma, Gemma 3, Idefics3, SmolVLM, InternVL -- through their vision tower
 (:class:`HFVLMAdapter`). Qwen2.5-VL is refused with a reason (:class:`HFQwen25VLRefusal`).
+For text-to-image attribution (:mod:`ttreg.attribution`) the LLaVA, LLaVA-OneVision and
+Idefics3 / SmolVLM adapters also say where the image tokens sit in the language model's
+sequence and what each one shows (:meth:`HFVLMAdapter.image_tokens`, :class:`ImageTokens`).
 
 Structure is found by role, not by attribute name, so the 4.5x and the 5.x module layouts both
 work: the blocks are the ``ModuleList`` of ``num_hidden_layers`` identical layers; in a layer the
@@ -426,18 +429,6 @@ class ImageTokens:
     @property
     def patches_per_view(self) -> int:
         return self.grid[0] * self.grid[1]
-
-    def to_dict(self) -> dict[str, Any]:
-        """The layout as lists (for a JSON report): per row, each image token's position, its
-        box on the image and its tower patches."""
-        rows = []
-        for b in range(self.valid.shape[0]):
-            v = self.valid[b]
-            rows.append({"positions": self.positions[b, v].tolist(),
-                         "boxes": [[None if x != x else round(float(x), 6) for x in box]
-                                   for box in self.boxes[b, v].tolist()],
-                         "tower_patches": [[int(i) for i in src if i >= 0] for src in self.sources[b, v].tolist()]})
-        return {"num_views": self.num_views, "view_grid": list(self.grid), "rows": rows}
 
 
 def token_positions(input_ids: torch.Tensor, token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
