@@ -277,3 +277,18 @@ def test_prompt_text_uses_the_chat_template_when_there_is_one(vlms):
                           "{% if add_generation_prompt %} ASSISTANT:{% endif %}")
     assert prompt_text(chat, "what is this") == "USER: <image>\nwhat is this ASSISTANT:"
     assert prompt_text(chat, "what is this", chat=False) == "<image>\nwhat is this"
+
+
+def test_llava_tokens_cover_the_processors_centre_crop(vlms):
+    """CLIP's processor resizes the shorter side and crops the centre: on a 100 x 60 image the
+    view is the middle 60 x 60, so the patch tokens cover x in [0.2, 0.8] of the image."""
+    from PIL import Image
+    model, proc, x, marked = vlms("llava")
+    ad = ttreg.wrap(model)
+    wide = Image.new("RGB", (100, 60), (10, 120, 30))
+    enc = proc(images=[wide], text=["<image>\nwhat"], return_tensors="pt")
+    t = ad.image_tokens(enc, ad.layout(proc, [wide]))
+    boxes = t.boxes[0]
+    assert torch.allclose(boxes[0], torch.tensor([0.2, 0.0, 0.3, 1 / 6], dtype=boxes.dtype))
+    assert torch.allclose(boxes[35], torch.tensor([0.7, 5 / 6, 0.8, 1.0], dtype=boxes.dtype))
+    assert t.sources[0, :, 0].tolist() == list(range(36))
