@@ -29,6 +29,7 @@ _EXPORTS = {
     "fit_attention_bias": "bias", "AttentionBias": "spec",
     "ModelMismatchError": "spec", "RegisterNeurons": "spec",
     "Trace": "trace", "trace": "trace",
+    "attribution": "attribution", "Attribution": "attribution",
 }
 #: functions named like the submodule that defines them: ``ttreg.trace`` is the function
 _SHADOWED = {name for name, mod in _EXPORTS.items() if name == mod}

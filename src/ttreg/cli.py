@@ -32,6 +32,7 @@ EXAMPLES = """examples:
   ttreg calibrate --model timm:vit_large_patch14_dinov2.lvd142m --images imgs/ --out dinov2_l.json
   ttreg inspect --model builtin:dinov2_vits14 --neurons auto photo.jpg --out figs/
   ttreg inspect --model timm:vit_large_patch14_dinov2.lvd142m --neurons dinov2_vitl14 photo.jpg --out figs/
+  ttreg inspect --model hf:llava-hf/llava-1.5-7b-hf --prompt "What is in the image?" photo.jpg --out figs/
   ttreg export --model timm:vit_large_patch14_dinov2.lvd142m --neurons dinov2_l.json --out model.onnx
 
 exit status: 0 done, 1 unexpected failure, 2 user error (one line), 3 calibrate found no set
@@ -111,10 +112,17 @@ def cmd_inspect(args) -> int:
     src = resolve_images(list(args.images), strict=args.strict)
     for s in src.skipped:
         print(f"skipped {s.path}: {s.reason}", file=sys.stderr)
+    if args.answer and not args.prompt:
+        raise UserError("--answer is attributed to the image for a --prompt: give --prompt too")
     model, transform, _ = resolve_model(args.model, args.device)
     from .adapters import wrap
     from .neurons import _resolve_layer
     _resolve_layer(args.layer, wrap(model).num_layers, "--layer")
+    processor = None
+    if args.prompt:
+        from .attribution import load_processor, require_vlm
+        require_vlm(model)
+        processor = load_processor(args.model)
     neurons = load_neurons(given, model)
     progress = not args.quiet and progress_ok()
     if neurons is None:     # --neurons auto: calibrate on the inspected images, as calibrate does
@@ -124,16 +132,33 @@ def cmd_inspect(args) -> int:
                         strict=args.strict, progress=progress)
         print(cal.summary())
         neurons = cal.neurons
-    results, written = inspect_images(model, transform, src, neurons, out, layer=args.layer,
-                                      num_registers=args.num_registers, preset=args.preset,
-                                      num_neurons=args.num_neurons, model_name=args.model,
-                                      batch_size=args.batch_size, progress=progress, page=page)
+    from .files import Outputs
+    with Outputs() as o:
+        attributed, figs = None, []
+        if args.prompt:
+            from .attribution_report import inspect_attribution
+            attributed, figs = inspect_attribution(model, processor, src, neurons, out, args.prompt,
+                                                   args.answer, num_registers=args.num_registers,
+                                                   preset=args.preset, batch_size=args.batch_size,
+                                                   outputs=o)
+        results, written = inspect_images(model, transform, src, neurons, out, layer=args.layer,
+                                          num_registers=args.num_registers, preset=args.preset,
+                                          num_neurons=args.num_neurons, model_name=args.model,
+                                          batch_size=args.batch_size, outputs=o, progress=progress,
+                                          page=page, attribution=attributed)
+    written += figs
     det = results["detection_layer"]
     print(f"{count(len(src.items), 'image')}, {count(len(neurons), 'register neuron')}"
           + (f" ({neurons.note})" if neurons.note else ""))
     for r in results["images"]:
         print(f"  {r['image']}: max/median patch norm at layer {det}: "
               f"{r['plain']['norm_ratio'][det]:.2f} -> {r['registers']['norm_ratio'][det]:.2f}")
+    for r in results["images"]:
+        at = r.get("attribution")
+        if at:
+            print(f"  {r['image']}: \"{at['plain']['answer']}\": attribution mass on the outlier "
+                  f"patches {100 * at['plain']['outlier_share']:.1f}% -> "
+                  f"{100 * at['registers']['outlier_share']:.1f}% with registers")
     print(f"wrote {count(len(written) - 1 - (page is not None), 'figure')} and inspect.json to {out}")
     if page is not None:
         print(page.summary())
@@ -271,7 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Make figures for images: per-layer norm curves, the norm map at "
                                    "the detection layer, last-layer CLS attention (mean and per head) "
                                    "and register-neuron activation maps, each plain and with "
-                                   "test-time registers, plus inspect.json with the numbers.")
+                                   "test-time registers, plus inspect.json with the numbers. With "
+                                   "--prompt (vision-language models): the language model's "
+                                   "text-to-image attribution maps beside the tower's norm maps.")
     i.add_argument("images", nargs="+", help="image files, folders (searched recursively) or .txt lists of paths")
     i.add_argument("--model", required=True, help=mhelp)
     i.add_argument("--neurons", default="auto",
@@ -291,6 +318,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "every block's norm map and attention, the neuron maps); default FILE: "
                         "inspect.html in --out. It traces the attention of every block: lower "
                         "--batch-size if memory is short")
+    i.add_argument("--prompt", default=None,
+                   help="vision-language models (hf:...): also draw the language model's attribution "
+                        "of the answer to this prompt on each image, plain vs test-time registers")
+    i.add_argument("--answer", default=None,
+                   help="with --prompt: the answer to attribute (default: the model's greedy answer)")
     _common(i)
     i.set_defaults(func=cmd_inspect)
 

@@ -28,7 +28,7 @@ def inspect_images(model, transform, src: ImageSource, neurons: RegisterNeurons,
                    layer: int = -1, num_registers: int = 1, preset: str = "paper",
                    num_neurons: int = 6, model_name: str = "", batch_size: int = 16,
                    outputs: Outputs | None = None, progress: bool = False,
-                   page=None) -> tuple[dict, list[Path]]:
+                   page=None, attribution: dict | None = None) -> tuple[dict, list[Path]]:
     """Figures and ``inspect.json`` for the images of ``src`` in ``out``, ``batch_size`` images
     per forward pass (``progress``: a bar over the images). With ``outputs`` the files are
     staged there (the caller commits); otherwise they are all written at the end, or none on an
@@ -36,7 +36,9 @@ def inspect_images(model, transform, src: ImageSource, neurons: RegisterNeurons,
 
     ``page``: a :class:`ttreg.html_report.Page`; the attention of every block is then traced
     too (memory: batch x blocks x heads x tokens^2 floats per condition), each batch handed to
-    it and the HTML page written with the other files (last in ``written``)."""
+    it and the HTML page written with the other files (last in ``written``). ``attribution``: a VLM's attribution numbers
+    (:func:`ttreg.attribution_report.inspect_attribution`), put into ``inspect.json`` beside each
+    image's."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     viz.require_matplotlib()
@@ -72,7 +74,7 @@ def inspect_images(model, transform, src: ImageSource, neurons: RegisterNeurons,
             imgs = []
             for b, i in enumerate(idx):
                 name = display_name(src.names[i])
-                stem = _stem(name, i)
+                stem = figure_stem(name, i)
                 title = Path(name).name
                 img = viz.denormalize(x[b], mean, std)
                 imgs.append(img)
@@ -90,13 +92,19 @@ def inspect_images(model, transform, src: ImageSource, neurons: RegisterNeurons,
                 bar.update(len(idx))
             if page is not None:
                 page.add(imgs, plain, reg)
+        if attribution is not None:
+            results["attribution"] = attribution["config"]
+            for entry, extra in zip(results["images"], attribution["images"]):
+                entry["figures"].append(extra["figure"])
+                entry["attribution"] = {k: extra[k] for k in ("plain", "registers")}
         written.append(write_json(out / "inspect.json", results, outputs=o))
         if page is not None:
             written.append(page.write(results, neurons, outputs=o))
     return results, written
 
 
-def _stem(name: str, i: int) -> str:
+def figure_stem(name: str, i: int) -> str:
+    """The file-name stem of image ``i`` (shown as ``name``) in a report folder."""
     base = Path(name).stem if ("/" in name or "." in name) and ":" not in name else name.split(":")[-1]
     return f"{i:02d}_" + re.sub(r"[^A-Za-z0-9_.-]+", "_", base)[:60]
 

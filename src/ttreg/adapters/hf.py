@@ -5,6 +5,9 @@ Encoders: Dinov2, Dinov2WithRegisters, ViT, CLIPVision, CLIP (image side), Sigli
 pre-patchified pixels, padding masks), Aimv2Vision / Aimv2, InternVLVision. VLMs -- LLaVA,
 LLaVA-OneVision, PaliGemma, Gemma 3, Idefics3, SmolVLM, InternVL -- through their vision tower
 (:class:`HFVLMAdapter`). Qwen2.5-VL is refused with a reason (:class:`HFQwen25VLRefusal`).
+For text-to-image attribution (:mod:`ttreg.attribution`) the LLaVA, LLaVA-OneVision and
+Idefics3 / SmolVLM adapters also say where the image tokens sit in the language model's
+sequence and what each one shows (:meth:`HFVLMAdapter.image_tokens`, :class:`ImageTokens`).
 
 Structure is found by role, not by attribute name, so the 4.5x and the 5.x module layouts both
 work: the blocks are the ``ModuleList`` of ``num_hidden_layers`` identical layers; in a layer the
@@ -19,6 +22,7 @@ name along the model's MRO.
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
@@ -100,6 +104,21 @@ def _arg_index(module: nn.Module, name: str) -> int:
 
 def _pair(v) -> tuple[int, int]:
     return (int(v[0]), int(v[1])) if isinstance(v, (tuple, list)) else (int(v), int(v))
+
+
+def _get(obj: Any, key: str) -> Any:
+    """``obj[key]`` or ``obj.key`` (transformers sizes are dicts or ``SizeDict``s), else None."""
+    if obj is None:
+        return None
+    if isinstance(obj, dict):
+        return obj.get(key)
+    return getattr(obj, key, None)
+
+
+def _hw(size: Any) -> tuple[int, int]:
+    """``(height, width)`` of a transformers size (dict, ``SizeDict``, number or pair)."""
+    h, w = _get(size, "height"), _get(size, "width")
+    return (int(h), int(w)) if h is not None and w is not None else _pair(size)
 
 
 def _visible(h: Any, tokens: int, keep: int) -> Any:
@@ -352,6 +371,67 @@ class HFIdefics3VisionAdapter(HFVisionAdapter):
     class_names = ("Idefics3VisionTransformer", "SmolVLMVisionTransformer")
 
 
+@dataclass
+class ImageTokens:
+    """Where a VLM's image tokens sit in the language model's sequence, and what each one shows.
+
+    One row per sequence of the batch, ``N`` the most image tokens of any row (``valid`` says
+    which are real). ``sources`` names the tower patches each token carries (pixel shuffle: a
+    block of them; a newline or CLS token: none), as ``view * patches_per_view + patch`` over the
+    views (images, tiles, crops) in the order the tower runs them; -1 pads. ``boxes`` is each
+    token's footprint on its image, ``x0, y0, x1, y1`` in ``[0, 1]`` of the image's width and
+    height (NaN: a token with no place on the image)."""
+
+    positions: torch.Tensor          # (B, N) long: sequence positions
+    valid: torch.Tensor              # (B, N) bool
+    sources: torch.Tensor            # (B, N, K) long
+    boxes: torch.Tensor              # (B, N, 4) float
+    num_views: int
+    grid: tuple[int, int]            # the tower's patch grid of one view (rows, cols)
+
+    @property
+    def patches_per_view(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+
+def token_positions(input_ids: torch.Tensor, token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(positions (B, N), valid (B, N))`` of ``token_id`` in each row of ``input_ids``, in
+    sequence order; ``N`` is the largest count of any row."""
+    hit = input_ids == token_id
+    B, T = hit.shape
+    n = int(hit.sum(1).max()) if B else 0
+    order = torch.arange(T, device=hit.device).expand(B, T)
+    key = torch.where(hit, order, order + T)                      # hits first, in order
+    pos = key.sort(dim=1).values[:, :n]
+    valid = pos < T
+    return torch.where(valid, pos, torch.zeros_like(pos)), valid
+
+
+def flat_order(valid: torch.Tensor) -> torch.Tensor:
+    """``(B, N)``: the place of each valid token among all the batch's image tokens, row by row
+    (the order in which a VLM scatters image features into its sequence)."""
+    flat = valid.reshape(-1).long()
+    return (flat.cumsum(0) - 1).reshape(valid.shape)
+
+
+def patch_boxes(rows: int, cols: int) -> torch.Tensor:
+    """``(rows * cols, 4)``: each cell of a ``rows x cols`` grid as ``x0, y0, x1, y1`` in [0, 1]."""
+    r, c = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
+    r, c = r.reshape(-1).double(), c.reshape(-1).double()
+    return torch.stack([c / cols, r / rows, (c + 1) / cols, (r + 1) / rows], dim=-1)
+
+
+def boxes_in(local: torch.Tensor, frame: torch.Tensor) -> torch.Tensor:
+    """Boxes given in ``[0, 1]`` of a frame, moved into the frame's own box (both ``(..., 4)``)."""
+    w, h = frame[..., 2] - frame[..., 0], frame[..., 3] - frame[..., 1]
+    return torch.stack([frame[..., 0] + local[..., 0] * w, frame[..., 1] + local[..., 1] * h,
+                        frame[..., 0] + local[..., 2] * w, frame[..., 1] + local[..., 3] * h], dim=-1)
+
+
+def _nan_where(boxes: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    return torch.where(keep[..., None], boxes, torch.full_like(boxes, float("nan")))
+
+
 class HFVLMAdapter(DelegatingAdapter):
     """A vision-language model, through its vision tower: structure, running and fingerprint are
     the tower's own adapter's (so a neuron set found on the tower applies to the VLM and back).
@@ -379,16 +459,179 @@ class HFVLMAdapter(DelegatingAdapter):
     def describe(self) -> str:
         return f"{type(self.model).__name__} vision tower: {self.inner.describe()}"
 
+    # --- the language model's side (text-to-image attribution) --------------------------------
+    @property
+    def image_token_id(self) -> int:
+        cfg = self.model.config
+        for name in ("image_token_id", "image_token_index"):
+            v = getattr(cfg, name, None)
+            if v is not None:
+                return int(v)
+        raise TypeError(f"{type(self.model).__name__}: its config names no image token")
+
+    def language_model(self) -> nn.Module:
+        lm = get_path(self.model, "model.language_model", "language_model", "model.text_model", "text_model")
+        if not isinstance(lm, nn.Module):
+            raise TypeError(f"{type(self.model).__name__} has no language model ttreg can find")
+        return lm
+
+    def lm_attention(self) -> list[nn.Module]:
+        """The attention module of every layer of the language model, in order."""
+        lm = self.language_model()
+        cfg = getattr(lm, "config", None)
+        layers = find_layers(lm, getattr(cfg, "num_hidden_layers", None))
+        return [find_attention(layer)[1] for layer in layers]
+
+    def processor_images(self, images: Sequence) -> list:
+        """Images as this family's processor takes them, one per text (default: a flat list)."""
+        return list(images)
+
+    def layout(self, processor, images: Sequence) -> dict[str, Any]:
+        """What :meth:`image_tokens` needs besides the model inputs, read from ``processor`` for
+        ``images`` (PIL, one per sequence): nothing by default."""
+        return {}
+
+    def image_tokens(self, inputs: dict, layout: dict | None = None) -> ImageTokens:
+        """Where the image tokens of ``inputs`` (what the processor returns) sit in the language
+        model's sequence and what each one shows (:class:`ImageTokens`)."""
+        raise NotImplementedError(f"text-to-image attribution is not available for "
+                                  f"{type(self.model).__name__} yet (LLaVA, LLaVA-OneVision, "
+                                  "Idefics3 and SmolVLM are)")
+
+    def _fixed_views(self, inputs: dict, views: torch.Tensor, per_view: int, first: int,
+                     sources_of, view_boxes: torch.Tensor) -> ImageTokens:
+        """Image tokens of families where every view (image or crop, in tower order) gives
+        ``per_view`` tokens in a row; ``first`` of them (CLS) show no patch; ``sources_of(j)``
+        maps local patch-token indices ``(...,)`` to ``(..., K)`` tower patches of the view and
+        ``view_boxes`` ``(V, 4)`` places the views on their images."""
+        gh, gw = self.grid_size(views)
+        P = gh * gw
+        pos, valid = token_positions(inputs["input_ids"], self.image_token_id)
+        g = flat_order(valid)
+        view, local = g.div(per_view, rounding_mode="floor"), g % per_view - first
+        keep = valid & (local >= 0)
+        if int(valid.sum()) != len(views) * per_view:
+            raise ValueError(f"the inputs hold {int(valid.sum())} image tokens for {len(views)} views "
+                             f"of {per_view} tokens each; give the processor's output unchanged")
+        src = sources_of(local.clamp_min(0))                          # (B, N, K) patches
+        sources = torch.where(keep[..., None], view[..., None] * P + src, torch.full_like(src, -1))
+        fp = self._footprints(src, gh, gw)                            # (B, N, 4) in the view
+        vb = view_boxes.to(fp)[view.clamp(0, len(views) - 1)]
+        return ImageTokens(pos, valid, sources, _nan_where(boxes_in(fp, vb), keep), len(views), (gh, gw))
+
+    @staticmethod
+    def _footprints(src: torch.Tensor, gh: int, gw: int) -> torch.Tensor:
+        """The box ``(..., 4)`` in [0, 1] of a view covering tower patches ``src`` ``(..., K)``."""
+        boxes = patch_boxes(gh, gw)[src.clamp_min(0)]                # (..., K, 4)
+        return torch.cat([boxes[..., :2].amin(-2), boxes[..., 2:].amax(-2)], dim=-1)
+
 
 class HFLlavaAdapter(HFVLMAdapter):
     """LLaVA-style VLMs (CLIP tower). The projector reads ``hidden_states[vision_feature_layer]``,
-    which keeps its shape."""
+    which keeps its shape. One image, one view: image token ``j`` is patch ``j`` (the
+    ``"default"`` feature strategy drops CLS; ``"full"`` keeps it as a token showing no patch);
+    the view is the processor's centre crop of the image."""
     class_names = ("LlavaForConditionalGeneration", "LlavaModel")
+
+    def layout(self, processor, images: Sequence) -> dict[str, Any]:
+        """The box of each image the view shows: CLIP's processor resizes the shorter side and
+        crops the centre; without a crop, the whole image."""
+        ip = getattr(processor, "image_processor", None)
+        crop = getattr(ip, "crop_size", None)
+        if ip is None or not getattr(ip, "do_center_crop", False) or crop is None:
+            return {}
+        ch, cw = _hw(crop)
+        short = _get(getattr(ip, "size", None), "shortest_edge")
+        boxes = []
+        for im in images:
+            W, H = im.size
+            s = (short / min(H, W)) if short else 1.0
+            h, w = min(ch / s, H), min(cw / s, W)       # the crop in the image's pixels
+            boxes.append([(W - w) / 2 / W, (H - h) / 2 / H, (W + w) / 2 / W, (H + h) / 2 / H])
+        return {"view_boxes": torch.tensor(boxes, dtype=torch.float64)}
+
+    def image_tokens(self, inputs: dict, layout: dict | None = None) -> ImageTokens:
+        views = inputs["pixel_values"]
+        gh, gw = self.grid_size(views)
+        full = getattr(self.model.config, "vision_feature_select_strategy", "default") == "full"
+        first = self.num_prefix_tokens if full else 0
+        vb = (layout or {}).get("view_boxes")
+        vb = torch.tensor([[0.0, 0.0, 1.0, 1.0]] * len(views), dtype=torch.float64) if vb is None else vb
+        return self._fixed_views(inputs, views, first + gh * gw, first, lambda j: j[..., None], vb)
 
 
 class HFLlavaOnevisionAdapter(HFVLMAdapter):
-    """LLaVA-OneVision (SigLIP tower, any-resolution tiles)."""
+    """LLaVA-OneVision (SigLIP tower, any-resolution tiles). An image's tokens are the base view
+    (the whole image, squashed to the tower's size) and then the tiles' patches as one grid
+    over the image, unpadded to its aspect ratio (and shrunk past ``anyres_max_N``), with a
+    newline token after each row. Which patch each token carries is read by running the model's
+    own ``pack_image_features`` on patch coordinates instead of features."""
     class_names = ("LlavaOnevisionForConditionalGeneration", "LlavaOnevisionModel")
+
+    def image_tokens(self, inputs: dict, layout: dict | None = None) -> ImageTokens:
+        from transformers.models.llava_onevision.modeling_llava_onevision import (
+            get_anyres_image_grid_shape, image_size_to_num_patches)
+        cfg, pix, sizes = self.model.config, inputs["pixel_values"], inputs["image_sizes"]
+        vsize = int(cfg.vision_config.image_size)
+        gh, gw = self.grid_size(pix.flatten(0, 1) if pix.dim() == 5 else pix)
+        P, pre = gh * gw, self.num_prefix_tokens
+        counts = [image_size_to_num_patches(s, cfg.image_grid_pinpoints, vsize) for s in sizes]
+        packer = get_path(self.model, "model.pack_image_features", "pack_image_features")
+        r, c = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
+        r, c = r.reshape(-1).double(), c.reshape(-1).double()
+        feats, first_view, widths = [], 0, []
+        for s, n in zip(sizes, counts):
+            npw = get_anyres_image_grid_shape(s, cfg.image_grid_pinpoints, vsize)[1] if n > 1 else 1
+            widths.append(npw)
+            tiles = torch.arange(n - 1).double()
+            gr = torch.cat([r[None], (tiles // npw)[:, None] * gh + r[None]])         # (n, P)
+            gc = torch.cat([c[None], (tiles % npw)[:, None] * gw + c[None]])
+            f = torch.stack([torch.ones_like(gr), torch.full_like(gr, first_view), gr, gc], -1)
+            f = torch.cat([torch.full((n, pre, 4), float("nan"), dtype=f.dtype), f], dim=1)
+            if getattr(cfg, "vision_feature_select_strategy", "full") == "default":
+                f = f[:, 1:]
+            feats.append(f)
+            first_view += n
+        packed, _ = packer(feats, sizes, image_newline=torch.zeros(4, dtype=torch.float64),
+                           vision_aspect_ratio=getattr(cfg, "vision_aspect_ratio", "anyres_max_9"))
+        srcs, boxes = [], []
+        for f, n, npw in zip(packed, counts, widths):   # one image: base view, then the tile grid
+            src, box = self._sources(f, n, npw, gh, gw, P)
+            srcs.append(src)
+            boxes.append(box)
+        pos, valid = token_positions(inputs["input_ids"], self.image_token_id)
+        if int(valid.sum()) != sum(len(s) for s in srcs):
+            raise ValueError(f"the inputs hold {int(valid.sum())} image tokens, the images "
+                             f"{sum(len(s) for s in srcs)}; give the processor's output unchanged")
+        g = flat_order(valid).clamp_min(0)
+        all_src, all_box = torch.cat(srcs), torch.cat(boxes)
+        keep = valid & (all_src[g] >= 0)
+        return ImageTokens(pos, valid, torch.where(keep, all_src[g], -1)[..., None],
+                           _nan_where(all_box[g], keep), first_view, (gh, gw))
+
+    @staticmethod
+    def _sources(f: torch.Tensor, n: int, npw: int, gh: int, gw: int, P: int):
+        """``(tokens,)`` flat tower patch and ``(tokens, 4)`` box of one image's packed tokens."""
+        base = P if n > 1 else len(f) - 1
+        ok = f[:, 0] > 0.5                                            # newline tokens carry 0
+        view0 = f[:, 1].nan_to_num(-1).round().long()
+        gr, gc = f[:, 2].nan_to_num(-1).round().long(), f[:, 3].nan_to_num(-1).round().long()
+        idx = torch.arange(len(f))
+        is_base = idx < base
+        ok = ok & (gr >= 0)
+        view = torch.where(is_base, view0, view0 + 1 + (gr // gh) * npw + gc // gw)
+        patch = (gr % gh) * gw + gc % gw
+        src = torch.where(ok, view * P + patch, torch.full_like(patch, -1))
+        box = torch.full((len(f), 4), float("nan"), dtype=torch.float64)
+        box[:base] = patch_boxes(gh, gw)[patch[:base].clamp(0, P - 1)]
+        rest = len(f) - base
+        if n > 1 and rest:
+            rows = int((~ok[base:]).sum())                           # one newline per row
+            cols = rest // rows - 1
+            k = torch.arange(rest)
+            i, j = k // (cols + 1), k % (cols + 1)
+            box[base:] = torch.stack([j / cols, i / rows, (j + 1) / cols, (i + 1) / rows], -1).double()
+        return src, _nan_where(box, ok)
 
 
 class HFPaliGemmaAdapter(HFVLMAdapter):
@@ -402,9 +645,63 @@ class HFGemma3Adapter(HFVLMAdapter):
 
 
 class HFIdefics3Adapter(HFVLMAdapter):
-    """Idefics3 and SmolVLM (SigLIP-style tower with patch masks, pixel-shuffle connector)."""
+    """Idefics3 and SmolVLM (SigLIP-style tower with patch masks, pixel-shuffle connector). An
+    image is split into ``rows x cols`` crops that tile it, then shown whole (the global view);
+    each view gives ``(grid / s)^2`` tokens, each carrying an ``s x s`` block of patches (read by
+    running the connector's own ``pixel_shuffle`` on patch indices). All-zero views are padding,
+    dropped as the model drops them."""
     class_names = ("Idefics3ForConditionalGeneration", "Idefics3Model",
                    "SmolVLMForConditionalGeneration", "SmolVLMModel")
+
+    def processor_images(self, images: Sequence) -> list:
+        return [[im] for im in images]
+
+    def layout(self, processor, images: Sequence) -> dict[str, Any]:
+        """The crop grid of each image, as the processor splits it."""
+        got = processor.image_processor([[im] for im in images], return_row_col_info=True)
+        return {"rows": [int(r[0]) for r in got["rows"]], "cols": [int(c[0]) for c in got["cols"]]}
+
+    def image_tokens(self, inputs: dict, layout: dict | None = None) -> ImageTokens:
+        pix = inputs["pixel_values"]
+        B, n = pix.shape[:2]
+        real = (pix != 0).flatten(2).any(-1)                          # (B, n) as the model decides
+        views = pix[real]
+        gh, gw = self.grid_size(views)
+        connector = get_path(self.model, "model.connector", "connector")
+        s = int(connector.scale_factor)
+        idx = torch.arange(gh * gw, dtype=torch.float64).reshape(1, -1, 1)
+        block = connector.pixel_shuffle(idx, s)[0].round().long()      # (tokens, s*s) patches
+        per_view = block.shape[0]
+        rows, cols = (layout or {}).get("rows"), (layout or {}).get("cols")
+        counts = real.sum(1).tolist()
+        if rows is None:
+            if any(c != 1 for c in counts):
+                raise ValueError("these Idefics3 inputs split images into crops: pass the processor "
+                                 "(or layout={'rows': [...], 'cols': [...]}) to place the crops")
+            rows, cols = [0] * B, [0] * B
+        vb = []
+        for b in range(B):
+            R, C = int(rows[b]), int(cols[b])
+            if counts[b] != R * C + 1:
+                raise ValueError(f"row {b}: {counts[b]} views, but a {R}x{C} crop grid and the "
+                                 "global view make {R * C + 1}")
+            vb += [[j / C, i / R, (j + 1) / C, (i + 1) / R] for i in range(R) for j in range(C)]
+            vb.append([0.0, 0.0, 1.0, 1.0])
+        vb = torch.tensor(vb, dtype=torch.float64)
+        pam = inputs.get("pixel_attention_mask")
+        if pam is not None:                                            # padding inside a view
+            real_px = pam[real].bool()
+            hh = real_px.any(2).sum(1).double() / real_px.shape[1]
+            ww = real_px.any(1).sum(1).double() / real_px.shape[2]
+            vb = self._shrink(vb, hh, ww)
+        return self._fixed_views(inputs, views, per_view, 0, lambda j: block[j], vb)
+
+    @staticmethod
+    def _shrink(vb: torch.Tensor, hh: torch.Tensor, ww: torch.Tensor) -> torch.Tensor:
+        """Views whose real pixels fill only the top-left ``hh x ww`` share: stretch each view's
+        frame so that share lands on the view's box (patches in the padding fall outside)."""
+        w, h = vb[:, 2] - vb[:, 0], vb[:, 3] - vb[:, 1]
+        return torch.stack([vb[:, 0], vb[:, 1], vb[:, 0] + w / ww, vb[:, 1] + h / hh], -1)
 
 
 class HFInternVLAdapter(HFVLMAdapter):
@@ -449,4 +746,5 @@ __all__ = ["HF_ADAPTERS", "HFVisionAdapter", "HFDinov2Adapter", "HFViTAdapter", 
            "HFAimv2Adapter", "HFInternVLVisionAdapter", "HFIdefics3VisionAdapter", "HFVLMAdapter",
            "HFLlavaAdapter", "HFLlavaOnevisionAdapter", "HFPaliGemmaAdapter", "HFGemma3Adapter",
            "HFIdefics3Adapter", "HFInternVLAdapter", "HFQwen25VLRefusal", "QWEN25_VL_REASON",
-           "siglip2_inputs", "find_layers", "find_attention", "find_down_proj", "get_path"]
+           "siglip2_inputs", "find_layers", "find_attention", "find_down_proj", "get_path", "ImageTokens",
+           "token_positions", "flat_order", "patch_boxes", "boxes_in"]

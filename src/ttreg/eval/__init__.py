@@ -5,7 +5,8 @@ One module per experiment, each following the reference code its docstring names
 discovery, CorLoc; valeoai/LOST), :mod:`.probe` (linear probes: classification, segmentation,
 depth; DINOv2's protocol), :mod:`.zeroshot` (CLIP zero-shot classification and segmentation;
 Chefer et al.'s metrics, Gandelsman et al.'s heat map in :mod:`.direct`) and :mod:`.typographic`
-(typographic attacks). Shared pieces: :mod:`.arms` (plain / test-time registers / random-neuron
+(typographic attacks) and :mod:`.attribution` (a VLM's text-to-image attribution: pointing
+game, energy in box). Shared pieces: :mod:`.arms` (plain / test-time registers / random-neuron
 control / register neurons zeroed / random neurons zeroed), :mod:`.backbone` (what each model
 family exposes), :mod:`.metrics`, :mod:`.datasets`, :mod:`.report`; :mod:`.synthetic` (tiny
 models and data sets in the real layouts, for tests and trying things out); :mod:`.cli` adds
@@ -25,6 +26,7 @@ _EXPORTS = {
     "evaluate_zeroshot": "zeroshot",
     "evaluate_zeroshot_segmentation": "zeroshot",
     "evaluate_typographic": "typographic",
+    "evaluate_attribution": "attribution",
 }
 
 __all__ = list(_EXPORTS)

@@ -1,5 +1,5 @@
 """``ttreg eval ...``: one sub-command per experiment (outliers, lost, probe, zeroshot,
-typographic). ``add_eval_parsers`` plugs them into the main ``ttreg`` parser; ``python -m
+typographic, attribution). ``add_eval_parsers`` plugs them into the main ``ttreg`` parser; ``python -m
 ttreg.eval.cli <experiment> ...`` runs them alone. Each prints a table and, with ``--out``,
 writes the JSON result."""
 from __future__ import annotations
@@ -209,6 +209,49 @@ def cmd_typographic(args) -> int:
     return _finish(args, result, t0)
 
 
+def box_samples(data: str, split: str | None = "trainval"):
+    """Images with named boxes from ``data``: a VOC folder (``Annotations/``), a COCO-style JSON,
+    or a folder holding one COCO-style JSON (images beside it or in ``images/``)."""
+    from pathlib import Path
+    from .datasets import coco_boxes, voc_boxes
+    root = Path(data)
+    if (root / "Annotations").is_dir():
+        return voc_boxes(root, split)
+    if root.is_file() and root.suffix.lower() == ".json":
+        return coco_boxes(root)
+    found = sorted(root.glob("*.json")) if root.is_dir() else []
+    if len(found) == 1:
+        return coco_boxes(found[0])
+    raise ValueError(f"--data {data}: give a VOC folder (with Annotations/), a COCO-style JSON, or "
+                     "a folder holding one COCO-style JSON")
+
+
+def cmd_attribution(args) -> int:
+    from ..attribution import load_processor
+    from .attribution import evaluate_attribution
+    t0 = time.time()
+    _check_paths(args)
+    samples = _limit(box_samples(args.data, args.split), args)
+    model, transform, _ = resolve_model(args.model, args.device)
+    processor = load_processor(args.model)
+    neurons = resolve_neurons(args, model, [s.path for s in samples], transform)
+    bias = None
+    if args.bias_images and len(neurons):
+        from ..bias import fit_attention_bias
+        if neurons.attention_bias is None:
+            _say(args, f"fitting the attention bias on {min(args.bias_images, len(samples))} images ...")
+            bias = fit_attention_bias(model, neurons, [s.path for s in samples][: args.bias_images],
+                                      transform=transform, batch_size=args.batch_size)
+    result = evaluate_attribution(model, processor, samples, neurons, template=args.template,
+                                  answer_template=None if args.answer == "generate" else args.answer,
+                                  layers=args.layers, num_registers=args.num_registers,
+                                  preset=args.preset, bias=bias, batch_size=args.batch_size,
+                                  resamples=args.bootstrap, seed=args.seed,
+                                  progress=not args.quiet and sys.stderr.isatty())
+    result["dataset"] = str(args.data)
+    return _finish(args, result, t0)
+
+
 # --- the parsers ---------------------------------------------------------------------------------------------
 def _common(p: argparse.ArgumentParser, controls: int) -> None:
     g = p.add_argument_group("model and register neurons")
@@ -240,7 +283,7 @@ def _common(p: argparse.ArgumentParser, controls: int) -> None:
 
 
 def add_eval_parsers(subparsers) -> None:
-    """Add ``outliers``, ``lost``, ``probe``, ``zeroshot`` and ``typographic`` to ``subparsers``;
+    """Add ``outliers``, ``lost``, ``probe``, ``zeroshot``, ``typographic`` and ``attribution`` to ``subparsers``;
     each sets ``func`` (call ``args.func(args)``)."""
     p = subparsers.add_parser("outliers", help="outlier tokens and attention: plain vs registers vs control",
                               description="Fraction of images with outlier tokens, max/median patch "
@@ -345,6 +388,32 @@ def add_eval_parsers(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for the written class and its position")
     _common(p, controls=3)
     p.set_defaults(func=cmd_typographic)
+
+    from .attribution import DEFAULT_ANSWER, DEFAULT_TEMPLATE
+    p = subparsers.add_parser("attribution", help="VLM text-to-image attribution: pointing game, energy in box",
+                              description="Attribution maps of a vision-language model's language "
+                                          "model (hf:... LLaVA, LLaVA-OneVision, Idefics3, SmolVLM) "
+                                          "for a prompt naming each object of each image, scored "
+                                          "against its boxes (pointing game, energy in box) for "
+                                          "the arms plain, registers, zeroed and bias; 95% "
+                                          "bootstrap intervals over the image-object pairs.")
+    p.add_argument("--data", required=True, help="a VOC folder (Annotations/, JPEGImages/), a COCO-style "
+                                                 "JSON, or a folder holding one (images in images/)")
+    p.add_argument("--split", default="trainval", help="VOC: ImageSets/Main/<split>.txt if present (trainval)")
+    p.add_argument("--template", default=DEFAULT_TEMPLATE,
+                   help=f"prompt naming the object with {{name}} (default: '{DEFAULT_TEMPLATE}')")
+    p.add_argument("--answer", default=DEFAULT_ANSWER,
+                   help=f"answer attributed, with {{name}} (default: '{DEFAULT_ANSWER}'), or "
+                        "'generate' for each arm's own greedy answer")
+    p.add_argument("--layers", type=int, nargs="+", default=None, metavar="L",
+                   help="language-model layers averaged (default: all; negatives from the end)")
+    p.add_argument("--bias-images", type=int_at_least(0), default=64,
+                   help="images to fit the attention bias on for the bias arm when the neuron set "
+                        "has none (64; 0: no bias arm)")
+    p.add_argument("--bootstrap", type=int_at_least(1), default=1000, help="bootstrap resamples (1000)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (0)")
+    _common(p, controls=0)
+    p.set_defaults(func=cmd_attribution)
 
 
 def build_parser() -> argparse.ArgumentParser:

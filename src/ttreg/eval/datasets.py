@@ -70,6 +70,7 @@ class BoxSample:
     path: Path
     boxes: np.ndarray
     name: str = ""
+    labels: tuple[str, ...] = ()          # the class of each box, where the annotations name it
 
 
 def _box_array(boxes: list) -> np.ndarray:
@@ -78,10 +79,10 @@ def _box_array(boxes: list) -> np.ndarray:
     return a.astype(np.int64) if np.all(a == np.round(a)) else a
 
 
-def _voc_objects(xml_path: Path, remove_hards: bool) -> tuple[str | None, np.ndarray]:
+def _voc_objects(xml_path: Path, remove_hards: bool) -> tuple[str | None, np.ndarray, tuple[str, ...]]:
     root = ET.parse(xml_path).getroot()
     filename = root.findtext("filename")
-    boxes = []
+    boxes, labels = [], []
     for obj in root.iter("object"):
         if remove_hards and (obj.findtext("difficult", "0").strip() == "1"
                              or obj.findtext("truncated", "0").strip() == "1"):
@@ -91,7 +92,8 @@ def _voc_objects(xml_path: Path, remove_hards: bool) -> tuple[str | None, np.nda
             continue
         x1, y1, x2, y2 = (float(bb.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax"))
         boxes.append([x1 - 1, y1 - 1, x2, y2])      # 1-based inclusive -> 0-based continuous
-    return filename, _box_array(boxes)
+        labels.append((obj.findtext("name") or "").strip())
+    return filename, _box_array(boxes), tuple(labels)
 
 
 def voc_boxes(root, split: str | None = "trainval", remove_hards: bool = False) -> list[BoxSample]:
@@ -113,13 +115,13 @@ def voc_boxes(root, split: str | None = "trainval", remove_hards: bool = False) 
         ids = sorted(p.stem for p in ann.glob("*.xml"))
     out = []
     for i in ids:
-        filename, boxes = _voc_objects(ann / f"{i}.xml", remove_hards)
+        filename, boxes, labels = _voc_objects(ann / f"{i}.xml", remove_hards)
         if remove_hards and not len(boxes):
             continue
         path = root / "JPEGImages" / (filename or f"{i}.jpg")
         if not path.exists():
             path = root / "JPEGImages" / f"{i}.jpg"
-        out.append(BoxSample(path, boxes, i))
+        out.append(BoxSample(path, boxes, i, labels))
     if not out:
         raise ImageError(f"no annotated images in {root}")
     return out
@@ -139,12 +141,15 @@ def coco_boxes(json_path, image_root=None, remove_iscrowd: bool = True, remove_e
         image_root = jp.parent / "images" if (jp.parent / "images").is_dir() else jp.parent
     image_root = Path(image_root)
     keep = None if image_ids is None else {int(i) for i in image_ids}
+    names = {c["id"]: str(c.get("name", c["id"])) for c in data.get("categories", [])}
     by_image: dict = {}
+    labels: dict = {}
     for a in data.get("annotations", []):
         if remove_iscrowd and a.get("iscrowd", 0):
             continue
         x, y, w, h = (float(v) for v in a["bbox"])
         by_image.setdefault(a["image_id"], []).append([round(x), round(y), round(x + w), round(y + h)])
+        labels.setdefault(a["image_id"], []).append(names.get(a.get("category_id"), ""))
     out = []
     for im in sorted(data.get("images", []), key=lambda im: im["id"]):
         if keep is not None and int(im["id"]) not in keep:
@@ -152,7 +157,8 @@ def coco_boxes(json_path, image_root=None, remove_iscrowd: bool = True, remove_e
         boxes = by_image.get(im["id"], [])
         if remove_empty and not boxes:
             continue
-        out.append(BoxSample(image_root / im["file_name"], _box_array(boxes), str(im["id"])))
+        out.append(BoxSample(image_root / im["file_name"], _box_array(boxes), str(im["id"]),
+                             tuple(labels.get(im["id"], []))))
     if keep is not None:
         missing = len(keep - {int(im["id"]) for im in data.get("images", [])})
         if missing:
