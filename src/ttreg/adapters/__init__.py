@@ -6,6 +6,7 @@ import torch.nn as nn
 
 from .base import Adapter
 from .generic import SPEC_ATTR, GenericAdapter, WrapSpec, wrap_custom
+from .peft_model import PeftAdapter
 from .timm_eva import TimmEvaAdapter
 from .timm_features import TimmFeatureGraphRefusal, TimmFeaturesAdapter
 from .timm_naflex import TimmNaFlexAdapter
@@ -13,7 +14,7 @@ from .timm_vit import TimmViTAdapter
 
 #: tried in order; the first whose ``matches`` accepts the model wins
 ADAPTERS: list[type[Adapter]] = [TimmViTAdapter, TimmEvaAdapter, TimmNaFlexAdapter, TimmFeaturesAdapter,
-                                 TimmFeatureGraphRefusal]
+                                 TimmFeatureGraphRefusal, PeftAdapter]
 
 #: what ``wrap(model)`` recognises, by library (README's table and docs/families.md list the same)
 SUPPORTED_BY_LIBRARY = {
@@ -28,6 +29,7 @@ SUPPORTED_BY_LIBRARY = {
                      "Dinov2Backbone, DepthAnythingForDepthEstimation, DPTForDepthEstimation (DINOv2 "
                      "backbone), ViT / Dinov2 / CLIP / Siglip / Siglip2 *ForImageClassification"),
     "open_clip": "CLIP models (own ViT towers, and timm VisionTransformer / Eva trunks)",
+    "peft": "PeftModel (LoRA and other adapters) around any model above",
 }
 SUPPORTED = "; ".join(f"{lib} {what}" for lib, what in SUPPORTED_BY_LIBRARY.items()) + (
     "; any other ViT: ttreg.wrap(model, blocks=..., attention=..., mlp_down=...)")
@@ -85,5 +87,5 @@ def wrap(model: nn.Module | Adapter, **names) -> Adapter:
 
 
 __all__ = ["Adapter", "GenericAdapter", "TimmViTAdapter", "TimmEvaAdapter", "TimmNaFlexAdapter",
-           "TimmFeaturesAdapter", "TimmFeatureGraphRefusal",
+           "TimmFeaturesAdapter", "TimmFeatureGraphRefusal", "PeftAdapter",
            "ADAPTERS", "SUPPORTED", "SUPPORTED_BY_LIBRARY", "WrapSpec", "wrap"]
