@@ -44,13 +44,7 @@ GRID = (SIZE // PATCH) ** 2
 DOC = Path(__file__).resolve().parents[1] / "docs" / "families.md"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: one thread is faster than two fighting over small matrices."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: one thread is faster
 
 
 # --- the families ---------------------------------------------------------------------------------

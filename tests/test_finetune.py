@@ -18,12 +18,7 @@ pytest.importorskip("timm")
 RN = {1: [7], 3: [21]}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: one thread is faster
 
 
 @pytest.fixture(scope="module")

@@ -19,12 +19,7 @@ DINOV2 = dict(hidden_size=WIDTH, num_hidden_layers=DEPTH, num_attention_heads=2,
               patch_size=PATCH, mlp_ratio=2)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: one thread is faster
 
 
 def depth_anything() -> torch.nn.Module:
