@@ -48,6 +48,10 @@ def test_a_set_found_on_bare_dinov2_applies_to_task_models_with_its_weights(plan
     cls.dinov2.load_state_dict(bare.state_dict())
     with torch.no_grad(), ttreg.test_time_registers(bare, found):
         want = ttreg.trace(bare, x).norms
+        want_tokens = bare(pixel_values=x).last_hidden_state
+    with torch.no_grad(), ttreg.test_time_registers(da, found):
+        got_tokens = ttreg.wrap(da).run(x)["last_hidden_state"]    # what an export writes
+    assert (got_tokens - want_tokens).abs().max() <= 1e-5
     for model in (da, da.backbone, cls):
         assert ttreg.wrap(model).architecture() == ttreg.wrap(bare).architecture()
         with torch.no_grad(), ttreg.test_time_registers(model, found):   # the fingerprint check passes
@@ -110,3 +114,15 @@ def test_dpt_without_a_supported_backbone_is_refused_in_one_line():
     msg = str(e.value)
     assert "\n" not in msg and "DPTForDepthEstimation" in msg and "DINOv2 backbone_config" in msg
     assert "dpt (DPTModel)" in msg and "docs/families.md" in msg
+
+
+@pytest.mark.parametrize("form", ["token", "bias"])
+def test_task_model_exports_its_backbone_with_registers(planted, tmp_path, form):
+    pytest.importorskip("onnxruntime")
+    bare, x, found = planted
+    da = depth_anything()
+    da.backbone.load_state_dict(bare.state_dict())
+    bias = ttreg.fit_attention_bias(da, found, x) if form == "bias" else None
+    rep = ttreg.export_onnx(da, found, tmp_path / "depth.onnx", form=form, bias=bias)
+    assert rep.checks and rep.max_abs_diff <= 1e-4                  # onnxruntime == eager, checked
+    assert rep.outputs == ["last_hidden_state", *(f"feature_map_{i}" for i in range(4))]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 import torch.nn as nn
 
 from .base import Adapter, DelegatingAdapter
@@ -35,6 +36,15 @@ class HFDinov2BackboneAdapter(HFDinov2Adapter):
     matching ``*Model``'s, so the fingerprint compares the backbone with a bare DINOv2."""
 
     class_names = tuple(BACKBONE_AS_MODEL)
+
+    def run(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The backbone on ``x``: its feature maps (``feature_map_0``, ...) and, as the matching
+        ``*Model`` gives it, the final-norm ``last_hidden_state`` (what an export writes and the
+        evaluations read)."""
+        out = self.vision(pixel_values=x, output_hidden_states=True)
+        res = {"last_hidden_state": self.vision.layernorm(out.hidden_states[-1])}
+        res.update({f"feature_map_{i}": f for i, f in enumerate(out.feature_maps)})
+        return res
 
     def architecture(self) -> dict[str, Any]:
         arch = super().architecture()
