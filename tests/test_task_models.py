@@ -118,3 +118,27 @@ def test_task_model_exports_its_backbone_with_registers(planted, tmp_path, form)
     rep = ttreg.export_onnx(da, found, tmp_path / "depth.onnx", form=form, bias=bias)
     assert rep.checks and rep.max_abs_diff <= 1e-4                  # onnxruntime == eager, checked
     assert rep.outputs == ["last_hidden_state", *(f"feature_map_{i}" for i in range(4))]
+
+
+@pytest.mark.parametrize("name", ["CLIP", "Siglip", "Dinov2WithRegisters"])
+def test_more_classification_heads_take_registers_in_their_encoder(name):
+    hfv = dict(hidden_size=WIDTH, intermediate_size=128, num_hidden_layers=DEPTH, num_attention_heads=2,
+               image_size=SIZE, patch_size=PATCH)
+    text = dict(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    if name == "Dinov2WithRegisters":
+        cfg = tf.Dinov2WithRegistersConfig(**DINOV2, num_labels=3)
+    else:
+        cfg = getattr(tf, f"{name}Config")(vision_config=hfv, text_config=text, num_labels=3)
+    torch.manual_seed(0)
+    model = getattr(tf, f"{name}ForImageClassification")(cfg).eval()
+    ad = ttreg.wrap(model)
+    inner = {"CLIP": "HFCLIPVisionAdapter", "Siglip": "HFSiglipVisionAdapter",
+             "Dinov2WithRegisters": "HFDinov2Adapter"}[name]
+    assert type(ad).__name__ == "HFTaskAdapter" and type(ad.inner).__name__ == inner
+    x = marked_images(2, SIZE, PATCH)[0]
+    with torch.no_grad():
+        ref = model(pixel_values=x, output_hidden_states=True)
+        with ttreg.test_time_registers(model, [(1, 3), (2, 5)], check=False):
+            got = model(pixel_values=x, output_hidden_states=True)
+    assert got.logits.shape == ref.logits.shape == (2, 3) and not torch.equal(got.logits, ref.logits)
+    assert [h.shape for h in got.hidden_states] == [h.shape for h in ref.hidden_states]
