@@ -39,6 +39,15 @@ def flat(o, prefix="out") -> dict[str, torch.Tensor]:
     return res
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """These models are tiny: one thread is faster than two fighting over small matrices."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def fail_inside(model, neurons, run, x) -> None:
     """Raise inside a ``test_time_registers`` block (after ``run(x)``) and inside block 2 of the
     model during a trace with registers and attention maps; both errors must come through."""

@@ -44,13 +44,7 @@ GRID = (SIZE // PATCH) ** 2
 DOC = Path(__file__).resolve().parents[1] / "docs" / "families.md"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: one thread is faster than two fighting over small matrices."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: one thread is faster
 
 
 # --- the families ---------------------------------------------------------------------------------
@@ -167,6 +161,31 @@ class TinyViT(nn.Module):
         return self.out(t)
 
 
+DINOV2 = dict({k: v for k, v in HFV.items() if k != "intermediate_size"}, mlp_ratio=2)
+
+
+def _dinov2_backbone(**kw):
+    return tf.Dinov2Config(**DINOV2, out_indices=[1, 2, 3, 4], **kw)
+
+
+def _depth(name: str):
+    """Depth Anything and DPT on a DINOv2 backbone (what load_backbone builds: Dinov2Backbone)."""
+    neck = dict(neck_hidden_sizes=[16, 32, 64, 64], fusion_hidden_size=16)
+    if name == "depth_anything":
+        cfg = tf.DepthAnythingConfig(backbone_config=_dinov2_backbone(reshape_hidden_states=False),
+                                     reassemble_hidden_size=WIDTH, patch_size=PATCH, head_hidden_size=8, **neck)
+        return tf.DepthAnythingForDepthEstimation(cfg)
+    cfg = tf.DPTConfig(backbone_config=_dinov2_backbone(reshape_hidden_states=False), is_hybrid=False,
+                       hidden_size=WIDTH, patch_size=PATCH, image_size=SIZE, reassemble_factors=[4, 2, 1, 0.5],
+                       head_in_index=-1, **neck)
+    return tf.DPTForDepthEstimation(cfg)
+
+
+def _timm_features(feature_cls: str):
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, features_only=True, feature_cls=feature_cls,
+                             img_size=SIZE, patch_size=PATCH, depth=DEPTH, embed_dim=WIDTH, num_heads=2)
+
+
 def _open_clip_eva(trunk: nn.Module) -> nn.Module:
     """An open_clip CLIP whose tower is ``TimmModel`` around ``trunk`` (EVA02-CLIP's layout)."""
     from ttreg.convert.open_clip import TINY_TEXT_CFG
@@ -188,7 +207,7 @@ class Family:
     adapter: str                               # the adapter class wrap() must pick
     prefix: int                                # CLS + trained registers / storage tokens
     site: Callable[[nn.Module], nn.Module]     # block 0's MLP down-projection (the neuron site)
-    kind: str = "encoder"                      # encoder | naflex | vlm | open_clip | custom
+    kind: str = "encoder"                      # encoder | naflex | vlm | open_clip | custom | task | features
     note: str = ""
     wrap_kw: dict | None = None                # names for ttreg.wrap (the generic adapter)
 
@@ -251,6 +270,24 @@ FAMILIES: dict[str, Family] = {f.row: f for f in [
            _hf_site("mlp.fc2"), kind="vlm"),
     Family("HF InternVL (InternViT tower)", "transformers", partial(_vlm, "internvl"), "HFInternVLAdapter", 1,
            _hf_site("mlp.fc2"), kind="vlm"),
+    Family("HF Dinov2Backbone", "transformers", lambda: tf.Dinov2Backbone(tf.Dinov2Config(**DINOV2, out_indices=[2, 4])),
+           "HFDinov2BackboneAdapter", 1, _hf_site("mlp.fc2"), kind="task", note="feature maps keep their shapes"),
+    Family("HF DepthAnythingForDepthEstimation (DINOv2 backbone)", "transformers", partial(_depth, "depth_anything"),
+           "HFTaskAdapter", 1, _hf_site("mlp.fc2"), kind="task", note="registers in the backbone; depth keeps its shape"),
+    Family("HF DPTForDepthEstimation (DINOv2 backbone)", "transformers", partial(_depth, "dpt"),
+           "HFTaskAdapter", 1, _hf_site("mlp.fc2"), kind="task", note="registers in the backbone; depth keeps its shape"),
+    Family("HF ViTForImageClassification", "transformers",
+           lambda: tf.ViTForImageClassification(tf.ViTConfig(**HFV, num_labels=3)), "HFTaskAdapter", 1,
+           _hf_site("mlp.fc2"), kind="task"),
+    Family("HF Dinov2ForImageClassification", "transformers",
+           lambda: tf.Dinov2ForImageClassification(tf.Dinov2Config(**DINOV2, num_labels=3)), "HFTaskAdapter", 1,
+           _hf_site("mlp.fc2"), kind="task"),
+    Family("timm features_only ViT (feature_cls='getter')", "timm", partial(_timm_features, "getter"),
+           "TimmFeaturesAdapter", 1, lambda m: m.model.blocks[0].mlp.fc2, kind="features",
+           note="feature maps keep their shapes"),
+    Family("timm features_only ViT (feature_cls='hook')", "timm", partial(_timm_features, "hook"),
+           "TimmFeaturesAdapter", 1, lambda m: m["body"].blocks[0].mlp.fc2, kind="features",
+           note="recorded features keep their shapes"),
     Family("open_clip CLIP, timm Eva trunk (EVA02-CLIP)", "open_clip", lambda: _open_clip_eva(_evaclip()),
            "OpenCLIPTimmAdapter", 1, lambda m: m.visual.trunk.blocks[0].mlp.fc2, kind="open_clip"),
     Family("any ViT: ttreg.wrap(model, attention=...)", "custom", TinyViT, "GenericAdapter", 1,
@@ -258,8 +295,9 @@ FAMILIES: dict[str, Family] = {f.row: f for f in [
            note="names given: attention, image_size"),
 ]}
 NAMES = list(FAMILIES)
-#: recognised and refused, with the reason the refusal test checks
-REFUSED = {"HF Qwen2.5-VL": "windowed attention"}
+#: recognised and refused: row -> (library, the reason the refusal test checks)
+REFUSED = {"HF Qwen2.5-VL": ("transformers", "windowed attention"),
+           "timm features_only ViT (feature_cls='fx')": ("timm", "torch.fx rewrite")}
 
 
 class Zoo:
@@ -321,6 +359,10 @@ def _vlm_outputs(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def user_call(row: str, model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
     kind = FAMILIES[row].kind
+    if kind == "task":
+        return flat(model(pixel_values=x, output_hidden_states=True))
+    if kind == "features":
+        return flat(model(x))
     if kind == "vlm":
         return _vlm_outputs(model, x)
     if kind == "open_clip":
@@ -534,11 +576,21 @@ def test_qwen25_vl_is_refused_with_its_reason():
     for target in (model, model.model.visual):
         with pytest.raises(TypeError) as e:
             ttreg.wrap(target)
-        assert "\n" not in str(e.value) and REFUSED["HF Qwen2.5-VL"] in str(e.value)
+        assert "\n" not in str(e.value) and REFUSED["HF Qwen2.5-VL"][1] in str(e.value)
     with pytest.raises(TypeError, match="windowed attention"):
         ttreg.find_register_neurons(model, marked_images(2, SIZE, PATCH)[0])
     RAN.add(("refused", "HF Qwen2.5-VL"))
     PASSED.add(("refused", "HF Qwen2.5-VL"))
+
+
+def test_timm_fx_features_are_refused_in_one_line():
+    with pytest.raises(TypeError) as e:
+        ttreg.wrap(_timm_features("fx"))
+    msg = str(e.value)
+    assert "\n" not in msg and REFUSED["timm features_only ViT (feature_cls='fx')"][1] in msg
+    assert "feature_cls='getter'" in msg and "FeatureGraphNet" in msg
+    RAN.add(("refused", "timm features_only ViT (feature_cls='fx')"))
+    PASSED.add(("refused", "timm features_only ViT (feature_cls='fx')"))
 
 
 # --- the same weights in two libraries give the same numbers ---------------------------------------
@@ -862,10 +914,10 @@ def render_table() -> str | None:
         if None in cells:
             return None
         lines.append(f"| {row} | {fam.library} | " + " | ".join(cells) + f" | {SAME_AS.get(row, '')} | {fam.note} |")
-    for row, reason in REFUSED.items():
+    for row, (library, reason) in REFUSED.items():
         if ("refused", row) not in PASSED:
             return None
-        lines.append(f"| {row} | transformers | " + " | ".join(["refused"] * len(cols))
+        lines.append(f"| {row} | {library} | " + " | ".join(["refused"] * len(cols))
                      + f" | | {reason}: see below |")
     return "\n".join(lines)
 

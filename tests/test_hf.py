@@ -339,12 +339,15 @@ def test_llava_projector_input_keeps_shape_and_changes_only_as_registers_imply(b
     assert r0.min() >= 5 and r1.max() <= 2                 # the planted token lost its norm
 
 
-def test_wrap_unsupported_model_names_what_is_supported():
+def test_wrap_unsupported_model_points_to_what_is_supported():
+    from pathlib import Path
     torchvision = pytest.importorskip("torchvision")
     with pytest.raises(TypeError) as e:
         ttreg.wrap(torchvision.models.resnet18())
     msg = str(e.value)
-    assert "\n" not in msg and "ResNet" in msg
-    for name in ("timm VisionTransformer", "Dinov2Model", "CLIPVisionModel", "SiglipVisionModel", "LLaVA"):
-        assert name in msg
+    assert "\n" not in msg and len(msg) < 200 and "torchvision.models.resnet.ResNet" in msg
+    assert "docs/families.md" in msg and "ttreg.wrap(model, blocks=" in msg
+    listed = (Path(__file__).resolve().parents[1] / "docs" / "families.md").read_text()
+    for name in ("timm VisionTransformer", "HF Dinov2Model", "HF CLIPVisionModel", "HF SiglipVisionModel", "LLaVA"):
+        assert name in listed
 

@@ -6,23 +6,30 @@ import torch.nn as nn
 
 from .base import Adapter
 from .generic import SPEC_ATTR, GenericAdapter, WrapSpec, wrap_custom
+from .peft_model import PeftAdapter
 from .timm_eva import TimmEvaAdapter
+from .timm_features import TimmFeatureGraphRefusal, TimmFeaturesAdapter
 from .timm_naflex import TimmNaFlexAdapter
 from .timm_vit import TimmViTAdapter
 
 #: tried in order; the first whose ``matches`` accepts the model wins
-ADAPTERS: list[type[Adapter]] = [TimmViTAdapter, TimmEvaAdapter, TimmNaFlexAdapter]
+ADAPTERS: list[type[Adapter]] = [TimmViTAdapter, TimmEvaAdapter, TimmNaFlexAdapter, TimmFeaturesAdapter,
+                                 TimmFeatureGraphRefusal, PeftAdapter]
 
 #: what ``wrap(model)`` recognises, by library (README's table and docs/families.md list the same)
 SUPPORTED_BY_LIBRARY = {
     "timm": ("VisionTransformer (DINOv2, CLIP towers, DeiT, trained registers), Eva (EVA-02, "
-             "EVA-CLIP, DINOv3 vit_*_dinov3, PE-Core vit_pe_core_*), NaFlexVit"),
+             "EVA-CLIP, DINOv3 vit_*_dinov3, PE-Core vit_pe_core_*), NaFlexVit, and their "
+             "features_only=True models (feature_cls 'getter' or 'hook'; not 'fx')"),
     "transformers": ("Dinov2Model, Dinov2WithRegistersModel, ViTModel, CLIPVisionModel, CLIPModel, "
                      "SiglipVisionModel, SiglipModel, DINOv3ViTModel, Siglip2VisionModel, Siglip2Model, "
                      "Aimv2VisionModel, Aimv2Model, InternVLVisionModel, and the vision tower of the VLMs "
                      "LLaVA, LLaVA-OneVision, PaliGemma, Gemma 3, Idefics3, SmolVLM and InternVL "
-                     "(*ForConditionalGeneration / *Model; not Qwen2.5-VL)"),
+                     "(*ForConditionalGeneration / *Model; not Qwen2.5-VL); task models on them: "
+                     "Dinov2Backbone, DepthAnythingForDepthEstimation, DPTForDepthEstimation (DINOv2 "
+                     "backbone), ViT / Dinov2 / CLIP / Siglip / Siglip2 *ForImageClassification"),
     "open_clip": "CLIP models (own ViT towers, and timm VisionTransformer / Eva trunks)",
+    "peft": "PeftModel (LoRA and other adapters) around any model above",
 }
 SUPPORTED = "; ".join(f"{lib} {what}" for lib, what in SUPPORTED_BY_LIBRARY.items()) + (
     "; any other ViT: ttreg.wrap(model, blocks=..., attention=..., mlp_down=...)")
@@ -37,6 +44,7 @@ def _register_optional(model: nn.Module) -> None:
     """Import the transformers / open_clip adapters only for models from those libraries."""
     libs = _libraries(model)
     for modname, clsname, lib in (("hf", "HF_ADAPTERS", "transformers"),
+                                  ("hf_tasks", "HF_TASK_ADAPTERS", "transformers"),
                                   ("open_clip", "OPEN_CLIP_ADAPTERS", "open_clip")):
         if lib not in libs:
             continue
@@ -73,9 +81,11 @@ def wrap(model: nn.Module | Adapter, **names) -> Adapter:
     for cls in ADAPTERS:
         if cls.matches(model):
             return cls(model)
-    raise TypeError(f"ttreg does not support {type(model).__module__}.{type(model).__name__}; "
-                    f"supported: {SUPPORTED}")
+    raise TypeError(f"ttreg does not support {type(model).__module__}.{type(model).__name__}: see the "
+                    "supported models in docs/families.md, or describe any ViT with "
+                    "ttreg.wrap(model, blocks=..., attention=..., mlp_down=...)")
 
 
 __all__ = ["Adapter", "GenericAdapter", "TimmViTAdapter", "TimmEvaAdapter", "TimmNaFlexAdapter",
+           "TimmFeaturesAdapter", "TimmFeatureGraphRefusal", "PeftAdapter",
            "ADAPTERS", "SUPPORTED", "SUPPORTED_BY_LIBRARY", "WrapSpec", "wrap"]
