@@ -11,22 +11,9 @@ from ttreg.eval.backbone import accepts_any_size, block_tokens, layer_qkv, token
 from ttreg.sizes import dynamic_size
 from ttreg.testing import mixed_images, planted_clip, planted_vit
 
+from test_eval_lost import lost_reference_qkv
+
 TEXT = dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=1)
-
-
-def lost_reference_qkv(model, x, layer):
-    """valeoai/LOST main_lost.py, restated: a forward hook on ``blocks[layer].attn.qkv``, the
-    output reshaped to (3, B, heads, T, d), and each of q, k, v back to (B, T, heads * d)."""
-    box = {}
-    h = model.blocks[layer].attn.qkv.register_forward_hook(lambda m, i, o: box.update(qkv=o))
-    try:
-        model.forward_features(x)
-    finally:
-        h.remove()
-    B, T, _ = box["qkv"].shape
-    nh = model.blocks[layer].attn.num_heads
-    qkv = box["qkv"].reshape(B, T, 3, nh, -1).permute(2, 0, 3, 1, 4)
-    return {name: qkv[i].transpose(1, 2).reshape(B, T, -1) for i, name in enumerate(("query", "key", "value"))}
 
 
 def test_qkv_of_every_layer_equal_losts_hook_on_timm():

@@ -92,13 +92,23 @@ class Arm:
                 "neurons": [list(p) for p in self.neurons] if self.neurons is not None else []}
 
 
-def make_arms(model, neurons, *, control_seeds: Sequence[int] = (0, 1, 2), num_registers: int = 1,
-              preset: str = "paper", plain: bool = True, random: bool = True,
-              zeroed: bool = False, random_zeroed: bool | None = None) -> list[Arm]:
+def make_arms(model, neurons, *, control_seeds: Sequence[int] = (0, 1, 2),
+              num_registers: int | Sequence[int] = 1, preset: str = "paper", plain: bool = True,
+              random: bool = True, zeroed: bool = False, random_zeroed: bool | None = None) -> list[Arm]:
     """``[plain, registers, random-<s>...]`` and, with ``zeroed``, ``[zeroed,
     random-zeroed-<s>...]`` after them (``s`` in ``control_seeds``; ``random_zeroed`` defaults
-    to ``zeroed``). No random or zeroed arm when the set is empty (nothing to match or zero)."""
+    to ``zeroed``). No random or zeroed arm when the set is empty (nothing to match or zero).
+
+    ``num_registers`` a list of counts (the number-of-registers ablation): ``[plain,
+    registers-R<n>...]``, one arm per count ``n`` >= 1 in order (count 0 is the plain arm), and
+    no controls (their draws would mix counts)."""
     rn = as_register_neurons(neurons)
+    if not isinstance(num_registers, int):
+        counts = [int(n) for n in num_registers]
+        if not counts or min(counts) < 0:
+            raise ValueError(f"num_registers must be counts >= 0, got {list(num_registers)}")
+        return [Arm("plain", "plain")] + [Arm(f"registers-R{n}", "registers", rn, None, n, preset)
+                                          for n in dict.fromkeys(counts) if n > 0]
     arms = [Arm("plain", "plain")] if plain else []
     arms.append(Arm("registers", "registers", rn, None, num_registers, preset))
     if not len(rn):
@@ -141,12 +151,14 @@ def control_rows(result: dict[str, Any], first: str = "images") -> list[dict[str
               if (v.get("setup") or {}).get("kind") not in ("random", "random-zeroed")]
     rows = []
     for r in single:
+        r.setdefault("preset", (r.get("setup") or {}).get("preset") or "-")
         rows.append(r)
         kind = (r.get("setup") or {}).get("kind")
         follow = {"registers": ("random", "random"), "zeroed": ("random_zeroed", "random zeroed")}
         if kind in follow and result.get(follow[kind][0]):
             key, label = follow[kind]
-            rows.append({"arm": f"{label} ({draws(result)})", first: r.get(first), **result[key]})
+            rows.append({"arm": f"{label} ({draws(result)})", first: r.get(first), "preset": r["preset"],
+                         **result[key]})
     return rows
 
 

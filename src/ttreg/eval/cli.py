@@ -5,11 +5,30 @@ writes the JSON result."""
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 
 from ..command import (OneLineParser, device_arg, int_at_least, int_or_auto, load_neurons, model_help,
                    number_in, positive_number, read_neurons, resolve_model, run, threshold_arg)
+
+
+#: an argparse type: any finite number
+finite_number = number_in(-math.inf, math.inf, lo_open=True, hi_open=True)
+
+
+def register_counts(text: str) -> int | list[int]:
+    """An argparse type: one count of test-time registers (``1``), or several for the ablation
+    (``0,1,2,3``: one row per count; 0 is the plain model)."""
+    parts = [t.strip() for t in text.split(",")]
+    try:
+        counts = [int(t) for t in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected whole numbers such as 1 or 0,1,2,3, got {text!r}") from None
+    if any(c < 0 for c in counts) or (len(counts) == 1 and counts[0] < 1):
+        raise argparse.ArgumentTypeError(f"counts must be >= 0 (one count: >= 1), got {text}")
+    counts = list(dict.fromkeys(counts))
+    return counts[0] if len(parts) == 1 else counts
 
 
 # --- the model's neurons, and checks before the model loads ------------------------------------------
@@ -79,7 +98,8 @@ def cmd_outliers(args) -> int:
 
 def cmd_lost(args) -> int:
     from .datasets import coco20k_filenames, coco20k_ids, coco_boxes, voc_boxes
-    from .lost import check_native, evaluate_lost
+    from ..adapters import wrap
+    from .lost import AUTHORS_SWEEP, check_native, evaluate_lost, sweep_configs
     t0 = time.time()
     _check_paths(args)
     if bool(args.voc) == bool(args.coco):
@@ -97,9 +117,17 @@ def cmd_lost(args) -> int:
     model, transform, _ = resolve_model(args.model, args.device)
     if not args.resize:
         check_native(model)                       # before the neuron search
+    sweep_configs(wrap(model).num_layers, args.features or ("key",), args.layers or (-1,),
+                  gram_bias=args.gram_bias or (0.0,))   # a bad block or bias: before any work
     neurons = resolve_neurons(args, model, [s.path for s in samples], transform)
+    sweep = dict(AUTHORS_SWEEP) if args.authors_sweep else {}
+    for key in ("features", "layers", "gram_bias"):
+        if getattr(args, key) is not None:
+            sweep[key] = getattr(args, key)
+    if args.normalize:
+        sweep["normalize"] = True
     result = evaluate_lost(model, samples, neurons, k_patches=args.k_patches, resize=args.resize,
-                           control_seeds=_controls(args), num_registers=args.num_registers,
+                           **sweep, control_seeds=_controls(args), num_registers=args.num_registers,
                            preset=args.preset, batch_size=args.batch_size, keep_boxes=args.keep_boxes,
                            progress=not args.quiet and sys.stderr.isatty())
     result["dataset"] = str(args.voc or args.coco)
@@ -221,7 +249,9 @@ def _common(p: argparse.ArgumentParser, controls: int) -> None:
     g.add_argument("--top-layer", type=int_or_auto(), default="auto", help="last layer searched, or 'auto'")
     g.add_argument("--search-images", type=int_at_least(1), default=64,
                    help="evaluation images the 'auto' search uses (64)")
-    g.add_argument("--num-registers", type=int_at_least(1), default=1, help="test-time registers (1)")
+    g.add_argument("--num-registers", type=register_counts, default=1,
+                   help="test-time registers (1); several, e.g. 0,1,2,3,4,5, for the ablation: one row "
+                        "per count (0: the plain model; no random controls then)")
     g.add_argument("--preset", default="paper", choices=("paper", "official"),
                    help="the paper's edit or the authors' released code's (paper)")
     g.add_argument("--controls", type=int_at_least(0), default=controls,
@@ -263,6 +293,20 @@ def add_eval_parsers(subparsers) -> None:
                    help="squash images to the model's input size and scale boxes back, for models "
                         "that take one size only (a deviation from LOST's protocol)")
     p.add_argument("--keep-boxes", action="store_true", help="store the predicted boxes in the JSON")
+    w = p.add_argument_group("sweep (the test-time-register authors' protocol; default: LOST's own, "
+                             "last-layer keys, no normalisation, no bias)")
+    w.add_argument("--features", nargs="+", choices=("key", "query", "value"), default=None,
+                   help="features of each --layers block (key)")
+    w.add_argument("--layers", nargs="+", type=int, default=None, metavar="L",
+                   help="blocks to read them from, negative from the end, e.g. -4 -3 -2 -1 (-1)")
+    w.add_argument("--normalize", action="store_true", help="L2-normalise each patch's features")
+    w.add_argument("--gram-bias", nargs="+", type=finite_number, default=None, metavar="B",
+                   help="values added to the Gram matrix, e.g. -1 -0.5 0 (0)")
+    w.add_argument("--authors-sweep", action="store_true",
+                   help="key, query and value of the last four blocks, L2-normalised, Gram bias -1 to 0 "
+                        "in steps of 0.1 (options given with it replace its parts); every configuration's "
+                        "CorLoc is reported and each arm's best, chosen on the evaluated images as the "
+                        "authors did")
     _common(p, controls=1)
     p.set_defaults(func=cmd_lost)
 

@@ -107,7 +107,7 @@ def evaluate_outliers(model, images, neurons, *, threshold: float | str = "auto"
 
 def table(result: dict[str, Any]) -> str:
     top = result["config"]["top"]
-    cols = [("arm", "arm"), ("images", "images"), ("fraction_with_outliers", "outlier imgs"),
+    cols = [("arm", "arm"), ("preset", "preset"), ("images", "images"), ("fraction_with_outliers", "outlier imgs"),
             ("norm_ratio", f"max/median @{result['config']['detection_layer']}"),
             ("max_patch_norm", "max norm"), ("cls_entropy", "CLS entropy"),
             (f"top{top}_mass", f"top-{top} mass"), ("cls_to_registers", "CLS->reg max"),

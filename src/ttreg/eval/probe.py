@@ -646,8 +646,9 @@ def table(result: dict[str, Any]) -> str:
     cols = {"classification": [("top1", "top-1")],
             "segmentation": [("miou", "mIoU"), ("pixel_accuracy", "pixel acc")],
             "depth": [("rmse", "RMSE (lower is better)")]}[result["task"]]
-    rows = [{"arm": k, **v} for k, v in result["arms"].items()]
+    rows = [{"arm": k, **v, "preset": (v.get("setup") or {}).get("preset") or "-"}
+            for k, v in result["arms"].items()]
     n = len(result["config"]["seeds"])
-    return format_table(rows, [("arm", "arm"), *cols], digits=4,
+    return format_table(rows, [("arm", "arm"), ("preset", "preset"), *cols], digits=4,
                         title=f"Linear probe: {result['task']}, {result['protocol']['name']} protocol "
                               f"(mean ± 95% CI over {n} seeds)")
