@@ -46,6 +46,24 @@ def resolve_neurons(args, model, images, transform):
     return load_neurons(args.given_neurons, model)
 
 
+def resolve_bias(args, model, images, transform, neurons):
+    """``--bias-arm``: the attention-bias form of ``neurons`` for a ``bias`` arm -- the one saved
+    with the neuron file, else fitted on the first ``--search-images`` of ``images`` (the images
+    an ``auto`` search uses); None without the option or without neurons."""
+    if not getattr(args, "bias_arm", False) or not len(neurons):
+        return None
+    saved = getattr(neurons, "attention_bias", None)
+    if saved is not None:
+        _say(args, "bias arm: the attention bias saved with the neuron file")
+        return saved
+    from ..bias import fit_attention_bias
+    imgs = list(images)[: args.search_images]
+    R = args.num_registers if isinstance(args.num_registers, int) else 1
+    _say(args, f"bias arm: fitting the attention bias on {len(imgs)} images ({R} register(s))")
+    return fit_attention_bias(model, neurons, imgs, num_registers=R, preset=args.preset,
+                              batch_size=args.batch_size, transform=transform)
+
+
 def _check_paths(args) -> None:
     """``--out`` is usable and ``--neurons`` readable (checked before any data or model is
     loaded; the set read is kept in ``args.given_neurons``)."""
@@ -88,10 +106,11 @@ def cmd_outliers(args) -> int:
     images = _limit(list(src.items), args)
     model, transform, _ = resolve_model(args.model, args.device)
     neurons = resolve_neurons(args, model, images, transform)
-    result = evaluate_outliers(model, images, neurons, threshold=args.threshold,
+    bias = resolve_bias(args, model, images, transform, neurons)
+    result = evaluate_outliers(model, images, neurons, bias=bias, threshold=args.threshold,
                                detection_layer=args.detection_layer, control_seeds=_controls(args),
                                num_registers=args.num_registers, preset=args.preset,
-                               batch_size=args.batch_size, transform=transform,
+                               batch_size=args.batch_size, transform=transform, count_cls=args.count_cls,
                                progress=not args.quiet and sys.stderr.isatty())
     return _finish(args, result, t0)
 
@@ -120,6 +139,7 @@ def cmd_lost(args) -> int:
     sweep_configs(wrap(model).num_layers, args.features or ("key",), args.layers or (-1,),
                   gram_bias=args.gram_bias or (0.0,))   # a bad block or bias: before any work
     neurons = resolve_neurons(args, model, [s.path for s in samples], transform)
+    bias = resolve_bias(args, model, [s.path for s in samples], transform, neurons)
     sweep = dict(AUTHORS_SWEEP) if args.authors_sweep else {}
     for key in ("features", "layers", "gram_bias"):
         if getattr(args, key) is not None:
@@ -127,7 +147,8 @@ def cmd_lost(args) -> int:
     if args.normalize:
         sweep["normalize"] = True
     result = evaluate_lost(model, samples, neurons, k_patches=args.k_patches, resize=args.resize,
-                           **sweep, control_seeds=_controls(args), num_registers=args.num_registers,
+                           **sweep, bias=bias, control_seeds=_controls(args),
+                           num_registers=args.num_registers,
                            preset=args.preset, batch_size=args.batch_size, keep_boxes=args.keep_boxes,
                            progress=not args.quiet and sys.stderr.isatty())
     result["dataset"] = str(args.voc or args.coco)
@@ -150,7 +171,8 @@ def cmd_probe(args) -> int:
     train = _limit(train, args)
     model, transform, _ = resolve_model(args.model, args.device)
     neurons = resolve_neurons(args, model, [p for p, _ in train], transform)
-    result = evaluate_probe(model, args.task, train, val, neurons=neurons, num_classes=num_classes,
+    bias = resolve_bias(args, model, [p for p, _ in train], transform, neurons)
+    result = evaluate_probe(model, args.task, train, val, neurons=neurons, bias=bias, num_classes=num_classes,
                             seeds=list(range(args.seeds)), val_fraction=args.val_fraction,
                             cache_dir=args.cache, control_seeds=_controls(args),
                             num_registers=args.num_registers, preset=args.preset,
@@ -190,7 +212,8 @@ def cmd_zeroshot(args) -> int:
         if tokenizer is None:
             raise ValueError("zero-shot classification needs a CLIP model (open_clip:ARCH/PRETRAINED)")
         neurons = resolve_neurons(args, model, [p for p, _ in items], transform)
-        result = evaluate_zeroshot(model, tokenizer, items, classnames, neurons, templates=templates,
+        bias = resolve_bias(args, model, [p for p, _ in items], transform, neurons)
+        result = evaluate_zeroshot(model, tokenizer, items, classnames, neurons, bias=bias, templates=templates,
                                    control_seeds=_controls(args), num_registers=args.num_registers,
                                    preset=args.preset, batch_size=args.batch_size, transform=transform,
                                    progress=not args.quiet and sys.stderr.isatty())
@@ -203,8 +226,9 @@ def cmd_zeroshot(args) -> int:
                              "use --heatmap attention")
         classnames = load_classnames(args.classnames) if heatmap != "attention" else None
         neurons = resolve_neurons(args, model, [i for i, _, _ in items], transform)
+        bias = resolve_bias(args, model, [i for i, _, _ in items], transform, neurons)
         result = evaluate_zeroshot_segmentation(
-            model, items, neurons, heatmap=heatmap, tokenizer=tokenizer, classnames=classnames,
+            model, items, neurons, bias=bias, heatmap=heatmap, tokenizer=tokenizer, classnames=classnames,
             templates=templates, control_seeds=_controls(args), num_registers=args.num_registers,
             preset=args.preset, batch_size=args.batch_size,
             progress=not args.quiet and sys.stderr.isatty())
@@ -235,7 +259,7 @@ def cmd_typographic(args) -> int:
 
 
 # --- the parsers ---------------------------------------------------------------------------------------------
-def _common(p: argparse.ArgumentParser, controls: int) -> None:
+def _common(p: argparse.ArgumentParser, controls: int, bias: bool = True) -> None:
     g = p.add_argument_group("model and register neurons")
     g.add_argument("--model", required=True, help=model_help())
     g.add_argument("--neurons", default="auto",
@@ -256,6 +280,10 @@ def _common(p: argparse.ArgumentParser, controls: int) -> None:
                    help="the paper's edit or the authors' released code's (paper)")
     g.add_argument("--controls", type=int_at_least(0), default=controls,
                    help=f"random-neuron control draws ({controls})")
+    if bias:
+        g.add_argument("--bias-arm", action="store_true",
+                       help="add the attention-bias form as an arm: the bias saved with --neurons, else "
+                            "fitted on the --search-images")
     o = p.add_argument_group("run")
     o.add_argument("--limit", type=int_at_least(1), default=None, help="use only the first N images")
     o.add_argument("--batch-size", type=int_at_least(1), default=16, help="images per forward pass (16)")
@@ -269,8 +297,14 @@ def add_eval_parsers(subparsers) -> None:
     each sets ``func`` (call ``args.func(args)``)."""
     p = subparsers.add_parser("outliers", help="outlier tokens and attention: plain vs registers vs control",
                               description="Fraction of images with outlier tokens, max/median patch "
-                                          "norm per layer, CLS attention entropy and top-5 mass.")
+                                          "norm per layer, CLS attention entropy and top-5 mass, and "
+                                          "the rebuttal's statistics: patch-norm median and std, "
+                                          "outlier-token norms, CLS attention to the registers "
+                                          "against its median to the other tokens.")
     p.add_argument("--images", required=True, help="a folder, a list file, or 'skimage'")
+    p.add_argument("--count-cls", action="store_true",
+                   help="count the CLS token (every prefix token) as an outlier candidate, as the "
+                        "authors' code does (default: patches only)")
     _common(p, controls=3)
     p.set_defaults(func=cmd_outliers)
 
@@ -382,7 +416,7 @@ def add_eval_parsers(subparsers) -> None:
     p.add_argument("--font-size", type=int_at_least(1), default=None,
                    help="text size in pixels (default: from the image size)")
     p.add_argument("--seed", type=int, default=0, help="seed for the written class and its position")
-    _common(p, controls=3)
+    _common(p, controls=3, bias=False)
     p.set_defaults(func=cmd_typographic)
 
 

@@ -171,7 +171,7 @@ def evaluate_lost(model, samples: Sequence[BoxSample], neurons, *, k_patches: in
                   resize: bool = False, features: Sequence[str] = ("key",),
                   layers: Sequence[int] = (-1,), normalize: bool = False,
                   gram_bias: Sequence[float] = (0.0,), control_seeds: Sequence[int] = (0, 1, 2),
-                  num_registers: int | Sequence[int] = 1, preset: str = "paper", batch_size: int = 16,
+                  num_registers: int | Sequence[int] = 1, preset: str = "paper", bias=None, batch_size: int = 16,
                   keep_boxes: bool = False, progress: bool = False,
                   print_table: bool = True) -> dict[str, Any]:
     """CorLoc of LOST for each arm (plain, test-time registers, random-neuron control).
@@ -194,7 +194,7 @@ def evaluate_lost(model, samples: Sequence[BoxSample], neurons, *, k_patches: in
     patch = ad.patch_size
     p = ad.parameter()
     arms = make_arms(model, neurons, control_seeds=control_seeds, num_registers=num_registers,
-                     preset=preset)
+                     preset=preset, bias=bias)
     blocks = list(dict.fromkeys(c.layer for c in configs))
     feats_used = list(dict.fromkeys(c.feature for c in configs))
     boxes = {a.name: [[None] * len(samples) for _ in configs] for a in arms}

@@ -530,7 +530,7 @@ def _splits(task, targets, n_train, n_items, has_val, val_fraction, select_on, h
 def evaluate_probe(model, task: str, train: Sequence[tuple], val: Sequence[tuple] | None = None, *,
                    neurons, num_classes: int | None = None, seeds: Sequence[int] = (0, 1, 2),
                    val_fraction: float = 0.25, cache_dir=None, control_seeds: Sequence[int] = (),
-                   num_registers: int = 1, preset: str = "paper", batch_size: int = 16,
+                   num_registers: int = 1, preset: str = "paper", bias=None, batch_size: int = 16,
                    transform: Callable | None = None, ignore_index: int = 255,
                    reduce_zero_label: bool = False, depth_png_scale: float = 1000.0,
                    min_depth: float = 1e-3, max_depth: float = 10.0, quick: bool = False,
@@ -579,7 +579,7 @@ def evaluate_probe(model, task: str, train: Sequence[tuple], val: Sequence[tuple
     kind = {"classification": "global", "segmentation": "patch",
             "depth": "patch" if quick else "patch+cls"}[task]
     arms = make_arms(model, neurons, control_seeds=control_seeds, num_registers=num_registers,
-                     preset=preset)
+                     preset=preset, bias=bias)
     dense = task != "classification"
     opts = {"iterations": iterations or (2000 if dense else 12500),
             "batch_size": probe_batch_size or (16 if dense else 128),

@@ -108,7 +108,7 @@ def _batches(items: Sequence, batch_size: int, progress: bool = False, desc: str
 def evaluate_zeroshot(model, tokenizer: Callable, items: Sequence[tuple], classnames: Sequence[str],
                       neurons, *, templates: Sequence[str] | None = None,
                       control_seeds: Sequence[int] = (), num_registers: int = 1,
-                      preset: str = "paper", batch_size: int = 32, transform: Callable | None = None,
+                      preset: str = "paper", bias=None, batch_size: int = 32, transform: Callable | None = None,
                       progress: bool = False, print_table: bool = True) -> dict[str, Any]:
     """Zero-shot top-1/top-5 accuracy for each arm; ``items``: ``[(image path, class index)]``.
 
@@ -121,7 +121,7 @@ def evaluate_zeroshot(model, tokenizer: Callable, items: Sequence[tuple], classn
     p = wrap(model).parameter()
     W = text_classifier(model, tokenizer, classnames, templates)
     arms = make_arms(model, neurons, control_seeds=control_seeds, num_registers=num_registers,
-                     preset=preset, random=False, zeroed=True)
+                     preset=preset, random=False, zeroed=True, bias=bias)
     logits: dict[str, list] = {a.name: [] for a in arms}
     chunks = _batches(items, batch_size, progress, "zero-shot")
     for chunk in chunks:
@@ -225,7 +225,7 @@ def evaluate_zeroshot_segmentation(model, items: Sequence[tuple], neurons, *,
                                    classnames: Sequence[str] | None = None,
                                    templates: Sequence[str] | None = None,
                                    control_seeds: Sequence[int] = (), num_registers: int = 1,
-                                   preset: str = "paper", batch_size: int = 16,
+                                   preset: str = "paper", bias=None, batch_size: int = 16,
                                    progress: bool = False, print_table: bool = True) -> dict[str, Any]:
     """Zero-shot segmentation scores for each arm. ``items``: ``[(image, mask, label)]`` with
     ``label`` a class index, a class name or None (then the arm's own zero-shot prediction).
@@ -245,7 +245,7 @@ def evaluate_zeroshot_segmentation(model, items: Sequence[tuple], neurons, *,
         W = text_classifier(model, tokenizer, classnames,
                             list(templates) if templates is not None else load_templates())
     arms = make_arms(model, neurons, control_seeds=control_seeds, num_registers=num_registers,
-                     preset=preset)
+                     preset=preset, bias=bias)
     scores: dict[str, list] = {a.name: [] for a in arms}
     chunks = _batches(items, batch_size, progress, "zero-shot segmentation")
     for chunk in chunks:
