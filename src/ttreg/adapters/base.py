@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..carry import carried
 from ..hooks import HookSet
 
 
@@ -191,13 +192,14 @@ class Adapter:
         return tokens[:, :npre], tokens[:, npre:npre + rows * cols]
 
     def intermediates(self, x: torch.Tensor, indices: int | Sequence[int] = 1, norm: bool = False,
-                      split: bool = True) -> list:
+                      split: bool = True, registers: bool = False) -> list:
         """The residual stream after blocks ``indices`` (an int ``n``: the last ``n`` blocks; or
         block indexes, negative allowed), in that order, as timm's
         ``forward_intermediates(indices, norm=norm)`` takes them; with ``norm`` the final norm
         applied to each (DINOv2's ``get_intermediate_layers(norm=True)``). Each entry is
         ``(prefix (B, npre, D), patches (B, P, D))``, or with ``split=False`` the batch-first
-        ``(B, T, D)`` tokens; test-time registers are left out. One forward pass."""
+        ``(B, T, D)`` tokens; test-time registers are left out (with ``registers`` and
+        ``split=False``, appended after the patches, as the blocks see them). One forward pass."""
         L = self.num_layers
         layers = list(range(L - int(indices), L)) if isinstance(indices, int) else [int(i) for i in indices]
         for l in layers:
@@ -207,7 +209,10 @@ class Adapter:
         with HookSet() as hooks:
             for l in sorted({l % L for l in layers}):
                 def grab(mod, args, out, l=l):
-                    box[l] = self.block_io.batch_first(self.block_output(out))  # registers split off
+                    y = self.block_output(out)                  # registers split off
+                    regs = carried(y) if registers else None
+                    y = self.block_io.batch_first(y)
+                    box[l] = y if regs is None else torch.cat([y, regs.to(y.dtype)], dim=1)
                 hooks.forward(self.blocks[l], grab)
             self.run(x)
         ln = self.final_norm() if norm else None

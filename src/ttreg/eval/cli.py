@@ -183,7 +183,8 @@ def cmd_probe(args) -> int:
                             holdout=args.holdout, **({"learning_rates": args.learning_rates}
                                                      if args.learning_rates else {}),
                             iterations=args.iterations, probe_batch_size=args.probe_batch_size,
-                            steps=args.steps, progress=not args.quiet and sys.stderr.isatty())
+                            steps=args.steps, token=args.token, geometry=args.geometry,
+                            progress=not args.quiet and sys.stderr.isatty())
     result["dataset"] = str(args.data)
     return _finish(args, result, t0)
 
@@ -230,7 +231,7 @@ def cmd_zeroshot(args) -> int:
         result = evaluate_zeroshot_segmentation(
             model, items, neurons, bias=bias, heatmap=heatmap, tokenizer=tokenizer, classnames=classnames,
             templates=templates, control_seeds=_controls(args), num_registers=args.num_registers,
-            preset=args.preset, batch_size=args.batch_size,
+            preset=args.preset, batch_size=args.batch_size, geometry=args.geometry,
             progress=not args.quiet and sys.stderr.isatty())
     result["dataset"] = str(args.data)
     return _finish(args, result, t0)
@@ -311,7 +312,10 @@ def add_eval_parsers(subparsers) -> None:
     p = subparsers.add_parser("lost", help="LOST object discovery, CorLoc (VOC07/VOC12/COCO20k)",
                               description="LOST (valeoai/LOST) on the last layer's patch keys, each "
                                           "image at full resolution zero-padded to a multiple of the "
-                                          "patch size; CorLoc at IoU 0.5.")
+                                          "patch size; CorLoc at IoU 0.5. --authors-sweep (or "
+                                          "--features/--layers/--normalize/--gram-bias) runs the "
+                                          "test-time-register authors' sweep and reports every "
+                                          "configuration and each arm's best.")
     p.add_argument("--voc", help="a Pascal VOC folder (JPEGImages/, Annotations/)")
     p.add_argument("--split", default="trainval", help="ImageSets/Main/<split>.txt if present (trainval)")
     p.add_argument("--no-hards", action="store_true",
@@ -354,6 +358,14 @@ def add_eval_parsers(subparsers) -> None:
                    help="classification: ROOT/<class>/<img> or ROOT/{train,val}/<class>/<img>; "
                         "segmentation: ROOT/images + ROOT/masks (or ROOT/{train,val}/..., or ADE20k's "
                         "images/ + annotations/); depth: ROOT/images + ROOT/depth")
+    p.add_argument("--token", default=None,
+                   choices=("cls", "center", "outlier", "register", "trained-register"),
+                   help="classification: probe one token of the last block (the paper's Table 1): the "
+                        "class token, the central patch, the largest-norm patch, the test-time register "
+                        "(registers arms only) or the first trained register (default: DINOv2's inputs)")
+    p.add_argument("--geometry", default="model", choices=("model", "dinov2"),
+                   help="classification: resize and centre-crop to the model's input size (model; "
+                        "default) or DINOv2's Resize(256) + CenterCrop(224), the model run at 224 px")
     p.add_argument("--seeds", type=int_at_least(1), default=3, help="probe seeds (3)")
     p.add_argument("--val-fraction", type=number_in(0, 1, lo_open=True, hi_open=True), default=0.25,
                    help="held-out share without a val split, in (0, 1) (0.25)")
@@ -401,6 +413,9 @@ def add_eval_parsers(subparsers) -> None:
                    help="segmentation heat maps: direct (Gandelsman et al.'s direct contributions; "
                         "default for CLIP), cosine (patch tokens vs text), attention (last-layer CLS "
                         "attention; default otherwise)")
+    p.add_argument("--geometry", default="aligned", choices=("aligned", "reference"),
+                   help="segmentation: squash image and mask to the model's size (aligned; default) or "
+                        "clip_text_span's: image resized and centre-cropped, mask squashed (reference)")
     _common(p, controls=3)
     p.set_defaults(func=cmd_zeroshot)
 
