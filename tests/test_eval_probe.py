@@ -314,3 +314,16 @@ def test_dinov2_geometry_is_resize_256_center_crop_224(tmp_path):
     assert torch.allclose(feats[:, 4], out[-1][0].mean(1), atol=1e-5)
     with pytest.raises(ValueError, match="'dinov2' for classification"):
         P.evaluate_probe(model, "depth", [], neurons=[], geometry="dinov2")
+
+
+def test_register_count_ablation_is_one_row_per_count(tmp_path):
+    write_image_folder(tmp_path / "cls", per_class=4)
+    out = tmp_path / "p.json"
+    assert main(["probe", "--model", "planted", "--task", "classification", "--data", str(tmp_path / "cls"),
+                 "--quick", "--steps", "10", "--seeds", "1", "--top-k", "2", "--num-registers", "0,1,3",
+                 "--quiet", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert list(res["arms"]) == ["plain", "registers-R1", "registers-R3"]
+    assert [a["setup"]["num_registers"] for a in res["arms"].values()] == [0, 1, 3]
+    assert main(["probe", "--model", "planted", "--task", "classification", "--data", str(tmp_path / "cls"),
+                 "--num-registers", "0", "--quiet"]) == 2          # one count must be >= 1
