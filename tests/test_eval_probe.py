@@ -263,19 +263,24 @@ def test_single_tokens_are_the_tokens_they_name():
         P.single_token(planted_vit(), x, "trained-register")
 
 
-def test_token_probe_command(tmp_path):
-    write_image_folder(tmp_path / "cls", per_class=6)
+def classification_run(tmp_path, *options, per_class=6):
+    """``ttreg eval probe --task classification`` on a small image folder: (exit code, JSON or None)."""
+    if not (tmp_path / "cls").exists():
+        write_image_folder(tmp_path / "cls", per_class=per_class)
     out = tmp_path / "p.json"
-    assert main(["probe", "--model", "planted", "--task", "classification", "--data", str(tmp_path / "cls"),
-                 "--token", "register", "--quick", "--steps", "20", "--seeds", "1", "--top-k", "2",
-                 "--quiet", "--out", str(out)]) == 0
-    res = json.loads(out.read_text())
+    out.unlink(missing_ok=True)
+    rc = main(["probe", "--model", "planted", "--task", "classification", "--data", str(tmp_path / "cls"),
+               "--seeds", "1", "--top-k", "2", "--quiet", "--out", str(out), *options])
+    return rc, json.loads(out.read_text()) if out.exists() else None
+
+
+def test_token_probe_command(tmp_path):
+    rc, res = classification_run(tmp_path, "--token", "register", "--quick", "--steps", "20")
+    assert rc == 0
     assert set(res["arms"]) == {"registers"} and res["config"]["token"] == "register"
     assert 0 <= res["arms"]["registers"]["top1"]["mean"] <= 1
-    assert main(["probe", "--model", "planted", "--task", "classification", "--data", str(tmp_path / "cls"),
-                 "--token", "center", "--iterations", "5", "--learning-rates", "0.1", "--seeds", "1",
-                 "--top-k", "2", "--quiet", "--out", str(out)]) == 0
-    res = json.loads(out.read_text())
+    rc, res = classification_run(tmp_path, "--token", "center", "--iterations", "5", "--learning-rates", "0.1")
+    assert rc == 0
     assert set(res["arms"]) == {"plain", "registers"}
     assert res["arms"]["plain"]["selected"] == ["blocks_1_avgpool_False_lr_0.05"]   # one token, no pooling
 
@@ -317,13 +322,8 @@ def test_dinov2_geometry_is_resize_256_center_crop_224(tmp_path):
 
 
 def test_register_count_ablation_is_one_row_per_count(tmp_path):
-    write_image_folder(tmp_path / "cls", per_class=4)
-    out = tmp_path / "p.json"
-    assert main(["probe", "--model", "planted", "--task", "classification", "--data", str(tmp_path / "cls"),
-                 "--quick", "--steps", "10", "--seeds", "1", "--top-k", "2", "--num-registers", "0,1,3",
-                 "--quiet", "--out", str(out)]) == 0
-    res = json.loads(out.read_text())
+    rc, res = classification_run(tmp_path, "--quick", "--steps", "10", "--num-registers", "0,1,3", per_class=4)
+    assert rc == 0
     assert list(res["arms"]) == ["plain", "registers-R1", "registers-R3"]
     assert [a["setup"]["num_registers"] for a in res["arms"].values()] == [0, 1, 3]
-    assert main(["probe", "--model", "planted", "--task", "classification", "--data", str(tmp_path / "cls"),
-                 "--num-registers", "0", "--quiet"]) == 2          # one count must be >= 1
+    assert classification_run(tmp_path, "--num-registers", "0") == (2, None)   # one count must be >= 1
