@@ -56,12 +56,13 @@ def test_lost_box_is_the_seed_component_only():
     assert res["component"].sum() == 12
 
 
-def reference_lost(feats, dims, patch, image_size, k_patches=100):
+def reference_lost(feats, dims, patch, image_size, k_patches=100, gram_bias=0.0):
     """valeoai/LOST object_discovery.lost + patch_scoring + detect_box, restated: degree over the
     other patches (diagonal zeroed, negatives zeroed), seed = lowest degree, expansion among the
-    k lowest, box of the seed's component, scaled by the patch and clipped to the image."""
+    k lowest, box of the seed's component, scaled by the patch and clipped to the image. With
+    ``gram_bias``, the bias Darcet et al. add to the affinity ``A = F F^T`` before all of it."""
     from scipy import ndimage
-    A = feats @ feats.T
+    A = feats @ feats.T + gram_bias
     B = A.clone()
     B.fill_diagonal_(0)
     B[B < 0] = 0
@@ -292,3 +293,96 @@ def test_builtin_model_lost_at_native_resolution(tmp_path):
     assert boxes.shape == (2, 4)
     assert np.isin(boxes[:, [0, 2]], [0, 14, 28, 42, 56, 70, 80]).all()
     assert np.isin(boxes[:, [1, 3]], [0, 14, 28, 42, 56, 64]).all()
+
+
+def lost_reference_qkv(model, x, layer):
+    """valeoai/LOST main_lost.py, restated: a forward hook on ``blocks[layer].attn.qkv``, the
+    output reshaped to (3, B, heads, T, d), and each of q, k, v back to (B, T, heads * d)."""
+    box = {}
+    h = model.blocks[layer].attn.qkv.register_forward_hook(lambda m, i, o: box.update(qkv=o))
+    try:
+        model.forward_features(x)
+    finally:
+        h.remove()
+    B, T, _ = box["qkv"].shape
+    nh = model.blocks[layer].attn.num_heads
+    qkv = box["qkv"].reshape(B, T, 3, nh, -1).permute(2, 0, 3, 1, 4)
+    return {name: qkv[i].transpose(1, 2).reshape(B, T, -1) for i, name in enumerate(("query", "key", "value"))}
+
+
+def test_gram_bias_changes_the_mask_as_the_reference():
+    """A bias shifts which similarities count as positive: on unit features (background +e0,
+    object -e0 + e1, so background-object similarity -1/sqrt(2)) a bias of +0.8 makes everything
+    similar and the box the whole grid; the reference restated with the bias agrees."""
+    keys = torch.nn.functional.normalize(object_keys([(2, 3, 5, 7)]), dim=-1)
+    for b, box in ((0.0, (2, 3, 5, 7)), (-0.5, (2, 3, 5, 7)), (0.8, (0, 0, 8, 8))):
+        res = lost(keys, (8, 8), gram_bias=b)
+        ref_seed, ref_box = reference_lost(keys, (8, 8), 8, (64, 64), gram_bias=b)
+        assert res["box"] == box and res["seed"] == ref_seed
+        assert (box_to_pixels(res["box"], (8, 8), image_size=(64, 64)) == ref_box).all()
+
+
+def authors_sweep_reference(model, samples, layers, features, biases):
+    """The test-time-register authors' LOST sweep, restated from their README on top of LOST's
+    main_lost.py: for each block and each of q/k/v (LOST's hook on that block's ``qkv``, CLS and
+    registers cut off), L2-normalise every patch's features, add each bias to the Gram matrix, run
+    LOST, score CorLoc; report every configuration and the best."""
+    from ttreg.eval.lost import _load
+    from ttreg.eval.metrics import corloc_hits
+    boxes = {}
+    for s in samples:
+        x, _, (H, W) = _load(s, (64, 64), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), (8, 8), False)
+        x = x[None]
+        grid = (x.shape[-2] // 8, x.shape[-1] // 8)
+        with torch.no_grad(), dynamic_size(model):
+            for l in layers:
+                qkv = lost_reference_qkv(model, x, l)
+                for f in features:
+                    feats = torch.nn.functional.normalize(qkv[f][0, model.num_prefix_tokens:], dim=-1)
+                    for b in biases:
+                        _, box = reference_lost(feats, grid, 8, (H, W), gram_bias=b)
+                        boxes.setdefault((l, f, b), []).append(box)
+    gts = [s.boxes for s in samples]
+    return {k: float(corloc_hits(v, gts).mean()) for k, v in boxes.items()}
+
+
+def test_authors_sweep_equals_its_restatement(tmp_path):
+    from ttreg.eval.lost import LostConfig, evaluate_lost
+    model = planted_vit(reg_tokens=1)
+    write_voc(tmp_path / "voc", n=4, size=(48, 72))
+    samples = voc_boxes(tmp_path / "voc")
+    biases = (-0.6, -0.2, 0.0)
+    res = evaluate_lost(model, samples, [(1, 7), (3, 21)], control_seeds=(), features=("key", "value"),
+                        layers=(-2, -1), normalize=True, gram_bias=biases, print_table=False)
+    ref = authors_sweep_reference(model, samples, (4, 5), ("key", "value"), biases)
+    sweep = res["arms"]["plain"]["sweep"]
+    assert len(sweep) == 12 == len(res["config"]["configurations"])
+    assert len(set(sweep.values())) >= 3                       # the sweep matters here
+    assert sweep == {LostConfig(f, l, True, b).label(): v for (l, f, b), v in ref.items()}
+    best = max(ref.values())
+    assert res["arms"]["plain"]["corloc"] == best
+    first = next(k for k, v in ref.items() if v == best)        # ties go to the first in order
+    assert res["arms"]["plain"]["best"] == LostConfig(first[1], first[0], True, first[2]).label()
+    assert "chosen on the evaluated images" in res["protocol"]["selection"]
+    assert res["arms"]["registers"]["setup"]["preset"] == "paper"
+
+
+def test_sweep_command_and_register_count_ablation(tmp_path, capsys):
+    write_voc(tmp_path / "voc", n=3)
+    out = tmp_path / "lost.json"
+    assert main(["lost", "--model", "planted", "--voc", str(tmp_path / "voc"), "--top-k", "2",
+                 "--authors-sweep", "--layers", "-1", "--num-registers", "0,1,2", "--preset", "official",
+                 "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    table = capsys.readouterr().out
+    assert set(res["arms"]) == {"plain", "registers-R1", "registers-R2"}     # one row per count
+    assert [res["arms"][a]["setup"]["num_registers"] for a in ("plain", "registers-R1", "registers-R2")] == [0, 1, 2]
+    assert res["config"]["features"] == ["key", "query", "value"] and res["config"]["layers"] == [5]
+    assert res["config"]["gram_bias"] == [round(-1 + 0.1 * i, 1) for i in range(11)]
+    assert len(res["arms"]["plain"]["sweep"]) == 33
+    assert all(v["corloc"] == max(v["sweep"].values()) for v in res["arms"].values())
+    assert "best of 33 configurations per arm, chosen on the evaluated images" in table
+    assert "official" in table and "CorLoc % of every configuration" in table
+    assert main(["lost", "--model", "planted", "--voc", str(tmp_path / "voc"), "--layers", "9",
+                 "--quiet"]) == 2
+    assert "layer 9 does not exist: the model has 6 blocks" in capsys.readouterr().err

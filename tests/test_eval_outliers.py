@@ -97,3 +97,46 @@ def test_builtin_model_has_no_outliers(tmp_path, capsys):
     assert res["arms"]["plain"]["norm_ratio"] < 4
     assert "does not need registers" in capsys.readouterr().err
 
+
+
+def test_rebuttal_statistics_by_hand():
+    """One image, CLS + 4 patches + 1 register, 2 blocks, 2 heads, fixed norms and attention: the
+    patch-norm median and std, the outlier norms (CLS counted only when asked, as the authors'
+    code counts it) and CLS's head-mean attention to the register against its median elsewhere."""
+    import torch
+    from types import SimpleNamespace
+    from ttreg.eval.outliers import _batch_stats
+    norms = torch.tensor([[[1., 1, 1, 1, 1, 1], [50., 2, 4, 6, 40, 3]]])       # (B, L, T)
+    attn = torch.zeros(1, 2, 6, 6)
+    attn[0, 0, 0] = torch.tensor([.1, .1, .2, .1, .1, .4])
+    attn[0, 1, 0] = torch.tensor([.1, .3, .2, .1, .1, .2])
+    tr = SimpleNamespace(num_prefix_tokens=1, num_registers=1, norms=norms, attention={1: attn},
+                         patch_slice=slice(1, 5))
+    got = _batch_stats(tr, 1, 20.0, 2)
+    assert got["median_norm"].tolist() == [4.0]            # torch's median of 2, 4, 6, 40: the lower
+    assert got["std_norm"].item() == pytest.approx(float(np.std([2, 4, 6, 40], ddof=1)))
+    assert got["outlier_norms"].tolist() == [40.0]          # above 20: patch 4 only
+    assert got["to_regs_mean_heads"].item() == pytest.approx(0.3)       # (.4 + .2) / 2
+    # head means over CLS's other tokens (patches): .2, .2, .1, .1 -> median .1 (the lower)
+    assert got["to_others_median"].item() == pytest.approx(0.1)
+    with_cls = _batch_stats(tr, 1, 20.0, 2, count_cls=True)
+    assert with_cls["outlier_norms"].tolist() == [50.0, 40.0]
+
+
+def test_outliers_command_reports_rebuttal_statistics_and_bias_arm(tmp_path, capsys):
+    write_image_folder(tmp_path / "imgs", per_class=2)
+    out = tmp_path / "o.json"
+    assert main(["outliers", "--model", "planted", "--images", str(tmp_path / "imgs"), "--top-k", "2",
+                 "--controls", "0", "--bias-arm", "--count-cls", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    table = capsys.readouterr().out
+    assert set(res["arms"]) == {"plain", "registers", "bias"} and res["config"]["count_cls"]
+    plain, reg, bias = (res["arms"][a] for a in ("plain", "registers", "bias"))
+    assert bias["setup"]["kind"] == "bias" and bias["setup"]["preset"] == "paper"
+    assert bias["setup"]["bias_images"] == 6 and "paper" in table
+    assert plain["outlier_norm"]["tokens"] >= 6 and reg["outlier_norm"]["tokens"] == 0
+    # the bias form also takes the outliers away (no token), like the rebuttal's 150 -> 40
+    assert bias["max_patch_norm"] < plain["max_patch_norm"] / 3
+    assert bias["fraction_with_outliers"] == 0.0
+    assert 0 < reg["cls_to_others_median"] < 1 and plain["cls_to_registers_mean_heads"] == 0
+    assert bias["cls_to_registers_mean_heads"] > 0                    # the fitted key is attended to

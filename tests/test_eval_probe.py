@@ -229,3 +229,101 @@ def test_depth_rmse_is_the_mean_over_images_of_each_images_rmse():
     depths = np.array([[[1.0, 4.0]], [[3.0, float("nan")]], [[20.0, 0.0]]])     # third: none valid
     got = _depth_rmse(lambda f, c: f, pred, None, depths, 1e-3, 10.0, chunk=2)
     assert got == pytest.approx((math.sqrt((0 + 4) / 2) + 3.0) / 2)
+
+
+def test_single_tokens_are_the_tokens_they_name():
+    """Table 1's tokens, each checked against timm's own forward and ttreg.trace: CLS, the patch at
+    the grid's centre, the largest-norm patch (the planted outlier), the first trained register,
+    the test-time register -- each through the final norm."""
+    import ttreg
+    from ttreg.testing import mixed_images, planted_vit
+    model = planted_vit(reg_tokens=2)                  # CLS + 2 trained registers, 8 x 8 patches
+    x = mixed_images(3)
+    with torch.no_grad():
+        full = model.forward_features(x)               # final norm applied to every token
+        pre = {}
+        h = model.blocks[-1].register_forward_hook(lambda m, i, o: pre.update(y=o))
+        model.forward_features(x)
+        h.remove()
+        out = int(pre["y"][:, 3:].norm(dim=-1).argmax(dim=1)[0])
+        assert torch.equal(P.single_token(model, x, "cls"), full[:, 0])
+        assert torch.equal(P.single_token(model, x, "trained-register"), full[:, 1])
+        assert torch.equal(P.single_token(model, x, "center"), full[:, 3 + 4 * 8 + 4])
+        picked = P.single_token(model, x, "outlier")
+        assert torch.equal(picked[0], full[0, 3 + out])
+        with pytest.raises(ValueError, match="needs test-time registers"):
+            P.single_token(model, x, "register")
+        with ttreg.test_time_registers(model, [(1, 7), (3, 21)], check=False):
+            reg = P.single_token(model, x, "register")
+            tr = ttreg.trace(model, x, norms=True)
+            seq = ttreg.wrap(model).intermediates(x, [-1], split=False, registers=True)[0]
+    assert torch.allclose(seq[:, -1].norm(dim=-1), tr.norms[:, -1, -1], atol=1e-4)
+    assert torch.equal(reg, model.norm(seq[:, -1]))
+    with pytest.raises(ValueError, match="trained registers"):
+        P.single_token(planted_vit(), x, "trained-register")
+
+
+def classification_run(tmp_path, *options, per_class=6):
+    """``ttreg eval probe --task classification`` on a small image folder: (exit code, JSON or None)."""
+    if not (tmp_path / "cls").exists():
+        write_image_folder(tmp_path / "cls", per_class=per_class)
+    out = tmp_path / "p.json"
+    out.unlink(missing_ok=True)
+    rc = main(["probe", "--model", "planted", "--task", "classification", "--data", str(tmp_path / "cls"),
+               "--seeds", "1", "--top-k", "2", "--quiet", "--out", str(out), *options])
+    return rc, json.loads(out.read_text()) if out.exists() else None
+
+
+def test_token_probe_command(tmp_path):
+    rc, res = classification_run(tmp_path, "--token", "register", "--quick", "--steps", "20")
+    assert rc == 0
+    assert set(res["arms"]) == {"registers"} and res["config"]["token"] == "register"
+    assert 0 <= res["arms"]["registers"]["top1"]["mean"] <= 1
+    rc, res = classification_run(tmp_path, "--token", "center", "--iterations", "5", "--learning-rates", "0.1")
+    assert rc == 0
+    assert set(res["arms"]) == {"plain", "registers"}
+    assert res["arms"]["plain"]["selected"] == ["blocks_1_avgpool_False_lr_0.05"]   # one token, no pooling
+
+
+def test_dinov2_geometry_is_resize_256_center_crop_224(tmp_path):
+    """``geometry="dinov2"``: dinov2/data/transforms.py's classification eval transform restated
+    with PIL (shorter side to 256 bicubic, the central 224 square) and the model run at 224 px
+    (timm's dynamic_img_size): the cached features are the class tokens of that input."""
+    from PIL import Image
+    from ttreg.eval.arms import Arm
+    from ttreg.eval.datasets import to_tensor
+    from ttreg.sizes import dynamic_size
+    from ttreg.testing import planted_vit
+    model = planted_vit()
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, (h, w) in enumerate([(100, 150), (300, 240)]):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(paths[-1])
+    feats = P.extract_features(model, Arm("plain", "plain"), paths, "global", geometry="dinov2")
+    ref = []
+    for p in paths:
+        im = Image.open(p).convert("RGB")
+        s = 256 / min(im.size)
+        im = im.resize((max(256, round(im.width * s)), max(256, round(im.height * s))), Image.BICUBIC)
+        left, top = (im.width - 224) // 2, (im.height - 224) // 2
+        ref.append(to_tensor(im.crop((left, top, left + 224, top + 224)), (0.485, 0.456, 0.406),
+                             (0.229, 0.224, 0.225)))
+    x = torch.stack(ref)
+    with torch.no_grad(), dynamic_size(model):
+        out = model.forward_intermediates(x, indices=4, norm=True, output_fmt="NLC", intermediates_only=True,
+                                          return_prefix_tokens=True)
+    cls = torch.stack([prefix[:, 0] for _, prefix in out], dim=1)
+    assert feats.shape == (2, 5, 96)
+    assert torch.allclose(feats[:, :4], cls, atol=1e-5)
+    assert torch.allclose(feats[:, 4], out[-1][0].mean(1), atol=1e-5)
+    with pytest.raises(ValueError, match="'dinov2' for classification"):
+        P.evaluate_probe(model, "depth", [], neurons=[], geometry="dinov2")
+
+
+def test_register_count_ablation_is_one_row_per_count(tmp_path):
+    rc, res = classification_run(tmp_path, "--quick", "--steps", "10", "--num-registers", "0,1,3", per_class=4)
+    assert rc == 0
+    assert list(res["arms"]) == ["plain", "registers-R1", "registers-R3"]
+    assert [a["setup"]["num_registers"] for a in res["arms"].values()] == [0, 1, 3]
+    assert classification_run(tmp_path, "--num-registers", "0") == (2, None)   # one count must be >= 1

@@ -286,3 +286,38 @@ def test_zeroshot_segmentation_command(tmp_path, model):
             assert 0 <= arm[k] <= 1
     assert main(["zeroshot", "--task", "segmentation", "--model", "planted", "--heatmap", "cosine",
                  "--data", str(tmp_path / "seg"), "--quiet"]) == 2
+
+
+def test_reference_geometry_is_clip_text_spans(tmp_path, planted):
+    """``geometry="reference"``: the image as clip_text_span's preprocessing gives it (shorter side
+    to 64 -- already 64 here -- then the central 64 x 64 crop: columns 16 to 80 of a 64 x 96 image)
+    and the mask squashed to 64 x 64; ``aligned`` squashes both. Restated on 64 x 96 images."""
+    import torch.nn.functional as F
+    from PIL import Image
+    from ttreg.eval.datasets import resize_target, to_tensor
+    from ttreg.eval.metrics import binary_heatmap_scores, summarize_heatmaps
+    from ttreg.eval.zeroshot import attention_heatmaps, evaluate_zeroshot_segmentation
+    rng = np.random.default_rng(0)
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    for i in range(2):
+        arr = rng.integers(0, 255, (64, 96, 3), dtype=np.uint8)
+        mask = np.zeros((64, 96), np.uint8)
+        mask[10:40, 5 + 30 * i:45 + 30 * i] = 255
+        Image.fromarray(arr).save(tmp_path / "images" / f"{i}.png")
+        Image.fromarray(mask).save(tmp_path / "masks" / f"{i}.png")
+    items = Z.segmentation_items(tmp_path)
+    got = {g: evaluate_zeroshot_segmentation(planted, items, [], heatmap="attention", geometry=g,
+                                             print_table=False) for g in ("aligned", "reference")}
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    x = torch.stack([to_tensor(Image.fromarray(np.asarray(Image.open(i).convert("RGB"))[:, 16:80]), mean, std)
+                     for i, _, _ in items])
+    heat = F.interpolate(attention_heatmaps(planted, x)[:, None].float(), size=(64, 64), mode="bilinear",
+                         align_corners=False)[:, 0]
+    masks = [resize_target(np.asarray(Image.open(m)), (64, 64)) > 0 for _, m, _ in items]
+    ref = summarize_heatmaps([binary_heatmap_scores(h, m) for h, m in zip(heat, masks)])
+    ours = got["reference"]["arms"]["plain"]
+    assert {k: ours[k] for k in ref} == ref
+    assert got["aligned"]["arms"]["plain"]["miou"] != ours["miou"]
+    assert "centre-cropped" in got["reference"]["protocol"]["geometry"]
+    assert got["reference"]["config"]["geometry"] == "reference"

@@ -2,11 +2,11 @@
 and how many patches a size gives.
 
 A size is ``(height, width)`` in pixels; users write ``224``, ``"224x448"`` or ``(224, 448)``.
-A model runs at another size than it was built for the way its library does it: timm's
-``VisionTransformer`` and ``Eva`` as if built with ``dynamic_img_size=True`` (position embedding
-resampled to the grid; :func:`dynamic_size` switches that on for the duration), Hugging Face
-models through ``interpolate_pos_encoding`` (their adapter passes it), models that take any size
-as they are. Where a model cannot, :func:`at_size` says so in one line before any long run.
+A model runs at another size than it was built for the way its library does it, as its adapter
+knows (:meth:`~ttreg.adapters.base.Adapter.any_size`): timm's ``VisionTransformer`` and ``Eva``
+as if built with ``dynamic_img_size=True`` (position embedding resampled to the grid), Hugging
+Face models through ``interpolate_pos_encoding`` (their adapter passes it), models that take any
+size as they are. Where a model cannot, :func:`at_size` says so in one line before any long run.
 """
 from __future__ import annotations
 
@@ -15,9 +15,6 @@ import re
 from typing import Iterator
 
 import torch
-import torch.nn as nn
-
-from .hooks import HookSet
 
 Size = tuple[int, int]
 
@@ -66,36 +63,16 @@ def num_patches(size: Size, patch_size: tuple[int, int]) -> int:
     return (size[0] // patch_size[0]) * (size[1] // patch_size[1])
 
 
-def timm_trunk(model: nn.Module) -> nn.Module | None:
-    """The timm model that has a ``dynamic_img_size`` switch (a ``VisionTransformer`` or an
-    ``Eva``, itself or an open_clip tower's trunk)."""
-    for mod in (model, getattr(getattr(model, "visual", None), "trunk", None),
-                getattr(model, "trunk", None)):
-        pe = getattr(mod, "patch_embed", None)
-        if (mod is not None and type(mod).__module__.startswith("timm")
-                and hasattr(mod, "dynamic_img_size") and hasattr(pe, "strict_img_size")):
-            return mod
-    return None
-
-
-@contextlib.contextmanager
-def dynamic_size(model: nn.Module) -> Iterator[None]:
-    """Within the context a timm ``VisionTransformer`` or ``Eva`` (or an open_clip tower's timm
-    trunk) accepts any input size as if built with ``dynamic_img_size=True``: its position
-    embedding (and rotary embedding) follows each input's grid. The switches that flag sets are
-    restored on exit, also on an exception. Other models are left alone."""
-    vit = timm_trunk(model)
-    if vit is None or vit.dynamic_img_size:
-        yield
-        return
-    from timm.layers import Format
-    pe = vit.patch_embed
-    with HookSet() as switches:
-        switches.set_attr(vit, "dynamic_img_size", True)
-        switches.set_attr(pe, "strict_img_size", False)
-        switches.set_attr(pe, "flatten", False)
-        switches.set_attr(pe, "output_fmt", Format.NHWC)
-        yield
+def dynamic_size(model) -> contextlib.AbstractContextManager:
+    """Within the context ``model`` (or an adapter) accepts any input size where its family can
+    (:meth:`~ttreg.adapters.base.Adapter.any_size`: timm ``VisionTransformer`` and ``Eva``, also
+    as an open_clip tower's trunk, as if built with ``dynamic_img_size=True``); whatever is
+    switched is restored on exit, also on an exception. Other models are left alone."""
+    from .adapters import wrap
+    try:
+        return wrap(model).any_size()
+    except TypeError:
+        return contextlib.nullcontext()
 
 
 @contextlib.contextmanager
@@ -108,7 +85,7 @@ def at_size(adapter, size: Size | None, probe: bool = True) -> Iterator[None]:
         yield
         return
     from .trace import run_until
-    with dynamic_size(adapter.model):
+    with adapter.any_size():
         if not probe:
             yield
             return
@@ -137,5 +114,5 @@ def resize(x: torch.Tensor, size: Size) -> torch.Tensor:
     return out.to(dtype)
 
 
-__all__ = ["Size", "as_size", "as_sizes", "label", "num_patches", "timm_trunk", "dynamic_size",
+__all__ = ["Size", "as_size", "as_sizes", "label", "num_patches", "dynamic_size",
            "at_size", "resize"]

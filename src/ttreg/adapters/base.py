@@ -7,10 +7,19 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Any, Sequence
+import contextlib
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+
+from ..calls import carried
+from ..hooks import HookSet
+
+
+#: keyword names under which attention modules take their input (first positional otherwise)
+ATTENTION_INPUTS = ("hidden_states", "x", "q_x", "query")
 
 
 class Adapter:
@@ -144,6 +153,128 @@ class Adapter:
         ph, pw = self.patch_size
         return x.shape[-2] // ph, x.shape[-1] // pw
 
+
+    # --- reading features (the evaluations) ----------------------------------------------------
+    def takes_any_size(self) -> bool:
+        """Does the model run on images of any size (a multiple of the patch size) within
+        :meth:`any_size`? False unless a family says so."""
+        return False
+
+    @contextlib.contextmanager
+    def any_size(self) -> Iterator[None]:
+        """Within the context the model runs on any image size where :meth:`takes_any_size`
+        (whatever a family switches for it is restored on exit, also on an exception); nothing
+        to switch by default."""
+        yield
+
+    def final_norm(self) -> nn.Module:
+        """The norm the model applies to its last block's output."""
+        raise NotImplementedError(f"ttreg does not know the final norm of {type(self.model).__name__}")
+
+    def output_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """The last block's tokens after the final norm, batch-first ``(B, T, D)``, test-time
+        registers left out. By default the last block's output through :meth:`final_norm`."""
+        return self.intermediates(x, [self.num_layers - 1], norm=True, split=False)[0]
+
+    def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Last-layer tokens after the final norm: ``(prefix (B, npre, D), patches (B, P, D))``."""
+        return self.split_tokens(self.output_tokens(x), x)
+
+    def split_tokens(self, tokens: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch-first tokens ``(B, T, D)`` of images ``x`` -> ``(prefix, patches)`` (anything after
+        the patches, e.g. test-time registers, left out)."""
+        npre = self.num_prefix_tokens
+        rows, cols = self.grid_size(x)
+        if tokens.shape[1] < npre + rows * cols:
+            raise RuntimeError(f"expected at least {npre + rows * cols} tokens, got {tokens.shape[1]}")
+        return tokens[:, :npre], tokens[:, npre:npre + rows * cols]
+
+    def intermediates(self, x: torch.Tensor, indices: int | Sequence[int] = 1, norm: bool = False,
+                      split: bool = True, registers: bool = False) -> list:
+        """The residual stream after blocks ``indices`` (an int ``n``: the last ``n`` blocks; or
+        block indexes, negative allowed), in that order, as timm's
+        ``forward_intermediates(indices, norm=norm)`` takes them; with ``norm`` the final norm
+        applied to each (DINOv2's ``get_intermediate_layers(norm=True)``). Each entry is
+        ``(prefix (B, npre, D), patches (B, P, D))``, or with ``split=False`` the batch-first
+        ``(B, T, D)`` tokens; test-time registers are left out (with ``registers`` and
+        ``split=False``, appended after the patches, as the blocks see them). One forward pass."""
+        L = self.num_layers
+        layers = list(range(L - int(indices), L)) if isinstance(indices, int) else [int(i) for i in indices]
+        for l in layers:
+            if not -L <= l < L:
+                raise ValueError(f"block {l} does not exist: the model has {L} blocks")
+        box: dict[int, torch.Tensor] = {}
+        with HookSet() as hooks:
+            for l in sorted({l % L for l in layers}):
+                def grab(mod, args, out, l=l):
+                    y = self.block_output(out)                  # registers split off
+                    regs = carried(y) if registers else None
+                    y = self.block_io.batch_first(y)
+                    box[l] = y if regs is None else torch.cat([y, regs.to(y.dtype)], dim=1)
+                hooks.forward(self.blocks[l], grab)
+            self.run(x)
+        ln = self.final_norm() if norm else None
+        out = []
+        for l in layers:
+            y = box[l % L]
+            y = ln(y) if ln is not None else y
+            out.append(self.split_tokens(y, x) if split else y)
+        return out
+
+    def image_embeddings(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A CLIP model's image embedding ``(B, E)`` and its patch tokens through the same final
+        norm and projection ``(B, P, E)``, from one forward pass."""
+        raise TypeError(f"{type(self.model).__name__} is not an open_clip model")
+
+    def direct_tower(self):
+        """A CLIP image tower as the direct-contribution heat map needs it (open_clip adapters:
+        :class:`~ttreg.adapters.open_clip.DirectTower`); a one-line ``TypeError`` saying what is
+        unsupported."""
+        raise TypeError(f"{type(self.model).__name__} (open_clip CLIP models only)")
+
+    def qkv_weights(self, layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(weight (3 * A, D), bias (3 * A,) or None)``: block ``layer``'s query, key and value
+        projections stacked in that order, applied to its attention's input. Found by role: an
+        ``in_proj_weight`` (``nn.MultiheadAttention``, open_clip), a fused ``Linear(D -> 3A)``, or
+        three linears named ``query``/``key``/``value``, ``q_proj``/``k_proj``/``v_proj`` or
+        ``q``/``k``/``v``."""
+        attn = self.attention(layer)
+        if isinstance(getattr(attn, "in_proj_weight", None), torch.Tensor):
+            return attn.in_proj_weight, getattr(attn, "in_proj_bias", None)
+        linears = {n.split(".")[-1]: m for n, m in attn.named_modules() if isinstance(m, nn.Linear)}
+        fused = linears.get("qkv") or next((m for m in linears.values()
+                                             if m.out_features == 3 * m.in_features), None)
+        if fused is not None:
+            return fused.weight, fused.bias
+        for names in (("query", "key", "value"), ("q_proj", "k_proj", "v_proj"), ("q", "k", "v")):
+            if all(n in linears for n in names):
+                mods = [linears[n] for n in names]
+                bias = None if all(m.bias is None for m in mods) else torch.cat(
+                    [m.bias if m.bias is not None else m.weight.new_zeros(m.out_features) for m in mods])
+                return torch.cat([m.weight for m in mods]), bias
+        raise TypeError(f"cannot find the query, key and value projections of block {layer} "
+                        f"({type(attn).__name__})")
+
+    @contextlib.contextmanager
+    def record_qkv(self, layers: Sequence[int]) -> Iterator[dict[int, dict[str, torch.Tensor]]]:
+        """Record ``{block: {"query", "key", "value": (B, T, A)}}`` of ``layers`` (keys: the block
+        indexes, negative ones counted from the end) on each forward
+        inside the block: the projections of every token the attention sees (prefix, patches,
+        test-time registers, in the model's order), heads side by side, before any qk-norm or
+        rotary embedding -- what LOST's hook on timm's ``qkv`` reads."""
+        store: dict[int, dict[str, torch.Tensor]] = {}
+        L = self.num_layers
+        weights = {l % L: self.qkv_weights(l % L) for l in layers}
+        with HookSet() as hooks:
+            for l, (w, b) in weights.items():
+                def grab(mod, args, kwargs, l=l, w=w, b=b):
+                    h = args[0] if args else next(kwargs[k] for k in ATTENTION_INPUTS if k in kwargs)
+                    h = self.block_io.batch_first(h)
+                    q, k, v = F.linear(h, w, b).chunk(3, dim=-1)
+                    store[l] = {"query": q, "key": k, "value": v}
+                hooks.pre(self.attention(l), grab, with_kwargs=True)
+            yield store
+
     # --- identity ------------------------------------------------------------------------------
     def architecture(self) -> dict[str, Any]:
         """Library-specific description; two models with equal descriptions share a layout."""
@@ -266,6 +397,22 @@ class DelegatingAdapter(Adapter):
 
     def grid_size(self, x: torch.Tensor) -> tuple[int, int]:
         return self.inner.grid_size(x)
+
+
+    def takes_any_size(self) -> bool:
+        return self.inner.takes_any_size()
+
+    def any_size(self):
+        return self.inner.any_size()
+
+    def final_norm(self) -> nn.Module:
+        return self.inner.final_norm()
+
+    def output_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner.output_tokens(x)
+
+    def qkv_weights(self, layer: int):
+        return self.inner.qkv_weights(layer)
 
     def architecture(self) -> dict[str, Any]:
         return self.inner.architecture()

@@ -259,6 +259,23 @@ class HFVisionAdapter(Adapter):
     def image_size(self) -> tuple[int, int]:
         return _pair(self.config.image_size)
 
+    def takes_any_size(self) -> bool:
+        return self._accepts("interpolate_pos_encoding")   # run() passes it at other sizes
+
+    def final_norm(self) -> nn.Module:
+        norm = get_path(self.vision, "layernorm", "post_layernorm", "vision_model.post_layernorm")
+        if not isinstance(norm, nn.Module):
+            raise TypeError(f"cannot find the final norm of {type(self.model).__name__}")
+        return norm
+
+    def output_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """``last_hidden_state`` (after the final norm where the model applies one to every token)."""
+        tokens = getattr(self.run(x), "last_hidden_state", None)
+        if tokens is None:
+            raise TypeError(f"cannot read token features from {type(self.model).__name__}")
+        return tokens
+
+
     def mean_std(self):
         return MEAN_STD.get(getattr(self.config, "model_type", ""), IMAGENET)
 
@@ -275,6 +292,9 @@ class HFDinov2Adapter(HFVisionAdapter):
 
     def dynamic_size(self) -> bool:
         return True  # the embeddings always resize the position grid to the input
+
+    def takes_any_size(self) -> bool:
+        return True
 
 
 class HFViTAdapter(HFVisionAdapter):

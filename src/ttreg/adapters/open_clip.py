@@ -16,7 +16,8 @@ only, so a neuron set found on ``model.visual`` applies to ``model`` and back.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -24,6 +25,7 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD  # witho
 from open_clip.timm_model import TimmModel                              # wrap() skips this module
 from open_clip.transformer import VisionTransformer as OpenCLIPVisionTransformer
 
+from ..hooks import HookSet
 from .base import Adapter, DelegatingAdapter
 from .timm_vit import TimmViTAdapter
 
@@ -60,6 +62,38 @@ class _OpenCLIPModel(Adapter):
 
     def mean_std(self):
         return _preprocess(self.visual)
+
+    def encoder(self):
+        """What runs the image side: ``encode_image`` of a whole model, else the tower."""
+        return self.model.encode_image if self.whole else self.visual
+
+
+@dataclass
+class DirectLayer:
+    """One attention layer as the direct-contribution heat map (:mod:`ttreg.eval.direct`) needs
+    it: the module whose input is read, its stacked q/k/v and output projections."""
+
+    attn: nn.Module
+    in_weight: torch.Tensor            # (3D, D) q, k, v stacked
+    in_bias: torch.Tensor | None
+    out_weight: torch.Tensor           # (D, D)
+    out_bias: torch.Tensor | None
+    heads: int
+    scale: float
+    layer_scale: Callable              # the block's ls on the attention branch (identity if none)
+    q_norm: Callable | None = None
+    k_norm: Callable | None = None
+
+
+@dataclass
+class DirectTower:
+    """A CLIP image tower with class-token pooling, as the direct-contribution heat map needs it."""
+
+    layers: list[DirectLayer]
+    norm: nn.LayerNorm                 # the final norm, made linear per image
+    proj: torch.Tensor                 # (D, E)
+    batch_first: bool
+    run: Callable
 
 
 class OpenCLIPViTAdapter(_OpenCLIPModel):
@@ -113,6 +147,52 @@ class OpenCLIPViTAdapter(_OpenCLIPModel):
     def parameter(self) -> torch.Tensor:
         return next(self.visual.parameters())
 
+
+    # --- reading features ------------------------------------------------------------------------
+    def final_norm(self) -> nn.Module:
+        return self.visual.ln_post
+
+    def _native_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pooled projected embedding, all tokens after ``ln_post``, batch-first)."""
+        box: dict = {}
+        with HookSet() as hooks:
+            hooks.forward(self.visual.transformer, lambda m, a, out: box.__setitem__("out", out))
+            pooled = self.encoder()(x)
+        if isinstance(pooled, tuple):
+            pooled = pooled[0]
+        tokens = self.block_io.batch_first(box["out"])
+        return pooled, self.visual.ln_post(tokens)
+
+    def output_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        return self._native_tokens(x)[1]
+
+    def image_embeddings(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pooled, tokens = self._native_tokens(x)
+        patches = tokens[:, 1:]
+        if self.visual.proj is not None:
+            patches = patches @ self.visual.proj
+        return pooled, patches
+
+    def direct_tower(self) -> DirectTower:
+        """The tower for the direct-contribution heat map; a one-line ``TypeError`` saying what
+        is unsupported (class-token pooling, a final ``LayerNorm`` and ``nn.MultiheadAttention``
+        blocks are needed)."""
+        visual = self.visual
+        if getattr(visual, "attn_pool", None) is not None or getattr(visual, "pool_type", "tok") != "tok":
+            raise TypeError("towers without class-token pooling")
+        if not isinstance(visual.ln_post, nn.LayerNorm):
+            raise TypeError(f"a final {type(visual.ln_post).__name__}")
+        layers = []
+        for blk in visual.transformer.resblocks:
+            a = blk.attn
+            if not isinstance(a, nn.MultiheadAttention) or a.in_proj_weight is None:
+                raise TypeError(f"open_clip blocks with {type(a).__name__}")
+            layers.append(DirectLayer(a, a.in_proj_weight, a.in_proj_bias, a.out_proj.weight,
+                                      a.out_proj.bias, a.num_heads, a.head_dim ** -0.5, blk.ls_1))
+        proj = visual.proj if visual.proj is not None else torch.eye(visual.ln_post.normalized_shape[0])
+        return DirectTower(layers, visual.ln_post, proj,
+                           bool(getattr(visual.transformer, "batch_first", True)), self.encoder())
+
     # --- identity --------------------------------------------------------------------------------
     def architecture(self):
         arch = super().architecture()
@@ -152,6 +232,36 @@ class OpenCLIPTimmAdapter(DelegatingAdapter, _OpenCLIPModel):
     image_size = _OpenCLIPModel.image_size
     mean_std = _OpenCLIPModel.mean_std
 
+    def image_embeddings(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        trunk = self.visual.trunk
+        tokens = trunk.forward_features(x)
+        pooled = self.visual.head(trunk.forward_head(tokens))
+        return pooled, self.visual.head(tokens[:, trunk.num_prefix_tokens:])
+
+    def direct_tower(self) -> DirectTower:
+        """As :meth:`OpenCLIPViTAdapter.direct_tower`, for a timm ``VisionTransformer`` trunk with
+        class-token pooling, a final ``LayerNorm``, plain ``Attention`` blocks and a head of one
+        bias-free linear layer."""
+        from timm.layers import Attention
+        visual, trunk = self.visual, self.visual.trunk
+        if trunk.global_pool != "token" or not isinstance(getattr(trunk, "fc_norm", None), nn.Identity):
+            raise TypeError("timm trunks without class-token pooling")
+        if not isinstance(trunk.norm, nn.LayerNorm):
+            raise TypeError(f"a final {type(trunk.norm).__name__}")
+        linears = [m for m in visual.head.modules() if isinstance(m, nn.Linear)]
+        others = [m for m in visual.head.modules()
+                  if not isinstance(m, (nn.Linear, nn.Dropout, nn.Identity, nn.Sequential))]
+        if len(linears) != 1 or others or linears[0].bias is not None:
+            raise TypeError("a projection head other than one bias-free linear layer")
+        layers = []
+        for blk in trunk.blocks:
+            a = blk.attn
+            if type(a) is not Attention or not isinstance(a.norm, nn.Identity) or a.gate is not None:
+                raise TypeError(f"timm blocks with {type(a).__name__}")
+            layers.append(DirectLayer(a, a.qkv.weight, a.qkv.bias, a.proj.weight, a.proj.bias,
+                                      a.num_heads, a.scale, blk.ls1, a.q_norm, a.k_norm))
+        return DirectTower(layers, trunk.norm, linears[0].weight.T, True, self.encoder())
+
     def fingerprint_module(self) -> nn.Module:
         return self.trunk.model
 
@@ -174,4 +284,4 @@ def _timm_adapter(trunk: nn.Module) -> Adapter:
 
 OPEN_CLIP_ADAPTERS: list[type[Adapter]] = [OpenCLIPViTAdapter, OpenCLIPTimmAdapter]
 
-__all__ = ["OpenCLIPViTAdapter", "OpenCLIPTimmAdapter", "OPEN_CLIP_ADAPTERS"]
+__all__ = ["OpenCLIPViTAdapter", "OpenCLIPTimmAdapter", "DirectLayer", "DirectTower", "OPEN_CLIP_ADAPTERS"]

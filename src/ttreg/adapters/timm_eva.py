@@ -14,6 +14,7 @@ covers them.
 """
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 
 from .base import BlockIO, TokenInputsIO
@@ -38,6 +39,17 @@ class TimmEvaAdapter(TimmViTAdapter):
     @property
     def block_io(self) -> BlockIO:
         return TokenInputsIO(self.token_dim, **EVA_IO)
+
+    def qkv_weights(self, layer: int):
+        """``EvaAttention`` adds its query/key/value biases (``q_bias``, ``k_bias``, ``v_bias``) to
+        a bias-free fused ``qkv`` inside its forward, or has separate ``q_proj``/``k_proj``/``v_proj``."""
+        attn = self.attention(layer)
+        qkv = getattr(attn, "qkv", None)
+        if isinstance(qkv, nn.Linear) and getattr(attn, "q_bias", None) is not None:
+            k_bias = getattr(attn, "k_bias", None)
+            k_bias = torch.zeros_like(attn.q_bias) if k_bias is None else k_bias
+            return qkv.weight, torch.cat([attn.q_bias, k_bias, attn.v_bias])
+        return super().qkv_weights(layer)
 
 
 __all__ = ["TimmEvaAdapter", "EVA_IO"]

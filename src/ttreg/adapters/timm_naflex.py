@@ -11,6 +11,9 @@ reads from nor writes to padding tokens (their activations do not enter the regi
 """
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import torch
 import torch.nn as nn
 
@@ -44,6 +47,10 @@ class TimmNaFlexAdapter(TimmViTAdapter):
         gh, gw = emb.pos_embed_grid_size or (14, 14)
         ph, pw = self.patch_size
         return (int(gh) * ph, int(gw) * pw)
+
+    @contextlib.contextmanager
+    def any_size(self) -> Iterator[None]:
+        yield                                   # NaFlexVit takes any size as it is
 
     def grid_size(self, x: torch.Tensor) -> tuple[int, int]:
         return tuple(int(v) for v in self.model.embeds.dynamic_feat_size(tuple(x.shape[-2:])))

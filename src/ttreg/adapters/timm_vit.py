@@ -2,12 +2,14 @@
 gated MLPs, ``dynamic_img_size``)."""
 from __future__ import annotations
 
+import contextlib
 import importlib
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn as nn
 
+from ..hooks import HookSet
 from .base import Adapter, BlockIO, TokenInputsIO
 
 
@@ -88,3 +90,32 @@ class TimmViTAdapter(Adapter):
         if hasattr(pe, "dynamic_feat_size") and getattr(self.model, "dynamic_img_size", False):
             return tuple(int(v) for v in pe.dynamic_feat_size(x.shape[-2:]))
         return super().grid_size(x)
+
+    # --- reading features -----------------------------------------------------------------------
+    def takes_any_size(self) -> bool:
+        return True
+
+    @contextlib.contextmanager
+    def any_size(self) -> Iterator[None]:
+        """The model as if built with timm's ``dynamic_img_size=True``: its position embedding
+        (and rotary embedding) follows each input's grid, resampled by timm. The four switches
+        timm's constructor sets for it are set for the duration and restored on exit."""
+        vit = self.model
+        pe = getattr(vit, "patch_embed", None)
+        if getattr(vit, "dynamic_img_size", True) or not hasattr(pe, "strict_img_size"):
+            yield
+            return
+        from timm.layers import Format
+        with HookSet() as switches:
+            switches.set_attr(vit, "dynamic_img_size", True)
+            switches.set_attr(pe, "strict_img_size", False)
+            switches.set_attr(pe, "flatten", False)
+            switches.set_attr(pe, "output_fmt", Format.NHWC)
+            yield
+
+    def final_norm(self) -> nn.Module:
+        return self.model.norm
+
+    def output_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_features(x)
+

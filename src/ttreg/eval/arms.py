@@ -5,6 +5,9 @@
   typographic attack, shifted onto chosen patches with ``shift_to``).
 * ``random-<seed>``: the *same* edit applied to random neurons drawn from the same layers, with
   the same count per layer (the register neurons themselves excluded) -- the negative control.
+* ``bias``: the attention-bias form of the same neurons (the rebuttal's: a fitted key and value
+  per head appended to every attention, the neurons still zeroed, no token), fitted on the
+  search images with :func:`ttreg.fit_attention_bias`.
 * ``zeroed``: the register neurons set to 0 on every token, nothing appended
   (:func:`ttreg.zero_neurons`; the paper's "register neurons zeroed" ablation).
 * ``random-zeroed-<seed>``: random neurons from the same layers, same per-layer counts, zeroed
@@ -23,7 +26,7 @@ from ..registers import test_time_registers, zero_neurons
 from ..spec import RegisterNeurons, as_register_neurons
 
 #: arm kinds; the two random kinds are summarised over their draws
-KINDS = ("plain", "registers", "random", "zeroed", "random-zeroed")
+KINDS = ("plain", "registers", "bias", "random", "zeroed", "random-zeroed")
 
 
 def random_neurons(neurons: RegisterNeurons, model, seed: int) -> RegisterNeurons:
@@ -55,6 +58,7 @@ class Arm:
     seed: int | None = None
     num_registers: int = 1
     preset: str = "paper"
+    bias: Any = None                 # the AttentionBias of a ``bias`` arm
 
     @property
     def zeroes(self) -> bool:
@@ -66,9 +70,12 @@ class Arm:
         appended registers; zeroing arms ignore it (they move nothing)."""
         if self.kind == "plain" or self.neurons is None:
             return contextlib.nullcontext()
-        check = self.kind in ("registers", "zeroed")
+        check = self.kind in ("registers", "zeroed", "bias")
         if self.zeroes:
             return zero_neurons(model, self.neurons, check=check)
+        if self.kind == "bias":
+            return test_time_registers(model, self.neurons, preset=self.preset, check=check,
+                                       form="bias", bias=self.bias)
         if shift_to is not None:
             return test_time_registers(model, self.neurons, num_registers=0, preset=self.preset,
                                        shift_to=shift_to, check=check)
@@ -82,25 +89,48 @@ class Arm:
         neurons = sorted(self.neurons.neurons) if self.neurons is not None else []
         if self.zeroes:
             return f"zeroed|{neurons}"
+        if self.kind == "bias":
+            import hashlib
+            digest = hashlib.sha256(self.bias.key.numpy().tobytes() + self.bias.value.numpy().tobytes())
+            return f"bias|{self.preset}|{neurons}|{digest.hexdigest()[:16]}"
         return f"{self.kind}|R={self.num_registers}|{self.preset}|{neurons}"
 
     def describe(self) -> dict[str, Any]:
-        edits = self.kind in ("registers", "random")
+        edits = self.kind in ("registers", "random", "bias")
         return {"name": self.name, "kind": self.kind, "seed": self.seed,
-                "num_registers": self.num_registers if edits else 0,
+                "num_registers": self.num_registers if edits and self.kind != "bias" else 0,
                 "preset": self.preset if edits else None,
+                **({"bias_images": self.bias.num_images, "bias_fitted_with": self.bias.num_registers}
+                   if self.kind == "bias" else {}),
                 "neurons": [list(p) for p in self.neurons] if self.neurons is not None else []}
 
 
-def make_arms(model, neurons, *, control_seeds: Sequence[int] = (0, 1, 2), num_registers: int = 1,
-              preset: str = "paper", plain: bool = True, random: bool = True,
-              zeroed: bool = False, random_zeroed: bool | None = None) -> list[Arm]:
+def make_arms(model, neurons, *, control_seeds: Sequence[int] = (0, 1, 2),
+              num_registers: int | Sequence[int] = 1, preset: str = "paper", plain: bool = True,
+              random: bool = True, zeroed: bool = False, random_zeroed: bool | None = None,
+              bias=None) -> list[Arm]:
     """``[plain, registers, random-<s>...]`` and, with ``zeroed``, ``[zeroed,
     random-zeroed-<s>...]`` after them (``s`` in ``control_seeds``; ``random_zeroed`` defaults
-    to ``zeroed``). No random or zeroed arm when the set is empty (nothing to match or zero)."""
+    to ``zeroed``). No random or zeroed arm when the set is empty (nothing to match or zero).
+
+    ``num_registers`` a list of counts (the number-of-registers ablation): ``[plain,
+    registers-R<n>...]``, one arm per count ``n`` >= 1 in order (count 0 is the plain arm), and
+    no controls (their draws would mix counts).
+
+    ``bias`` (an :class:`~ttreg.AttentionBias` of these neurons): a ``bias`` arm right after
+    ``registers`` (the attention-bias form beside the token form)."""
     rn = as_register_neurons(neurons)
+    if not isinstance(num_registers, int):
+        counts = [int(n) for n in num_registers]
+        if not counts or min(counts) < 0:
+            raise ValueError(f"num_registers must be counts >= 0, got {list(num_registers)}")
+        return [Arm("plain", "plain")] + [Arm(f"registers-R{n}", "registers", rn, None, n, preset)
+                                          for n in dict.fromkeys(counts) if n > 0] + (
+            [Arm("bias", "bias", rn, None, 1, preset, bias)] if bias is not None else [])
     arms = [Arm("plain", "plain")] if plain else []
     arms.append(Arm("registers", "registers", rn, None, num_registers, preset))
+    if bias is not None:
+        arms.append(Arm("bias", "bias", rn, None, num_registers, preset, bias))
     if not len(rn):
         return arms
     draws = {int(s): random_neurons(rn, model, s) for s in control_seeds}
@@ -141,12 +171,14 @@ def control_rows(result: dict[str, Any], first: str = "images") -> list[dict[str
               if (v.get("setup") or {}).get("kind") not in ("random", "random-zeroed")]
     rows = []
     for r in single:
+        r.setdefault("preset", (r.get("setup") or {}).get("preset") or "-")
         rows.append(r)
         kind = (r.get("setup") or {}).get("kind")
         follow = {"registers": ("random", "random"), "zeroed": ("random_zeroed", "random zeroed")}
         if kind in follow and result.get(follow[kind][0]):
             key, label = follow[kind]
-            rows.append({"arm": f"{label} ({draws(result)})", first: r.get(first), **result[key]})
+            rows.append({"arm": f"{label} ({draws(result)})", first: r.get(first), "preset": r["preset"],
+                         **result[key]})
     return rows
 
 

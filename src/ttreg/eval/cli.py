@@ -5,11 +5,30 @@ writes the JSON result."""
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 
 from ..command import (TOP_K_DEFAULT, OneLineParser, device_arg, int_at_least, int_or_auto, load_neurons, model_help,
                    number_in, positive_number, read_neurons, resolve_model, run, threshold_arg)
+
+
+#: an argparse type: any finite number
+finite_number = number_in(-math.inf, math.inf, lo_open=True, hi_open=True)
+
+
+def register_counts(text: str) -> int | list[int]:
+    """An argparse type: one count of test-time registers (``1``), or several for the ablation
+    (``0,1,2,3``: one row per count; 0 is the plain model)."""
+    parts = [t.strip() for t in text.split(",")]
+    try:
+        counts = [int(t) for t in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected whole numbers such as 1 or 0,1,2,3, got {text!r}") from None
+    if any(c < 0 for c in counts) or (len(counts) == 1 and counts[0] < 1):
+        raise argparse.ArgumentTypeError(f"counts must be >= 0 (one count: >= 1), got {text}")
+    counts = list(dict.fromkeys(counts))
+    return counts[0] if len(parts) == 1 else counts
 
 
 # --- the model's neurons, and checks before the model loads ------------------------------------------
@@ -28,6 +47,24 @@ def resolve_neurons(args, model, images, transform):
                    f"{[list(p) for p in rn.neurons]} -- {rn.note}")
         return rn
     return load_neurons(args.given_neurons, model)
+
+
+def resolve_bias(args, model, images, transform, neurons):
+    """``--bias-arm``: the attention-bias form of ``neurons`` for a ``bias`` arm -- the one saved
+    with the neuron file, else fitted on the first ``--search-images`` of ``images`` (the images
+    an ``auto`` search uses); None without the option or without neurons."""
+    if not getattr(args, "bias_arm", False) or not len(neurons):
+        return None
+    saved = getattr(neurons, "attention_bias", None)
+    if saved is not None:
+        _say(args, "bias arm: the attention bias saved with the neuron file")
+        return saved
+    from ..bias import fit_attention_bias
+    imgs = list(images)[: args.search_images]
+    R = args.num_registers if isinstance(args.num_registers, int) else 1
+    _say(args, f"bias arm: fitting the attention bias on {len(imgs)} images ({R} register(s))")
+    return fit_attention_bias(model, neurons, imgs, num_registers=R, preset=args.preset,
+                              batch_size=args.batch_size, transform=transform)
 
 
 def _check_paths(args) -> None:
@@ -72,17 +109,19 @@ def cmd_outliers(args) -> int:
     images = _limit(list(src.items), args)
     model, transform, _ = resolve_model(args.model, args.device)
     neurons = resolve_neurons(args, model, images, transform)
-    result = evaluate_outliers(model, images, neurons, threshold=args.threshold,
+    bias = resolve_bias(args, model, images, transform, neurons)
+    result = evaluate_outliers(model, images, neurons, bias=bias, threshold=args.threshold,
                                detection_layer=args.detection_layer, control_seeds=_controls(args),
                                num_registers=args.num_registers, preset=args.preset,
-                               batch_size=args.batch_size, transform=transform,
+                               batch_size=args.batch_size, transform=transform, count_cls=args.count_cls,
                                progress=not args.quiet and sys.stderr.isatty())
     return _finish(args, result, t0)
 
 
 def cmd_lost(args) -> int:
     from .datasets import coco20k_filenames, coco20k_ids, coco_boxes, voc_boxes
-    from .lost import check_native, evaluate_lost
+    from ..adapters import wrap
+    from .lost import AUTHORS_SWEEP, check_native, evaluate_lost, sweep_configs
     t0 = time.time()
     _check_paths(args)
     if bool(args.voc) == bool(args.coco):
@@ -100,9 +139,19 @@ def cmd_lost(args) -> int:
     model, transform, _ = resolve_model(args.model, args.device)
     if not args.resize:
         check_native(model)                       # before the neuron search
+    sweep_configs(wrap(model).num_layers, args.features or ("key",), args.layers or (-1,),
+                  gram_bias=args.gram_bias or (0.0,))   # a bad block or bias: before any work
     neurons = resolve_neurons(args, model, [s.path for s in samples], transform)
+    bias = resolve_bias(args, model, [s.path for s in samples], transform, neurons)
+    sweep = dict(AUTHORS_SWEEP) if args.authors_sweep else {}
+    for key in ("features", "layers", "gram_bias"):
+        if getattr(args, key) is not None:
+            sweep[key] = getattr(args, key)
+    if args.normalize:
+        sweep["normalize"] = True
     result = evaluate_lost(model, samples, neurons, k_patches=args.k_patches, resize=args.resize,
-                           control_seeds=_controls(args), num_registers=args.num_registers,
+                           **sweep, bias=bias, control_seeds=_controls(args),
+                           num_registers=args.num_registers,
                            preset=args.preset, batch_size=args.batch_size, keep_boxes=args.keep_boxes,
                            progress=not args.quiet and sys.stderr.isatty())
     result["dataset"] = str(args.voc or args.coco)
@@ -125,7 +174,8 @@ def cmd_probe(args) -> int:
     train = _limit(train, args)
     model, transform, _ = resolve_model(args.model, args.device)
     neurons = resolve_neurons(args, model, [p for p, _ in train], transform)
-    result = evaluate_probe(model, args.task, train, val, neurons=neurons, num_classes=num_classes,
+    bias = resolve_bias(args, model, [p for p, _ in train], transform, neurons)
+    result = evaluate_probe(model, args.task, train, val, neurons=neurons, bias=bias, num_classes=num_classes,
                             seeds=list(range(args.seeds)), val_fraction=args.val_fraction,
                             cache_dir=args.cache, control_seeds=_controls(args),
                             num_registers=args.num_registers, preset=args.preset,
@@ -136,7 +186,8 @@ def cmd_probe(args) -> int:
                             holdout=args.holdout, **({"learning_rates": args.learning_rates}
                                                      if args.learning_rates else {}),
                             iterations=args.iterations, probe_batch_size=args.probe_batch_size,
-                            steps=args.steps, progress=not args.quiet and sys.stderr.isatty())
+                            steps=args.steps, token=args.token, geometry=args.geometry,
+                            progress=not args.quiet and sys.stderr.isatty())
     result["dataset"] = str(args.data)
     return _finish(args, result, t0)
 
@@ -165,7 +216,8 @@ def cmd_zeroshot(args) -> int:
         if tokenizer is None:
             raise ValueError("zero-shot classification needs a CLIP model (open_clip:ARCH/PRETRAINED)")
         neurons = resolve_neurons(args, model, [p for p, _ in items], transform)
-        result = evaluate_zeroshot(model, tokenizer, items, classnames, neurons, templates=templates,
+        bias = resolve_bias(args, model, [p for p, _ in items], transform, neurons)
+        result = evaluate_zeroshot(model, tokenizer, items, classnames, neurons, bias=bias, templates=templates,
                                    control_seeds=_controls(args), num_registers=args.num_registers,
                                    preset=args.preset, batch_size=args.batch_size, transform=transform,
                                    progress=not args.quiet and sys.stderr.isatty())
@@ -178,10 +230,11 @@ def cmd_zeroshot(args) -> int:
                              "use --heatmap attention")
         classnames = load_classnames(args.classnames) if heatmap != "attention" else None
         neurons = resolve_neurons(args, model, [i for i, _, _ in items], transform)
+        bias = resolve_bias(args, model, [i for i, _, _ in items], transform, neurons)
         result = evaluate_zeroshot_segmentation(
-            model, items, neurons, heatmap=heatmap, tokenizer=tokenizer, classnames=classnames,
+            model, items, neurons, bias=bias, heatmap=heatmap, tokenizer=tokenizer, classnames=classnames,
             templates=templates, control_seeds=_controls(args), num_registers=args.num_registers,
-            preset=args.preset, batch_size=args.batch_size,
+            preset=args.preset, batch_size=args.batch_size, geometry=args.geometry,
             progress=not args.quiet and sys.stderr.isatty())
     result["dataset"] = str(args.data)
     return _finish(args, result, t0)
@@ -253,7 +306,7 @@ def cmd_attribution(args) -> int:
 
 
 # --- the parsers ---------------------------------------------------------------------------------------------
-def _common(p: argparse.ArgumentParser, controls: int) -> None:
+def _common(p: argparse.ArgumentParser, controls: int, bias: bool = True) -> None:
     g = p.add_argument_group("model and register neurons")
     g.add_argument("--model", required=True, help=model_help())
     g.add_argument("--neurons", default="auto",
@@ -269,11 +322,17 @@ def _common(p: argparse.ArgumentParser, controls: int) -> None:
     g.add_argument("--top-layer", type=int_or_auto(), default="auto", help="last layer searched, or 'auto'")
     g.add_argument("--search-images", type=int_at_least(1), default=64,
                    help="evaluation images --neurons auto calibrates on (64; 20%% of them held out)")
-    g.add_argument("--num-registers", type=int_at_least(1), default=1, help="test-time registers (1)")
+    g.add_argument("--num-registers", type=register_counts, default=1,
+                   help="test-time registers (1); several, e.g. 0,1,2,3,4,5, for the ablation: one row "
+                        "per count (0: the plain model; no random controls then)")
     g.add_argument("--preset", default="paper", choices=("paper", "official"),
                    help="the paper's edit or the authors' released code's (paper)")
     g.add_argument("--controls", type=int_at_least(0), default=controls,
                    help=f"random-neuron control draws ({controls})")
+    if bias:
+        g.add_argument("--bias-arm", action="store_true",
+                       help="add the attention-bias form as an arm: the bias saved with --neurons, else "
+                            "fitted on the --search-images")
     o = p.add_argument_group("run")
     o.add_argument("--limit", type=int_at_least(1), default=None, help="use only the first N images")
     o.add_argument("--batch-size", type=int_at_least(1), default=16, help="images per forward pass (16)")
@@ -287,15 +346,24 @@ def add_eval_parsers(subparsers) -> None:
     each sets ``func`` (call ``args.func(args)``)."""
     p = subparsers.add_parser("outliers", help="outlier tokens and attention: plain vs registers vs control",
                               description="Fraction of images with outlier tokens, max/median patch "
-                                          "norm per layer, CLS attention entropy and top-5 mass.")
+                                          "norm per layer, CLS attention entropy and top-5 mass, and "
+                                          "the rebuttal's statistics: patch-norm median and std, "
+                                          "outlier-token norms, CLS attention to the registers "
+                                          "against its median to the other tokens.")
     p.add_argument("--images", required=True, help="a folder, a list file, or 'skimage'")
+    p.add_argument("--count-cls", action="store_true",
+                   help="count the CLS token (every prefix token) as an outlier candidate, as the "
+                        "authors' code does (default: patches only)")
     _common(p, controls=3)
     p.set_defaults(func=cmd_outliers)
 
     p = subparsers.add_parser("lost", help="LOST object discovery, CorLoc (VOC07/VOC12/COCO20k)",
                               description="LOST (valeoai/LOST) on the last layer's patch keys, each "
                                           "image at full resolution zero-padded to a multiple of the "
-                                          "patch size; CorLoc at IoU 0.5.")
+                                          "patch size; CorLoc at IoU 0.5. --authors-sweep (or "
+                                          "--features/--layers/--normalize/--gram-bias) runs the "
+                                          "test-time-register authors' sweep and reports every "
+                                          "configuration and each arm's best.")
     p.add_argument("--voc", help="a Pascal VOC folder (JPEGImages/, Annotations/)")
     p.add_argument("--split", default="trainval", help="ImageSets/Main/<split>.txt if present (trainval)")
     p.add_argument("--no-hards", action="store_true",
@@ -311,6 +379,20 @@ def add_eval_parsers(subparsers) -> None:
                    help="squash images to the model's input size and scale boxes back, for models "
                         "that take one size only (a deviation from LOST's protocol)")
     p.add_argument("--keep-boxes", action="store_true", help="store the predicted boxes in the JSON")
+    w = p.add_argument_group("sweep (the test-time-register authors' protocol; default: LOST's own, "
+                             "last-layer keys, no normalisation, no bias)")
+    w.add_argument("--features", nargs="+", choices=("key", "query", "value"), default=None,
+                   help="features of each --layers block (key)")
+    w.add_argument("--layers", nargs="+", type=int, default=None, metavar="L",
+                   help="blocks to read them from, negative from the end, e.g. -4 -3 -2 -1 (-1)")
+    w.add_argument("--normalize", action="store_true", help="L2-normalise each patch's features")
+    w.add_argument("--gram-bias", nargs="+", type=finite_number, default=None, metavar="B",
+                   help="values added to the Gram matrix, e.g. -1 -0.5 0 (0)")
+    w.add_argument("--authors-sweep", action="store_true",
+                   help="key, query and value of the last four blocks, L2-normalised, Gram bias -1 to 0 "
+                        "in steps of 0.1 (options given with it replace its parts); every configuration's "
+                        "CorLoc is reported and each arm's best, chosen on the evaluated images as the "
+                        "authors did")
     _common(p, controls=1)
     p.set_defaults(func=cmd_lost)
 
@@ -324,6 +406,14 @@ def add_eval_parsers(subparsers) -> None:
                    help="classification: ROOT/<class>/<img> or ROOT/{train,val}/<class>/<img>; "
                         "segmentation: ROOT/images + ROOT/masks (or ROOT/{train,val}/..., or ADE20k's "
                         "images/ + annotations/); depth: ROOT/images + ROOT/depth")
+    p.add_argument("--token", default=None,
+                   choices=("cls", "center", "outlier", "register", "trained-register"),
+                   help="classification: probe one token of the last block (the paper's Table 1): the "
+                        "class token, the central patch, the largest-norm patch, the test-time register "
+                        "(registers arms only) or the first trained register (default: DINOv2's inputs)")
+    p.add_argument("--geometry", default="model", choices=("model", "dinov2"),
+                   help="classification: resize and centre-crop to the model's input size (model; "
+                        "default) or DINOv2's Resize(256) + CenterCrop(224), the model run at 224 px")
     p.add_argument("--seeds", type=int_at_least(1), default=3, help="probe seeds (3)")
     p.add_argument("--val-fraction", type=number_in(0, 1, lo_open=True, hi_open=True), default=0.25,
                    help="held-out share without a val split, in (0, 1) (0.25)")
@@ -371,6 +461,9 @@ def add_eval_parsers(subparsers) -> None:
                    help="segmentation heat maps: direct (Gandelsman et al.'s direct contributions; "
                         "default for CLIP), cosine (patch tokens vs text), attention (last-layer CLS "
                         "attention; default otherwise)")
+    p.add_argument("--geometry", default="aligned", choices=("aligned", "reference"),
+                   help="segmentation: squash image and mask to the model's size (aligned; default) or "
+                        "clip_text_span's: image resized and centre-cropped, mask squashed (reference)")
     _common(p, controls=3)
     p.set_defaults(func=cmd_zeroshot)
 
@@ -386,7 +479,7 @@ def add_eval_parsers(subparsers) -> None:
     p.add_argument("--font-size", type=int_at_least(1), default=None,
                    help="text size in pixels (default: from the image size)")
     p.add_argument("--seed", type=int, default=0, help="seed for the written class and its position")
-    _common(p, controls=3)
+    _common(p, controls=3, bias=False)
     p.set_defaults(func=cmd_typographic)
 
     from .attribution import DEFAULT_ANSWER, DEFAULT_TEMPLATE

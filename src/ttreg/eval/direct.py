@@ -22,41 +22,11 @@ models have none).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
-
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from ..adapters import wrap
 from ..hooks import HookSet
-from .backbone import _open_clip_visual
-
-
-@dataclass
-class _Layer:
-    """What the direct effect of one attention layer needs."""
-
-    attn: nn.Module                    # the module whose input is captured
-    in_weight: torch.Tensor            # (3D, D) q, k, v stacked
-    in_bias: torch.Tensor | None
-    out_weight: torch.Tensor           # (D, D)
-    out_bias: torch.Tensor | None
-    heads: int
-    scale: float
-    layer_scale: Callable              # the block's ls on the attention branch (identity if none)
-    q_norm: Callable | None = None
-    k_norm: Callable | None = None
-
-
-@dataclass
-class _Tower:
-    layers: list[_Layer]
-    norm: nn.LayerNorm                 # the final norm, made linear per image
-    proj: torch.Tensor                 # (D, E)
-    batch_first: bool
-    run: Callable
 
 
 def _unsupported(what: str) -> ValueError:
@@ -64,56 +34,20 @@ def _unsupported(what: str) -> ValueError:
                       "use --heatmap cosine")
 
 
-def _native_tower(model, visual) -> _Tower:
-    if getattr(visual, "attn_pool", None) is not None or getattr(visual, "pool_type", "tok") != "tok":
-        raise _unsupported("towers without class-token pooling")
-    if not isinstance(visual.ln_post, nn.LayerNorm):
-        raise _unsupported(f"a final {type(visual.ln_post).__name__}")
-    layers = []
-    for blk in visual.transformer.resblocks:
-        a = blk.attn
-        if not isinstance(a, nn.MultiheadAttention) or a.in_proj_weight is None:
-            raise _unsupported(f"open_clip blocks with {type(a).__name__}")
-        layers.append(_Layer(a, a.in_proj_weight, a.in_proj_bias, a.out_proj.weight, a.out_proj.bias,
-                             a.num_heads, a.head_dim ** -0.5, blk.ls_1))
-    proj = visual.proj if visual.proj is not None else torch.eye(visual.ln_post.normalized_shape[0])
-    run = model.encode_image if visual is not model else visual
-    return _Tower(layers, visual.ln_post, proj, bool(getattr(visual.transformer, "batch_first", True)), run)
+def clip_tower(model):
+    """What the computation needs from ``model`` (:meth:`Adapter.direct_tower`); a one-line
+    ``ValueError`` if unsupported (cheap: call it before a long run)."""
+    try:
+        ad = wrap(model)
+    except TypeError:
+        raise _unsupported(f"{type(model).__name__} (open_clip CLIP models only)") from None
+    try:
+        return ad.direct_tower()
+    except TypeError as err:
+        raise _unsupported(str(err)) from None
 
 
-def _timm_tower(model, visual) -> _Tower:
-    from timm.layers import Attention
-    trunk = visual.trunk
-    if trunk.global_pool != "token" or not isinstance(trunk.fc_norm, nn.Identity):
-        raise _unsupported("timm trunks without class-token pooling")
-    if not isinstance(trunk.norm, nn.LayerNorm):
-        raise _unsupported(f"a final {type(trunk.norm).__name__}")
-    linears = [m for m in visual.head.modules() if isinstance(m, nn.Linear)]
-    others = [m for m in visual.head.modules()
-              if not isinstance(m, (nn.Linear, nn.Dropout, nn.Identity, nn.Sequential))]
-    if len(linears) != 1 or others or linears[0].bias is not None:
-        raise _unsupported("a projection head other than one bias-free linear layer")
-    layers = []
-    for blk in trunk.blocks:
-        a = blk.attn
-        if type(a) is not Attention or not isinstance(a.norm, nn.Identity) or a.gate is not None:
-            raise _unsupported(f"timm blocks with {type(a).__name__}")
-        layers.append(_Layer(a, a.qkv.weight, a.qkv.bias, a.proj.weight, a.proj.bias, a.num_heads,
-                             a.scale, blk.ls1, a.q_norm, a.k_norm))
-    return _Tower(layers, trunk.norm, linears[0].weight.T, True, model.encode_image
-                  if visual is not model else visual)
-
-
-def clip_tower(model) -> _Tower:
-    """What the computation needs from ``model``; a one-line ``ValueError`` if unsupported
-    (cheap: call it before a long run)."""
-    visual = _open_clip_visual(model)
-    if visual is None:
-        raise _unsupported(f"{type(model).__name__} (open_clip CLIP models only)")
-    return _timm_tower(model, visual) if hasattr(visual, "trunk") else _native_tower(model, visual)
-
-
-def _cls_attention_output(layer: _Layer, x: torch.Tensor) -> torch.Tensor:
+def _cls_attention_output(layer, x: torch.Tensor) -> torch.Tensor:
     """Sum over heads of the class token's attention output from each source token, with the
     bias share and the layer scale: ``(B, T, D)`` (``x``: the attention input, batch-first)."""
     B, T, D = x.shape

@@ -44,6 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..adapters import wrap
+from ..sizes import at_size
 from .arms import Arm, make_arms
 from .backbone import block_tokens, model_fingerprint, preprocessing
 from .datasets import (load_depth, load_mask, load_rgb, resize, resize_center_crop, resize_target,
@@ -357,11 +358,53 @@ FEATURE_KINDS = {
     "patch": "patch tokens of the last block, final norm: (N, rows, cols, D) float16",
     "patch+cls": "patch tokens and class token of the last block, no final norm: "
                  "{'patches': (N, rows, cols, D) float16, 'cls': (N, D)}",
+    "token:<name>": "one token of the last block (single_token), final norm, twice: (N, 2, D)",
 }
+
+
+#: single tokens a classification probe can read (the paper's Table 1)
+TOKENS = ("cls", "center", "outlier", "register", "trained-register")
+
+
+def single_token(model, x: torch.Tensor, token: str) -> torch.Tensor:
+    """One token per image from the last block, through the final norm (DINOv2 normalises CLS,
+    patches and registers alike): ``(B, D)``. ``cls``; ``center``: the patch at the grid's centre
+    (row ``rows // 2``, column ``cols // 2``); ``outlier``: the patch of largest norm before the
+    norm; ``register``: the first test-time register; ``trained-register``: the first trained
+    register (the prefix token after CLS). A one-line ``ValueError`` where the token is missing."""
+    if token not in TOKENS:
+        raise ValueError(f"token must be one of {', '.join(TOKENS)}, got {token!r}")
+    ad = wrap(model)
+    L, npre = ad.num_layers, ad.num_prefix_tokens
+    rows, cols = ad.grid_size(x)
+    y = ad.intermediates(x, [L - 1], split=False, registers=token == "register")[0]
+    P = rows * cols
+    if token == "register":
+        if y.shape[1] <= npre + P:
+            raise ValueError("--token register needs test-time registers: this arm has none")
+        i = torch.full((len(x),), npre + P)
+    elif token == "trained-register":
+        if npre < 2:
+            raise ValueError(f"--token trained-register needs a model with trained registers; "
+                             f"{type(model).__name__} has {npre} prefix token(s)")
+        i = torch.full((len(x),), 1)
+    elif token == "cls":
+        if npre < 1:
+            raise ValueError(f"--token cls needs a class token; {type(model).__name__} has none")
+        i = torch.zeros(len(x), dtype=torch.long)
+    elif token == "center":
+        i = torch.full((len(x),), npre + (rows // 2) * cols + cols // 2)
+    else:
+        i = npre + y[:, npre:npre + P].float().norm(dim=-1).argmax(dim=1).cpu()
+    picked = y[torch.arange(len(x)), i.to(y.device)]
+    return ad.final_norm()(picked)
 
 
 def _features_of(model, x: torch.Tensor, kind: str, grid: tuple[int, int]):
     L = wrap(model).num_layers
+    if kind.startswith("token:"):
+        t = single_token(model, x, kind[len("token:"):]).float().cpu()
+        return torch.stack([t, t], dim=1)                 # (N, 2, D): linear_input's layout, 1 block
     if kind == "global":
         layers = list(range(max(0, L - 4), L))
         toks = block_tokens(model, x, layers, norm=True)
@@ -372,18 +415,35 @@ def _features_of(model, x: torch.Tensor, kind: str, grid: tuple[int, int]):
     return patches if kind == "patch" else {"patches": patches, "cls": prefix[:, 0].float().cpu()}
 
 
+#: DINOv2's evaluation geometry for classification (``dinov2/data/transforms.py``
+#: ``make_classification_eval_transform``): Resize(256) (shorter side), CenterCrop(224)
+DINOV2_RESIZE, DINOV2_CROP = 256, 224
+
+
+def dinov2_eval_crop(im, resize_to: int = DINOV2_RESIZE, crop: int = DINOV2_CROP):
+    """Resize the shorter side to ``resize_to`` (bicubic), then the central ``crop`` square."""
+    im = resize_center_crop(im, (resize_to, resize_to))       # shorter side to 256, centre 256 x 256
+    off = (resize_to - crop) // 2
+    return im.crop((off, off, off + crop, off + crop))
+
+
 def extract_features(model, arm: Arm, paths: Sequence[Path], kind: str, *,
                      cache_dir=None, batch_size: int = 16, transform: Callable | None = None,
-                     progress: bool = False):
+                     geometry: str = "model", progress: bool = False):
     """Frozen features of ``paths`` under ``arm``, of a kind in :data:`FEATURE_KINDS` (images
     resized to the model's input size for dense kinds, resized and centre-cropped -- or
-    ``transform`` -- for ``global``). Loaded from ``cache_dir`` when there, written there
-    atomically otherwise."""
+    ``transform`` -- for ``global``; with ``geometry="dinov2"`` DINOv2's Resize(256) +
+    CenterCrop(224), the model run at 224 px). Loaded from ``cache_dir`` when there, written
+    there atomically otherwise."""
     ad = wrap(model)
     size, mean, std = preprocessing(model)
-    if kind not in FEATURE_KINDS:
+    if kind not in FEATURE_KINDS and not (kind.startswith("token:") and kind[6:] in TOKENS):
         raise ValueError(f"unknown feature kind {kind!r}")
-    if kind == "global":
+    run_size = None
+    if geometry == "dinov2" and kind != "patch" and kind != "patch+cls":
+        tf = lambda im: to_tensor(dinov2_eval_crop(im), mean, std)
+        geometry, run_size = ["dinov2", DINOV2_RESIZE, DINOV2_CROP, mean, std], (DINOV2_CROP, DINOV2_CROP)
+    elif kind == "global" or kind.startswith("token:"):
         tf = transform or (lambda im: to_tensor(resize_center_crop(im, size), mean, std))
         geometry = ["center-crop", size, mean, std] if transform is None else transform_digest(transform)
     else:
@@ -400,7 +460,7 @@ def extract_features(model, arm: Arm, paths: Sequence[Path], kind: str, *,
     if progress:
         from tqdm.auto import tqdm
         starts = tqdm(starts, desc=f"features [{arm.name}]", unit="batch")
-    with torch.no_grad(), arm.context(model):
+    with torch.no_grad(), at_size(ad, run_size), arm.context(model):
         for i in starts:
             x = torch.stack([tf(load_rgb(q)) for q in paths[i:i + batch_size]]).to(p.device, p.dtype)
             chunks.append(_features_of(model, x, kind, tuple(ad.grid_size(x))))
@@ -490,7 +550,8 @@ def _dinov2_seed(task, feats, targets, tr, se, ev, num_classes, seed, opts) -> d
     if task == "classification":
         y = torch.from_numpy(targets)
         best, heads, sel = classify_grid(feats[ti], y[ti], feats[si], y[si], num_classes, seed=seed,
-                                         n_last_blocks=opts["n_last_blocks"], **grid)
+                                         n_last_blocks=opts["n_last_blocks"],
+                                         avgpool=opts.get("avgpool", (False, True)), **grid)
         head, n, pool = heads[best]
         with torch.no_grad():
             top1 = float((head(linear_input(feats[ei], n, pool)).argmax(-1) == y[ei]).float().mean())
@@ -530,7 +591,7 @@ def _splits(task, targets, n_train, n_items, has_val, val_fraction, select_on, h
 def evaluate_probe(model, task: str, train: Sequence[tuple], val: Sequence[tuple] | None = None, *,
                    neurons, num_classes: int | None = None, seeds: Sequence[int] = (0, 1, 2),
                    val_fraction: float = 0.25, cache_dir=None, control_seeds: Sequence[int] = (),
-                   num_registers: int = 1, preset: str = "paper", batch_size: int = 16,
+                   num_registers: int = 1, preset: str = "paper", bias=None, batch_size: int = 16,
                    transform: Callable | None = None, ignore_index: int = 255,
                    reduce_zero_label: bool = False, depth_png_scale: float = 1000.0,
                    min_depth: float = 1e-3, max_depth: float = 10.0, quick: bool = False,
@@ -538,7 +599,8 @@ def evaluate_probe(model, task: str, train: Sequence[tuple], val: Sequence[tuple
                    learning_rates: Sequence[float] = LEARNING_RATES, iterations: int | None = None,
                    probe_batch_size: int | None = None, n_last_blocks: Sequence[int] = (1, 4),
                    steps: int = 300, lr: float = 3e-2, weight_decay: float = 1e-4,
-                   progress: bool = False, print_table: bool = True) -> dict[str, Any]:
+                   token: str | None = None, geometry: str = "model", progress: bool = False,
+                   print_table: bool = True) -> dict[str, Any]:
     """Linear probe ``task`` for each arm; mean ± 95% CI over ``seeds`` (see the module
     docstring for the protocol).
 
@@ -550,10 +612,17 @@ def evaluate_probe(model, task: str, train: Sequence[tuple], val: Sequence[tuple
     dense heads), ``probe_batch_size`` (128 / 16), ``learning_rates``, ``select_on``
     (``"eval"``: choose on the reported split, as ``linear.py``; ``"holdout"``: on a ``holdout``
     share of the training split). ``quick``: ttreg's AdamW probe (``steps``, ``lr``,
-    ``weight_decay``).
+    ``weight_decay``). ``token`` (classification, one of :data:`TOKENS`): a linear probe on that
+    single token (the paper's Table 1); ``register`` runs only the arms that have one.
+    ``geometry`` (classification): ``model`` (resize and centre-crop to the model's input size)
+    or ``dinov2`` (DINOv2's Resize(256) + CenterCrop(224), the model run at 224 px).
     """
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    if token is not None and (task != "classification" or token not in TOKENS):
+        raise ValueError(f"token must be one of {', '.join(TOKENS)} and is for classification only")
+    if geometry not in ("model", "dinov2") or (geometry == "dinov2" and task != "classification"):
+        raise ValueError(f"geometry must be 'model', or 'dinov2' for classification, got {geometry!r}")
     if select_on not in ("eval", "holdout"):
         raise ValueError(f"select_on must be 'eval' or 'holdout', got {select_on!r}")
     items = list(train) + list(val or [])
@@ -578,18 +647,27 @@ def evaluate_probe(model, task: str, train: Sequence[tuple], val: Sequence[tuple
         targets = np.stack([resize_target(load_depth(t, depth_png_scale), size) for _, t in items])
     kind = {"classification": "global", "segmentation": "patch",
             "depth": "patch" if quick else "patch+cls"}[task]
+    if token is not None:
+        kind = f"token:{token}"
     arms = make_arms(model, neurons, control_seeds=control_seeds, num_registers=num_registers,
-                     preset=preset)
+                     preset=preset, bias=bias)
+    if token == "register":
+        arms = [a for a in arms if a.kind in ("registers", "random") and a.num_registers > 0]
+        if not arms:
+            raise ValueError("--token register needs test-time registers (--num-registers >= 1)")
     dense = task != "classification"
     opts = {"iterations": iterations or (2000 if dense else 12500),
             "batch_size": probe_batch_size or (16 if dense else 128),
-            "learning_rates": list(learning_rates), "n_last_blocks": list(n_last_blocks),
+            "learning_rates": list(learning_rates),
+            "n_last_blocks": [1] if token else list(n_last_blocks),
+            "avgpool": [False] if token else [False, True],
             "ignore_index": ignore_index, "min_depth": min_depth, "max_depth": max_depth}
     fit = {"steps": steps, "lr": lr, "weight_decay": weight_decay}
     per_arm: dict[str, Any] = {}
     for arm in arms:
         feats = extract_features(model, arm, paths, kind, cache_dir=cache_dir, batch_size=batch_size,
-                                 transform=transform if kind == "global" else None, progress=progress)
+                                 transform=transform if kind == "global" or token else None,
+                                 geometry=geometry, progress=progress)
         runs = []
         for seed in seeds:
             tr, se, ev = _splits(task, targets, n_train, len(items), bool(val), val_fraction,
@@ -622,7 +700,9 @@ def evaluate_probe(model, task: str, train: Sequence[tuple], val: Sequence[tuple
                     "depth": "facebookresearch/dinov2 dinov2/hub/depthers.py, dinov2/hub/depth/"
                              "decode_heads.py (BNHead), dinov2/eval/depth/models/losses/sigloss.py"}[task],
                 "deviations": ["features cached: no training augmentation",
-                               "images resized to the model's input size"]
+                               "images resized to the model's input size" if geometry == "model" else
+                               "evaluation geometry DINOv2's (Resize 256, CenterCrop 224) for training "
+                               "images too (linear.py: RandomResizedCrop 224 + flip)"]
                 + ([] if quick or not dense else ["dense heads trained with linear.py's SGD and "
                                                   "learning-rate grid (DINOv2's dense schedules "
                                                   "are not in its repository)"])
@@ -633,8 +713,8 @@ def evaluate_probe(model, task: str, train: Sequence[tuple], val: Sequence[tuple
         "config": {"seeds": list(seeds), "num_classes": num_classes, "images": len(items),
                    "train_images": n_train if val else None, "val_fraction": None if val else val_fraction,
                    "num_registers": num_registers, "preset": preset, "control_seeds": list(control_seeds),
-                   **({"fit": fit} if quick else {"select_on": select_on, **opts})},
-        "neurons": arms[1].describe()["neurons"],
+                   "token": token, "geometry": geometry, **({"fit": fit} if quick else {"select_on": select_on, **opts})},
+        "neurons": next((a.describe()["neurons"] for a in arms if a.kind == "registers"), []),
         "arms": per_arm,
     }
     if print_table:
@@ -646,8 +726,9 @@ def table(result: dict[str, Any]) -> str:
     cols = {"classification": [("top1", "top-1")],
             "segmentation": [("miou", "mIoU"), ("pixel_accuracy", "pixel acc")],
             "depth": [("rmse", "RMSE (lower is better)")]}[result["task"]]
-    rows = [{"arm": k, **v} for k, v in result["arms"].items()]
+    rows = [{"arm": k, **v, "preset": (v.get("setup") or {}).get("preset") or "-"}
+            for k, v in result["arms"].items()]
     n = len(result["config"]["seeds"])
-    return format_table(rows, [("arm", "arm"), *cols], digits=4,
+    return format_table(rows, [("arm", "arm"), ("preset", "preset"), *cols], digits=4,
                         title=f"Linear probe: {result['task']}, {result['protocol']['name']} protocol "
                               f"(mean ± 95% CI over {n} seeds)")

@@ -157,5 +157,6 @@ def table(result: dict[str, Any]) -> str:
             v = r.get(k)
             r[k] = {**v, "mean": 100 * v["mean"], "ci95": 100 * v["ci95"]} if isinstance(v, dict) \
                 else (None if v is None else 100 * v)
-    return format_table(rows, [("arm", "arm"), ("images", "images"), ("attack_success", "attack success %"),
+    return format_table(rows, [("arm", "arm"), ("preset", "preset"), ("images", "images"),
+                               ("attack_success", "attack success %"),
                                ("accuracy", "accuracy %")], title="Typographic attack", digits=1)

@@ -108,7 +108,7 @@ def _batches(items: Sequence, batch_size: int, progress: bool = False, desc: str
 def evaluate_zeroshot(model, tokenizer: Callable, items: Sequence[tuple], classnames: Sequence[str],
                       neurons, *, templates: Sequence[str] | None = None,
                       control_seeds: Sequence[int] = (), num_registers: int = 1,
-                      preset: str = "paper", batch_size: int = 32, transform: Callable | None = None,
+                      preset: str = "paper", bias=None, batch_size: int = 32, transform: Callable | None = None,
                       progress: bool = False, print_table: bool = True) -> dict[str, Any]:
     """Zero-shot top-1/top-5 accuracy for each arm; ``items``: ``[(image path, class index)]``.
 
@@ -121,7 +121,7 @@ def evaluate_zeroshot(model, tokenizer: Callable, items: Sequence[tuple], classn
     p = wrap(model).parameter()
     W = text_classifier(model, tokenizer, classnames, templates)
     arms = make_arms(model, neurons, control_seeds=control_seeds, num_registers=num_registers,
-                     preset=preset, random=False, zeroed=True)
+                     preset=preset, random=False, zeroed=True, bias=bias)
     logits: dict[str, list] = {a.name: [] for a in arms}
     chunks = _batches(items, batch_size, progress, "zero-shot")
     for chunk in chunks:
@@ -194,10 +194,13 @@ def _label_index(label, classnames: Sequence[str]) -> int | None:
 
 
 @torch.no_grad()
-def _segment_chunk(model, ad, chunk, arms, scores, heatmap, W, classnames, size, mean, std) -> None:
-    """Heat maps of one batch of ``(image, mask, label)`` under every arm, scored into ``scores``."""
+def _segment_chunk(model, ad, chunk, arms, scores, heatmap, W, classnames, size, mean, std,
+                   geometry: str = "aligned") -> None:
+    """Heat maps of one batch of ``(image, mask, label)`` under every arm, scored into ``scores``
+    (``geometry``: see :data:`GEOMETRIES`)."""
     p = ad.parameter()
-    x = torch.stack([to_tensor(resize(load_rgb(i), size), mean, std) for i, _, _ in chunk])
+    fit = resize if geometry == "aligned" else resize_center_crop
+    x = torch.stack([to_tensor(fit(load_rgb(i), size), mean, std) for i, _, _ in chunk])
     x = x.to(p.device, p.dtype)
     masks = [resize_target(load_mask(m), size) > 0 for _, m, _ in chunk]
     given = [_label_index(l, classnames or []) if heatmap != "attention" else None for _, _, l in chunk]
@@ -220,19 +223,30 @@ def _segment_chunk(model, ad, chunk, arms, scores, heatmap, W, classnames, size,
         scores[arm.name] += [binary_heatmap_scores(h, m) for h, m in zip(up, masks)]
 
 
+#: how image and mask reach the model's size: ``aligned`` squashes both (pixels stay aligned);
+#: ``reference`` is clip_text_span's: the image resized (shorter side) and centre-cropped, the mask
+#: squashed, so on non-square images the two cover different parts of the scene
+GEOMETRIES = {"aligned": "image and mask resized to the model's input size",
+              "reference": "clip_text_span's: image resized and centre-cropped, mask resized "
+                           "(not aligned on non-square images)"}
+
+
 def evaluate_zeroshot_segmentation(model, items: Sequence[tuple], neurons, *,
                                    heatmap: str = "direct", tokenizer: Callable | None = None,
                                    classnames: Sequence[str] | None = None,
                                    templates: Sequence[str] | None = None,
                                    control_seeds: Sequence[int] = (), num_registers: int = 1,
-                                   preset: str = "paper", batch_size: int = 16,
-                                   progress: bool = False, print_table: bool = True) -> dict[str, Any]:
-    """Zero-shot segmentation scores for each arm. ``items``: ``[(image, mask, label)]`` with
+                                   preset: str = "paper", bias=None, batch_size: int = 16,
+                                   geometry: str = "aligned", progress: bool = False,
+                                   print_table: bool = True) -> dict[str, Any]:
+    """Zero-shot segmentation scores for each arm (``geometry``: :data:`GEOMETRIES`). ``items``: ``[(image, mask, label)]`` with
     ``label`` a class index, a class name or None (then the arm's own zero-shot prediction).
     ``heatmap``: ``direct``, ``cosine`` (both need a CLIP model and its tokenizer) or
     ``attention`` (see the module docstring)."""
     if heatmap not in HEATMAPS:
         raise ValueError(f"heatmap must be one of {', '.join(HEATMAPS)}, got {heatmap!r}")
+    if geometry not in GEOMETRIES:
+        raise ValueError(f"geometry must be one of {', '.join(GEOMETRIES)}, got {geometry!r}")
     size, mean, std = preprocessing(model)
     ad = wrap(model)
     W = None
@@ -245,11 +259,11 @@ def evaluate_zeroshot_segmentation(model, items: Sequence[tuple], neurons, *,
         W = text_classifier(model, tokenizer, classnames,
                             list(templates) if templates is not None else load_templates())
     arms = make_arms(model, neurons, control_seeds=control_seeds, num_registers=num_registers,
-                     preset=preset)
+                     preset=preset, bias=bias)
     scores: dict[str, list] = {a.name: [] for a in arms}
     chunks = _batches(items, batch_size, progress, "zero-shot segmentation")
     for chunk in chunks:
-        _segment_chunk(model, ad, chunk, arms, scores, heatmap, W, classnames, size, mean, std)
+        _segment_chunk(model, ad, chunk, arms, scores, heatmap, W, classnames, size, mean, std, geometry)
     per_arm = {a.name: {**summarize_heatmaps(scores[a.name]), "images": len(items),
                         "setup": a.describe()} for a in arms}
     result = {"experiment": "zeroshot", "task": "segmentation",
@@ -258,11 +272,12 @@ def evaluate_zeroshot_segmentation(model, items: Sequence[tuple], neurons, *,
                            "heatmap": {"direct": "yossigandelsman/clip_text_span compute_segmentations.py",
                                        "cosine": "ttreg (projected patch tokens vs text)",
                                        "attention": "last-layer CLS attention, mean over heads"}[heatmap],
-                           "geometry": "image and mask resized to the model's input size"},
-              "config": {"heatmap": heatmap, "input_size": list(size), "num_registers": num_registers,
+                           "geometry": GEOMETRIES[geometry]},
+              "config": {"heatmap": heatmap, "geometry": geometry, "input_size": list(size),
+                         "num_registers": num_registers,
                          "preset": preset, "control_seeds": list(control_seeds)},
-              "neurons": arms[1].describe()["neurons"], "arms": per_arm,
-              "random": summarize_random(per_arm, ["miou", "pixel_accuracy", "map"])}
+              "neurons": next((a.describe()["neurons"] for a in arms if a.kind == "registers"), []),
+              "arms": per_arm, "random": summarize_random(per_arm, ["miou", "pixel_accuracy", "map"])}
     if print_table:
         print(table(result))
     return result
@@ -280,4 +295,5 @@ def table(result: dict[str, Any]) -> str:
             v = r.get(k)
             r[k] = {**v, "mean": 100 * v["mean"], "ci95": 100 * v["ci95"]} if isinstance(v, dict) \
                 else (None if v is None else 100 * v)
-    return format_table(rows, [("arm", "arm"), ("images", "images"), *cols], title=title, digits=1)
+    return format_table(rows, [("arm", "arm"), ("preset", "preset"), ("images", "images"), *cols],
+                        title=title, digits=1)
