@@ -389,6 +389,18 @@ NEURON_FILES = [
     ("num_images negative", {"num_images": -4}, "num_images must be >= 0"),
     ("note a number", {"note": 5}, "'note' must be a string"),
     ("deep provenance", {"provenance": {"a": json.loads("[" * 40 + "]" * 40)}}, "provenance is nested"),
+    # NaN and Infinity are no JSON: Python writes them unless told not to, strict parsers refuse them
+    ("NaN score", {"neurons": [{"layer": 1, "neuron": 2, "score": math.nan}]},
+     "neurons[0].score must be a finite number, got nan"),
+    ("Infinity score", {"neurons": [{"layer": 1, "neuron": 2, "score": -math.inf}]},
+     "neurons[0].score must be a finite number, got -inf"),
+    ("NaN in the sample", {"fingerprint": {"weights_sample": [0.5, math.nan]}},
+     "fingerprint.weights_sample[1] must be a finite number"),
+    ("Infinity in statistics", {"statistics": {"ratio": [2.0, math.inf]}}, "statistics.ratio[1] is inf"),
+    ("bias file elsewhere", {"attention_bias": {"file": "../n.bias.safetensors"}},
+     "attention_bias.file must name a file beside it (a plain file name), got '../n.bias.safetensors'"),
+    ("bias file a folder", {"attention_bias": {"file": "."}}, "attention_bias.file must name a file"),
+    ("bias not an object", {"attention_bias": "n.bias.safetensors"}, "'attention_bias' must be an object"),
 ]
 
 
@@ -401,6 +413,27 @@ def test_neuron_file_schema(tmp_path, name, patch, needle):
         RegisterNeurons.load(p)
     msg = str(e.value)
     assert needle in msg and len(msg.splitlines()) == 1 and str(p) in msg
+
+
+def test_neuron_files_are_written_as_standard_json(tmp_path):
+    """A score that is no number is refused when the set is made; a NaN anywhere else stops the
+    write with the field named, and leaves no file; what is written is strict JSON."""
+    for scores in ([math.nan], [math.inf]):
+        with pytest.raises(ValueError, match=r"scores\[0\] must be a finite number"):
+            RegisterNeurons([(1, 7)], scores)
+    rn = RegisterNeurons([(1, 7), (3, 21)], [2.0, 1.0])
+    rn.statistics["heldout_after"] = {"mean_norm_ratio": math.nan}
+    with pytest.raises(ValueError, match=r"^cannot write .*n\.json: statistics\.heldout_after\.mean_norm_ratio "
+                                         r"is nan, and JSON has no NaN or infinity$"):
+        rn.save(tmp_path / "n.json")
+    assert list(tmp_path.iterdir()) == []
+    rn.statistics["heldout_after"]["mean_norm_ratio"] = 1.5
+    text = rn.save(tmp_path / "n.json").read_text()
+
+    def refuse(word):
+        raise AssertionError(f"non-standard JSON: {word}")
+    assert json.loads(text, parse_constant=refuse)["neurons"][0] == {"layer": 1, "neuron": 7, "score": 2.0}
+    assert RegisterNeurons.load(tmp_path / "n.json").statistics["heldout_after"] == {"mean_norm_ratio": 1.5}
 
 
 def test_neuron_file_nesting_and_plain_mappings(tmp_path, capsys, imgs):
