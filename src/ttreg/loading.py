@@ -12,7 +12,7 @@ import contextlib
 import os
 import socket
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 from urllib.parse import urlparse
 
 #: metadata keys of a safetensors file written by :func:`ttreg.models.save_model`
@@ -138,3 +138,19 @@ def read_bytes_at_most(path: str | os.PathLike, limit: int, what: str) -> bytes:
     if len(data) > limit:   # it grew after the check
         raise ValueError(f"{p} is over {limit} bytes; no {what} is that large, so it is not one")
     return data
+
+
+def bias_file_name(data: Mapping[str, Any], where: Any) -> str | None:
+    """The attention-bias file a neuron file's dict names (``attention_bias.file``: a plain file
+    name, the file beside it), or None when it names none; a one-line ``ValueError`` naming
+    ``where`` (the file) otherwise. Checked before that file is read or downloaded."""
+    ref = data.get("attention_bias")
+    if not ref:
+        return None
+    if not isinstance(ref, Mapping):
+        raise ValueError(f"{where}: 'attention_bias' must be an object naming a file beside it, "
+                         f"got {type(ref).__name__}")
+    try:
+        return plain_file_name(ref.get("file"), "attention_bias.file")
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None

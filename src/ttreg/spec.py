@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .files import first_non_finite
-from .loading import MAX_BIAS_FILE_BYTES, MAX_NEURON_FILE_BYTES, plain_file_name, read_bytes_at_most
+from .loading import MAX_BIAS_FILE_BYTES, MAX_NEURON_FILE_BYTES, bias_file_name, read_bytes_at_most
 
 FORMAT = "ttreg.register_neurons"
 VERSION = 2
@@ -469,22 +469,6 @@ class RegisterNeurons:
         """A published neuron set shipped with ttreg (see ``ttreg.published.NAMES``)."""
         from .published import published_data
         return cls.from_dict(published_data(name))
-
-
-def bias_file_name(data: Mapping, where: Any) -> str | None:
-    """The attention-bias file a neuron file's dict names (``attention_bias.file``: a plain file
-    name, the file beside it), or None when it names none; a one-line ``ValueError`` naming
-    ``where`` (the file) otherwise. Checked before that file is read or downloaded."""
-    ref = data.get("attention_bias")
-    if not ref:
-        return None
-    if not isinstance(ref, Mapping):
-        raise ValueError(f"{where}: 'attention_bias' must be an object naming a file beside it, "
-                         f"got {type(ref).__name__}")
-    try:
-        return plain_file_name(ref.get("file"), "attention_bias.file")
-    except ValueError as e:
-        raise ValueError(f"{where}: {e}") from None
 
 
 def check_fingerprint(fp: Mapping | None, adapter, found: str, found_for: str | None = None) -> None:
