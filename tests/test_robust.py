@@ -322,6 +322,58 @@ def test_16_bit_and_float_images_are_read_by_their_type_range(tmp_path):
         assert str(p.name) in str(e.value) and len(str(e.value).splitlines()) == 1
 
 
+def _png_header(path: Path, width: int, height: int) -> Path:
+    """A PNG that says it is ``width`` x ``height`` (8-bit RGB) but holds no pixels: Pillow
+    reads its size from the header without allocating the image."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0"))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def test_image_size_limit_is_ttregs_not_pillows(tmp_path, monkeypatch):
+    """The documented 20000x20000 holds: Pillow's own guard (89.5 MP by default) does not refuse
+    a 100 MP photo; over the limit is one line with the size, before any pixel is decoded."""
+    from PIL import ImageFile
+    import ttreg.data as data
+    assert data.MAX_PIXELS == 20000 * 20000 and Image.MAX_IMAGE_PIXELS < 100_000_000
+    pillow_default = Image.MAX_IMAGE_PIXELS
+    decoded = []
+
+    def load(self):   # a header-only file cannot be decoded; say how far it got instead
+        decoded.append(self.size)
+        raise OSError("reached decoding")
+    monkeypatch.setattr(ImageFile.ImageFile, "load", load)
+    with pytest.raises(ImageError, match=r"photo.png: corrupt or truncated image \(reached decoding\)"):
+        load_image(_png_header(tmp_path / "photo.png", 12000, 8400))          # 100.8 MP
+    assert decoded == [(12000, 8400)]
+    for w, h in ((20000, 20000), (16000, 25000)):      # exactly the limit
+        with pytest.raises(ImageError, match="reached decoding"):
+            load_image(_png_header(tmp_path / "edge.png", w, h))
+    for w, h, needle in ((20001, 20000, "20001x20000 is too large (over 20000x20000 = 400000000 pixels)"),
+                         (40000, 40000, "too large (over 20000x20000 = 400000000 pixels)")):  # Pillow's refusal
+        decoded.clear()
+        with pytest.raises(ImageError) as e:
+            load_image(_png_header(tmp_path / "big.png", w, h))
+        assert needle in str(e.value) and "downscale it first" in str(e.value) and "\n" not in str(e.value)
+        assert decoded == []
+    assert Image.MAX_IMAGE_PIXELS == pillow_default                       # Pillow's setting restored
+    # the limit is the module's: a smaller one holds the same way, a real image under it loads
+    monkeypatch.undo()
+    monkeypatch.setattr(data, "MAX_SIDE", 70)
+    monkeypatch.setattr(data, "MAX_PIXELS", 70 * 70)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)                    # Pillow's far lower
+    ok = load_image(_png(tmp_path, "ok.png", np.full((70, 70, 3), 9, np.uint8)))
+    assert ok.size == (70, 70) and np.asarray(ok).max() == 9 and Image.MAX_IMAGE_PIXELS == 1000
+    with pytest.raises(ImageError, match=r"71x70 is too large \(over 70x70 = 4900 pixels\)"):
+        load_image(_png(tmp_path, "no.png", np.full((70, 71, 3), 9, np.uint8)))
+
+
 def test_elongated_image_is_refused_and_resize_memory_is_bounded(tmp_path, monkeypatch):
     long = _png(tmp_path, "long.png", np.full((1, 60000), 200, np.uint8))
     with pytest.raises(ImageError, match="60000x1 is too elongated"):
