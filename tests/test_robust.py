@@ -27,7 +27,8 @@ from ttreg.cli import main
 from ttreg.data import ImageError, load_image, make_transform, resolve_images
 from ttreg.spec import ModelMismatchError, RegisterNeurons
 
-from test_cli import ENV, _one_line_error as one_line  # noqa: E402 (the tests folder's helpers)
+from conftest import default_sigint  # noqa: E402 (the tests folder's helpers)
+from test_cli import ENV, _one_line_error as one_line  # noqa: E402
 
 ROOT = os.geteuid() == 0
 SRC = Path(__file__).resolve().parents[1] / "src" / "ttreg"
@@ -138,7 +139,7 @@ def test_failure_or_ctrl_c_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_ctrl_c_during_commit_is_held_and_reported_truly(tmp_path, monkeypatch, capsys):
+def test_ctrl_c_during_commit_is_held_and_reported_truly(tmp_path, monkeypatch, capsys, sigint_raises):
     real_replace = os.replace
     calls = []
 
@@ -764,7 +765,8 @@ def test_ctrl_c_during_import_is_one_line_exit_130(tmp_path):
     """SIGINT while torch is being imported (-X importtime says when)."""
     p = subprocess.Popen([sys.executable, "-X", "importtime", "-m", "ttreg", "calibrate", "--model",
                           "planted", "--images", str(tmp_path), "--out", str(tmp_path / "n.json")],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                         preexec_fn=default_sigint)
     seen = []
     for line in p.stderr:  # the first finished torch submodule: torch is being imported now
         seen.append(line)
