@@ -210,7 +210,7 @@ class _Heldout:
                                                          self.threshold)
                         ratios.append(ratio.cpu())
                         outliers.append(out.cpu())
-                        sums[i] += torch.stack([torch.tensor(float(len(ratio))), out.sum().double().cpu(),
+                        sums[i] += torch.stack([torch.tensor(float(len(ratio)), dtype=torch.float64), out.sum().double().cpu(),
                                                 ratio.double().sum().cpu(), top.double().sum().cpu()]).double()
         all_reduce_([sums])
         cat = lambda xs, dtype: torch.cat(xs) if xs else torch.zeros(0, dtype=dtype)  # noqa: E731

@@ -319,8 +319,8 @@ def check_images_given(images) -> None:
 def make_transform(size: tuple[int, int], mean: Sequence[float], std: Sequence[float]) -> Callable:
     """Resize the shorter side, center-crop to ``size``, to a normalised float tensor."""
     from PIL import Image
-    mean_t = torch.tensor(mean).view(3, 1, 1)
-    std_t = torch.tensor(std).view(3, 1, 1)
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)   # whatever the default dtype
+    std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
     h, w = size
 
     def transform(im) -> torch.Tensor:
