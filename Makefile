@@ -1,4 +1,5 @@
-# One command for each job on a fresh machine: `make demo` and `make test`.
+# One command for each job on a fresh machine: `make demo` and `make test` (`make test-slow`: the
+# slow tests, deselected by default; `make test-all`: both, what CI runs).
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -6,7 +7,7 @@ PIP    := $(VENV)/bin/pip
 # e.g. TORCH_INDEX=https://download.pytorch.org/whl/cpu: PyTorch's CPU wheels, without the CUDA libraries
 TORCH_INDEX ?=
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-slow test-all bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +25,12 @@ demo: install
 
 test: install
 	$(PY) -m pytest
+
+# pytest exits 5 when nothing is selected (no slow test left): that is not a failure
+test-slow: install
+	$(PY) -m pytest -m slow || [ $$? -eq 5 ]
+
+test-all: test test-slow
 
 bench: install
 	$(PY) benchmarks/overhead.py

@@ -1,4 +1,5 @@
 import os
+import signal
 
 import pytest
 import torch
@@ -14,6 +15,22 @@ def pytest_runtest_makereport(item, call):
     rep = yield
     setattr(item, f"rep_{rep.when}", rep)
     return rep
+
+
+def default_sigint() -> None:
+    """``preexec_fn`` of a child a test sends SIGINT: the default handler, also when the suite
+    was started from a background shell, whose ignored SIGINT every child would inherit (Python
+    then keeps it ignored and Ctrl-C never arrives)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.fixture
+def sigint_raises():
+    """SIGINT raises KeyboardInterrupt in this process for the test (Python's default handler),
+    also when the suite runs with SIGINT ignored; the handler before is put back."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,7 @@ libraries, and the bias form must clear the planted outliers as the token form d
 from __future__ import annotations
 
 import copy
+import json
 import threading
 
 import pytest
@@ -91,6 +92,8 @@ def test_bias_form_in_every_family(x, name):
     ref = ttreg.fit_attention_bias(tm, rn_t, x)
     bias = ttreg.fit_attention_bias(other, rn_o, x)
     assert bias.key.shape == (6, 4, 24) and bias.num_images == 6
+    # the adapter says the heads and head size its kernel is given, before any forward
+    assert [ttreg.wrap(other).attention_heads(l) for l in range(6)] == [(4, 24, 24)] * 6
     assert (bias.key - ref.key).abs().max() <= 1e-5 and (bias.value - ref.value).abs().max() <= 1e-5
     assert bias.key[1:].norm() > 0
     with ttreg.test_time_registers(other, rn_o):
@@ -382,3 +385,129 @@ def test_attention_call_is_popped_after_an_error(planted_set, x, recwarn):
     assert not torch.overrides._get_current_function_mode_stack()   # the call was popped
     assert all_hooks(m) == 0          # only the register sites stay, inert
     assert not [w for w in recwarn if "always_call" in str(w.message)]
+
+
+# --- checked before any work: modes, heads, files ---------------------------------------------------
+
+def test_fit_restores_each_modules_own_mode(planted_set, x):
+    """A training model whose blocks are in eval mode comes back exactly so (as calibrate does),
+    also after an error inside the fit; the fit itself runs in eval mode."""
+    m, rn = planted_set
+    twin = copy.deepcopy(m).train()
+    twin.blocks.eval()
+    before = {n: mod.training for n, mod in twin.named_modules()}
+    assert twin.training and twin.patch_embed.training and not twin.blocks[0].attn.training
+    seen = []
+    h = twin.blocks[2].register_forward_hook(lambda mod, a, out: seen.append(twin.patch_embed.training))
+    bias = ttreg.fit_attention_bias(twin, rn, x)
+    h.remove()
+    assert seen == [False] and {n: mod.training for n, mod in twin.named_modules()} == before
+    assert torch.allclose(bias.key, rn.attention_bias.key, atol=1e-6)
+
+    def boom(mod, a, out):
+        raise RuntimeError("boom in block 2")
+    h = twin.blocks[2].register_forward_hook(boom)
+    with pytest.raises(RuntimeError, match="boom in block 2"):
+        ttreg.fit_attention_bias(twin, rn, x)
+    h.remove()
+    assert {n: mod.training for n, mod in twin.named_modules()} == before
+
+
+def _bias(rn, heads: int, size: int) -> ttreg.AttentionBias:
+    g = torch.Generator().manual_seed(0)
+    return ttreg.AttentionBias(torch.randn(6, heads, size, generator=g), torch.randn(6, heads, size, generator=g),
+                               torch.ones(6), neurons=rn.neurons, fingerprint=rn.fingerprint)
+
+
+@pytest.mark.parametrize("heads, size", [(3, 32), (8, 12), (4, 16)])
+def test_bias_of_other_heads_is_refused_before_any_work(planted_set, tmp_path, capsys, heads, size):
+    """Heads or head size that the model's attention does not have: one line before the first
+    forward (the Python call, a neuron set carrying it, the command line with exit 2)."""
+    m, rn = planted_set
+    assert [ttreg.wrap(m).attention_heads(l) for l in range(6)] == [(4, 24, 24)] * 6
+    bad = _bias(rn, heads, size)
+    want = rf"this attention bias has {heads} heads of size {size} \(values {size}\); block 0's attention has 4 heads of size 24"
+    calls = []
+    h = m.blocks[0].register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        with pytest.raises(ValueError, match=want) as e:
+            ttreg.add_test_time_registers(m, rn, form="bias", bias=bad)
+        assert "\n" not in str(e.value)
+        carrying = ttreg.RegisterNeurons.from_dict(rn.to_dict())
+        carrying.attention_bias = bad
+        path = carrying.save(tmp_path / "bad.json")
+        back = ttreg.RegisterNeurons.load(path)            # the files alone are well formed
+        with pytest.raises(ValueError, match=want):
+            back.check_model(m)
+    finally:
+        h.remove()
+    assert calls == [] and all_hooks(m) == 0
+    from ttreg.cli import main
+    out = tmp_path / "m.onnx"
+    code = main(["export", "--model", "planted", "--neurons", str(path), "--form", "bias", "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith("ttreg: error: this attention bias has") and "fit one for this model" in err
+    assert not out.exists()
+
+
+def _bias_file(path, meta: dict, planted_set) -> None:
+    """An attention-bias file whose metadata is the good one with ``meta`` changed."""
+    from safetensors.torch import save_file
+    _, rn = planted_set
+    a = rn.attention_bias
+    good = {"format": "ttreg.attention_bias", "version": "1", "neurons": json.dumps(a.neurons),
+            "num_images": "6", "num_registers": "1", "fingerprint": json.dumps(a.fingerprint),
+            "provenance": "{}"}
+    save_file({"key": a.key, "value": a.value, "weight": a.weight}, str(path), metadata={**good, **meta})
+
+
+BAD_BIAS_METADATA = [
+    ({"neurons": "[[1]]"}, r"neurons\[0\] must be a \(layer, neuron\) pair, got \[1\]"),
+    ({"neurons": "[[1, -7]]"}, r"neurons\[0\] neuron must be >= 0, got -7"),
+    ({"neurons": "NaN"}, r"neurons must be a list of \(layer, neuron\) pairs, got nan"),
+    ({"neurons": "[[1, 7"}, r"metadata 'neurons' is not valid JSON"),
+    ({"num_images": "abc"}, r"metadata 'num_images' must be a whole number >= 0, got 'abc'"),
+    ({"num_images": "-3"}, r"metadata 'num_images' must be a whole number >= 0, got '-3'"),
+    ({"num_registers": "0"}, r"num_registers must be at least 1, got 0"),
+    ({"fingerprint": '"abc"'}, r"'fingerprint' must be an object or null, got str"),
+    ({"fingerprint": '{"weights": 5}'}, r"fingerprint.weights must be a string or null, got 5"),
+    ({"fingerprint": '{"weights_sample": [1, Infinity]}'}, r"fingerprint.weights_sample\[1\] must be a finite number"),
+    ({"provenance": "[1]"}, r"provenance must be an object, got list"),
+    ({"version": "2"}, r"metadata 'version' is '2'; this ttreg reads version '1'"),
+]
+
+
+@pytest.mark.parametrize("meta, needle", BAD_BIAS_METADATA, ids=[next(iter(m)) + ":" + m[next(iter(m))]
+                                                                for m, _ in BAD_BIAS_METADATA])
+def test_bad_bias_metadata_names_the_file_and_the_field(planted_set, tmp_path, meta, needle):
+    p = tmp_path / "set.bias.safetensors"
+    _bias_file(p, meta, planted_set)
+    with pytest.raises(ValueError, match=rf"^{p}: {needle}") as e:
+        ttreg.AttentionBias.load(p)
+    assert "\n" not in str(e.value)
+    # through the neuron file that names it, too
+    _, rn = planted_set
+    data = rn.to_dict()
+    data["attention_bias"] = {"file": p.name}
+    (tmp_path / "set.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=rf"^{p}: {needle}"):
+        ttreg.RegisterNeurons.load(tmp_path / "set.json")
+
+
+def test_good_bias_metadata_loads_and_files_over_the_limit_are_not_read(planted_set, tmp_path, monkeypatch):
+    from ttreg import loading
+    _, rn = planted_set
+    p = tmp_path / "set.bias.safetensors"
+    _bias_file(p, {}, planted_set)
+    b = ttreg.AttentionBias.load(p)
+    assert torch.equal(b.key, rn.attention_bias.key) and b.neurons == rn.attention_bias.neurons
+    assert b.num_images == 6 and b.fingerprint == rn.attention_bias.fingerprint
+    monkeypatch.setattr(loading, "MAX_BIAS_FILE_BYTES", p.stat().st_size - 1)
+    monkeypatch.setattr(ttreg.spec, "MAX_BIAS_FILE_BYTES", p.stat().st_size - 1)
+    opened = []
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda f, *a, **k: opened.append(str(f)) or real_open(f, *a, **k))
+    with pytest.raises(ValueError, match=rf"^{p} is {p.stat().st_size} bytes; no ttreg attention-bias file is over"):
+        ttreg.AttentionBias.load(p)
+    assert str(p) not in opened

@@ -16,6 +16,8 @@ from PIL import Image
 
 from ttreg.cli import main
 
+from conftest import default_sigint
+
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 
 
@@ -239,7 +241,8 @@ def test_ctrl_c_during_calibration_writes_nothing(tmp_path):
     out = tmp_path / "n.json"
     p = subprocess.Popen([sys.executable, "-m", "ttreg", "calibrate", "--model", "planted", "--images",
                           str(d), "--out", str(out), "--batch-size", "1", "--quiet"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                         preexec_fn=default_sigint)
     line = p.stdout.readline()  # "calibrating ..." once the work has started
     assert "calibrating" in line
     time.sleep(0.3)

@@ -555,6 +555,9 @@ def test_bias_form(zoo, row, record):
         assert "\n" not in str(e.value)
         return
     bias = ttreg.fit_attention_bias(model, NEURONS, x)
+    # what the kernel was given, as the adapter says it before any forward (the bias's check)
+    heads = [ttreg.wrap(model).attention_heads(l) for l in range(DEPTH)]
+    assert heads == [(bias.key.shape[1], bias.key.shape[2], bias.value.shape[2])] * DEPTH
     ref = user_call(row, model, x)
     with ttreg.test_time_registers(model, NEURONS):
         token = ttreg.trace(model, x)

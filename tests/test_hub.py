@@ -2,6 +2,7 @@
 ``HF_HUB_OFFLINE``, one-line failures, and what ``push_to_hub`` uploads."""
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -107,3 +108,45 @@ def test_push_to_hub_uploads_the_folder(calibrated, monkeypatch):
     monkeypatch.setattr(hub.HfApi, "create_repo", offline)
     with pytest.raises(ValueError, match=r"^could not upload the neuron set to hf:me/set — no network"):
         calibrated.push_to_hub("me/set")
+
+
+def _fake_hub(monkeypatch, folder: Path) -> list[str]:
+    """``hf_hub_download`` served from ``folder`` (a snapshot), no network; returns the names asked."""
+    asked: list[str] = []
+
+    def download(repo_id, filename, **kw):
+        asked.append(filename)
+        p = folder / filename
+        if not p.is_file():
+            raise hub.errors.EntryNotFoundError(f"{filename} is not in {repo_id}")
+        return str(p)
+    monkeypatch.setattr(hub, "hf_hub_download", download)
+    return asked
+
+
+@pytest.mark.parametrize("name", ["../../evil.safetensors", "/etc/passwd", "sub/x.safetensors", "..", ""])
+def test_hub_bias_name_is_checked_before_it_is_downloaded(calibrated, tmp_path, monkeypatch, name):
+    folder = calibrated.save_pretrained(tmp_path / "snap")
+    data = json.loads((folder / "register_neurons.json").read_text())
+    data["attention_bias"]["file"] = name
+    (folder / "register_neurons.json").write_text(json.dumps(data))
+    asked = _fake_hub(monkeypatch, folder)
+    with pytest.raises(ttreg.ModelLoadError, match=r"attention_bias.file must name a file beside it") as e:
+        ttreg.RegisterNeurons.from_pretrained("me/set")
+    assert asked == ["register_neurons.json"] and "\n" not in str(e.value)
+
+
+def test_hub_bias_size_is_checked_before_it_is_read(calibrated, tmp_path, monkeypatch):
+    folder = calibrated.save_pretrained(tmp_path / "snap")
+    asked = _fake_hub(monkeypatch, folder)
+    assert _same(ttreg.RegisterNeurons.from_pretrained("me/set"), calibrated)
+    assert asked == ["register_neurons.json", "register_neurons.bias.safetensors"]
+    bias = folder / "register_neurons.bias.safetensors"
+    size = bias.stat().st_size
+    monkeypatch.setattr(ttreg.spec, "MAX_BIAS_FILE_BYTES", size - 1)
+    opened = []
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda f, *a, **k: opened.append(str(f)) or real_open(f, *a, **k))
+    with pytest.raises(ValueError, match=rf"{bias} is {size} bytes; no ttreg attention-bias file is over"):
+        ttreg.RegisterNeurons.from_pretrained("me/set")
+    assert str(bias) not in opened

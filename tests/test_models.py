@@ -184,3 +184,41 @@ def test_plain_safetensors_is_refused(tmp_path):
         ttreg.load_model(str(tmp_path / "w.safetensors"))
     assert "not a model saved by ttreg" in one_line(e)
     assert "timm:NAME@" in str(e.value)
+
+
+@pytest.mark.parametrize("spec, needle", [
+    ("timm:vit_tiny_patch16_224@/etc/passwd", "/etc/passwd is not a weights file"),
+    ("timm:NAME@/etc/passwd", "/etc/passwd is not a weights file"),
+    ("timm:@/etc/passwd", "empty model name in 'timm:@/etc/passwd'"),
+    ("timm:vit_tiny_patch16_224@", "nothing after '@' in 'timm:vit_tiny_patch16_224@'"),
+    ("timm:vit_tiny_patch16_224@{tmp}/empty.bin", "empty.bin is not a weights file"),
+    ("open_clip:ViT-B-32@/etc/passwd", "/etc/passwd is not a weights file"),
+    ("open_clip:@/etc/passwd", "empty architecture in 'open_clip:@/etc/passwd'"),
+    ("open_clip:ViT-B-32/", "nothing after '/' in 'open_clip:ViT-B-32/'"),
+])
+def test_malformed_specs_say_what_a_spec_looks_like(offline, tmp_path, spec, needle):
+    """Not a loader's "list index out of range": one line, the form of a spec."""
+    pytest.importorskip("timm")
+    pytest.importorskip("open_clip")
+    (tmp_path / "empty.bin").write_bytes(b"")
+    with pytest.raises(ModelLoadError) as e:
+        ttreg.load_model(spec.format(tmp=tmp_path))
+    msg = one_line(e)
+    assert needle in msg, msg
+    kind = spec.split(":")[0]
+    assert msg.endswith({"timm": "a timm spec looks like timm:NAME or timm:NAME@/path/weights.safetensors",
+                         "open_clip": "an open_clip spec looks like open_clip:ARCH/PRETRAINED, "
+                                      "open_clip:ARCH@/path/file.bin or open_clip:hf-hub:ORG/NAME"}[kind])
+
+
+def test_weights_files_are_recognised_by_their_first_bytes(offline, tmp_path):
+    """A real checkpoint after '@' (safetensors, torch.save's zip and legacy formats) loads."""
+    timm = pytest.importorskip("timm")
+    from safetensors.torch import save_file
+    ref = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1, num_classes=0)
+    sd = ref.state_dict()
+    save_file(sd, str(tmp_path / "w.safetensors"))
+    torch.save(sd, tmp_path / "w.pth")
+    torch.save(sd, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+    for f in ("w.safetensors", "w.pth", "legacy.pth"):
+        assert models._weights_file("timm:x", str(tmp_path / f), "form") == tmp_path / f

@@ -315,3 +315,29 @@ def test_neurons_apply_to_the_model_in_16_bit(model, dtype):
     assert _ratio(tr).max() < 2
     with pytest.raises(ttreg.ModelMismatchError, match="other weights"):
         rn.check_model(planted_vit(seed=3).to(dtype))
+
+
+@pytest.mark.parametrize("default", [torch.float16, torch.bfloat16, torch.float64])
+def test_fingerprint_and_search_do_not_depend_on_the_default_dtype(model, default):
+    """torch.set_default_dtype(float16) once made the weight sample's places (a linspace in the
+    default dtype) land elsewhere or out of range: the same model, another fingerprint. Places,
+    thresholds, image normalisation and sums are computed in fixed dtypes."""
+    from ttreg.data import make_transform
+    from PIL import Image
+    x = mixed_images(6)
+    im = Image.fromarray((np.arange(48 * 40 * 3) % 251).astype(np.uint8).reshape(40, 48, 3))
+    tf = make_transform((32, 32), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    want_fp = ttreg.RegisterNeurons.from_dict({1: [7], 3: [21]}, model=model).fingerprint
+    want = ttreg.find_register_neurons(model, x, top_k=4, threshold=30.0)
+    want_px = tf(im)
+    torch.set_default_dtype(default)
+    try:
+        rn = ttreg.RegisterNeurons.from_dict({1: [7], 3: [21]}, model=model)
+        got = ttreg.find_register_neurons(model, x, top_k=4, threshold=30.0)
+        px = tf(im)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    assert rn.fingerprint == want_fp and len(want_fp["weights_sample"]) == 64
+    assert got.neurons == want.neurons and got.neurons[:2] == [(1, 7), (3, 21)]
+    assert got.scores == want.scores and got.fingerprint == want.fingerprint
+    assert px.dtype == torch.float32 and torch.equal(px, want_px)

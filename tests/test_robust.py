@@ -27,7 +27,8 @@ from ttreg.cli import main
 from ttreg.data import ImageError, load_image, make_transform, resolve_images
 from ttreg.spec import ModelMismatchError, RegisterNeurons
 
-from test_cli import ENV, _one_line_error as one_line  # noqa: E402 (the tests folder's helpers)
+from conftest import default_sigint  # noqa: E402 (the tests folder's helpers)
+from test_cli import ENV, _one_line_error as one_line  # noqa: E402
 
 ROOT = os.geteuid() == 0
 SRC = Path(__file__).resolve().parents[1] / "src" / "ttreg"
@@ -138,7 +139,7 @@ def test_failure_or_ctrl_c_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_ctrl_c_during_commit_is_held_and_reported_truly(tmp_path, monkeypatch, capsys):
+def test_ctrl_c_during_commit_is_held_and_reported_truly(tmp_path, monkeypatch, capsys, sigint_raises):
     real_replace = os.replace
     calls = []
 
@@ -322,6 +323,58 @@ def test_16_bit_and_float_images_are_read_by_their_type_range(tmp_path):
         assert str(p.name) in str(e.value) and len(str(e.value).splitlines()) == 1
 
 
+def _png_header(path: Path, width: int, height: int) -> Path:
+    """A PNG that says it is ``width`` x ``height`` (8-bit RGB) but holds no pixels: Pillow
+    reads its size from the header without allocating the image."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0"))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def test_image_size_limit_is_ttregs_not_pillows(tmp_path, monkeypatch):
+    """The documented 20000x20000 holds: Pillow's own guard (89.5 MP by default) does not refuse
+    a 100 MP photo; over the limit is one line with the size, before any pixel is decoded."""
+    from PIL import ImageFile
+    import ttreg.data as data
+    assert data.MAX_PIXELS == 20000 * 20000 and Image.MAX_IMAGE_PIXELS < 100_000_000
+    pillow_default = Image.MAX_IMAGE_PIXELS
+    decoded = []
+
+    def load(self):   # a header-only file cannot be decoded; say how far it got instead
+        decoded.append(self.size)
+        raise OSError("reached decoding")
+    monkeypatch.setattr(ImageFile.ImageFile, "load", load)
+    with pytest.raises(ImageError, match=r"photo.png: corrupt or truncated image \(reached decoding\)"):
+        load_image(_png_header(tmp_path / "photo.png", 12000, 8400))          # 100.8 MP
+    assert decoded == [(12000, 8400)]
+    for w, h in ((20000, 20000), (16000, 25000)):      # exactly the limit
+        with pytest.raises(ImageError, match="reached decoding"):
+            load_image(_png_header(tmp_path / "edge.png", w, h))
+    for w, h, needle in ((20001, 20000, "20001x20000 is too large (over 20000x20000 = 400000000 pixels)"),
+                         (40000, 40000, "too large (over 20000x20000 = 400000000 pixels)")):  # Pillow's refusal
+        decoded.clear()
+        with pytest.raises(ImageError) as e:
+            load_image(_png_header(tmp_path / "big.png", w, h))
+        assert needle in str(e.value) and "downscale it first" in str(e.value) and "\n" not in str(e.value)
+        assert decoded == []
+    assert Image.MAX_IMAGE_PIXELS == pillow_default                       # Pillow's setting restored
+    # the limit is the module's: a smaller one holds the same way, a real image under it loads
+    monkeypatch.undo()
+    monkeypatch.setattr(data, "MAX_SIDE", 70)
+    monkeypatch.setattr(data, "MAX_PIXELS", 70 * 70)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)                    # Pillow's far lower
+    ok = load_image(_png(tmp_path, "ok.png", np.full((70, 70, 3), 9, np.uint8)))
+    assert ok.size == (70, 70) and np.asarray(ok).max() == 9 and Image.MAX_IMAGE_PIXELS == 1000
+    with pytest.raises(ImageError, match=r"71x70 is too large \(over 70x70 = 4900 pixels\)"):
+        load_image(_png(tmp_path, "no.png", np.full((70, 71, 3), 9, np.uint8)))
+
+
 def test_elongated_image_is_refused_and_resize_memory_is_bounded(tmp_path, monkeypatch):
     long = _png(tmp_path, "long.png", np.full((1, 60000), 200, np.uint8))
     with pytest.raises(ImageError, match="60000x1 is too elongated"):
@@ -389,6 +442,18 @@ NEURON_FILES = [
     ("num_images negative", {"num_images": -4}, "num_images must be >= 0"),
     ("note a number", {"note": 5}, "'note' must be a string"),
     ("deep provenance", {"provenance": {"a": json.loads("[" * 40 + "]" * 40)}}, "provenance is nested"),
+    # NaN and Infinity are no JSON: Python writes them unless told not to, strict parsers refuse them
+    ("NaN score", {"neurons": [{"layer": 1, "neuron": 2, "score": math.nan}]},
+     "neurons[0].score must be a finite number, got nan"),
+    ("Infinity score", {"neurons": [{"layer": 1, "neuron": 2, "score": -math.inf}]},
+     "neurons[0].score must be a finite number, got -inf"),
+    ("NaN in the sample", {"fingerprint": {"weights_sample": [0.5, math.nan]}},
+     "fingerprint.weights_sample[1] must be a finite number"),
+    ("Infinity in statistics", {"statistics": {"ratio": [2.0, math.inf]}}, "statistics.ratio[1] is inf"),
+    ("bias file elsewhere", {"attention_bias": {"file": "../n.bias.safetensors"}},
+     "attention_bias.file must name a file beside it (a plain file name), got '../n.bias.safetensors'"),
+    ("bias file a folder", {"attention_bias": {"file": "."}}, "attention_bias.file must name a file"),
+    ("bias not an object", {"attention_bias": "n.bias.safetensors"}, "'attention_bias' must be an object"),
 ]
 
 
@@ -401,6 +466,27 @@ def test_neuron_file_schema(tmp_path, name, patch, needle):
         RegisterNeurons.load(p)
     msg = str(e.value)
     assert needle in msg and len(msg.splitlines()) == 1 and str(p) in msg
+
+
+def test_neuron_files_are_written_as_standard_json(tmp_path):
+    """A score that is no number is refused when the set is made; a NaN anywhere else stops the
+    write with the field named, and leaves no file; what is written is strict JSON."""
+    for scores in ([math.nan], [math.inf]):
+        with pytest.raises(ValueError, match=r"scores\[0\] must be a finite number"):
+            RegisterNeurons([(1, 7)], scores)
+    rn = RegisterNeurons([(1, 7), (3, 21)], [2.0, 1.0])
+    rn.statistics["heldout_after"] = {"mean_norm_ratio": math.nan}
+    with pytest.raises(ValueError, match=r"^cannot write .*n\.json: statistics\.heldout_after\.mean_norm_ratio "
+                                         r"is nan, and JSON has no NaN or infinity$"):
+        rn.save(tmp_path / "n.json")
+    assert list(tmp_path.iterdir()) == []
+    rn.statistics["heldout_after"]["mean_norm_ratio"] = 1.5
+    text = rn.save(tmp_path / "n.json").read_text()
+
+    def refuse(word):
+        raise AssertionError(f"non-standard JSON: {word}")
+    assert json.loads(text, parse_constant=refuse)["neurons"][0] == {"layer": 1, "neuron": 7, "score": 2.0}
+    assert RegisterNeurons.load(tmp_path / "n.json").statistics["heldout_after"] == {"mean_norm_ratio": 1.5}
 
 
 def test_neuron_file_nesting_and_plain_mappings(tmp_path, capsys, imgs):
@@ -679,7 +765,8 @@ def test_ctrl_c_during_import_is_one_line_exit_130(tmp_path):
     """SIGINT while torch is being imported (-X importtime says when)."""
     p = subprocess.Popen([sys.executable, "-X", "importtime", "-m", "ttreg", "calibrate", "--model",
                           "planted", "--images", str(tmp_path), "--out", str(tmp_path / "n.json")],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                         preexec_fn=default_sigint)
     seen = []
     for line in p.stderr:  # the first finished torch submodule: torch is being imported now
         seen.append(line)
@@ -705,3 +792,21 @@ def test_open_clip_error_log_line_is_not_printed(tmp_path, capsys, imgs):
         assert "ERROR:root" not in err and root.handlers == []
     finally:
         root.handlers = saved
+
+
+def test_ci_runs_the_default_and_the_slow_tests():
+    """CI (.ci/run) runs `make test-all`: the default suite, then `pytest -m slow`, where
+    pytest's exit 5 (nothing selected) is no failure."""
+    import shutil
+    root = README.parent
+    assert "make test-all" in (root / ".ci" / "run").read_text()
+    if shutil.which("make") is None:
+        pytest.skip("no make here")
+    venv = Path(sys.executable).parent.parent
+    steps = subprocess.run(["make", "-n", "test-all", f"VENV={venv}"], cwd=root, capture_output=True,
+                           text=True, check=True).stdout.splitlines()
+    runs = [s for s in steps if "-m pytest" in s]
+    assert runs == [f"{venv}/bin/python -m pytest", f"{venv}/bin/python -m pytest -m slow || [ $? -eq 5 ]"]
+    for code, ok in ((0, True), (5, True), (1, False)):
+        tail = runs[1].split("||", 1)[1]
+        assert (subprocess.run(["sh", "-c", f"sh -c 'exit {code}' ||{tail}"]).returncode == 0) is ok

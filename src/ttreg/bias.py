@@ -20,6 +20,7 @@ from .adapters import wrap
 from .data import check_batch_size, shard_batches
 from .distributed import all_reduce_, shard_for_rank
 from .hooks import HookSet
+from .neurons import eval_mode
 from .registers import active_registers, test_time_registers
 from .sizes import as_sizes, at_size
 from .spec import AttentionBias, RegisterNeurons, as_register_neurons
@@ -129,9 +130,7 @@ def fit_attention_bias(model, neurons, images, *, num_registers: int = 1, preset
         if stats is None:   # the shapes are known from the first call
             stats = BiasStats.zeros(L, k.shape[1], k.shape[-1], v.shape[-1])
         stats.add(layer, k, v)
-    was_training = ad.model.training
-    ad.model.eval()
-    try:
+    with eval_mode(ad.model):     # each module's own train/eval mode comes back afterwards
         for size in cfg.run_sizes:
             with at_size(ad, size, probe=False):
                 for x in shard_batches(images, ad, cfg.batch_size, transform, strict, progress,
@@ -143,8 +142,6 @@ def fit_attention_bias(model, neurons, images, *, num_registers: int = 1, preset
                                           kv=(R, lambda k, v, layer=layer: sink(layer, k, v)))
                         ad.run(x)
                     images_seen += x.shape[0]
-    finally:
-        ad.model.train(was_training)
     shapes = None if stats is None else (stats.key_sum.shape[1], stats.key_sum.shape[2],
                                          stats.value_sum.shape[2])
     agreed = _agreed_shapes(shapes, images_seen)
@@ -156,7 +153,7 @@ def fit_attention_bias(model, neurons, images, *, num_registers: int = 1, preset
     if missing:
         raise RuntimeError(_NOT_REACHED.format(layer=missing[0], cls=type(ad.attention(missing[0])).__name__))
     key, value = stats.mean()
-    return AttentionBias(key, value, torch.full((L,), float(R)), neurons=rn.neurons,
+    return AttentionBias(key, value, torch.full((L,), float(R), dtype=torch.float32), neurons=rn.neurons,
                          num_images=stats.images, num_registers=R,
                          fingerprint=RegisterNeurons.fingerprint_of(ad),
                          provenance={"method": "ttreg.fit_attention_bias", "model": ad.describe(),

@@ -6,7 +6,7 @@ Exit status (README's "Command line" section repeats this list):
 * 1 -- an unexpected failure inside a model or a library (a traceback is printed).
 * 2 -- a user error, printed as one line on stderr that says what to do: a bad argument, an
   unreadable input, an output path ttreg will not write, a missing optional package, a neuron
-  set for another model. Paths and images are checked before the model loads.
+  set for another model or an attention bias whose heads do not fit it (before any work). Paths and images are checked before the model loads.
 * 3 -- ``calibrate --top-k auto`` found no set of neurons that clears the held-out images, even
   after widening the search; the neuron file (the best available set) and the report are
   written, the reason printed.

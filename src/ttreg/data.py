@@ -19,7 +19,9 @@ the source, so its memory is bounded by the output size whatever the aspect rati
 from __future__ import annotations
 
 import bisect
+import contextlib
 import os
+import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,8 +33,11 @@ import torch
 from .spec import as_index
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
-#: images larger than this many pixels are refused (decompression-bomb guard)
-MAX_PIXELS = 20_000 * 20_000
+#: images larger than this many pixels (20000x20000) are refused before they are decoded: ttreg's
+#: decompression-bomb guard, which replaces Pillow's (``PIL.Image.MAX_IMAGE_PIXELS``, about
+#: 89.5 MP by default, which would refuse a 100 MP camera photo) while ttreg opens a file
+MAX_SIDE = 20_000
+MAX_PIXELS = MAX_SIDE * MAX_SIDE
 #: images more elongated than this (long side / short side) are refused: resizing the short
 #: side to a model's input size would make a huge intermediate in timm's and HF's transforms
 MAX_ASPECT = 100
@@ -252,24 +257,23 @@ def load_image(path: str | os.PathLike):
         raise ImageError(f"{display_name(p)} is a folder, not an image")
     name = display_name(p)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(p) as im:
-                size = (im.width, im.height)
-                if im.width * im.height <= MAX_PIXELS:
-                    im.load()
-                    decoded = im  # pixels loaded: usable after the file is closed
+        with _pillow_limit(), Image.open(p) as im:
+            size = (im.width, im.height)
+            if im.width * im.height <= MAX_PIXELS:
+                im.load()
+                decoded = im  # pixels loaded: usable after the file is closed
     except PermissionError:
         raise ImageError(f"{display_name(p)}: permission denied (cannot read the file)") from None
     except UnidentifiedImageError:
         raise ImageError(f"{display_name(p)}: not an image file (or a format Pillow cannot read)") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageError(f"{display_name(p)}: too large to decode safely; downscale it first") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):   # far over MAX_PIXELS
+        raise ImageError(f"{name}: too large (over {MAX_SIDE}x{MAX_SIDE} = {MAX_PIXELS} pixels); "
+                         "downscale it first") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageError(f"{display_name(p)}: corrupt or truncated image ({e})") from None
     if size[0] * size[1] > MAX_PIXELS:
-        raise ImageError(f"{name}: {size[0]}x{size[1]} is too large (over {MAX_PIXELS} pixels); "
-                         "downscale it first")
+        raise ImageError(f"{name}: {size[0]}x{size[1]} is too large (over {MAX_SIDE}x{MAX_SIDE} = "
+                         f"{MAX_PIXELS} pixels); downscale it first")
     if max(size) > MAX_ASPECT * max(1, min(size)):
         raise ImageError(f"{name}: {size[0]}x{size[1]} is too elongated (over {MAX_ASPECT}:1); "
                          "crop it first")
@@ -277,6 +281,26 @@ def load_image(path: str | os.PathLike):
         return to_rgb(decoded)
     except ImageError as e:
         raise ImageError(f"{name}: {e}") from None
+
+
+_PILLOW_LIMIT = threading.Lock()
+
+
+@contextlib.contextmanager
+def _pillow_limit() -> Iterator[None]:
+    """Pillow's decompression-bomb limit set to :data:`MAX_PIXELS` for one open-and-decode
+    (restored afterwards; one at a time): Pillow warns above its limit and refuses above twice
+    it, so its warning is silenced here and ttreg's own size check (with the image's width and
+    height) decides; only an image over twice the limit is refused by Pillow itself."""
+    from PIL import Image
+    with _PILLOW_LIMIT, warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        before = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = before
 
 
 def to_rgb(im):
@@ -400,8 +424,8 @@ class CenterCropTransform:
     def __init__(self, size: tuple[int, int], mean: Sequence[float], std: Sequence[float]) -> None:
         self.size = (int(size[0]), int(size[1]))
         self.mean, self.std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
-        self._mean = torch.tensor(self.mean).view(3, 1, 1)
-        self._std = torch.tensor(self.std).view(3, 1, 1)
+        self._mean = torch.tensor(self.mean, dtype=torch.float32).view(3, 1, 1)   # whatever the default dtype
+        self._std = torch.tensor(self.std, dtype=torch.float32).view(3, 1, 1)
 
     def __call__(self, im) -> torch.Tensor:
         from PIL import Image

@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterator
 
 __all__ = ["OutputPathError", "Outputs", "atomic_write", "write_json", "write_text",
            "check_output_file", "check_output_folder", "same_file", "committed_count",
-           "created_folders"]
+           "created_folders", "first_non_finite"]
 
 
 class OutputPathError(OSError):
@@ -279,7 +279,15 @@ def _text_writer(text: str) -> Callable[[Path], None]:
 
 
 def json_text(data: Any) -> str:
-    return json.dumps(data, indent=2) + "\n"
+    """Indented standard JSON; a NaN or infinity (which JSON has no word for, and strict parsers
+    refuse) is a one-line ``ValueError`` that names where it is."""
+    try:
+        return json.dumps(data, indent=2, allow_nan=False) + "\n"
+    except ValueError as e:
+        where = first_non_finite(data) if "Out of range float" in str(e) else None
+        if where is None:   # (a circular reference)
+            raise
+        raise ValueError(f"{where[0]} is {where[1]!r}, and JSON has no NaN or infinity") from None
 
 
 def write_text(path: str | os.PathLike, text: str, outputs: Outputs | None = None) -> Path:
@@ -291,5 +299,26 @@ def write_text(path: str | os.PathLike, text: str, outputs: Outputs | None = Non
 
 def write_json(path: str | os.PathLike, data: Any, outputs: Outputs | None = None) -> Path:
     """Write indented JSON atomically (or stage it in ``outputs``). Serialised before anything is
-    written, so data that is not JSON leaves no file."""
-    return write_text(path, json_text(data), outputs)
+    written, so data that is not JSON (a NaN included) leaves no file."""
+    try:
+        text = json_text(data)
+    except ValueError as e:
+        raise ValueError(f"cannot write {path}: {e}") from None
+    return write_text(path, text, outputs)
+
+
+def first_non_finite(obj: Any, name: str = "") -> tuple[str, float] | None:
+    """``(where, value)`` of the first NaN or infinity inside nested dicts and lists (``where``
+    like ``statistics.ratio[3]``, after ``name``), or None when there is none."""
+    import math
+    stack = [(name, obj)]
+    while stack:
+        where, o = stack.pop()
+        if isinstance(o, float) and not math.isfinite(o):
+            return where or "the value", o
+        if isinstance(o, dict):
+            stack.extend((f"{where}.{k}" if where else str(k), v) for k, v in reversed(list(o.items())))
+        elif isinstance(o, (list, tuple)):
+            stack.extend((f"{where}[{i}]", v) for i, v in reversed(list(enumerate(o))))
+    return None
+

@@ -21,7 +21,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .loading import _is_network_error, _loading, _one_line
+from .loading import (MAX_NEURON_FILE_BYTES, _is_network_error, _loading, _one_line, bias_file_name,
+                      read_bytes_at_most)
 from .files import write_text
 from .text import count
 
@@ -57,10 +58,12 @@ def neuron_file(name: str | os.PathLike, *, revision: str | None = None,
     with _loading(f"the neuron set hf:{name}"):
         path = Path(hf_hub_download(name, NEURONS_FILE, revision=revision, cache_dir=cache_dir,
                                     token=token, library_name="ttreg"))
-        ref = json.loads(path.read_text()).get("attention_bias")
-        if isinstance(ref, dict) and isinstance(ref.get("file"), str):
-            # lands in the same snapshot folder, beside the JSON that names it
-            hf_hub_download(name, ref["file"], revision=revision, cache_dir=cache_dir, token=token,
+        data = json.loads(read_bytes_at_most(path, MAX_NEURON_FILE_BYTES, "ttreg neuron file"))
+        # the bias file it names: a plain name beside it, checked before anything is downloaded
+        # (its size is checked before it is read, by AttentionBias.load)
+        bias = bias_file_name(data, f"{NEURONS_FILE} of hf:{name}") if isinstance(data, dict) else None
+        if bias is not None:   # lands in the same snapshot folder, beside the JSON that names it
+            hf_hub_download(name, bias, revision=revision, cache_dir=cache_dir, token=token,
                             library_name="ttreg")
     return path
 

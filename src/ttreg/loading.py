@@ -1,19 +1,26 @@
 """Loading from disk or the Hugging Face Hub with one-line failures: the error type, the
 metadata keys of ttreg's weight files, and the context that turns any failure into one line
 (``could not download <what> -- no network? pass a local path``), using the local Hub cache
-when the Hub cannot be reached. Shared by :mod:`ttreg.models`, :mod:`ttreg.builtin` and
-:mod:`ttreg.hub`.
+when the Hub cannot be reached; and reading a named file safely (:func:`plain_file_name`: a
+name from a file is a file beside it; :func:`read_bytes_at_most`: the size is checked before
+reading). Shared by :mod:`ttreg.models`, :mod:`ttreg.builtin`, :mod:`ttreg.hub` and
+:mod:`ttreg.spec`.
 """
 from __future__ import annotations
 
 import contextlib
 import os
 import socket
-from typing import Iterator
+from pathlib import Path
+from typing import Any, Iterator, Mapping
 from urllib.parse import urlparse
 
 #: metadata keys of a safetensors file written by :func:`ttreg.models.save_model`
 META_SPEC, META_KWARGS = "ttreg.spec", "ttreg.kwargs"
+#: the largest neuron JSON and attention-bias file ttreg reads (real ones are kilobytes to a
+#: few megabytes); a larger file is refused before it is read
+MAX_NEURON_FILE_BYTES = 64 << 20
+MAX_BIAS_FILE_BYTES = 256 << 20
 
 
 class ModelLoadError(ValueError):
@@ -108,3 +115,42 @@ def _loading(what: str, network: bool = True) -> Iterator[None]:
             err = ModelLoadError(msg)
             err.original = e
             raise err from None
+
+
+def plain_file_name(name: Any, what: str) -> str:
+    """``name`` if it names a file in the same folder (no folder part, not ``.`` or ``..``);
+    a one-line ``ValueError`` otherwise (``what`` says where the name comes from)."""
+    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name \
+            or "\0" in name or Path(name).name != name:
+        raise ValueError(f"{what} must name a file beside it (a plain file name), got {name!r}")
+    return name
+
+
+def read_bytes_at_most(path: str | os.PathLike, limit: int, what: str) -> bytes:
+    """The bytes of ``path``, refused in one line (before reading) when it is over ``limit``
+    bytes, as no ``what`` is that large."""
+    p = Path(path)
+    size = p.stat().st_size
+    if size > limit:
+        raise ValueError(f"{p} is {size} bytes; no {what} is over {limit} bytes, so it is not one")
+    with open(p, "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:   # it grew after the check
+        raise ValueError(f"{p} is over {limit} bytes; no {what} is that large, so it is not one")
+    return data
+
+
+def bias_file_name(data: Mapping[str, Any], where: Any) -> str | None:
+    """The attention-bias file a neuron file's dict names (``attention_bias.file``: a plain file
+    name, the file beside it), or None when it names none; a one-line ``ValueError`` naming
+    ``where`` (the file) otherwise. Checked before that file is read or downloaded."""
+    ref = data.get("attention_bias")
+    if not ref:
+        return None
+    if not isinstance(ref, Mapping):
+        raise ValueError(f"{where}: 'attention_bias' must be an object naming a file beside it, "
+                         f"got {type(ref).__name__}")
+    try:
+        return plain_file_name(ref.get("file"), "attention_bias.file")
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None

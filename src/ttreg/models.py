@@ -74,17 +74,17 @@ def _load_timm(rest: str, **_: Any) -> tuple[nn.Module, Callable]:
         from timm.data import create_transform, resolve_model_data_config
     except ImportError:
         raise ModelLoadError("timm models need timm: pip install timm") from None
-    name, _, file = rest.partition("@")
+    name, at, file = rest.partition("@")
+    form = "a timm spec looks like timm:NAME or timm:NAME@/path/weights.safetensors"
+    if not name:
+        raise ModelLoadError(f"empty model name in 'timm:{rest}'; {form}")
     kwargs: dict[str, Any] = {}
-    if file:
-        path = Path(file).expanduser()
-        if not path.is_file():
-            raise ModelLoadError(f"no such checkpoint file: {path}")
-        kwargs["pretrained_cfg_overlay"] = {"file": str(path)}
+    if at:
+        kwargs["pretrained_cfg_overlay"] = {"file": str(_weights_file(f"timm:{rest}", file, form))}
     on_hub = name.startswith(("hf-hub:", "hf_hub:"))
     if not on_hub and not timm.is_model(name):
         raise ModelLoadError(f"timm {timm.__version__} has no model {name!r}")
-    if not (on_hub or file):
+    if not (on_hub or at):
         try:
             cfg = timm.models.get_pretrained_cfg(name)
         except RuntimeError as e:  # an unknown pretrained tag
@@ -95,6 +95,33 @@ def _load_timm(rest: str, **_: Any) -> tuple[nn.Module, Callable]:
     with _loading(f"timm:{rest}"):
         model = timm.create_model(name, pretrained=True, **kwargs)
     return model, create_transform(**resolve_model_data_config(model), is_training=False)
+
+
+#: how a weights file starts: a zip archive (torch.save, NumPy .npz), a pickle (torch.save's
+#: legacy format)
+_WEIGHTS_MAGIC = (b"PK\x03\x04", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
+
+
+def _weights_file(spec: str, file: str, form: str) -> Path:
+    """The local weights file after ``@`` in ``spec``: it exists, and is a safetensors file, a
+    PyTorch checkpoint (``torch.save``) or a NumPy archive -- checked from its first bytes, so
+    ``@/etc/passwd`` is one line that says what a spec looks like, not a loader's traceback."""
+    if not file:
+        raise ModelLoadError(f"nothing after '@' in {spec!r}; {form}")
+    path = Path(file).expanduser()
+    if not path.is_file():
+        raise ModelLoadError(f"no such checkpoint file: {path} (in {spec!r}; {form})")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError as e:
+        raise ModelLoadError(f"cannot read the checkpoint file {path}: {_one_line(e)}") from None
+    size = int.from_bytes(head[:8], "little") if len(head) == 9 else 0
+    safetensors = len(head) == 9 and head[8:9] == b"{" and 0 < size <= path.stat().st_size - 8
+    if not (safetensors or head.startswith(_WEIGHTS_MAGIC)):
+        raise ModelLoadError(f"{path} is not a weights file (a .safetensors file or a PyTorch "
+                             f"checkpoint saved with torch.save); {form}")
+    return path
 
 
 class HFImageTransform:
@@ -204,7 +231,15 @@ def _load_open_clip(rest: str, **_: Any) -> tuple[nn.Module, Callable]:
     if rest.startswith(("hf-hub:", "local-dir:")):
         arch, pretrained = rest, None
     else:
-        arch, _, pretrained = rest.partition("@") if "@" in rest else rest.partition("/")
+        arch, sep, pretrained = rest.partition("@") if "@" in rest else rest.partition("/")
+        form = ("an open_clip spec looks like open_clip:ARCH/PRETRAINED, open_clip:ARCH@/path/file.bin "
+                "or open_clip:hf-hub:ORG/NAME")
+        if not arch:
+            raise ModelLoadError(f"empty architecture in 'open_clip:{rest}'; {form}")
+        if sep == "@":
+            pretrained = str(_weights_file(f"open_clip:{rest}", pretrained, form))
+        elif sep and not pretrained:
+            raise ModelLoadError(f"nothing after '/' in 'open_clip:{rest}'; {form}")
     with _root_log_held(), _loading(f"open_clip:{rest}"):
         model, _, preprocess = open_clip.create_model_and_transforms(
             arch, pretrained=pretrained or None, require_pretrained=True)

@@ -48,7 +48,7 @@ def thresholds(patch_norms: torch.Tensor, threshold: float | str = "auto",
     if check_threshold(threshold) == "auto":
         stat = pn.mean(dim=1) + 3 * pn.std(dim=1)
         return torch.maximum(stat, min_ratio * pn.median(dim=1).values)
-    return torch.full((pn.shape[0],), float(threshold), device=pn.device)
+    return torch.full((pn.shape[0],), float(threshold), dtype=pn.dtype, device=pn.device)
 
 
 def outlier_mask(norms: torch.Tensor, num_prefix: int, num_registers: int = 0,
@@ -90,7 +90,7 @@ def majority_layer(fraction_with_outliers, majority: float = 0.5) -> int | None:
 
     Reported as evidence only: mildly large tokens in early layers pass the ``auto`` threshold
     too, so this is no emergence rule (see :func:`emergence_layer`)."""
-    frac = torch.as_tensor(fraction_with_outliers)
+    frac = torch.as_tensor(fraction_with_outliers, dtype=torch.float64)
     hits = torch.nonzero(frac > majority).flatten()
     return int(hits[0]) if len(hits) else None
 

@@ -34,12 +34,16 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import operator
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
+
+from .files import first_non_finite
+from .loading import MAX_BIAS_FILE_BYTES, MAX_NEURON_FILE_BYTES, bias_file_name, read_bytes_at_most
 
 FORMAT = "ttreg.register_neurons"
 VERSION = 2
@@ -131,10 +135,25 @@ def _sizes_field(v: Any) -> dict[str, list[tuple[int, int]]] | None:
 
 
 def _number(v: Any, what: str) -> float:
-    """A score: a real number (not a bool, not a string)."""
+    """A score: a finite real number (not a bool, not a string, not NaN or infinity)."""
     if isinstance(v, (bool, str, bytes)) or not hasattr(v, "__float__"):
         raise ValueError(f"{what} must be a number, got {v!r}")
-    return float(v)
+    f = float(v)
+    if not math.isfinite(f):
+        raise ValueError(f"{what} must be a finite number, got {f!r} (JSON has no NaN or infinity)")
+    return f
+
+
+def _index_pairs(items: Any, what: str) -> list[tuple[int, int]]:
+    """``(layer, neuron)`` pairs of whole numbers >= 0, each checked (``what[i]`` in messages)."""
+    if isinstance(items, (str, bytes, Mapping)) or not hasattr(items, "__iter__"):
+        raise ValueError(f"{what} must be a list of (layer, neuron) pairs, got {items!r}")
+    pairs = []
+    for i, p in enumerate(items):
+        if isinstance(p, (str, bytes, Mapping)) or not hasattr(p, "__len__") or len(p) != 2:
+            raise ValueError(f"{what}[{i}] must be a (layer, neuron) pair, got {p!r}")
+        pairs.append((as_index(p[0], f"{what}[{i}] layer"), as_index(p[1], f"{what}[{i}] neuron")))
+    return pairs
 
 
 def _mapping(v: Any, what: str) -> dict:
@@ -143,7 +162,29 @@ def _mapping(v: Any, what: str) -> dict:
     if not isinstance(v, Mapping):
         raise ValueError(f"{what} must be an object, got {type(v).__name__}")
     _check_depth(v, what)
+    bad = first_non_finite(v, what)
+    if bad:
+        raise ValueError(f"{bad[0]} is {bad[1]!r}, and JSON has no NaN or infinity")
     return dict(v)
+
+
+def _fingerprint_field(fp: Any, what: str) -> dict[str, Any] | None:
+    """A fingerprint validated: null, or an object whose ``architecture`` is an object,
+    ``weights`` a string or null and ``weights_sample`` a list of finite numbers or null."""
+    if fp is None:
+        return None
+    if not isinstance(fp, Mapping):
+        raise ValueError(f"'{what}' must be an object or null, got {type(fp).__name__}")
+    fp = dict(fp)
+    fp["architecture"] = _mapping(fp.get("architecture"), f"{what}.architecture") or None
+    if fp.get("weights") is not None and not isinstance(fp["weights"], str):
+        raise ValueError(f"{what}.weights must be a string or null, got {fp['weights']!r}")
+    sample = fp.get("weights_sample")
+    if sample is not None:
+        if not isinstance(sample, list):
+            raise ValueError(f"{what}.weights_sample must be a list of numbers or null")
+        fp["weights_sample"] = [_number(v, f"{what}.weights_sample[{i}]") for i, v in enumerate(sample)]
+    return fp
 
 
 def _check_depth(obj: Any, what: str) -> None:
@@ -182,12 +223,7 @@ class RegisterNeurons:
     sizes: dict[str, list[tuple[int, int]]] | None = None
 
     def __post_init__(self) -> None:
-        pairs = []
-        for i, p in enumerate(self.neurons):
-            if isinstance(p, (str, bytes, Mapping)) or not hasattr(p, "__len__") or len(p) != 2:
-                raise ValueError(f"neurons[{i}] must be a (layer, neuron) pair, got {p!r}")
-            pairs.append((as_index(p[0], f"neurons[{i}] layer"), as_index(p[1], f"neurons[{i}] neuron")))
-        self.neurons = pairs
+        self.neurons = _index_pairs(self.neurons, "neurons")
         if self.scores is not None:
             self.scores = [_number(s, f"scores[{i}]") for i, s in enumerate(self.scores)]
             if len(self.scores) != len(self.neurons):
@@ -245,6 +281,8 @@ class RegisterNeurons:
                 raise ModelMismatchError(
                     f"neuron ({l}, {n}): block {l} of this model has {ad.mlp_width(l)} MLP neurons, "
                     "so the neuron set is for another model", found_for)
+        if self.attention_bias is not None:   # its heads must fit too, before any work
+            self.attention_bias.check_model(ad, self)
 
     def found_for(self) -> str | None:
         """The model this set was found for, in words (from its provenance or fingerprint)."""
@@ -351,19 +389,7 @@ class RegisterNeurons:
             pairs.append((as_index(r["layer"], f"neurons[{i}].layer"), as_index(r["neuron"], f"neurons[{i}].neuron")))
             s = r.get("score")
             scores.append(None if s is None else _number(s, f"neurons[{i}].score"))
-        fp = data.get("fingerprint")
-        if fp is not None:
-            if not isinstance(fp, Mapping):
-                raise ValueError(f"'fingerprint' must be an object or null, got {type(fp).__name__}")
-            fp = dict(fp)
-            fp["architecture"] = _mapping(fp.get("architecture"), "fingerprint.architecture") or None
-            if fp.get("weights") is not None and not isinstance(fp["weights"], str):
-                raise ValueError(f"fingerprint.weights must be a string or null, got {fp['weights']!r}")
-            sample = fp.get("weights_sample")
-            if sample is not None:
-                if not isinstance(sample, list):
-                    raise ValueError("fingerprint.weights_sample must be a list of numbers or null")
-                fp["weights_sample"] = [_number(v, "fingerprint.weights_sample") for v in sample]
+        fp = _fingerprint_field(data.get("fingerprint"), "fingerprint")
         note = data.get("note")
         if note is not None and not isinstance(note, str):
             raise ValueError(f"'note' must be a string, got {type(note).__name__}")
@@ -402,7 +428,7 @@ class RegisterNeurons:
         if not p.is_file():
             raise FileNotFoundError(f"no neuron file at {p}")
         try:
-            data = json.loads(p.read_text(encoding="utf-8"))
+            data = json.loads(read_bytes_at_most(p, MAX_NEURON_FILE_BYTES, "ttreg neuron file").decode("utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{p} is not a ttreg neuron file (not valid JSON: {e})") from None
         except RecursionError:
@@ -415,12 +441,12 @@ class RegisterNeurons:
             raise
         except ValueError as e:
             raise ValueError(f"{p}: {e}") from None
-        ref = data.get("attention_bias")
-        if ref:
-            if not isinstance(ref, dict) or not isinstance(ref.get("file"), str) or \
-                    Path(ref["file"]).name != ref["file"]:
-                raise ValueError(f"{p}: 'attention_bias' must name a file beside it")
-            rn.attention_bias = AttentionBias.load(p.parent / ref["file"], sha256=ref.get("sha256"))
+        name = bias_file_name(data, p)
+        if name is not None:
+            sha = data["attention_bias"].get("sha256")
+            if sha is not None and not isinstance(sha, str):
+                raise ValueError(f"{p}: attention_bias.sha256 must be a string, got {sha!r}")
+            rn.attention_bias = AttentionBias.load(p.parent / name, sha256=sha)
         return rn
 
     # --- the Hugging Face Hub (ttreg.hub) -------------------------------------------------------
@@ -529,7 +555,12 @@ class AttentionBias:
         import torch
         self.key, self.value = self.key.detach().float().cpu(), self.value.detach().float().cpu()
         self.weight = torch.as_tensor(self.weight, dtype=torch.float32).detach().cpu()
-        self.neurons = [(int(l), int(n)) for l, n in self.neurons]
+        self.neurons = _index_pairs(self.neurons, "neurons")
+        self.num_images = as_index(self.num_images, "num_images")
+        if as_index(self.num_registers, "num_registers") < 1:
+            raise ValueError(f"num_registers must be at least 1, got {self.num_registers}")
+        self.fingerprint = _fingerprint_field(self.fingerprint, "fingerprint")
+        self.provenance = _mapping(self.provenance, "provenance")
         if self.key.dim() != 3 or self.value.dim() != 3 or self.key.shape[:2] != self.value.shape[:2]:
             raise ValueError(f"attention bias: key and value must be (layers, heads, dim) with the same "
                              f"layers and heads; got {tuple(self.key.shape)} and {tuple(self.value.shape)}")
@@ -571,10 +602,31 @@ class AttentionBias:
         if self.num_layers != ad.num_layers:
             raise ModelMismatchError(f"this attention bias has {self.num_layers} layers, the model "
                                      f"{ad.num_layers} blocks: it was fitted on another model")
+        self.check_fits(ad)
         if neurons is not None and sorted(self.neurons) != sorted(neurons.neurons):
             raise ModelMismatchError(
                 f"this attention bias was fitted with other register neurons ({len(self.neurons)}, "
                 f"not the {len(neurons)} given)")
+
+    def check_fits(self, model) -> None:
+        """Raise a one-line ``ValueError`` unless every layer this bias adds a key to has
+        attention of its heads and head size (what the attention kernel will be given); layers
+        whose attention does not say (:meth:`ttreg.adapters.Adapter.attention_heads`) are
+        checked at their first call. Cheap: no forward pass."""
+        from .adapters import wrap
+        ad = wrap(model)
+        have = (int(self.key.shape[1]), int(self.key.shape[2]), int(self.value.shape[2]))
+        for layer in self.layers:
+            if layer >= ad.num_layers:
+                raise ValueError(f"this attention bias adds a key in layer {layer}; the model has "
+                                 f"{ad.num_layers} blocks: it was fitted on another model")
+            want = ad.attention_heads(layer)
+            if want is not None and tuple(want) != have:
+                raise ValueError(
+                    f"this attention bias has {have[0]} heads of size {have[1]} (values {have[2]}); "
+                    f"block {layer}'s attention has {want[0]} heads of size {want[1]} (values "
+                    f"{want[2]}): it was fitted on another model; fit one for this model "
+                    "(ttreg.fit_attention_bias, or ttreg export --form bias --images DIR)")
 
     # --- file ---------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike, outputs=None) -> str:
@@ -603,7 +655,7 @@ class AttentionBias:
         p = Path(path)
         if not p.is_file():
             raise FileNotFoundError(f"no attention-bias file at {p}")
-        blob = p.read_bytes()
+        blob = read_bytes_at_most(p, MAX_BIAS_FILE_BYTES, "ttreg attention-bias file")
         if sha256 and hashlib.sha256(blob).hexdigest() != sha256:
             raise ValueError(f"{p} is not the attention-bias file its neuron file was saved with "
                              "(SHA-256 differs): it was changed or replaced")
@@ -614,12 +666,39 @@ class AttentionBias:
             raise ValueError(f"{p} is not a ttreg attention-bias file ({e})") from None
         if meta.get("format") != BIAS_FORMAT or not {"key", "value", "weight"} <= tensors.keys():
             raise ValueError(f"{p} is not a ttreg attention-bias file")
-        return cls(tensors["key"], tensors["value"], tensors["weight"],
-                   neurons=[tuple(n) for n in json.loads(meta.get("neurons") or "[]")],
-                   num_images=int(meta.get("num_images") or 0),
-                   num_registers=int(meta.get("num_registers") or 1),
-                   fingerprint=json.loads(meta.get("fingerprint") or "null"),
-                   provenance=json.loads(meta.get("provenance") or "{}"))
+        try:
+            if meta.get("version", "1") != "1":
+                raise ValueError(f"metadata 'version' is {meta.get('version')!r}; this ttreg reads "
+                                 "version '1' (upgrade ttreg to read newer files)")
+            return cls(tensors["key"], tensors["value"], tensors["weight"],
+                       neurons=_meta_json(meta, "neurons", []),
+                       num_images=_meta_count(meta, "num_images", 0),
+                       num_registers=_meta_count(meta, "num_registers", 1),
+                       fingerprint=_meta_json(meta, "fingerprint", None),
+                       provenance=_meta_json(meta, "provenance", {}))
+        except ValueError as e:
+            raise ValueError(f"{p}: {e}") from None
+
+
+def _meta_json(meta: Mapping[str, str], key: str, default: Any) -> Any:
+    """A JSON-valued metadata field of an attention-bias file (``default`` when absent)."""
+    text = meta.get(key)
+    if not text:
+        return default
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise ValueError(f"metadata {key!r} is not valid JSON ({e})") from None
+
+
+def _meta_count(meta: Mapping[str, str], key: str, default: int) -> int:
+    """A whole-number metadata field of an attention-bias file (``default`` when absent)."""
+    text = meta.get(key)
+    if not text:
+        return default
+    if not (text.isascii() and text.isdigit()):
+        raise ValueError(f"metadata {key!r} must be a whole number >= 0, got {text!r}")
+    return int(text)
 
 
 def _safetensors_metadata(blob: bytes) -> dict[str, str]:

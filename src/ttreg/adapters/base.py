@@ -310,15 +310,37 @@ class Adapter:
     def weights_sample(self, tensors: int = 16, per_tensor: int = 4) -> list[float]:
         """A few weight values at fixed places (``per_tensor`` spread over each of ``tensors``
         weight tensors spread over the model): the same weights in another dtype give the same
-        numbers to within that dtype's rounding, other weights do not."""
+        numbers to within that dtype's rounding, other weights do not. The places are computed
+        in float32 whatever ``torch.get_default_dtype()`` is; a NaN or infinite weight reads as 0
+        or the largest float32, so the sample is standard JSON."""
         ws = self._float_weights()
         pick = [ws[round(i * (len(ws) - 1) / max(tensors - 1, 1))] for i in range(min(tensors, len(ws)))]
+        big = torch.finfo(torch.float32).max
         out: list[float] = []
         for _, t in pick:
             flat = t.detach().reshape(-1)
-            idx = torch.linspace(0, flat.numel() - 1, per_tensor).round().long().unique()
-            out += flat[idx.to(flat.device)].float().cpu().tolist()
+            idx = torch.linspace(0, flat.numel() - 1, per_tensor, dtype=torch.float32).round().long().unique()
+            values = flat[idx.to(flat.device)].float().cpu()
+            out += torch.nan_to_num(values, nan=0.0, posinf=big, neginf=-big).tolist()
         return out
+
+    def attention_heads(self, layer: int) -> tuple[int, int, int] | None:
+        """``(heads, key size, value size)`` of ``layer``'s attention, as its kernel is given them
+        (the shape an attention bias must have), read from the attention module or the first
+        submodule that says (``num_heads`` or ``num_attention_heads``; ``head_dim`` or
+        ``attention_head_size``, else the width over the heads); None where none says."""
+        for mod in self.attention(layer).modules():
+            heads = _int_attr(mod, "num_heads", "num_attention_heads")
+            if not heads:
+                continue
+            size = _int_attr(mod, "head_dim", "attention_head_size")
+            if not size:
+                width = _int_attr(mod, "embed_dim", "all_head_size")
+                if not width or width % heads:
+                    return None
+                size = width // heads
+            return heads, size, size
+        return None
 
     def fingerprint_module(self) -> nn.Module:
         """The module whose weights the fingerprint covers."""
@@ -419,6 +441,15 @@ class DelegatingAdapter(Adapter):
 
     def fingerprint_module(self) -> nn.Module:
         return self.inner.fingerprint_module()
+
+
+def _int_attr(mod: nn.Module, *names: str) -> int | None:
+    """The first of ``names`` that ``mod`` holds as a whole number > 0 (not a bool)."""
+    for name in names:
+        v = getattr(mod, name, None)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v
+    return None
 
 
 def initial_registers(pre: nn.Module | None, batch: int, num: int, like: torch.Tensor) -> torch.Tensor:
