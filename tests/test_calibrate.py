@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import ttreg
-from ttreg.calibrate import calibrate
+from ttreg.calibration import calibrate
 from ttreg.neurons import one_pass_bytes, search_stats
-from ttreg.spec import as_bytes
+from ttreg.register_neurons import as_bytes
 from ttreg.testing import mixed_images, planted_vit
 
 

@@ -109,7 +109,7 @@ def test_exception_inside_context_cleans_up(planted, images):
     assert all_hooks(planted) == before == 0
     assert torch.equal(planted(images), ref)
     with pytest.raises(RuntimeError, match="boom"):
-        from ttreg.trace import record
+        from ttreg.tracing import record
         with record(planted, range(6), {1: None}, attention_layers=[0, 5]):
             planted(images)
             raise RuntimeError("boom")

@@ -674,7 +674,7 @@ def test_padding_stays_out_registers_are_in(zoo, row):
     """Image 1 (3 rows of patches) padded into a batch with image 0 (all rows) gives the numbers
     it gives alone -- with registers and with neurons that fire hardest *on the padding*, so
     padding that leaked into the registers' value would show."""
-    from ttreg.trace import record
+    from ttreg.tracing import record
     model = zoo(row)
     batch, alone, n = _padded_runs(row, model, zoo.images[0], zoo.images[1, :, :3 * PATCH, :])
     ad = ttreg.wrap(model)
@@ -778,7 +778,7 @@ def test_generic_adapter_takes_callables_and_pickles():
 
 def test_generic_adapter_runs_the_whole_pipeline(zoo, tmp_path):
     from ttreg.data import make_transform, resolve_images
-    from ttreg.report import inspect_images
+    from ttreg.inspection import inspect_images
     model = zoo("any ViT: ttreg.wrap(model, attention=...)")
     spec = model._ttreg_wrap
     assert (spec.blocks, spec.mlp_down, spec.attention, spec.num_prefix_tokens) == ("stack", "ff.2", "mixer", 1)

@@ -91,7 +91,7 @@ def test_emergence_rule_on_hand_computed_curves():
 
 
 def test_top_k_search_finds_the_smallest_clearing_k_from_any_first_probe():
-    from ttreg.calibrate import _Sweep, score_gap
+    from ttreg.calibration import _Sweep, score_gap
     assert score_gap([5.97, 5.75, 5.68, 5.68, 2.80, 0.37, 0.36]) == 5 and score_gap([3.0]) == 1
     for n in (1, 7, 40):
         for kstar in [*range(1, n + 1), None]:            # None: no k clears
@@ -138,7 +138,7 @@ def test_calibrate_with_no_hyperparameters_recovers_the_plant(family, images):
 
 
 def _heldout_indices(n: int) -> list[int]:
-    from ttreg.calibrate import _split
+    from ttreg.calibration import _split
     return _split(torch.arange(n)[:, None], 0.2)[1][:, 0].tolist()
 
 

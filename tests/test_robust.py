@@ -25,7 +25,7 @@ import ttreg
 from ttreg import files
 from ttreg.cli import main
 from ttreg.data import ImageError, load_image, make_transform, resolve_images
-from ttreg.spec import ModelMismatchError, RegisterNeurons
+from ttreg.register_neurons import ModelMismatchError, RegisterNeurons
 
 from test_cli import ENV, _one_line_error as one_line  # noqa: E402 (the tests folder's helpers)
 
@@ -189,14 +189,14 @@ def test_read_only_folder(tmp_path, capsys, imgs):
 # --- inspect: batches, folders, Ctrl-C, odd names, planted-clip --------------------------------------
 
 def test_inspect_batches_folders_and_odd_names(tmp_path, capsys, imgs, given, monkeypatch):
-    import ttreg.report as report
+    import ttreg.inspection as inspection
     odd = tmp_path / "odd"
     odd.mkdir()
     name = os.fsdecode(b"caf\xe9 \xff.png")  # not UTF-8: kept by Python as surrogate escapes
     Image.open(imgs / "im0.png").save(odd / name)
     sizes = []
-    real_trace = report.trace
-    monkeypatch.setattr(report, "trace", lambda m, x, **kw: sizes.append(len(x)) or real_trace(m, x, **kw))
+    real_trace = inspection.trace
+    monkeypatch.setattr(inspection, "trace", lambda m, x, **kw: sizes.append(len(x)) or real_trace(m, x, **kw))
     out = tmp_path / "figs"
     rc = main(["inspect", "--model", "planted", str(imgs / "im0.png"), str(imgs / "im1.png"), str(odd),
                "--out", str(out), "--batch-size", "2", "--neurons", given, "--num-neurons", "1"])
@@ -288,7 +288,7 @@ def test_missing_packages_are_one_line_where_first_needed(tmp_path, capsys, imgs
     with pytest.raises(ModelLoadError, match="needs timm: pip install timm"):
         load_model(str(path))
     monkeypatch.undo()
-    from ttreg.command import user_error_message
+    from ttreg.cli_common import user_error_message
     for mod, pip in (("onnx", "onnx"), ("open_clip", "open_clip_torch"), ("transformers", "transformers")):
         assert user_error_message(ModuleNotFoundError(f"No module named '{mod}'", name=mod)) == \
             f"{mod} is not installed: pip install {pip}"

@@ -22,7 +22,7 @@ from .distributed import all_reduce_, shard_for_rank
 from .hooks import HookSet
 from .registers import active_registers, test_time_registers
 from .sizes import as_sizes, at_size
-from .spec import AttentionBias, RegisterNeurons, as_register_neurons
+from .register_neurons import AttentionBias, RegisterNeurons, as_register_neurons
 
 
 @dataclass

@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from .command import (EXIT_NOT_CLEARED, EXIT_OK, OneLineParser, UserError, device_arg,
+from .cli_common import (EXIT_NOT_CLEARED, EXIT_OK, OneLineParser, UserError, device_arg,
                       int_at_least, int_or_auto, load_neurons, memory_size, model_help, number_in, progress_ok,
                       read_neurons, resolve_model, run, sizes_arg, threshold_arg)
 
@@ -49,7 +49,7 @@ def cmd_calibrate(args) -> int:
 
 
 def _calibrate_command(args) -> int:
-    from .calibrate import calibrate
+    from .calibration import calibrate
     from .distributed import is_main, local_device, resolve
     from .files import Outputs, check_output_file, same_file
     main = is_main()
@@ -97,10 +97,10 @@ def _calibrate_command(args) -> int:
 # --- inspect -------------------------------------------------------------------------------------
 
 def cmd_inspect(args) -> int:
-    from .calibrate import calibrate
+    from .calibration import calibrate
     from .data import resolve_images
     from .files import check_output_folder
-    from .report import inspect_images
+    from .inspection import inspect_images
     from .viz import require_matplotlib
     out = check_output_folder(args.out, "--out")
     require_matplotlib()
@@ -110,8 +110,8 @@ def cmd_inspect(args) -> int:
         print(f"skipped {s.path}: {s.reason}", file=sys.stderr)
     model, transform, _ = resolve_model(args.model, args.device)
     from .adapters import wrap
-    from .neurons import _resolve_layer
-    _resolve_layer(args.layer, wrap(model).num_layers, "--layer")
+    from .neurons import resolve_layer
+    resolve_layer(args.layer, wrap(model).num_layers, "--layer")
     neurons = load_neurons(given, model)
     if neurons is None:
         neurons = calibrate(model, src, heldout=0, transform=transform, batch_size=args.batch_size).neurons

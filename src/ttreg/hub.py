@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .loading import _is_network_error, _loading, _one_line
+from .loading import first_line, is_network_error, loading_errors
 from .files import write_text
 
 NEURONS_FILE = "register_neurons.json"
@@ -53,7 +53,7 @@ def neuron_file(name: str | os.PathLike, *, revision: str | None = None,
     if name.startswith("hf:"):
         name = name[3:]
     from huggingface_hub import hf_hub_download
-    with _loading(f"the neuron set hf:{name}"):
+    with loading_errors(f"the neuron set hf:{name}"):
         path = Path(hf_hub_download(name, NEURONS_FILE, revision=revision, cache_dir=cache_dir,
                                     token=token, library_name="ttreg"))
         ref = json.loads(path.read_text()).get("attention_bias")
@@ -78,9 +78,9 @@ def push_to_hub(neurons, repo_id: str, *, token: str | bool | None = None,
             info = api.upload_folder(repo_id=repo_id, folder_path=tmp, revision=revision,
                                      commit_message=commit_message)
     except Exception as e:
-        if _is_network_error(e):
+        if is_network_error(e):
             raise ValueError(f"could not upload the neuron set to hf:{repo_id} — no network or no "
-                             f"write access? ({_one_line(e)})") from None
+                             f"write access? ({first_line(e)})") from None
         raise
     return str(getattr(info, "commit_url", info))
 

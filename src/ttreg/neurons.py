@@ -29,9 +29,9 @@ from .outliers import (AUTO_MIN_RATIO, check_threshold, JUMP_SHARE, emergence_la
                        majority_layer, norm_ratio, outlier_mask)
 from .registers import active_registers
 from .sizes import as_sizes, at_size, label
-from .spec import RegisterNeurons, as_bytes, as_index
+from .register_neurons import RegisterNeurons, as_bytes, as_index
 from .hooks import HookSet
-from .trace import record, run_until
+from .tracing import record, run_until
 
 
 #: search presets: which tokens are outlier candidates, and whether the sparsity filter is on
@@ -130,7 +130,7 @@ def eval_mode(model: torch.nn.Module) -> Iterator[None]:
             m.training = training
 
 
-def _resolve_layer(layer: int, num_layers: int, what: str) -> int:
+def resolve_layer(layer: int, num_layers: int, what: str) -> int:
     if not -num_layers <= layer < num_layers:
         raise ValueError(f"{what}={layer} is out of range for a model with {num_layers} blocks")
     return layer % num_layers
@@ -244,7 +244,7 @@ def layers_to_search(top_layer: int | str, det: int, num_layers: int) -> int:
         return det + 1
     if isinstance(top_layer, str):
         raise ValueError(f"top_layer must be a layer index or 'auto', got {top_layer!r}")
-    return _resolve_layer(int(top_layer), num_layers, "top_layer") + 1
+    return resolve_layer(int(top_layer), num_layers, "top_layer") + 1
 
 
 def search_options(preset: str, include_prefix: bool | None, sparsity: bool | None) -> dict:
@@ -282,7 +282,7 @@ def search_stats(model, images, *, threshold: float | str = "auto", detection_la
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     budget = as_bytes(MEMORY_BUDGET if memory_budget is None else memory_budget)
     L = ad.num_layers
-    det = _resolve_layer(detection_layer, L, "detection_layer")
+    det = resolve_layer(detection_layer, L, "detection_layer")
     size_list = [None] if sizes is None else as_sizes(sizes)
     for size in size_list:                       # a size the model cannot take: before any work
         with at_size(ad, size):
@@ -335,7 +335,7 @@ def find_register_neurons(model, images, *, threshold: float | str = "auto",
     A model with no outlier tokens gets an empty set whose ``note`` says so (and a warning).
     """
     ad = wrap(model)
-    det = _resolve_layer(detection_layer, ad.num_layers, "detection_layer")
+    det = resolve_layer(detection_layer, ad.num_layers, "detection_layer")
     search_layers = layers_to_search(top_layer, det, ad.num_layers)
     top_k = as_index(top_k, "top_k")
     opts = search_options(preset, include_prefix, sparsity)

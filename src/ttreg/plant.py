@@ -116,7 +116,7 @@ def _record(ad: Adapter, x: torch.Tensor, pre: dict[str, nn.Module]) -> dict[str
 
 
 def _median_patch_norm(ad: Adapter, x: torch.Tensor, layer: int) -> float:
-    from .trace import trace
+    from .tracing import trace
     tr = trace(ad, x)
     return float(tr.norms[:, layer, tr.patch_slice].median())
 

@@ -64,7 +64,7 @@ from .adapters import Adapter, wrap
 from .adapters.base import BlockIO, initial_registers
 from .carry import ATTR, attach, carried
 from .hooks import HookSet, OwnedHook, owned_hooks, remove_owned_hooks
-from .spec import AttentionBias, RegisterNeurons, as_register_neurons
+from .register_neurons import AttentionBias, RegisterNeurons, as_register_neurons
 
 PRESETS = ("paper", "official")
 #: ``token``: appended register tokens (the paper); ``bias``: a fitted extra key/value per head in

@@ -107,7 +107,7 @@ def at_size(adapter, size: Size | None, probe: bool = True) -> Iterator[None]:
     if size is None or tuple(size) == tuple(adapter.image_size()):
         yield
         return
-    from .trace import run_until
+    from .tracing import run_until
     with dynamic_size(adapter.model):
         if not probe:
             yield

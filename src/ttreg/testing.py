@@ -76,7 +76,7 @@ def _as_plant(p) -> Plant:
 @torch.no_grad()
 def _median_patch_norm(model, x: torch.Tensor) -> torch.Tensor:
     """Median patch-token norm after each block: ``(L,)``."""
-    from .trace import trace
+    from .tracing import trace
     tr = trace(model, x)
     return tr.norms[:, :, tr.patch_slice].median(dim=-1).values.median(dim=0).values
 

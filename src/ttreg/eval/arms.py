@@ -20,7 +20,7 @@ import torch
 
 from ..adapters import wrap
 from ..registers import test_time_registers, zero_neurons
-from ..spec import RegisterNeurons, as_register_neurons
+from ..register_neurons import RegisterNeurons, as_register_neurons
 
 #: arm kinds; the two random kinds are summarised over their draws
 KINDS = ("plain", "registers", "random", "zeroed", "random-zeroed")

@@ -50,7 +50,7 @@ def device_of(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def _open_clip_visual(model) -> nn.Module | None:
+def open_clip_visual(model) -> nn.Module | None:
     visual = getattr(model, "visual", None)
     if isinstance(visual, nn.Module) and hasattr(model, "encode_image"):
         return visual
@@ -88,7 +88,7 @@ def token_features(model, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """
     ad = wrap(model)
     npre = ad.num_prefix_tokens
-    visual = _open_clip_visual(model)
+    visual = open_clip_visual(model)
     if visual is not None and hasattr(visual, "trunk"):
         tokens = visual.trunk.forward_features(x)
     elif visual is not None and hasattr(visual, "transformer"):
@@ -108,7 +108,7 @@ def clip_embeddings(model, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     """An open_clip model's image embedding ``(B, E)`` and projected patch tokens ``(B, P, E)``
     from one forward pass (patch tokens go through the same final norm and projection as the
     pooled token)."""
-    visual = _open_clip_visual(model)
+    visual = open_clip_visual(model)
     if visual is None:
         raise TypeError(f"{type(model).__name__} is not an open_clip model")
     if hasattr(visual, "trunk"):                     # TimmModel: timm trunk + head
@@ -193,7 +193,7 @@ def accepts_any_size(model) -> bool:
 def final_norm(model) -> nn.Module:
     """The norm a model applies to its last block's output (timm ``norm``, open_clip ``ln_post``,
     Hugging Face ``layernorm`` / ``post_layernorm``)."""
-    visual = _open_clip_visual(model)
+    visual = open_clip_visual(model)
     if visual is not None:
         return visual.trunk.norm if hasattr(visual, "trunk") else visual.ln_post
     vit = timm_trunk(model)

@@ -8,7 +8,7 @@ import argparse
 import sys
 import time
 
-from ..command import (OneLineParser, device_arg, int_at_least, int_or_auto, load_neurons, model_help,
+from ..cli_common import (OneLineParser, device_arg, int_at_least, int_or_auto, load_neurons, model_help,
                    number_in, positive_number, read_neurons, resolve_model, run, threshold_arg)
 
 

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from ..adapters import wrap
 from ..hooks import HookSet
-from .backbone import _open_clip_visual
+from .backbone import open_clip_visual
 
 
 @dataclass
@@ -107,7 +107,7 @@ def _timm_tower(model, visual) -> _Tower:
 def clip_tower(model) -> _Tower:
     """What the computation needs from ``model``; a one-line ``ValueError`` if unsupported
     (cheap: call it before a long run)."""
-    visual = _open_clip_visual(model)
+    visual = open_clip_visual(model)
     if visual is None:
         raise _unsupported(f"{type(model).__name__} (open_clip CLIP models only)")
     return _timm_tower(model, visual) if hasattr(visual, "trunk") else _native_tower(model, visual)

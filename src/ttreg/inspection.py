@@ -18,10 +18,10 @@ from . import viz
 from .adapters import wrap
 from .data import ImageSource, display_name
 from .files import Outputs, write_json
-from .neurons import _resolve_layer
+from .neurons import resolve_layer
 from .registers import test_time_registers
-from .spec import RegisterNeurons
-from .trace import Trace, trace
+from .register_neurons import RegisterNeurons
+from .tracing import Trace, trace
 
 
 def inspect_images(model, transform, src: ImageSource, neurons: RegisterNeurons, out: Path, *,
@@ -37,7 +37,7 @@ def inspect_images(model, transform, src: ImageSource, neurons: RegisterNeurons,
     ad = wrap(model)
     p = ad.parameter()
     L = ad.num_layers
-    det = _resolve_layer(layer, L, "layer")
+    det = resolve_layer(layer, L, "layer")
     top = list(neurons.neurons[:num_neurons])
     mean, std = ad.mean_std()
     results: dict[str, Any] = {"model": model_name or ad.describe(), "detection_layer": det,

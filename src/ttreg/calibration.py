@@ -31,13 +31,13 @@ import torch
 from .adapters import wrap
 from .data import ImageSource, check_images_given, shard_batches
 from .distributed import all_reduce_, resolve, shard
-from .neurons import (MEMORY_BUDGET, _resolve_layer, as_bytes, eval_mode, layers_to_search,
+from .neurons import (MEMORY_BUDGET, resolve_layer, as_bytes, eval_mode, layers_to_search,
                       neurons_from_stats, search_options, search_stats)
 from .outliers import check_threshold, norm_ratio, outlier_mask
 from .registers import test_time_registers, zero_neurons
 from .sizes import Size, as_sizes, at_size, label
-from .spec import RegisterNeurons, as_index
-from .trace import record, run_until
+from .register_neurons import RegisterNeurons, as_index
+from .tracing import record, run_until
 
 
 @dataclass
@@ -397,7 +397,7 @@ def calibrate(model, images, *, threshold: float | str = "auto", detection_layer
     memory_budget = as_bytes(MEMORY_BUDGET if memory_budget is None else memory_budget)
     check_images_given(images)
     ad = wrap(model)
-    det = _resolve_layer(detection_layer, ad.num_layers, "detection_layer")
+    det = resolve_layer(detection_layer, ad.num_layers, "detection_layer")
     opts = search_options(preset, include_prefix, sparsity)
     layers_to_search(top_layer, det, ad.num_layers)
     size_list = None if sizes is None else as_sizes(sizes)
