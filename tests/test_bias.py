@@ -48,10 +48,10 @@ def planted_set(x):
 
 def _family(name: str):
     """(timm model, the same weights in ``name``'s library)."""
-    from ttreg.convert import hf as conv
+    from ttreg.testing.convert import hf as conv
     if name.startswith("open_clip"):
         open_clip = pytest.importorskip("open_clip")
-        from ttreg.convert.open_clip import TINY_TEXT_CFG, timm_to_open_clip
+        from ttreg.testing.convert.open_clip import TINY_TEXT_CFG, timm_to_open_clip
         tower = planted_vit(**TOWER_KW)
         clip = timm_to_open_clip(tower)
         if name == "open_clip_custom":   # open_clip's own Attention module instead of nn.MultiheadAttention

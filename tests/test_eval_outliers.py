@@ -8,7 +8,7 @@ import pytest
 from ttreg.eval.arms import make_arms, random_neurons
 from ttreg.eval.cli import main
 from ttreg.eval.outliers import evaluate_outliers
-from ttreg.eval.synthetic import write_image_folder
+from ttreg.testing import write_image_folder
 from ttreg.register_neurons import RegisterNeurons
 
 PLANTS = [(1, 7), (3, 21)]

@@ -1,7 +1,7 @@
 """Every family ttreg supports, on tiny random models with planted register neurons.
 
 One row per family (:data:`FAMILIES`), built once per session (:func:`zoo`), each planted with
-:func:`ttreg.plant.plant_register_neurons` -- neuron (1, 7) writes a little, neuron (2, 21) a
+:func:`ttreg.testing.plant_register_neurons` -- neuron (1, 7) writes a little, neuron (2, 21) a
 lot, both on the patch that carries a marker (its place changes from image to image), so the
 right answer is known everywhere. The capability tests of each row decide the cells of the table
 in ``docs/families.md``; the last test checks that the committed table is what these tests
@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 import ttreg
-from ttreg.plant import marked_images, plant_register_neurons
+from ttreg.testing import marked_images, plant_register_neurons
 
 tf = pytest.importorskip("transformers")
 timm = pytest.importorskip("timm")
@@ -169,7 +169,7 @@ class TinyViT(nn.Module):
 
 def _open_clip_eva(trunk: nn.Module) -> nn.Module:
     """An open_clip CLIP whose tower is ``TimmModel`` around ``trunk`` (EVA02-CLIP's layout)."""
-    from ttreg.convert.open_clip import TINY_TEXT_CFG
+    from ttreg.testing.convert.open_clip import TINY_TEXT_CFG
     clip = open_clip.model.CLIP(32, dict(timm_model_name="eva02_tiny_patch14_224", timm_pool="token",
                                          timm_proj="linear", image_size=SIZE), dict(TINY_TEXT_CFG))
     clip.visual.trunk = trunk
@@ -561,7 +561,7 @@ def _same_numbers(a, b, run_a, run_b, x) -> float:
 
 
 def test_timm_dinov3_and_hf_dinov3_agree(zoo):
-    from ttreg.convert.hf import timm_to_hf_dinov3
+    from ttreg.testing.convert.hf import timm_to_hf_dinov3
     tm = zoo("timm Eva: DINOv3 (storage tokens)")
     hf = timm_to_hf_dinov3(tm)
     assert sorted(ttreg.find_register_neurons(hf, zoo.images, top_k=2).neurons) == NEURONS
@@ -572,7 +572,7 @@ def test_timm_dinov3_and_hf_dinov3_agree(zoo):
 
 
 def test_timm_naflex_and_hf_siglip2_agree(zoo):
-    from ttreg.convert.hf import timm_to_hf_siglip2
+    from ttreg.testing.convert.hf import timm_to_hf_siglip2
     tm = zoo("timm NaFlexVit (SigLIP 2)")
     hf = timm_to_hf_siglip2(tm)
 
@@ -604,7 +604,7 @@ def test_open_clip_eva_tower_and_its_timm_trunk_agree(zoo):
 def test_register_gets_no_rotary_position_like_a_prefix_token(zoo):
     """DINOv3 (no absolute positions): a zero test-time register appended after the patches gives
     the same numbers as a zero storage token placed before them -- RoPE sees neither."""
-    from ttreg.convert.hf import timm_to_hf_dinov3
+    from ttreg.testing.convert.hf import timm_to_hf_dinov3
     tm = zoo("timm Eva: DINOv3 (storage tokens)")
     state = dict(tm.state_dict())
     state["reg_token"] = torch.cat([state["reg_token"], torch.zeros(1, 1, WIDTH)], dim=1)

@@ -12,7 +12,7 @@ pytest.importorskip("transformers")
 
 import ttreg  # noqa: E402
 from ttreg.adapters.hf import get_path  # noqa: E402
-from ttreg.convert.hf import (timm_to_hf_clip, timm_to_hf_clip_vision, timm_to_hf_dinov2,  # noqa: E402
+from ttreg.testing.convert.hf import (timm_to_hf_clip, timm_to_hf_clip_vision, timm_to_hf_dinov2,  # noqa: E402
                               timm_to_hf_dinov2_with_registers, timm_to_hf_llava,
                               timm_to_hf_siglip_vision, timm_to_hf_vit)
 from ttreg.testing import mixed_images, planted_vit  # noqa: E402

@@ -11,8 +11,8 @@ import ttreg
 open_clip = pytest.importorskip("open_clip")
 
 from ttreg.adapters.open_clip import OpenCLIPTimmAdapter, OpenCLIPViTAdapter  # noqa: E402
-from ttreg.convert.open_clip import TINY_TEXT_CFG, timm_to_open_clip  # noqa: E402
-from ttreg.testing import plant_register_neurons, planted_vit  # noqa: E402
+from ttreg.testing.convert.open_clip import TINY_TEXT_CFG, timm_to_open_clip  # noqa: E402
+from ttreg.testing import plant_timm_register_neurons, planted_vit  # noqa: E402
 
 from conftest import all_hooks  # noqa: E402
 
@@ -248,7 +248,7 @@ def test_timm_trunk_tower_goes_through_the_timm_adapter(images):
                 timm_proj="linear", image_size=64)
     model = open_clip.model.CLIP(32, vcfg, TINY_TEXT_CFG).eval()
     model.visual.set_input_size(64)
-    plant_register_neurons(model.visual.trunk, [(1, 7, 5, 0.4), (3, 21, 5, 12.0)])
+    plant_timm_register_neurons(model.visual.trunk, [(1, 7, 5, 0.4), (3, 21, 5, 12.0)])
     ad = ttreg.wrap(model)
     assert isinstance(ad, OpenCLIPTimmAdapter) and isinstance(ttreg.wrap(model.visual), OpenCLIPTimmAdapter)
     assert ad.down_proj(3) is model.visual.trunk.blocks[3].mlp.fc2 and ad.image_size() == (64, 64)
@@ -279,7 +279,7 @@ def test_timm_trunk_tower_goes_through_the_timm_adapter(images):
 def test_three_libraries_agree(tower, clip, images):
     """The same CLIP vision weights in timm, Hugging Face and open_clip: same per-layer token
     norms and the same outputs, plain and with test-time registers, at the native grid."""
-    hf_convert = pytest.importorskip("ttreg.convert.hf")
+    hf_convert = pytest.importorskip("ttreg.testing.convert.hf")
     pytest.importorskip("ttreg.adapters.hf")
     hf = hf_convert.timm_to_hf_clip_vision(tower).eval()
     x = images[:4]

@@ -113,7 +113,7 @@ def test_calibrate_with_no_hyperparameters_recovers_the_plant(family, images):
         m = content_planted_vit()
     else:
         pytest.importorskip("transformers")
-        from ttreg.convert.hf import timm_to_hf_dinov2
+        from ttreg.testing.convert.hf import timm_to_hf_dinov2
         m = timm_to_hf_dinov2(content_planted_vit(init_values=1e-5))
     cal = ttreg.calibrate(m, images)
     r = cal.report

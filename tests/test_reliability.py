@@ -139,7 +139,7 @@ def test_reentrant_checkpointing_fails_loudly(model):
 
 
 def test_hf_gradient_checkpointing():
-    from ttreg.convert.hf import timm_to_hf_dinov2
+    from ttreg.testing.convert.hf import timm_to_hf_dinov2
     m = planted_vit(init_values=1e-5)
     hf = timm_to_hf_dinov2(m)
     hf.train()

@@ -183,7 +183,7 @@ def resolve_model(spec: str, device: str = "cpu") -> tuple[Any, Callable, Callab
         transform = default_transform(wrap(model))
     elif spec == "planted-clip":
         from .data import make_transform
-        from .eval.synthetic import OPENAI_MEAN, OPENAI_STD, planted_clip
+        from .testing.clip import OPENAI_MEAN, OPENAI_STD, planted_clip
         model, tokenizer = planted_clip()
         transform = make_transform((64, 64), OPENAI_MEAN, OPENAI_STD)
     else:
