@@ -17,17 +17,11 @@ import ttreg
 from ttreg import attention
 from ttreg.testing import mixed_images, planted_vit
 
-from conftest import all_hooks
+from conftest import all_hooks, ratio
 
 RN = {1: [7], 3: [21]}
 CLIP_KW = dict(pre_norm=True, act_layer="quick_gelu")
 TOWER_KW = dict(pre_norm=True, class_token=True, global_pool="token", act_layer="quick_gelu", num_classes=32)
-
-
-def ratio(tr) -> torch.Tensor:
-    """Last layer's max/median patch norm per image."""
-    p = tr.norms[:, -1, tr.patch_slice]
-    return p.amax(-1) / p.median(-1).values
 
 
 @pytest.fixture(scope="module")

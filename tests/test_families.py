@@ -34,7 +34,7 @@ from timm.models.vision_transformer import VisionTransformer  # noqa: E402
 
 from ttreg.adapters.hf import get_path, siglip2_inputs  # noqa: E402
 
-from conftest import fail_inside, flat  # noqa: E402
+from conftest import fail_inside, flat, hook_state, ratio  # noqa: E402
 
 
 PLANTS = [(1, 7, 0.5), (2, 21, 12.0)]
@@ -334,15 +334,6 @@ def user_call(row: str, model: nn.Module, x: torch.Tensor) -> dict[str, torch.Te
     return flat(model(**kw, output_hidden_states=True))
 
 
-def ratios(tr) -> torch.Tensor:
-    p = tr.norms[:, -1, tr.patch_slice]
-    return p.amax(-1) / p.median(-1).values
-
-
-def hook_state(model):
-    return {n: (tuple(m._forward_hooks), tuple(m._forward_pre_hooks)) for n, m in model.named_modules()}
-
-
 # --- the capability tests: each decides cells of docs/families.md ---------------------------------
 
 #: capability column -> the tests that must pass for a family to get "yes" there; an empty tuple
@@ -415,8 +406,8 @@ def test_registers_remove_the_outliers(zoo, row, record):
         floor = ttreg.trace(model, x)
     marked = fam.prefix + zoo.marked.float().argmax(-1)
     assert (plain.norms[:, -1].argmax(-1) == marked).all()          # the outlier is the marked patch
-    assert ratios(plain).min() >= 5
-    assert (ratios(reg) <= 2 * ratios(floor)).all()                # as clean as zeroing the neurons
+    assert ratio(plain).min() >= 5
+    assert (ratio(reg) <= 2 * ratio(floor)).all()                # as clean as zeroing the neurons
     assert reg.num_registers == 1 and (reg.norms[:, -1].argmax(-1) == reg.norms.shape[-1] - 1).all()
     ref = user_call(row, model, x)
     assert out.keys() == ref.keys() and all(out[k].shape == ref[k].shape for k in ref)
@@ -520,7 +511,7 @@ def test_bias_form(zoo, row, record):
         got = ttreg.trace(model, x)
         out = user_call(row, model, x)
     assert got.num_registers == 0 and got.norms.shape == (len(x), DEPTH, FAMILIES[row].prefix + GRID)
-    assert (ratios(got) <= 1.5 * ratios(token)).all()
+    assert (ratio(got) <= 1.5 * ratio(token)).all()
     assert out.keys() == ref.keys() and all(out[k].shape == ref[k].shape for k in ref)
 
 
@@ -789,7 +780,7 @@ def test_generic_adapter_runs_the_whole_pipeline(zoo, tmp_path):
     neurons.save(tmp_path / "n.json")
     with ttreg.test_time_registers(clone, ttreg.RegisterNeurons.load(tmp_path / "n.json")):
         tr = ttreg.trace(clone, zoo.images, attention=[-1], neurons=NEURONS)
-    assert ratios(tr).max() <= 2 and tr.attention[DEPTH - 1].shape[-1] == GRID + 2
+    assert ratio(tr).max() <= 2 and tr.attention[DEPTH - 1].shape[-1] == GRID + 2
     from PIL import Image
     pics = [Image.fromarray((torch.rand(40, 48, 3) * 255).byte().numpy()) for _ in range(2)]
     results, written = inspect_images(model, make_transform((SIZE, SIZE), (0.5,) * 3, (0.5,) * 3),

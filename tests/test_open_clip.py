@@ -11,18 +11,14 @@ import ttreg
 open_clip = pytest.importorskip("open_clip")
 
 from ttreg.adapters.open_clip import OpenCLIPTimmAdapter, OpenCLIPViTAdapter  # noqa: E402
+from ttreg.outliers import norm_ratio  # noqa: E402
 from ttreg.testing.convert.open_clip import TINY_TEXT_CFG, timm_to_open_clip  # noqa: E402
 from ttreg.testing import plant_timm_register_neurons, planted_vit  # noqa: E402
 
-from conftest import all_hooks  # noqa: E402
+from conftest import all_hooks, ratio  # noqa: E402
 
 PLANTS = [(1, 7), (3, 21)]
 RN = {1: [7], 3: [21]}
-
-
-def ratio(tr, layer=-1):
-    pn = tr.norms[:, layer, tr.patch_slice]
-    return pn.amax(-1) / pn.median(-1).values
 
 
 @pytest.fixture(scope="module")
@@ -307,12 +303,8 @@ def test_three_libraries_agree(tower, clip, images):
             n, o = results[name, regs]
             assert (n - norms).abs().max() <= 1e-4, (name, regs)
             assert (o - out).abs().max() <= 1e-4, (name, regs)
-    assert ratio_from(results["timm", False][0]).min() >= 5
-    assert ratio_from(results["timm", True][0], regs=1).max() <= 2
+    assert norm_ratio(results["timm", False][0][:, -1], 1).min() >= 5
+    assert norm_ratio(results["timm", True][0][:, -1], 1, 1).max() <= 2
     for m in (tower, hf, clip):
         assert all_hooks(m) == 0
 
-
-def ratio_from(norms, regs=0):
-    pn = norms[:, -1, 1:norms.shape[-1] - regs]
-    return pn.amax(-1) / pn.median(-1).values

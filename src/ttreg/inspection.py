@@ -19,6 +19,7 @@ from .adapters import wrap
 from .data import ImageSource, display_name
 from .files import Outputs, write_json
 from .neurons import resolve_layer
+from .outliers import norm_ratio
 from .registers import test_time_registers
 from .register_neurons import RegisterNeurons
 from .tracing import Trace, trace
@@ -87,7 +88,7 @@ def arm_numbers(tr: Trace, i: int, det: int) -> dict[str, Any]:
     d: dict[str, Any] = {
         "max_patch_norm": pn.amax(-1).tolist(),
         "median_patch_norm": pn.median(-1).values.tolist(),
-        "norm_ratio": (pn.amax(-1) / pn.median(-1).values).tolist(),
+        "norm_ratio": norm_ratio(tr.norms[i], tr.num_prefix_tokens, tr.num_registers).tolist(),
         "norm_map": tr.norm_map(det)[i].tolist(),
     }
     if tr.num_registers:

@@ -226,8 +226,7 @@ def accumulate(adapter: Adapter, x: torch.Tensor, stats: SearchStats, detection_
     has = mask.any(dim=1)
     stats.images_with_outliers += int(has.sum())
     stats.layer_hits += hits.sum(dim=0).double().cpu()
-    B = norms.shape[0]
-    stats.ratio_sum += norm_ratio(norms.reshape(B * L, -1), npre).reshape(B, L).sum(0).double().cpu()
+    stats.ratio_sum += norm_ratio(norms, npre).sum(0).double().cpu()
     stats.max_norm_sum += patch.amax(dim=2).sum(0).double().cpu()
     median = patch.median(dim=2).values                                       # (B, L)
     stats.median_norm_sum += median.sum(0).double().cpu()

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from .files import Outputs, atomic_write
+from .outliers import norm_ratio
 
 MATPLOTLIB_MISSING = "figures need matplotlib: pip install matplotlib"
 
@@ -86,8 +87,7 @@ def overview(image: np.ndarray, plain, reg, i: int, layer: int, name: str, path,
     nm_p, nm_r = plain.norm_map(layer)[i], reg.norm_map(layer)[i]
     vmax = max(float(nm_p.max()), float(nm_r.max()))
     ax = fig.add_subplot(gs[0, 0]); ax.imshow(image); ax.set_title(name, fontsize=9); ax.axis("off")
-    rp = float(nm_p.max() / nm_p.median())
-    rr = float(nm_r.max() / nm_r.median())
+    rp, rr = float(norm_ratio(nm_p.flatten(), 0)), float(norm_ratio(nm_r.flatten(), 0))
     im = _heat(fig.add_subplot(gs[0, 1]), nm_p, f"patch norms, layer {layer}\nplain (max/median {rp:.1f})",
                vmax=vmax, mark_max=True)
     _heat(fig.add_subplot(gs[0, 2]), nm_r, f"patch norms, layer {layer}\n"

@@ -33,7 +33,7 @@ def _batch_stats(tr, det: int, threshold, top: int) -> dict[str, torch.Tensor]:
     norms = tr.norms                                            # (B, L, T)
     B, L, T = norms.shape
     out = outlier_mask(norms[:, det], npre, R, threshold)
-    ratio = norm_ratio(norms.reshape(B * L, T), npre, R).reshape(B, L)
+    ratio = norm_ratio(norms, npre, R)                          # (B, L)
     patch = norms[:, :, tr.patch_slice]
     attn = tr.attention[L - 1][:, :, 0, :].float()              # (B, heads, T): CLS row
     to_patches = attn[..., tr.patch_slice]

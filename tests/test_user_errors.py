@@ -1,6 +1,7 @@
-"""The bad-input matrix (issue #8): every case gives a one-line message naming what to do (exit
-status 2 in the command line), a listed skip, or correct behaviour -- never a traceback, a
-half-written output or a replaced special file.
+"""What a user can get wrong, and what the environment can do to a run: output files, inputs,
+neuron files, arguments, missing packages, help and README, start-up. Every case gives a one-line
+message naming what to do (exit status 2 in the command line), a listed skip, or correct
+behaviour -- never a traceback, a half-written output or a replaced special file.
 
 Root bypasses file permissions, so the "read-only folder" and "permission denied" cases run
 for real only as another user (skipped as root, with the reason); as root they are covered by a
@@ -519,23 +520,6 @@ def test_images_and_device_checked_before_the_model(tmp_path, capsys, imgs):
     rc = main(["calibrate", "--model", "planted", "--images", str(imgs), "--device", "cpu:0",
                "--out", str(tmp_path / "n.json"), "--quiet"])
     assert rc == 0 and (tmp_path / "n.json").is_file()
-
-
-def test_calibrate_runs_in_eval_mode_and_restores_the_mode(planted):
-    import copy
-    from ttreg.testing import mixed_images
-    x = mixed_images(6)
-    model = copy.deepcopy(planted)
-    model.pos_drop.p = 0.5            # dropout that train mode would switch on
-    ref = ttreg.calibrate(model.eval(), x)
-    model.train()
-    model.blocks[0].eval()            # a mixed state is restored module by module
-    cal = ttreg.calibrate(model, x)
-    assert cal.neurons.neurons == ref.neurons.neurons and cal.report == ref.report
-    assert model.training and model.pos_drop.training and not model.blocks[0].training
-    with pytest.raises(ValueError, match="out of range"):
-        ttreg.calibrate(model, x, detection_layer=40)
-    assert model.training and not model.blocks[0].training
 
 
 # --- help, README, model specs -------------------------------------------------------------------
