@@ -22,12 +22,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from browser import chromium, console_errors, missing, open_page  # noqa: E402
 
-from ttreg.calibrate import calibrate  # noqa: E402
-from ttreg.command import resolve_model  # noqa: E402
+from ttreg.calibration import calibrate  # noqa: E402
+from ttreg.cli_common import resolve_model  # noqa: E402
 from ttreg.data import resolve_images  # noqa: E402
 from ttreg.demo import SYNTHETIC, SYNTHETIC_CAPTION  # noqa: E402
 from ttreg.html_report import Page  # noqa: E402
-from ttreg.report import inspect_images  # noqa: E402
+from ttreg.inspection import inspect_images  # noqa: E402
 
 
 def main() -> None:

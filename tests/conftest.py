@@ -45,6 +45,35 @@ def images():
     return mixed_images(10)
 
 
+#: the register neurons of :func:`ttreg.testing.planted_vit` (the ``planted`` fixture)
+PLANTS = [(1, 7), (3, 21)]
+
+
+@pytest.fixture(scope="session")
+def content_model():
+    """Outliers that behave like real ones (:func:`ttreg.testing.content_planted_vit`): on the
+    brightest patches, built by a trigger, three weaker neurons and an amplifier (a cascade),
+    with dense distractors, mildly large early tokens and attention sinks."""
+    from ttreg.testing import content_planted_vit
+    return content_planted_vit()
+
+
+def _content_plants():
+    from ttreg.testing import ContentPlants
+    return ContentPlants()
+
+
+#: the content plant's layout and its five register neurons (0, 11), (2, 5), (3, 9), (4, 13), (5, 17)
+CONTENT_PLANTS = _content_plants()
+CONTENT_REGISTER = sorted(CONTENT_PLANTS.register_neurons)
+
+
+@pytest.fixture(scope="session")
+def calibration_images():
+    from ttreg.testing import mixed_images
+    return mixed_images(20, seed=3)
+
+
 def flat(o, prefix="out") -> dict[str, torch.Tensor]:
     """Every tensor inside a model output, by path."""
     if torch.is_tensor(o):
@@ -131,3 +160,15 @@ def cleaned_ratio(model, x, neurons=None) -> tuple[float, float]:
         pn = tr.norms[:, -1, tr.patch_slice].float()
         return float((pn.amax(-1) / pn.median(-1).values).mean())
     return mean_ratio(plain), mean_ratio(edited)
+
+
+def ratio(tr, layer: int = -1) -> torch.Tensor:
+    """Max/median patch-token norm per image after block ``layer`` of a :class:`ttreg.Trace`
+    (:func:`ttreg.outliers.norm_ratio` on that layer; test-time registers left out)."""
+    from ttreg.outliers import norm_ratio
+    return norm_ratio(tr.norms[:, layer], tr.num_prefix_tokens, tr.num_registers)
+
+
+def hook_state(model) -> dict:
+    """Every module's forward and forward-pre hook ids, by module name."""
+    return {n: (tuple(m._forward_hooks), tuple(m._forward_pre_hooks)) for n, m in model.named_modules()}

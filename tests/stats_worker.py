@@ -6,7 +6,7 @@ import sys
 import torch
 
 from ttreg.bias import BiasStats
-from ttreg.calibrate import HeldoutSums
+from ttreg.calibration import HeldoutSums
 from ttreg.neurons import SearchStats
 from ttreg.stats import MergeableStats
 

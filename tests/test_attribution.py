@@ -1,6 +1,6 @@
 """Text-to-image attribution through a VLM's language model (``ttreg.attribution``), on tiny
 random LLaVA, LLaVA-OneVision and Idefics3 models built offline with register neurons planted in
-the tower (``ttreg.testing_vlm.planted_vlm``): the maps equal a line-by-line restatement from the
+the tower (``ttreg.testing.vlm.planted_vlm``): the maps equal a line-by-line restatement from the
 language model's eager attention weights; when the language model is made to read the planted
 outlier patch, that patch carries nearly all of the plain map's mass and test-time registers take
 it away; ``generate`` runs with registers installed."""

@@ -18,17 +18,11 @@ import ttreg
 from ttreg import attention
 from ttreg.testing import mixed_images, planted_vit
 
-from conftest import all_hooks
+from conftest import all_hooks, ratio
 
 RN = {1: [7], 3: [21]}
 CLIP_KW = dict(pre_norm=True, act_layer="quick_gelu")
 TOWER_KW = dict(pre_norm=True, class_token=True, global_pool="token", act_layer="quick_gelu", num_classes=32)
-
-
-def ratio(tr) -> torch.Tensor:
-    """Last layer's max/median patch norm per image."""
-    p = tr.norms[:, -1, tr.patch_slice]
-    return p.amax(-1) / p.median(-1).values
 
 
 @pytest.fixture(scope="module")
@@ -49,10 +43,10 @@ def planted_set(x):
 
 def _family(name: str):
     """(timm model, the same weights in ``name``'s library)."""
-    from ttreg.convert import hf as conv
+    from ttreg.testing.convert import hf as conv
     if name.startswith("open_clip"):
         open_clip = pytest.importorskip("open_clip")
-        from ttreg.convert.open_clip import TINY_TEXT_CFG, timm_to_open_clip
+        from ttreg.testing.convert.open_clip import TINY_TEXT_CFG, timm_to_open_clip
         tower = planted_vit(**TOWER_KW)
         clip = timm_to_open_clip(tower)
         if name == "open_clip_custom":   # open_clip's own Attention module instead of nn.MultiheadAttention

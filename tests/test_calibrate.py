@@ -1,4 +1,9 @@
-"""Automatic calibration, its memory, and the published neuron sets."""
+"""Automatic calibration (threshold, top layer and top k chosen from the images): on timm ViTs with
+planted neurons and on outliers that behave like real ones (:func:`ttreg.testing.content_planted_vit`:
+a trigger, a cascade, dense distractors, attention sinks; its right answer is the five register
+neurons), the top-k sweep, widening, honest empty results, eval mode, memory, and the published
+neuron sets."""
+import copy
 import json
 import subprocess
 import sys
@@ -7,10 +12,11 @@ import pytest
 import torch
 
 import ttreg
-from ttreg.calibrate import calibrate
-from ttreg.neurons import one_pass_bytes, search_stats
-from ttreg.spec import as_bytes
-from ttreg.testing import mixed_images, planted_vit
+from ttreg.calibration import calibrate
+from ttreg.outliers import norm_ratio, thresholds
+from ttreg.testing import content_planted_vit, mixed_images, planted_vit
+
+from conftest import CONTENT_PLANTS, CONTENT_REGISTER
 
 
 def test_auto_calibration_recovers_two_layers_with_no_hyperparameters():
@@ -48,59 +54,6 @@ def test_calibration_on_a_model_without_outliers_is_honest():
         cal = calibrate(m, mixed_images(10))
     assert len(cal.neurons) == 0 and cal.report["top_k"] == 0
     assert "does not need registers" in cal.summary()
-
-
-def test_search_shards_merge_to_the_single_process_result():
-    from ttreg.neurons import SearchStats, accumulate, neurons_from_stats
-    m = planted_vit()
-    ad = ttreg.wrap(m)
-    x = mixed_images(9)
-    parts = []
-    for shard in (x[:4], x[4:]):
-        s = SearchStats.zeros(6, 6, 384)
-        accumulate(ad, shard, s, 5, "auto")
-        parts.append(s)
-    merged = parts[0].merge(parts[1])
-    whole = SearchStats.zeros(6, 6, 384)
-    accumulate(ad, x, whole, 5, "auto")
-    torch.testing.assert_close(merged.scores, whole.scores)
-    a = neurons_from_stats(ad, merged, det=5, threshold="auto", top_layer="auto", top_k=4)
-    b = ttreg.find_register_neurons(m, x, top_k=4, sparsity=False)     # accumulate's default
-    assert a.neurons == b.neurons
-
-
-@pytest.mark.parametrize("opts", [{}, {"sparsity": True}, {"preset": "official"},
-                                  {"include_prefix": True, "top_layer": 4}])
-def test_low_memory_search_ranks_like_the_one_pass_search(planted, opts):
-    """Two passes (norms up to the last block first, then the scores summed inside the
-    down-projection hooks with the known outlier weights) rank exactly like one pass and give
-    the same scores; the budget decides, and the result says which ran."""
-    x = mixed_images(12, seed=1)
-    one = ttreg.find_register_neurons(planted, x, top_k=30, batch_size=5, **opts)
-    low = ttreg.find_register_neurons(planted, x, top_k=30, batch_size=5, memory_budget=0, **opts)
-    assert low.neurons == one.neurons and sorted(one.neurons[:2]) == [(1, 7), (3, 21)]
-    torch.testing.assert_close(torch.tensor(low.scores), torch.tensor(one.scores), rtol=1e-6, atol=0)
-    layers = 5 if opts.get("top_layer") == 4 else 6      # searched: up to top_layer, or to det
-    need = one_pass_bytes(ttreg.wrap(planted), 5, 1 + 64, layers)
-    assert need == 5 * 65 * 384 * 4 * layers
-    assert one.statistics["search_memory"] == {"mode": "one-pass", "activation_bytes": need,
-                                               "memory_budget": 1 << 30}
-    assert low.statistics["search_memory"] == {"mode": "two-pass", "activation_bytes": need,
-                                               "memory_budget": 0}
-    # the budget is held against each batch: exactly enough keeps one pass
-    full = one_pass_bytes(ttreg.wrap(planted), 5, 65, 6)
-    assert search_stats(planted, x, batch_size=5, memory_budget=full).search_memory["mode"] == "one-pass"
-    assert search_stats(planted, x, batch_size=5, memory_budget=full - 1).search_memory["mode"] == "two-pass"
-
-
-def test_memory_budget_sizes(planted):
-    assert as_bytes("512MiB") == 512 << 20 and as_bytes("2GB") == 2 * 10 ** 9
-    assert as_bytes("1.5G") == 3 << 29 and as_bytes(1000) == 1000 and as_bytes(" 4 kb ") == 4000
-    for bad in ("lots", "-1GB", -5, float("nan"), True, "1 parsec"):
-        with pytest.raises(ValueError, match="memory_budget"):
-            as_bytes(bad)
-    with pytest.raises(ValueError, match="memory_budget"):
-        calibrate(planted, mixed_images(2), memory_budget="huge")
 
 
 MEMORY_RUN = """
@@ -182,3 +135,129 @@ def test_published_set_runs_on_a_random_dinov2_large():
     assert out.shape == (2, 1 + 64, 1024) and tr.token_types[-1] == "register"
     act = tr.activations[:, 0]
     assert (act[:, :-1] == 0).all() and torch.equal(act[:, -1], act.amax(1))
+
+
+# --- on outliers that behave like real ones (the content plant) ------------------------------------
+
+def test_top_k_search_finds_the_smallest_clearing_k_from_any_first_probe():
+    from ttreg.calibration import _Sweep, score_gap
+    assert score_gap([5.97, 5.75, 5.68, 5.68, 2.80, 0.37, 0.36]) == 5 and score_gap([3.0]) == 1
+    for n in (1, 7, 40):
+        for kstar in [*range(1, n + 1), None]:            # None: no k clears
+            for gap in range(1, n):
+                sweep = _Sweep.__new__(_Sweep)
+                sweep.ranked = ttreg.RegisterNeurons([(0, i) for i in range(n)],
+                                                     [10.0] * gap + [1.0] * (n - gap))
+                sweep.tolerance, probes = 0.0, []
+                sweep.failing = lambda k, ref: probes.append(k) or float(kstar is None or k < kstar)
+                assert sweep.smallest(None) == kstar
+                if kstar == gap:                          # the score gap was right
+                    assert probes == ([1] if gap == 1 else [gap, gap - 1])
+                assert len(probes) <= 2 * (n.bit_length() + 1)
+
+
+@pytest.mark.parametrize("family", ["timm", "hf_dinov2"])
+def test_calibrate_with_no_hyperparameters_recovers_the_plant(family, calibration_images):
+    if family == "timm":
+        m = content_planted_vit()
+    else:
+        pytest.importorskip("transformers")
+        from ttreg.testing.convert.hf import timm_to_hf_dinov2
+        m = timm_to_hf_dinov2(content_planted_vit(init_values=1e-5))
+    cal = ttreg.calibrate(m, calibration_images)
+    r = cal.report
+    assert sorted(cal.neurons.neurons) == CONTENT_REGISTER
+    assert r["top_k_rule"] == "cleared" and r["emergence_layer"] == 5 and r["top_layer"] == 5
+    # the held-out ratio with test-time registers is that of zeroing the planted neurons
+    held = calibration_images[_heldout_indices(len(calibration_images))]
+    with ttreg.zero_neurons(m, CONTENT_REGISTER):
+        zeroed = norm_ratio(ttreg.trace(m, held).norms[:, -1], 1).mean()
+    before, after = r["heldout_before"]["mean_norm_ratio"], r["heldout_after"]["mean_norm_ratio"]
+    assert before > 30 and after <= 1.1 * float(zeroed)
+    assert r["heldout_before"]["fraction_with_outliers"] == 1.0
+    assert r["heldout_after"]["fraction_with_outliers"] == 0.0
+    # the old clearing test -- the edited max under the *plain* image's mean + 3 std, which the
+    # outliers inflate -- passed the amplifier alone, which leaves outliers 5x what zeroing does
+    plain = ttreg.trace(m, held).norms[:, -1, 1:]
+    with ttreg.test_time_registers(m, cal.neurons.top(1)):
+        one = ttreg.trace(m, held).norms[:, -1, 1:-1]
+    assert cal.neurons.neurons[0] == CONTENT_PLANTS.amplifier
+    assert (one.amax(1) < thresholds(plain)).all()
+    assert norm_ratio(one, 0).mean() > 5 * after
+
+
+def _heldout_indices(n: int) -> list[int]:
+    from ttreg.calibration import _split
+    return _split(torch.arange(n)[:, None], 0.2)[1][:, 0].tolist()
+
+
+def test_low_memory_calibration_equals_the_one_pass_calibration(content_model, calibration_images):
+    """Two passes per batch (norms first, then the scores inside the hooks): the same ranking,
+    scores, emergence evidence and sweep as one pass that keeps every searched layer."""
+    one = ttreg.calibrate(content_model, calibration_images)
+    low = ttreg.calibrate(content_model, calibration_images, memory_budget=0)
+    assert one.report["search_memory"]["mode"] == "one-pass"
+    assert low.report["search_memory"] == {**one.report["search_memory"], "mode": "two-pass",
+                                           "memory_budget": 0}
+    assert low.neurons.neurons == one.neurons.neurons and sorted(low.neurons.neurons) == CONTENT_REGISTER
+    torch.testing.assert_close(torch.tensor(low.neurons.scores), torch.tensor(one.neurons.scores),
+                               rtol=1e-6, atol=0)
+    drop = lambda r: {k: v for k, v in r.items() if k != "search_memory"}  # noqa: E731
+    assert drop(low.report) == drop(one.report)
+
+
+def test_widening_when_the_emergence_layer_misses_a_later_neuron(calibration_images):
+    # (1, 3) writes 20x on patch 5, (4, 40) adds 8x on the same patch: block 4 barely grows the
+    # outlier, so the emergence layer is 1 -- but zeroing the candidates of layers <= 1 leaves
+    # (4, 40)'s vector: the sweep widens to every layer up to the detection layer
+    m = planted_vit([(1, 3, 5, 20.0), (4, 40, 5, 8.0)], depth=6)
+    cal = ttreg.calibrate(m, calibration_images)
+    r = cal.report
+    assert r["emergence_layer"] == 1 and r["top_layer"] == 5
+    assert r["top_k_rule"] == "cleared after widening"
+    assert r["attempts"][0]["why"].startswith("zeroing the 23 best neurons of layers <= 1 still leaves")
+    assert sorted(cal.neurons.neurons) == [(1, 3), (4, 40)]
+    assert r["heldout_after"]["mean_norm_ratio"] < 2 < 10 < r["heldout_before"]["mean_norm_ratio"]
+
+
+def test_outliers_no_neuron_makes_get_an_explanation_not_neurons(calibration_images):
+    from timm.models.vision_transformer import VisionTransformer
+    torch.manual_seed(0)
+    m = VisionTransformer(img_size=64, patch_size=8, embed_dim=64, depth=4, num_heads=4,
+                          num_classes=0).eval()
+    with torch.no_grad():
+        m.pos_embed[0, 11, 5] += 18.0        # patch 10 is large from the embedding on
+    with pytest.warns(UserWarning, match="no register neurons clear the outliers"):
+        cal = ttreg.calibrate(m, calibration_images)
+    assert len(cal.neurons) == 0 and cal.report["top_k_rule"] == "none"
+    assert "do not reduce the outliers" in cal.report["top_k_reason"]
+    assert [a["top_layer"] for a in cal.report["attempts"]] == [0, 3]
+
+
+
+def test_calibrate_runs_in_eval_mode_and_restores_the_mode(planted, calibration_images):
+    """Calibration runs in eval mode (dropout off: the same answer as from an eval-mode model)
+    and gives every module its own mode back -- a model all in train mode, and one in a mixed
+    state -- also when it refuses an option."""
+    m = content_planted_vit(drop_rate=0.3, proj_drop_rate=0.3)
+    ref = ttreg.calibrate(m, calibration_images)
+    m.train()
+    cal = ttreg.calibrate(m, calibration_images)
+    assert m.training and all(mod.training for mod in m.modules())
+    assert cal.neurons.neurons == ref.neurons.neurons and cal.report["sweep"] == ref.report["sweep"]
+    with pytest.raises(ValueError, match="top_layer"):
+        ttreg.calibrate(m, calibration_images, top_layer="bogus")
+    assert m.training
+
+    x = mixed_images(6)
+    model = copy.deepcopy(planted)
+    model.pos_drop.p = 0.5            # dropout that train mode would switch on
+    ref = ttreg.calibrate(model.eval(), x)
+    model.train()
+    model.blocks[0].eval()            # a mixed state is restored module by module
+    cal = ttreg.calibrate(model, x)
+    assert cal.neurons.neurons == ref.neurons.neurons and cal.report == ref.report
+    assert model.training and model.pos_drop.training and not model.blocks[0].training
+    with pytest.raises(ValueError, match="out of range"):
+        ttreg.calibrate(model, x, detection_layer=40)
+    assert model.training and not model.blocks[0].training

@@ -1,5 +1,5 @@
 """``ttreg eval attribution`` on a tiny planted LLaVA whose language model reads the tower's
-outlier patch (``ttreg.testing_vlm``), with boxes around the planted marker (so the right answer
+outlier patch (``ttreg.testing.vlm``), with boxes around the planted marker (so the right answer
 is known): the plain maps point at the marker and put nearly all their mass in its box; test-time
 registers, zeroing the neurons and the bias form take the outlier away, and the maps with it."""
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import ttreg
-from ttreg import testing_vlm
+from ttreg.testing import vlm as testing_vlm
 from ttreg.eval.attribution import box_coverage, evaluate_attribution, localisation
 from ttreg.eval.cli import box_samples
 

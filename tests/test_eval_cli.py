@@ -6,7 +6,7 @@ import json
 import pytest
 
 from ttreg.eval.cli import add_eval_parsers, main
-from ttreg.eval.synthetic import write_image_folder, write_voc
+from ttreg.testing import write_image_folder, write_voc
 
 COMMANDS = ("outliers", "lost", "probe", "zeroshot", "typographic")
 

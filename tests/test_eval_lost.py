@@ -16,7 +16,7 @@ from ttreg.sizes import dynamic_size
 from ttreg.eval.cli import main
 from ttreg.eval.datasets import coco20k_filenames, coco20k_ids, coco_boxes, voc_boxes
 from ttreg.eval.lost import box_to_pixels, lost
-from ttreg.eval.synthetic import write_coco, write_voc
+from ttreg.testing import write_coco, write_voc
 from ttreg.data import ImageError
 
 
@@ -248,7 +248,7 @@ def test_lost_native_resolution_on_hugging_face_models(tmp_path, family):
     (``interpolate_pos_encoding``, which the adapter passes): both run LOST on 48 x 72 images,
     a 6 x 9 grid of 8-px patches."""
     pytest.importorskip("transformers")
-    from ttreg.convert.hf import timm_to_hf_dinov2, timm_to_hf_vit
+    from ttreg.testing.convert.hf import timm_to_hf_dinov2, timm_to_hf_vit
     from ttreg.eval.backbone import accepts_any_size
     from ttreg.eval.lost import evaluate_lost
     convert, kw = {"dinov2": (timm_to_hf_dinov2, dict(init_values=1e-5)), "vit": (timm_to_hf_vit, {})}[family]
@@ -263,7 +263,7 @@ def test_lost_native_resolution_on_hugging_face_models(tmp_path, family):
 
 def test_fixed_size_models_need_resize(capsys):
     import open_clip
-    from ttreg.convert.open_clip import TINY_TEXT_CFG
+    from ttreg.testing.convert.open_clip import TINY_TEXT_CFG
     from ttreg.eval.lost import evaluate_lost
     clip = open_clip.model.CLIP(16, dict(layers=1, width=32, head_width=16, patch_size=16,
                                          image_size=32), TINY_TEXT_CFG).eval()

@@ -8,8 +8,8 @@ import pytest
 from ttreg.eval.arms import make_arms, random_neurons
 from ttreg.eval.cli import main
 from ttreg.eval.outliers import evaluate_outliers
-from ttreg.eval.synthetic import write_image_folder
-from ttreg.spec import RegisterNeurons
+from ttreg.testing import write_image_folder
+from ttreg.register_neurons import RegisterNeurons
 
 PLANTS = [(1, 7), (3, 21)]
 

@@ -12,7 +12,7 @@ import torch
 
 from ttreg.eval import probe as P
 from ttreg.eval.cli import main
-from ttreg.eval.synthetic import write_depth, write_image_folder, write_segmentation
+from ttreg.testing import write_depth, write_image_folder, write_segmentation
 
 
 def clusters(n_per_class=100, classes=4, dim=16, seed=0, spread=4.0):

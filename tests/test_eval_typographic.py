@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from ttreg.eval.cli import main
-from ttreg.eval.synthetic import write_image_folder
+from ttreg.testing import write_image_folder
 from ttreg.eval.typographic import patch_mask, render_text
 
 
@@ -54,7 +54,7 @@ def test_patch_mask_by_hand():
 
 @pytest.fixture(scope="module")
 def clip_model():
-    from ttreg.eval.synthetic import planted_clip
+    from ttreg.testing import planted_clip
     return planted_clip()
 
 

@@ -16,7 +16,7 @@ from ttreg.eval import zeroshot as Z
 from ttreg.eval.cli import main
 from ttreg.eval.datasets import image_folder
 from ttreg.eval.metrics import binary_heatmap_scores, summarize_heatmaps
-from ttreg.eval.synthetic import (COLORS, OPENAI_MEAN, OPENAI_STD, planted_clip, write_binary_segmentation,
+from ttreg.testing import (COLORS, OPENAI_MEAN, OPENAI_STD, planted_clip, write_binary_segmentation,
                                   write_image_folder)
 
 CLASSES = ["red", "green", "blue"]
@@ -38,7 +38,7 @@ def test_shipped_class_names_and_templates():
 
 @pytest.fixture(scope="module")
 def aligned_clip():
-    from ttreg.eval.synthetic import align_text_tower
+    from ttreg.testing import align_text_tower
     model, tok = planted_clip()
     mean = torch.tensor(OPENAI_MEAN).view(3, 1, 1)
     std = torch.tensor(OPENAI_STD).view(3, 1, 1)

@@ -22,10 +22,10 @@ def _model(family: str):
         return planted_vit()
     if family == "hf_dinov2":
         pytest.importorskip("transformers")
-        from ttreg.convert.hf import timm_to_hf_dinov2
+        from ttreg.testing.convert.hf import timm_to_hf_dinov2
         return timm_to_hf_dinov2(planted_vit(init_values=1e-5))
     pytest.importorskip("open_clip")
-    from ttreg.convert.open_clip import timm_to_open_clip
+    from ttreg.testing.convert.open_clip import timm_to_open_clip
     return timm_to_open_clip(planted_vit(pre_norm=True, class_token=True, global_pool="token",
                                          act_layer="quick_gelu", num_classes=32))
 

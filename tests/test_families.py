@@ -1,7 +1,7 @@
 """Every family ttreg supports, on tiny random models with planted register neurons.
 
 One row per family (:data:`FAMILIES`), built once per session (:func:`zoo`), each planted with
-:func:`ttreg.plant.plant_register_neurons` -- neuron (1, 7) writes a little, neuron (2, 21) a
+:func:`ttreg.testing.plant_register_neurons` -- neuron (1, 7) writes a little, neuron (2, 21) a
 lot, both on the patch that carries a marker (its place changes from image to image), so the
 right answer is known everywhere. The capability tests of each row decide the cells of the table
 in ``docs/families.md``; the last test checks that the committed table is what these tests
@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 import ttreg
-from ttreg.plant import marked_images, plant_register_neurons
+from ttreg.testing import marked_images, plant_register_neurons
 
 tf = pytest.importorskip("transformers")
 timm = pytest.importorskip("timm")
@@ -34,7 +34,7 @@ from timm.models.vision_transformer import VisionTransformer  # noqa: E402
 
 from ttreg.adapters.hf import get_path, siglip2_inputs  # noqa: E402
 
-from conftest import fail_inside, flat  # noqa: E402
+from conftest import fail_inside, flat, hook_state, ratio  # noqa: E402
 
 
 PLANTS = [(1, 7, 0.5), (2, 21, 12.0)]
@@ -188,7 +188,7 @@ def _timm_features(feature_cls: str):
 
 def _open_clip_eva(trunk: nn.Module) -> nn.Module:
     """An open_clip CLIP whose tower is ``TimmModel`` around ``trunk`` (EVA02-CLIP's layout)."""
-    from ttreg.convert.open_clip import TINY_TEXT_CFG
+    from ttreg.testing.convert.open_clip import TINY_TEXT_CFG
     clip = open_clip.model.CLIP(32, dict(timm_model_name="eva02_tiny_patch14_224", timm_pool="token",
                                          timm_proj="linear", image_size=SIZE), dict(TINY_TEXT_CFG))
     clip.visual.trunk = trunk
@@ -376,15 +376,6 @@ def user_call(row: str, model: nn.Module, x: torch.Tensor) -> dict[str, torch.Te
     return flat(model(**kw, output_hidden_states=True))
 
 
-def ratios(tr) -> torch.Tensor:
-    p = tr.norms[:, -1, tr.patch_slice]
-    return p.amax(-1) / p.median(-1).values
-
-
-def hook_state(model):
-    return {n: (tuple(m._forward_hooks), tuple(m._forward_pre_hooks)) for n, m in model.named_modules()}
-
-
 # --- the capability tests: each decides cells of docs/families.md ---------------------------------
 
 #: capability column -> the tests that must pass for a family to get "yes" there; an empty tuple
@@ -457,8 +448,8 @@ def test_registers_remove_the_outliers(zoo, row, record):
         floor = ttreg.trace(model, x)
     marked = fam.prefix + zoo.marked.float().argmax(-1)
     assert (plain.norms[:, -1].argmax(-1) == marked).all()          # the outlier is the marked patch
-    assert ratios(plain).min() >= 5
-    assert (ratios(reg) <= 2 * ratios(floor)).all()                # as clean as zeroing the neurons
+    assert ratio(plain).min() >= 5
+    assert (ratio(reg) <= 2 * ratio(floor)).all()                # as clean as zeroing the neurons
     assert reg.num_registers == 1 and (reg.norms[:, -1].argmax(-1) == reg.norms.shape[-1] - 1).all()
     ref = user_call(row, model, x)
     assert out.keys() == ref.keys() and all(out[k].shape == ref[k].shape for k in ref)
@@ -510,7 +501,6 @@ def _reference_attention(row: str, model: nn.Module, x: torch.Tensor, layer: int
         finally:
             for c, o in zip(cfgs, old):
                 c._attn_implementation = o
-    from ttreg.adapters.capture import capture_attention     # watches the softmax / SDPA the module runs
     if FAMILIES[row].kind == "custom":                       # ... so recompute from the mixer's q and k
         got = {}
         mixer = model.stack[layer].mixer
@@ -523,9 +513,30 @@ def _reference_attention(row: str, model: nn.Module, x: torch.Tensor, layer: int
                 h.remove()
         q, k = (got[n].reshape(len(x), -1, 2, WIDTH // 2).transpose(1, 2) for n in "qk")
         return (q @ k.transpose(-1, -2) * (WIDTH // 2) ** -0.5).softmax(-1)
-    with capture_attention({layer: ad.attention(layer)}) as store:
+    # every other family hands q and k to F.scaled_dot_product_attention (nn.MultiheadAttention
+    # too, inside F.multi_head_attention_forward): spy on it while this layer's attention runs
+    import torch.nn.functional as F
+    real, got, inside = F.scaled_dot_product_attention, {}, []
+
+    def spy(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
+        if inside and "p" not in got:
+            logits = q.float() @ k.float().transpose(-1, -2) * (scale or q.shape[-1] ** -0.5)
+            if attn_mask is not None:
+                logits = logits.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool \
+                    else logits + attn_mask.float()
+            got["p"] = logits.softmax(-1)
+        return real(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kw)
+    attn = ad.attention(layer)
+    hs = [attn.register_forward_pre_hook(lambda m, a: inside.append(1)),
+          attn.register_forward_hook(lambda m, a, o: inside.clear())]
+    F.scaled_dot_product_attention = spy
+    try:
         ad.run(x)
-    return store[layer]
+    finally:
+        F.scaled_dot_product_attention = real
+        for h in hs:
+            h.remove()
+    return got["p"]
 
 
 @pytest.mark.parametrize("row", NAMES)
@@ -565,7 +576,7 @@ def test_bias_form(zoo, row, record):
         got = ttreg.trace(model, x)
         out = user_call(row, model, x)
     assert got.num_registers == 0 and got.norms.shape == (len(x), DEPTH, FAMILIES[row].prefix + GRID)
-    assert (ratios(got) <= 1.5 * ratios(token)).all()
+    assert (ratio(got) <= 1.5 * ratio(token)).all()
     assert out.keys() == ref.keys() and all(out[k].shape == ref[k].shape for k in ref)
 
 
@@ -616,7 +627,7 @@ def _same_numbers(a, b, run_a, run_b, x) -> float:
 
 
 def test_timm_dinov3_and_hf_dinov3_agree(zoo):
-    from ttreg.convert.hf import timm_to_hf_dinov3
+    from ttreg.testing.convert.hf import timm_to_hf_dinov3
     tm = zoo("timm Eva: DINOv3 (storage tokens)")
     hf = timm_to_hf_dinov3(tm)
     assert sorted(ttreg.find_register_neurons(hf, zoo.images, top_k=2).neurons) == NEURONS
@@ -627,7 +638,7 @@ def test_timm_dinov3_and_hf_dinov3_agree(zoo):
 
 
 def test_timm_naflex_and_hf_siglip2_agree(zoo):
-    from ttreg.convert.hf import timm_to_hf_siglip2
+    from ttreg.testing.convert.hf import timm_to_hf_siglip2
     tm = zoo("timm NaFlexVit (SigLIP 2)")
     hf = timm_to_hf_siglip2(tm)
 
@@ -659,7 +670,7 @@ def test_open_clip_eva_tower_and_its_timm_trunk_agree(zoo):
 def test_register_gets_no_rotary_position_like_a_prefix_token(zoo):
     """DINOv3 (no absolute positions): a zero test-time register appended after the patches gives
     the same numbers as a zero storage token placed before them -- RoPE sees neither."""
-    from ttreg.convert.hf import timm_to_hf_dinov3
+    from ttreg.testing.convert.hf import timm_to_hf_dinov3
     tm = zoo("timm Eva: DINOv3 (storage tokens)")
     state = dict(tm.state_dict())
     state["reg_token"] = torch.cat([state["reg_token"], torch.zeros(1, 1, WIDTH)], dim=1)
@@ -729,7 +740,7 @@ def test_padding_stays_out_registers_are_in(zoo, row):
     """Image 1 (3 rows of patches) padded into a batch with image 0 (all rows) gives the numbers
     it gives alone -- with registers and with neurons that fire hardest *on the padding*, so
     padding that leaked into the registers' value would show."""
-    from ttreg.trace import record
+    from ttreg.tracing import record
     model = zoo(row)
     batch, alone, n = _padded_runs(row, model, zoo.images[0], zoo.images[1, :, :3 * PATCH, :])
     ad = ttreg.wrap(model)
@@ -833,7 +844,7 @@ def test_generic_adapter_takes_callables_and_pickles():
 
 def test_generic_adapter_runs_the_whole_pipeline(zoo, tmp_path):
     from ttreg.data import make_transform, resolve_images
-    from ttreg.report import inspect_images
+    from ttreg.inspection import inspect_images
     model = zoo("any ViT: ttreg.wrap(model, attention=...)")
     spec = model._ttreg_wrap
     assert (spec.blocks, spec.mlp_down, spec.attention, spec.num_prefix_tokens) == ("stack", "ff.2", "mixer", 1)
@@ -844,7 +855,7 @@ def test_generic_adapter_runs_the_whole_pipeline(zoo, tmp_path):
     neurons.save(tmp_path / "n.json")
     with ttreg.test_time_registers(clone, ttreg.RegisterNeurons.load(tmp_path / "n.json")):
         tr = ttreg.trace(clone, zoo.images, attention=[-1], neurons=NEURONS)
-    assert ratios(tr).max() <= 2 and tr.attention[DEPTH - 1].shape[-1] == GRID + 2
+    assert ratio(tr).max() <= 2 and tr.attention[DEPTH - 1].shape[-1] == GRID + 2
     from PIL import Image
     pics = [Image.fromarray((torch.rand(40, 48, 3) * 255).byte().numpy()) for _ in range(2)]
     results, written = inspect_images(model, make_transform((SIZE, SIZE), (0.5,) * 3, (0.5,) * 3),

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import ttreg
-from ttreg.spec import ModelMismatchError
+from ttreg.register_neurons import ModelMismatchError
 from ttreg.testing import mixed_images, planted_vit
 
 pytest.importorskip("timm")

@@ -137,7 +137,7 @@ def test_dir_shows_the_api_not_the_imports():
 
 
 def test_synthetic_models_load_from_python_like_the_command_line():
-    from ttreg.command import resolve_model
+    from ttreg.cli_common import resolve_model
     model, transform = ttreg.load_model("planted")
     ref, ref_tf, _ = resolve_model("planted")
     x = mixed_images(2)
@@ -280,7 +280,7 @@ def test_missing_output_folders_are_created_and_named(tmp_path, capsys):
 def test_inspect_shows_progress_over_the_images(tmp_path, planted, capsys):
     pytest.importorskip("matplotlib")
     from ttreg.data import default_transform, resolve_images
-    from ttreg.report import inspect_images
+    from ttreg.inspection import inspect_images
     from PIL import Image
     for i, im in enumerate(mixed_images(3, seed=5)):
         Image.fromarray((im.permute(1, 2, 0).clamp(-1, 1) * 127 + 128).byte().numpy()).save(tmp_path / f"{i}.png")

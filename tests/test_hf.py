@@ -12,12 +12,12 @@ pytest.importorskip("transformers")
 
 import ttreg  # noqa: E402
 from ttreg.adapters.hf import get_path  # noqa: E402
-from ttreg.convert.hf import (timm_to_hf_clip, timm_to_hf_clip_vision, timm_to_hf_dinov2,  # noqa: E402
+from ttreg.testing.convert.hf import (timm_to_hf_clip, timm_to_hf_clip_vision, timm_to_hf_dinov2,  # noqa: E402
                               timm_to_hf_dinov2_with_registers, timm_to_hf_llava,
                               timm_to_hf_siglip_vision, timm_to_hf_vit)
 from ttreg.testing import mixed_images, planted_vit  # noqa: E402
 
-from conftest import fail_inside, flat  # noqa: E402
+from conftest import fail_inside, flat, hook_state, ratio  # noqa: E402
 
 PLANTS = [(1, 7), (3, 21)]
 POS = 12  # the planted patch
@@ -77,16 +77,6 @@ def user_call(name, model, x) -> dict[str, torch.Tensor]:
     return flat(model(pixel_values=x, output_hidden_states=True))
 
 
-def ratios(tr) -> torch.Tensor:
-    """Last layer's max/median patch-norm ratio per image."""
-    p = tr.norms[:, -1, tr.patch_slice]
-    return p.amax(-1) / p.median(-1).values
-
-
-def hook_state(model):
-    return {n: (tuple(m._forward_hooks), tuple(m._forward_pre_hooks)) for n, m in model.named_modules()}
-
-
 def attn_impls(model):
     return [getattr(m.config, "_attn_implementation", None) for m in model.modules() if hasattr(m, "config")]
 
@@ -114,8 +104,8 @@ def test_planted_neurons_found_and_registers_fix_norms(built, images, name):
     before = ttreg.trace(hf, images)
     with ttreg.test_time_registers(hf, neurons):
         after = ttreg.trace(hf, images)
-    assert ratios(before).min() >= 5.0
-    assert ratios(after).max() <= 2.0
+    assert ratio(before).min() >= 5.0
+    assert ratio(after).max() <= 2.0
     assert (before.norms[:, -1].argmax(-1) == PREFIX[name] + POS).all()   # the planted patch
     # the high norm moved to the register token, the last one
     assert (after.norms[:, -1].argmax(-1) == after.norms.shape[-1] - 1).all()
@@ -127,7 +117,7 @@ def test_official_preset_on_hf(built, images):
     _, hf = built["clip_vision"]
     with ttreg.test_time_registers(hf, PLANTS, preset="official"):
         tr = ttreg.trace(hf, images)
-    assert ratios(tr).max() <= 2.0
+    assert ratio(tr).max() <= 2.0
 
 
 @pytest.mark.parametrize("wrapper", ["CLIPVisionModelWithProjection", "SiglipModel"])
@@ -146,7 +136,7 @@ def test_other_wrappers_of_a_tower(built, images, wrapper):
     model.eval()
     assert sorted(ttreg.find_register_neurons(model, images, top_k=2).neurons) == PLANTS
     with ttreg.test_time_registers(model, PLANTS):
-        assert ratios(ttreg.trace(model, images)).max() <= 2.0
+        assert ratio(ttreg.trace(model, images)).max() <= 2.0
 
 
 @pytest.mark.parametrize("name", FAMILIES)

@@ -12,14 +12,14 @@ from browser import chromium, console_errors, missing, open_page
 from test_cli import photo
 
 from ttreg.cli import main
-from ttreg.command import resolve_model
+from ttreg.cli_common import resolve_model
 from ttreg.data import resolve_images
 from ttreg.files import OutputPathError
 from ttreg.html_report import Page, robust_range
 from ttreg.registers import test_time_registers
-from ttreg.report import inspect_images
-from ttreg.spec import RegisterNeurons
-from ttreg.trace import trace
+from ttreg.inspection import inspect_images
+from ttreg.register_neurons import RegisterNeurons
+from ttreg.tracing import trace
 
 PLANTED = [(1, 7), (3, 21)]   # what ttreg.testing.planted_vit plants (test_cli finds exactly these)
 

@@ -62,7 +62,7 @@ def test_from_a_prefilled_hub_cache_offline(calibrated, planted, tmp_path, monke
     monkeypatch.setattr(hub.constants, "HF_HUB_CACHE", str(cache))      # what HF_HOME would set
     assert _same(ttreg.RegisterNeurons.from_pretrained("me/neurons"), calibrated)
     assert _same(ttreg.RegisterNeurons.from_pretrained("hf:me/neurons", cache_dir=cache), calibrated)
-    from ttreg.command import load_neurons
+    from ttreg.cli_common import load_neurons
     got = load_neurons("hf:me/neurons", planted)                          # the CLI's --neurons
     assert _same(got, calibrated)
     # a cached set for another model is refused like a neuron file

@@ -11,18 +11,14 @@ import ttreg
 open_clip = pytest.importorskip("open_clip")
 
 from ttreg.adapters.open_clip import OpenCLIPTimmAdapter, OpenCLIPViTAdapter  # noqa: E402
-from ttreg.convert.open_clip import TINY_TEXT_CFG, timm_to_open_clip  # noqa: E402
-from ttreg.testing import plant_register_neurons, planted_vit  # noqa: E402
+from ttreg.outliers import norm_ratio  # noqa: E402
+from ttreg.testing.convert.open_clip import TINY_TEXT_CFG, timm_to_open_clip  # noqa: E402
+from ttreg.testing import plant_timm_register_neurons, planted_vit  # noqa: E402
 
-from conftest import all_hooks  # noqa: E402
+from conftest import all_hooks, ratio  # noqa: E402
 
 PLANTS = [(1, 7), (3, 21)]
 RN = {1: [7], 3: [21]}
-
-
-def ratio(tr, layer=-1):
-    pn = tr.norms[:, layer, tr.patch_slice]
-    return pn.amax(-1) / pn.median(-1).values
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +117,7 @@ def test_batch_equals_single(clip, images):
 
 
 def test_hooks_never_leak(clip, images):
-    from ttreg.trace import record
+    from ttreg.tracing import record
     x = images[:3]
     with torch.no_grad():
         plain = clip.encode_image(x)
@@ -250,7 +246,7 @@ def test_timm_trunk_tower_goes_through_the_timm_adapter(images):
                 timm_proj="linear", image_size=64)
     model = open_clip.model.CLIP(32, vcfg, TINY_TEXT_CFG).eval()
     model.visual.set_input_size(64)
-    plant_register_neurons(model.visual.trunk, [(1, 7, 5, 0.4), (3, 21, 5, 12.0)])
+    plant_timm_register_neurons(model.visual.trunk, [(1, 7, 5, 0.4), (3, 21, 5, 12.0)])
     ad = ttreg.wrap(model)
     assert isinstance(ad, OpenCLIPTimmAdapter) and isinstance(ttreg.wrap(model.visual), OpenCLIPTimmAdapter)
     assert ad.down_proj(3) is model.visual.trunk.blocks[3].mlp.fc2 and ad.image_size() == (64, 64)
@@ -281,7 +277,7 @@ def test_timm_trunk_tower_goes_through_the_timm_adapter(images):
 def test_three_libraries_agree(tower, clip, images):
     """The same CLIP vision weights in timm, Hugging Face and open_clip: same per-layer token
     norms and the same outputs, plain and with test-time registers, at the native grid."""
-    hf_convert = pytest.importorskip("ttreg.convert.hf")
+    hf_convert = pytest.importorskip("ttreg.testing.convert.hf")
     pytest.importorskip("ttreg.adapters.hf")
     hf = hf_convert.timm_to_hf_clip_vision(tower).eval()
     x = images[:4]
@@ -309,12 +305,8 @@ def test_three_libraries_agree(tower, clip, images):
             n, o = results[name, regs]
             assert (n - norms).abs().max() <= 1e-4, (name, regs)
             assert (o - out).abs().max() <= 1e-4, (name, regs)
-    assert ratio_from(results["timm", False][0]).min() >= 5
-    assert ratio_from(results["timm", True][0], regs=1).max() <= 2
+    assert norm_ratio(results["timm", False][0][:, -1], 1).min() >= 5
+    assert norm_ratio(results["timm", True][0][:, -1], 1, 1).max() <= 2
     for m in (tower, hf, clip):
         assert all_hooks(m) == 0
 
-
-def ratio_from(norms, regs=0):
-    pn = norms[:, -1, 1:norms.shape[-1] - regs]
-    return pn.amax(-1) / pn.median(-1).values

@@ -11,14 +11,9 @@ import torch
 import ttreg
 from ttreg.testing import mixed_images, planted_vit
 
-from conftest import all_hooks, site_hooks
+from conftest import all_hooks, ratio, site_hooks
 
 RN = {1: [7], 3: [21]}
-
-
-def _ratio(tr):
-    pn = tr.norms[:, -1, tr.patch_slice]
-    return pn.amax(-1) / pn.median(-1).values
 
 
 @pytest.fixture
@@ -86,7 +81,7 @@ def test_two_threads_share_a_persistent_handle(model):
         assert all(torch.equal(y, ref) for y in out)
     # a trace in one thread never records the other threads' forwards
     assert all(torch.equal(n, traced.norms) for n in norms)
-    assert traced.num_registers == 1 and _ratio(traced).max() < 2
+    assert traced.num_registers == 1 and ratio(traced).max() < 2
 
 
 def test_trace_in_one_thread_plain_forward_in_another(model):
@@ -139,7 +134,7 @@ def test_reentrant_checkpointing_fails_loudly(model):
 
 
 def test_hf_gradient_checkpointing():
-    from ttreg.convert.hf import timm_to_hf_dinov2
+    from ttreg.testing.convert.hf import timm_to_hf_dinov2
     m = planted_vit(init_values=1e-5)
     hf = timm_to_hf_dinov2(m)
     hf.train()
@@ -312,7 +307,7 @@ def test_neurons_apply_to_the_model_in_16_bit(model, dtype):
     x = mixed_images(2).to(dtype)
     with ttreg.test_time_registers(low, rn):
         tr = ttreg.trace(low, x)
-    assert _ratio(tr).max() < 2
+    assert ratio(tr).max() < 2
     with pytest.raises(ttreg.ModelMismatchError, match="other weights"):
         rn.check_model(planted_vit(seed=3).to(dtype))
 

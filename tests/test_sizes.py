@@ -9,7 +9,7 @@ import torch
 import ttreg
 from ttreg.neurons import search_stats
 from ttreg.sizes import as_sizes, at_size, dynamic_size, label, num_patches
-from ttreg.spec import RegisterNeurons
+from ttreg.register_neurons import RegisterNeurons
 from ttreg.testing import mixed_images, size_planted_vit
 
 ALWAYS = [(1, 7), (3, 21)]            # fire at every size

@@ -13,7 +13,7 @@ import torch
 
 import ttreg
 from ttreg.bias import BiasStats
-from ttreg.calibrate import HeldoutSums
+from ttreg.calibration import HeldoutSums
 from ttreg.neurons import SearchStats, accumulate
 from ttreg.stats import MergeableStats, state
 from ttreg.testing import mixed_images

@@ -8,7 +8,7 @@ import torch
 
 import ttreg
 from ttreg.plant import marked_images, plant_register_neurons
-from ttreg.spec import ModelMismatchError
+from ttreg.register_neurons import ModelMismatchError
 
 tf = pytest.importorskip("transformers")
 

@@ -11,28 +11,24 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import sys
-import types
 
 __version__ = "0.1.0"
 
 #: public name -> the submodule that defines it
 _EXPORTS = {
     "Adapter": "adapters", "wrap": "adapters",
-    "Calibration": "calibrate", "calibrate": "calibrate",
+    "Calibration": "calibration", "calibrate": "calibration",
     "ImageError": "data",
     "ModelLoadError": "models",
     "SearchStats": "neurons", "find_register_neurons": "neurons",
     "add_test_time_registers": "registers", "test_time_registers": "registers",
     "zero_neurons": "registers", "remove_test_time_registers": "registers",
     "UnmeasuredSizeWarning": "registers",
-    "fit_attention_bias": "bias", "AttentionBias": "spec",
-    "ModelMismatchError": "spec", "RegisterNeurons": "spec",
-    "Trace": "trace", "trace": "trace",
+    "fit_attention_bias": "bias", "AttentionBias": "register_neurons",
+    "ModelMismatchError": "register_neurons", "RegisterNeurons": "register_neurons",
+    "Trace": "tracing", "trace": "tracing",
     "attribution": "attribution", "Attribution": "attribution",
 }
-#: functions named like the submodule that defines them: ``ttreg.trace`` is the function
-_SHADOWED = {name for name, mod in _EXPORTS.items() if name == mod}
 
 
 def export_onnx(model, neurons, out, **kwargs):
@@ -57,7 +53,7 @@ def load_model(spec: str, device: str = "cpu", *, library: str | None = None):
     ``device``: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``, ...
     ``library``: ``"timm"`` or ``"hf"`` for the built-in model (the same as the ``-hf`` suffix).
     Errors are one line (:class:`ttreg.ModelLoadError`)."""
-    from .command import SYNTHETIC, resolve_model
+    from .cli_common import SYNTHETIC, resolve_model
     if spec in SYNTHETIC:
         if library is not None:
             raise ValueError(f"library= does not apply to the synthetic model {spec!r}")
@@ -88,17 +84,5 @@ def __dir__() -> list[str]:
     imports for itself (``sys``, ``importlib``, ...)."""
     return sorted({*__all__, "__version__", *_SUBMODULES})
 
-
-class _Package(types.ModuleType):
-    """Importing the submodules ``ttreg.calibrate`` / ``ttreg.trace`` must not replace the
-    functions of the same name on the package (as the import system would)."""
-
-    def __setattr__(self, name: str, value) -> None:
-        if name in _SHADOWED and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
 
 __all__ = sorted([*_EXPORTS, "load_model", "export_onnx"])

@@ -108,7 +108,8 @@ class AttentionCall(TorchFunctionMode):
                                    "this call is causal")
             k, v, a["attn_mask"] = append_kv(k, v, a.get("attn_mask"), *self.extra)
         if self.probs is not None:
-            self.probs(attention_probs(q, k, a.get("attn_mask"), a.get("scale"), a.get("enable_gqa", False)))
+            self.probs(attention_probs(q, k, a.get("attn_mask"), a.get("scale"), a.get("enable_gqa", False),
+                                       bool(a.get("is_causal", False))))
         return func(q, k, v, **a)
 
     def _mha(self, func, args, kwargs):
@@ -179,13 +180,17 @@ def append_kv(k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, key: 
 
 
 def attention_probs(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None = None,
-                    scale: float | None = None, enable_gqa: bool = False) -> torch.Tensor:
+                    scale: float | None = None, enable_gqa: bool = False,
+                    is_causal: bool = False) -> torch.Tensor:
     """Post-softmax probabilities of ``scaled_dot_product_attention(q, k, ., mask, scale)``:
     ``(..., heads, Tq, Tk)``, float32, detached."""
     q, k = q.detach().float(), k.detach().float()
     if enable_gqa and k.shape[-3] != q.shape[-3]:
         k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
     logits = (q @ k.transpose(-2, -1)) * (scale if scale is not None else 1.0 / math.sqrt(q.shape[-1]))
+    if is_causal:
+        L, S = logits.shape[-2], logits.shape[-1]
+        logits = logits.masked_fill(~torch.ones(L, S, dtype=torch.bool, device=q.device).tril(), float("-inf"))
     if mask is not None:
         mask = mask.detach()
         logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask.float()

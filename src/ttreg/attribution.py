@@ -9,7 +9,7 @@ content. :func:`attribution` measures it:
    one) and the answer -- given, or the model's own greedy answer -- make one sequence per image;
 2. one forward of the whole model on it, with the language model's post-softmax attention read
    where it is computed (any attention implementation that runs a softmax or
-   ``scaled_dot_product_attention``; :func:`ttreg.adapters.capture.capture_attention`);
+   ``scaled_dot_product_attention``; :mod:`ttreg.attention`);
 3. for each answer token, the attention of the position that *predicts* it (the last prompt
    token for the first answer token, as ``generate`` computes it) to every image token, averaged
    over the chosen heads, kept per language-model layer;
@@ -32,7 +32,7 @@ from typing import Any, Sequence
 import torch
 
 from .adapters import wrap
-from .adapters.capture import capture_attention
+from . import attention as _attention
 from .hooks import HookSet
 from .outliers import outlier_mask
 from .registers import active_registers
@@ -379,7 +379,7 @@ def attribute_inputs(model, inputs: dict, answer_ids: Sequence[Sequence[int]] | 
     query = (torch.tensor(prompt_len)[:, None] - 1 + k[None]).clamp(max=full["input_ids"].shape[1] - 1)
     dev = full["input_ids"].device
     query, cols = query.to(dev), tokens.positions.to(dev)
-    store: dict[int, torch.Tensor] = {}
+    store: dict[int, torch.Tensor] = {}     # filled from inside each attention call (ttreg.attention)
     got: dict[int, torch.Tensor] = {}
     head_idx = None
 
@@ -398,8 +398,9 @@ def attribute_inputs(model, inputs: dict, answer_ids: Sequence[Sequence[int]] | 
     tl = _resolve_indices(tower_layer, ad.num_layers, "tower_layer")[0]
     tower = ad.blocks[tl]
     norms: list[torch.Tensor] = []
-    with capture_attention({l: attn[l] for l in keep}) as store, HookSet() as hooks:
+    with HookSet() as hooks:
         for l in keep:
+            _attention.tap(hooks, attn[l], probs=lambda p, l=l: store.__setitem__(l, p))
             hooks.forward(attn[l], reduce(l))
         hooks.forward(tower, lambda m, a, out: norms.append(ad.block_output(out).float().norm(dim=-1)))
         model(**full, use_cache=False)

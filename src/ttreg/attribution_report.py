@@ -22,8 +22,8 @@ from .attribution import Attribution, attribution
 from .data import ImageSource, display_name
 from .files import Outputs
 from .registers import test_time_registers
-from .report import figure_stem
-from .spec import RegisterNeurons
+from .inspection import figure_stem
+from .register_neurons import RegisterNeurons
 
 
 def inspect_attribution(model, processor, src: ImageSource, neurons: RegisterNeurons, out: Path,

@@ -23,7 +23,7 @@ from .hooks import HookSet
 from .neurons import eval_mode
 from .registers import active_registers, test_time_registers
 from .sizes import as_sizes, at_size
-from .spec import AttentionBias, RegisterNeurons, as_register_neurons
+from .register_neurons import AttentionBias, RegisterNeurons, as_register_neurons
 from .stats import MergeableStats, state
 
 

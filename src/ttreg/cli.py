@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from .command import (EXIT_NOT_CLEARED, EXIT_OK, TOP_K_DEFAULT, OneLineParser, UserError, device_arg,
+from .cli_common import (EXIT_NOT_CLEARED, EXIT_OK, TOP_K_DEFAULT, OneLineParser, UserError, device_arg,
                       int_at_least, int_or_auto, load_neurons, memory_size, model_help, number_in, progress_ok,
                       read_neurons, resolve_model, run, sizes_arg, threshold_arg)
 
@@ -50,7 +50,7 @@ def cmd_calibrate(args) -> int:
 
 
 def _calibrate_command(args) -> int:
-    from .calibrate import calibrate
+    from .calibration import calibrate
     from .text import count
     from .distributed import is_main, local_device, resolve
     from .files import Outputs, check_output_file, same_file
@@ -99,11 +99,11 @@ def _calibrate_command(args) -> int:
 # --- inspect -------------------------------------------------------------------------------------
 
 def cmd_inspect(args) -> int:
-    from .calibrate import calibrate
+    from .calibration import calibrate
     from .text import count
     from .data import resolve_images
     from .files import check_output_folder
-    from .report import inspect_images
+    from .inspection import inspect_images
     from .viz import require_matplotlib
     out = check_output_folder(args.out, "--out")
     page = _html_page(args, out)
@@ -116,8 +116,8 @@ def cmd_inspect(args) -> int:
         raise UserError("--answer is attributed to the image for a --prompt: give --prompt too")
     model, transform, _ = resolve_model(args.model, args.device)
     from .adapters import wrap
-    from .neurons import _resolve_layer
-    _resolve_layer(args.layer, wrap(model).num_layers, "--layer")
+    from .neurons import resolve_layer
+    resolve_layer(args.layer, wrap(model).num_layers, "--layer")
     processor = None
     if args.prompt:
         from .attribution import load_processor, require_vlm
@@ -169,7 +169,7 @@ def _html_page(args, out: Path):
     """``--html [FILE]``: the page to write (default inspect.html in --out), its path checked."""
     if args.html is None:
         return None
-    from .command import SYNTHETIC
+    from .cli_common import SYNTHETIC
     from .files import check_output_file
     from .html_report import Page
     path = check_output_file(Path(args.html) if args.html else out / "inspect.html", "--html")

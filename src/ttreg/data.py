@@ -30,7 +30,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from .spec import as_index
+from .register_neurons import as_index
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 #: images larger than this many pixels (20000x20000) are refused before they are decoded: ttreg's

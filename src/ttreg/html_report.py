@@ -29,8 +29,8 @@ import torch
 
 from .files import Outputs, write_text
 from .outliers import thresholds
-from .spec import RegisterNeurons
-from .trace import Trace
+from .register_neurons import RegisterNeurons
+from .tracing import Trace
 
 __all__ = ["Page", "robust_range", "neuron_summary"]
 

@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .loading import (MAX_NEURON_FILE_BYTES, _is_network_error, _loading, _one_line, bias_file_name,
+from .loading import (MAX_NEURON_FILE_BYTES, bias_file_name, first_line, is_network_error, loading_errors,
                       read_bytes_at_most)
 from .files import write_text
 from .text import count
@@ -55,7 +55,7 @@ def neuron_file(name: str | os.PathLike, *, revision: str | None = None,
     if name.startswith("hf:"):
         name = name[3:]
     from huggingface_hub import hf_hub_download
-    with _loading(f"the neuron set hf:{name}"):
+    with loading_errors(f"the neuron set hf:{name}"):
         path = Path(hf_hub_download(name, NEURONS_FILE, revision=revision, cache_dir=cache_dir,
                                     token=token, library_name="ttreg"))
         data = json.loads(read_bytes_at_most(path, MAX_NEURON_FILE_BYTES, "ttreg neuron file"))
@@ -82,9 +82,9 @@ def push_to_hub(neurons, repo_id: str, *, token: str | bool | None = None,
             info = api.upload_folder(repo_id=repo_id, folder_path=tmp, revision=revision,
                                      commit_message=commit_message)
     except Exception as e:
-        if _is_network_error(e):
+        if is_network_error(e):
             raise ValueError(f"could not upload the neuron set to hf:{repo_id} — no network or no "
-                             f"write access? ({_one_line(e)})") from None
+                             f"write access? ({first_line(e)})") from None
         raise
     return str(getattr(info, "commit_url", info))
 

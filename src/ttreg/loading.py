@@ -49,7 +49,7 @@ def _env_offline() -> bool:
 
 
 @contextlib.contextmanager
-def _hub_offline_if_unreachable() -> Iterator[None]:
+def hub_offline_if_unreachable() -> Iterator[None]:
     """Put huggingface_hub in offline mode for this block when ``HF_HUB_OFFLINE`` is set now or
     the Hub is unreachable, so a load uses the local cache or fails at once instead of retrying
     for a minute."""
@@ -82,7 +82,7 @@ def _network_types() -> tuple[type, ...]:
     return tuple(types)
 
 
-def _is_network_error(err: BaseException) -> bool:
+def is_network_error(err: BaseException) -> bool:
     """Is a network failure anywhere in the exception's cause/context chain?"""
     types, seen = _network_types(), set()
     while err is not None and id(err) not in seen:
@@ -93,25 +93,26 @@ def _is_network_error(err: BaseException) -> bool:
     return False
 
 
-def _one_line(err: BaseException, limit: int = 160) -> str:
+def first_line(err: BaseException, limit: int = 160) -> str:
+    """The first line of ``err``'s message (its type's name when empty), cut to ``limit`` characters."""
     text = (str(err).strip().splitlines() or [type(err).__name__])[0]
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @contextlib.contextmanager
-def _loading(what: str, network: bool = True) -> Iterator[None]:
+def loading_errors(what: str, network: bool = True) -> Iterator[None]:
     """Turn any failure inside into a one-line :class:`ModelLoadError` about ``what``
     (``network``: the block may download from the Hub)."""
-    with _hub_offline_if_unreachable() if network else contextlib.nullcontext():
+    with hub_offline_if_unreachable() if network else contextlib.nullcontext():
         try:
             yield
         except ModelLoadError:
             raise
         except Exception as e:
-            if _is_network_error(e):
-                msg = f"could not download {what} — no network? pass a local path ({_one_line(e)})"
+            if is_network_error(e):
+                msg = f"could not download {what} — no network? pass a local path ({first_line(e)})"
             else:
-                msg = f"could not load {what}: {_one_line(e)}"
+                msg = f"could not load {what}: {first_line(e)}"
             err = ModelLoadError(msg)
             err.original = e
             raise err from None

@@ -38,7 +38,7 @@ SPEC_FORMS = ("timm:NAME", "timm:NAME@/path/weights.safetensors", "hf:ORG/NAME",
               "a local path")
 SPEC_HELP = ", ".join(SPEC_FORMS[:-1]) + f" or {SPEC_FORMS[-1]}"
 from .loading import (META_KWARGS, META_SPEC, ModelLoadError,  # noqa: F401 - public here too
-                      _hub_offline_if_unreachable, _loading, _one_line)
+                      first_line, hub_offline_if_unreachable, loading_errors)
 
 
 def load_model(spec: str, device: str = "cpu", *, library: str | None = None
@@ -88,11 +88,11 @@ def _load_timm(rest: str, **_: Any) -> tuple[nn.Module, Callable]:
         try:
             cfg = timm.models.get_pretrained_cfg(name)
         except RuntimeError as e:  # an unknown pretrained tag
-            raise ModelLoadError(f"timm: {_one_line(e)}") from None
+            raise ModelLoadError(f"timm: {first_line(e)}") from None
         if not (cfg and (cfg.hf_hub_id or cfg.url or cfg.file)):
             raise ModelLoadError(f"timm has no pretrained weights for {name!r}; "
                                  f"pass a checkpoint: timm:{name}@/path/to/weights")
-    with _loading(f"timm:{rest}"):
+    with loading_errors(f"timm:{rest}"):
         model = timm.create_model(name, pretrained=True, **kwargs)
     return model, create_transform(**resolve_model_data_config(model), is_training=False)
 
@@ -115,7 +115,7 @@ def _weights_file(spec: str, file: str, form: str) -> Path:
         with open(path, "rb") as f:
             head = f.read(9)
     except OSError as e:
-        raise ModelLoadError(f"cannot read the checkpoint file {path}: {_one_line(e)}") from None
+        raise ModelLoadError(f"cannot read the checkpoint file {path}: {first_line(e)}") from None
     size = int.from_bytes(head[:8], "little") if len(head) == 9 else 0
     safetensors = len(head) == 9 and head[8:9] == b"{" and 0 < size <= path.stat().st_size - 8
     if not (safetensors or head.startswith(_WEIGHTS_MAGIC)):
@@ -184,10 +184,10 @@ def _load_hf(name: str, **_: Any) -> tuple[nn.Module, Callable]:
     except ImportError:
         raise ModelLoadError("Hugging Face models need transformers: pip install transformers") from None
     local = Path(name).expanduser().is_dir()
-    with _loading(name if local else f"hf:{name}", network=not local):
+    with loading_errors(name if local else f"hf:{name}", network=not local):
         model = hf_auto_class(AutoConfig.from_pretrained(name)).from_pretrained(name)
     try:
-        with _hub_offline_if_unreachable() if not local else contextlib.nullcontext():
+        with hub_offline_if_unreachable() if not local else contextlib.nullcontext():
             processor = AutoImageProcessor.from_pretrained(name)
     except Exception:  # no preprocessor config: the adapter's size and statistics
         processor = None
@@ -240,7 +240,7 @@ def _load_open_clip(rest: str, **_: Any) -> tuple[nn.Module, Callable]:
             pretrained = str(_weights_file(f"open_clip:{rest}", pretrained, form))
         elif sep and not pretrained:
             raise ModelLoadError(f"nothing after '/' in 'open_clip:{rest}'; {form}")
-    with _root_log_held(), _loading(f"open_clip:{rest}"):
+    with _root_log_held(), loading_errors(f"open_clip:{rest}"):
         model, _, preprocess = open_clip.create_model_and_transforms(
             arch, pretrained=pretrained or None, require_pretrained=True)
     return model, preprocess
@@ -254,7 +254,7 @@ def open_clip_tokenizer(spec: str) -> Callable:
         raise ModelLoadError("open_clip models need open_clip_torch: pip install open_clip_torch") from None
     rest = spec.split(":", 1)[1]
     arch = rest if rest.startswith(("hf-hub:", "local-dir:")) else rest.replace("@", "/").split("/")[0]
-    with _root_log_held(), _loading(f"the tokenizer of {spec}"):
+    with _root_log_held(), loading_errors(f"the tokenizer of {spec}"):
         return open_clip.get_tokenizer(arch)
 
 
@@ -298,7 +298,7 @@ def _load_ttreg_file(file: Path, library: str | None = None) -> tuple[nn.Module,
         with safe_open(str(file), framework="pt") as f:
             meta = f.metadata() or {}
     except Exception as e:
-        raise ModelLoadError(f"{file}: not a safetensors file ({_one_line(e)})") from None
+        raise ModelLoadError(f"{file}: not a safetensors file ({first_line(e)})") from None
     spec = meta.get(META_SPEC)
     if not spec:
         raise ModelLoadError(f"{file}: no '{META_SPEC}' metadata, so not a model saved by ttreg; "
@@ -325,7 +325,7 @@ def _load_ttreg_file(file: Path, library: str | None = None) -> tuple[nn.Module,
             model = timm.create_model(arch, pretrained=False, **kwargs)
             model.load_state_dict(sd, strict=True)
         except Exception as e:
-            raise ModelLoadError(f"{file}: cannot rebuild {spec} ({_one_line(e)})") from None
+            raise ModelLoadError(f"{file}: cannot rebuild {spec} ({first_line(e)})") from None
         if cfg:
             model.pretrained_cfg = {**model.pretrained_cfg, **cfg}
         return model, create_transform(**resolve_model_data_config(model), is_training=False)

@@ -29,11 +29,11 @@ from .outliers import (AUTO_MIN_RATIO, check_threshold, JUMP_SHARE, emergence_la
                        majority_layer, norm_ratio, outlier_mask)
 from .registers import active_registers
 from .sizes import as_sizes, at_size, label
-from .spec import RegisterNeurons, as_bytes, as_index
+from .register_neurons import RegisterNeurons, as_bytes, as_index
 from .stats import MergeableStats, state
 from .text import count
 from .hooks import HookSet
-from .trace import record, run_until
+from .tracing import record, run_until
 
 
 #: search presets: which tokens are outlier candidates, and whether the sparsity filter is on
@@ -119,7 +119,7 @@ def eval_mode(model: torch.nn.Module) -> Iterator[None]:
             m.training = training
 
 
-def _resolve_layer(layer: int, num_layers: int, what: str) -> int:
+def resolve_layer(layer: int, num_layers: int, what: str) -> int:
     if not -num_layers <= layer < num_layers:
         raise ValueError(f"{what}={layer} is out of range for a model with {num_layers} blocks")
     return layer % num_layers
@@ -215,8 +215,7 @@ def accumulate(adapter: Adapter, x: torch.Tensor, stats: SearchStats, detection_
     has = mask.any(dim=1)
     stats.images_with_outliers += int(has.sum())
     stats.layer_hits += hits.sum(dim=0).double().cpu()
-    B = norms.shape[0]
-    stats.ratio_sum += norm_ratio(norms.reshape(B * L, -1), npre).reshape(B, L).sum(0).double().cpu()
+    stats.ratio_sum += norm_ratio(norms, npre).sum(0).double().cpu()
     stats.max_norm_sum += patch.amax(dim=2).sum(0).double().cpu()
     median = patch.median(dim=2).values                                       # (B, L)
     stats.median_norm_sum += median.sum(0).double().cpu()
@@ -233,7 +232,7 @@ def layers_to_search(top_layer: int | str, det: int, num_layers: int) -> int:
         return det + 1
     if isinstance(top_layer, str):
         raise ValueError(f"top_layer must be a layer index or 'auto', got {top_layer!r}")
-    return _resolve_layer(int(top_layer), num_layers, "top_layer") + 1
+    return resolve_layer(int(top_layer), num_layers, "top_layer") + 1
 
 
 def check_top_k(top_k) -> int:
@@ -284,7 +283,7 @@ class SearchConfig:
         threshold = check_threshold(threshold)
         batch_size = check_batch_size(batch_size)
         budget = as_bytes(MEMORY_BUDGET if memory_budget is None else memory_budget)
-        det = _resolve_layer(detection_layer, num_layers, "detection_layer")
+        det = resolve_layer(detection_layer, num_layers, "detection_layer")
         opts = search_options(preset, include_prefix, sparsity)
         if search_layers is None:
             search_layers = layers_to_search(top_layer, det, num_layers)

@@ -72,9 +72,11 @@ def outlier_mask(norms: torch.Tensor, num_prefix: int, num_registers: int = 0,
 
 
 def norm_ratio(norms: torch.Tensor, num_prefix: int, num_registers: int = 0) -> torch.Tensor:
-    """Max over median patch norm, per image: ``(B,)``. About 1-2 without outliers."""
-    pn = norms[:, patch_slice(norms.shape[1], num_prefix, num_registers)].float()
-    return pn.amax(dim=1) / pn.median(dim=1).values.clamp_min(1e-12)
+    """Max over median patch norm of token norms ``(..., T)`` (tokens last, ``num_prefix`` first
+    and ``num_registers`` last left out): ``(B,)`` from ``(B, T)``, ``(B, L)`` from ``(B, L, T)``.
+    About 1-2 without outliers. The one definition of the ratio (the tests' helper too)."""
+    pn = norms[..., patch_slice(norms.shape[-1], num_prefix, num_registers)].float()
+    return pn.amax(dim=-1) / pn.median(dim=-1).values.clamp_min(1e-12)
 
 
 def layers_with_outliers(norms: torch.Tensor, num_prefix: int, num_registers: int = 0,

@@ -70,7 +70,7 @@ from .adapters import Adapter, wrap
 from .adapters.base import BlockIO, initial_registers
 from .calls import CALL, RegisterCall, current, entered, in_backward, in_scope, tag, tagged
 from .hooks import OwnedHook, owned_hooks, remove_owned_hooks
-from .spec import AttentionBias, RegisterNeurons, as_register_neurons
+from .register_neurons import AttentionBias, RegisterNeurons, as_register_neurons
 
 PRESETS = ("paper", "official")
 #: ``token``: appended register tokens (the paper); ``bias``: a fitted extra key/value per head in

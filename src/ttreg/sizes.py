@@ -84,7 +84,7 @@ def at_size(adapter, size: Size | None, probe: bool = True) -> Iterator[None]:
     if size is None or tuple(size) == tuple(adapter.image_size()):
         yield
         return
-    from .trace import run_until
+    from .tracing import run_until
     with adapter.any_size():
         if not probe:
             yield

@@ -1,6 +1,6 @@
 """Figures: what a person looks at to see outlier tokens and what test-time registers do to them.
 
-Plain functions that take :class:`~ttreg.trace.Trace` objects (plain and with registers) and
+Plain functions that take :class:`~ttreg.tracing.Trace` objects (plain and with registers) and
 write PNGs with matplotlib's Agg backend, atomically (:mod:`ttreg.files`; with ``outputs``,
 staged with the rest of a run's files). Nothing here runs a model.
 """
@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from .files import Outputs, atomic_write
+from .outliers import norm_ratio
 
 MATPLOTLIB_MISSING = "figures need matplotlib: pip install matplotlib"
 

@@ -28,7 +28,7 @@ between the position embedding and the first block, e.g. CLIP's ``ln_pre``), ``i
 What was given or found is stored on the model (``model._ttreg_wrap``, configuration only), so
 afterwards every ttreg call -- ``find_register_neurons(model, ...)``, ``trace``,
 ``test_time_registers`` -- works on the plain model. Attention maps are read from the softmax
-the attention module computes (:mod:`ttreg.adapters.capture`).
+the attention module computes (:mod:`ttreg.attention`).
 """
 from __future__ import annotations
 

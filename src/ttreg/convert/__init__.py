@@ -1,5 +1,7 @@
-"""Weight converters between model libraries (same weights, another library's module).
+"""Old path of :mod:`ttreg.testing.convert` (``from ttreg.convert.hf import timm_to_hf_dinov2``
+still works): ``ttreg.convert.hf`` and ``ttreg.convert.open_clip`` are those modules."""
+import sys
 
-Used for the built-in real model and for cross-library equivalence tests; each submodule
-converts into one library.
-"""
+from ..testing.convert import hf, open_clip
+
+sys.modules[f"{__name__}.hf"], sys.modules[f"{__name__}.open_clip"] = hf, open_clip

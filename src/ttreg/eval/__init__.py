@@ -8,9 +8,9 @@ Chefer et al.'s metrics, Gandelsman et al.'s heat map in :mod:`.direct`) and :mo
 (typographic attacks) and :mod:`.attribution` (a VLM's text-to-image attribution: pointing
 game, energy in box). Shared pieces: :mod:`.arms` (plain / test-time registers / random-neuron
 control / register neurons zeroed / random neurons zeroed), :mod:`.backbone` (what each model
-family exposes), :mod:`.metrics`, :mod:`.datasets`, :mod:`.report`; :mod:`.synthetic` (tiny
-models and data sets in the real layouts, for tests and trying things out); :mod:`.cli` adds
-``ttreg eval ...``.
+family exposes), :mod:`.metrics`, :mod:`.datasets`, :mod:`.report`; :mod:`.cli` adds ``ttreg eval ...``.
+Tiny models and data sets in the real layouts, for tests and trying things out, are in
+:mod:`ttreg.testing` (``planted_clip``, ``write_voc``, ...).
 
 Every ``evaluate_*`` function returns a JSON-able dict and can print a table
 (:func:`ttreg.eval.report.format_table`). Modules import lazily, so ``import ttreg.eval`` is cheap.

@@ -23,7 +23,7 @@ import torch
 
 from ..adapters import wrap
 from ..registers import test_time_registers, zero_neurons
-from ..spec import RegisterNeurons, as_register_neurons
+from ..register_neurons import RegisterNeurons, as_register_neurons
 
 #: arm kinds; the two random kinds are summarised over their draws
 KINDS = ("plain", "registers", "bias", "random", "zeroed", "random-zeroed")
@@ -190,7 +190,7 @@ def resolve_neurons(model, neurons, images=None, **options) -> RegisterNeurons:
         if images is None:
             raise ValueError("neurons='auto' needs images to calibrate on")
         import warnings
-        from ..calibrate import calibrate
+        from ..calibration import calibrate
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")    # the note says the same
             return calibrate(model, images, **options).neurons

@@ -32,7 +32,7 @@ import torch
 
 from ..attribution import attribution
 from ..registers import test_time_registers, zero_neurons
-from ..spec import as_register_neurons
+from ..register_neurons import as_register_neurons
 from .datasets import BoxSample, load_rgb
 from .report import bootstrap_ci, format_table
 

@@ -9,7 +9,7 @@ import math
 import sys
 import time
 
-from ..command import (TOP_K_DEFAULT, OneLineParser, device_arg, int_at_least, int_or_auto, load_neurons, model_help,
+from ..cli_common import (TOP_K_DEFAULT, OneLineParser, device_arg, int_at_least, int_or_auto, load_neurons, model_help,
                    number_in, positive_number, read_neurons, resolve_model, run, threshold_arg)
 
 

@@ -25,7 +25,7 @@ import torch
 from ..adapters import wrap
 from ..data import iter_batches
 from ..outliers import check_threshold, norm_ratio, outlier_mask
-from ..trace import trace
+from ..tracing import trace
 from .arms import control_rows, make_arms, summarize_random
 from .metrics import attention_entropy, topk_mass
 from .report import format_table

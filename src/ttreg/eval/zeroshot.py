@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from ..adapters import wrap
-from ..trace import trace
+from ..tracing import trace
 from .arms import control_rows, make_arms, summarize_draws, summarize_random
 from .backbone import clip_embeddings, preprocessing
 from .datasets import load_mask, load_rgb, paired_files, resize, resize_center_crop, resize_target, to_tensor

@@ -1,8 +1,10 @@
-"""Small ViTs with *planted* register neurons, for tests, demos and benchmarks.
+"""Small timm ViTs with *planted* register neurons, for tests, demos and benchmarks: the plants
+are written straight into a timm ``VisionTransformer``'s weights (for any family through the
+adapter, :func:`ttreg.testing.plant_register_neurons`).
 
 Two kinds of plant, both public:
 
-* :func:`plant_register_neurons` / :func:`planted_vit`: the authors' Proposition 1 in its
+* :func:`plant_timm_register_neurons` / :func:`planted_vit`: the authors' Proposition 1 in its
   simplest form. A neuron reads a trigger direction that only one token carries (set in the
   position embedding) and writes a large vector along a direction that no other weight reads.
   So it fires on the same patch of every image, gives that token a high norm, and changes
@@ -12,7 +14,7 @@ Two kinds of plant, both public:
   1-5 per image, elsewhere in every image); a trigger neuron, several weaker neurons over
   consecutive layers and an amplifier (a cascade) build them; early layers already show mildly
   large tokens; dense distractor neurons are large on every token; later attention heads use
-  the outlier token as a sink. Plant in timm, convert (:mod:`ttreg.convert`) for other libraries.
+  the outlier token as a sink. Plant in timm, convert (:mod:`ttreg.testing.convert`) for other libraries.
 
 Channels at the end of the embedding are reserved: written and read only by the plant.
 """
@@ -27,9 +29,13 @@ from typing import Callable, Sequence
 import torch
 import torch.nn as nn
 
+from .images import mixed_images
+
 
 @dataclass(frozen=True)
-class Plant:
+class TimmPlant:
+    """A register neuron for :func:`plant_timm_register_neurons`: block ``layer``, MLP neuron
+    ``neuron``, firing on patch ``position`` of every image."""
     layer: int
     neuron: int
     position: int = 0          # patch index the neuron fires on
@@ -68,26 +74,26 @@ def _reserve_channels(model: nn.Module, reserved: list[int], read: list[int]) ->
         head.weight[:, read] = 0
 
 
-def _as_plant(p) -> Plant:
-    if isinstance(p, Plant):
+def _as_plant(p) -> TimmPlant:
+    if isinstance(p, TimmPlant):
         return p
-    return Plant(*p)
+    return TimmPlant(*p)
 
 
 @torch.no_grad()
 def _median_patch_norm(model, x: torch.Tensor) -> torch.Tensor:
     """Median patch-token norm after each block: ``(L,)``."""
-    from .trace import trace
+    from ..tracing import trace
     tr = trace(model, x)
     return tr.norms[:, :, tr.patch_slice].median(dim=-1).values.median(dim=0).values
 
 
 @torch.no_grad()
-def plant_register_neurons(model: nn.Module, plants: Sequence, *, trigger: float = 0.5,
-                           fire: float = 6.0, seed: int = 0) -> list[Plant]:
+def plant_timm_register_neurons(model: nn.Module, plants: Sequence, *, trigger: float = 0.5,
+                                fire: float = 6.0, seed: int = 0) -> list[TimmPlant]:
     """Plant register neurons into a timm ``VisionTransformer`` in place; return the plants.
 
-    ``plants``: :class:`Plant` or ``(layer, neuron[, position[, write]])`` tuples. ``trigger``:
+    ``plants``: :class:`TimmPlant` or ``(layer, neuron[, position[, write]])`` tuples. ``trigger``:
     size of the trigger, in multiples of the median token norm (small, so the trigger token is
     not itself an outlier). ``fire``: the plant's pre-activation on its token. Works on random
     and on pretrained weights (the reserved channels of a pretrained model are repurposed: the
@@ -145,7 +151,7 @@ def plant_register_neurons(model: nn.Module, plants: Sequence, *, trigger: float
 
 @torch.no_grad()
 def _ln_output(model, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    from .hooks import HookSet
+    from ..hooks import HookSet
     got = {}
     with HookSet() as hooks:
         hooks.forward(norm, lambda m, a, out: got.__setitem__("y", out))
@@ -155,7 +161,7 @@ def _ln_output(model, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def _mlp_hidden(model, fc2: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    from .hooks import HookSet
+    from ..hooks import HookSet
     got = {}
     with HookSet() as hooks:
         hooks.pre(fc2, lambda m, a: got.__setitem__("h", a[0]))
@@ -185,32 +191,8 @@ def planted_vit(plants: Sequence = ((1, 7, 12, 0.4), (3, 21, 12, 12.0)), *, dept
     ``init_values=1e-5`` for LayerScale, ``pre_norm=True`` for a CLIP-style tower).
     """
     model = _random_vit(depth, embed_dim, num_heads, img_size, patch_size, seed, **kwargs)
-    plant_register_neurons(model, plants, seed=seed)
+    plant_timm_register_neurons(model, plants, seed=seed)
     return model
-
-
-def mixed_images(n: int = 8, size: int = 64, seed: int = 0) -> torch.Tensor:
-    """A normalised batch of varied images: noise, gradients, stripes, blobs and flat colours."""
-    g = torch.Generator().manual_seed(seed)
-    yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
-    out = []
-    for i in range(n):
-        kind = i % 5
-        if kind == 0:
-            img = torch.randn(3, size, size, generator=g)
-        elif kind == 1:
-            img = torch.stack([xx, yy, xx * yy]) * 2
-        elif kind == 2:
-            f = 2 + 4 * torch.rand(1, generator=g)
-            img = torch.sin(f * 3.14 * xx).expand(3, -1, -1) * 1.5
-        elif kind == 3:
-            c = torch.rand(2, generator=g) - 0.5
-            img = torch.exp(-((xx - c[0]) ** 2 + (yy - c[1]) ** 2) * 8).expand(3, -1, -1) * 3 - 1
-        else:
-            img = (torch.rand(3, 1, 1, generator=g) * 4 - 2).expand(3, size, size)
-        out.append(img.clone())
-    return torch.stack(out).float()
-
 
 
 # --- content-dependent plants: outliers that behave like real ones ---------------------------------
@@ -289,7 +271,7 @@ def _check_content_model(model: nn.Module, p: ContentPlants) -> None:
         raise ValueError("the trigger and mild neurons of a content plant live in block 0")
     if not isinstance(getattr(model, "norm_pre", nn.Identity()), nn.Identity):
         raise ValueError("content plants need a ViT without a pre-norm (pre_norm=False); "
-                         "for CLIP-style towers use plant_register_neurons")
+                         "for CLIP-style towers use plant_timm_register_neurons")
     if blk0.attn.qkv.bias is None or model.patch_embed.proj.bias is None:
         raise ValueError("content plants need biases in the patch embedding and the attention qkv")
     if blk0.attn.num_heads < 2:
@@ -315,7 +297,7 @@ def plant_content_outliers(model: nn.Module, plants: ContentPlants | None = None
     have the sizes asked for in multiples of the median patch norm. Works on random and on
     pretrained weights; two heads of block 0 and the reserved channels are repurposed, so the
     result is a synthetic artifact. Needs a ViT without a pre-norm (for CLIP-style towers use
-    :func:`plant_register_neurons`), with biases in the patch embedding and qkv, at least two
+    :func:`plant_timm_register_neurons`), with biases in the patch embedding and qkv, at least two
     heads and a plain MLP.
     """
     p = plants or ContentPlants()
@@ -550,7 +532,7 @@ def size_planted_vit(small: int = 64, large: int = 128, *, seed: int = 0) -> nn.
     only when that output is small. The
     model runs at other sizes as timm runs it (``dynamic_img_size``, see
     :func:`ttreg.sizes.dynamic_size`)."""
-    from .sizes import dynamic_size
+    from ..sizes import dynamic_size
     model = _random_vit(6, 96, 4, 64, 8, seed)
     D, blk0 = model.embed_dim, model.blocks[0]
     c_cls, c_cnt = D - 7, D - 8                      # below the plants' trigger and write channels
@@ -575,7 +557,7 @@ def size_planted_vit(small: int = 64, large: int = 128, *, seed: int = 0) -> nn.
     blk0.attn.proj.weight[:, 0] = 0
     blk0.attn.proj.weight[c_cnt, 0] = 1.0            # ... written to the count channel
     plants = [_as_plant(p) for p in SIZE_PLANTS]
-    plant_register_neurons(model, plants, seed=seed)
+    plant_timm_register_neurons(model, plants, seed=seed)
 
     blk = model.blocks[2]
     fc1 = blk.mlp.fc1
@@ -599,46 +581,6 @@ def size_planted_vit(small: int = 64, large: int = 128, *, seed: int = 0) -> nn.
     return model
 
 
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-def planted_clip(*, img_size: int = 64, patch_size: int = 8, depth: int = 6, width: int = 96,
-                 embed_dim: int = 32, text_width: int = 32, seed: int = 0,
-                 plants: Sequence = ((1, 7, 12, 0.4), (3, 21, 12, 12.0))) -> tuple[nn.Module, Callable]:
-    """``(model, tokenizer)``: a random open_clip ``CLIP`` (eval mode) whose ``visual`` is a
-    ``TimmModel`` around :func:`ttreg.testing.planted_vit` (class-token pooling, linear
-    projection that does not read the plants' write channels) and a one-layer text tower
-    using CLIP's tokenizer."""
-    import open_clip
-    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
-
-    torch.manual_seed(seed)
-    vision = CLIPVisionCfg(timm_model_name="test_vit", timm_pool="token", timm_proj="linear",
-                           image_size=img_size)
-    text = CLIPTextCfg(context_length=77, vocab_size=49408, width=text_width, heads=2, layers=1)
-    model = CLIP(embed_dim, vision_cfg=vision, text_cfg=text)
-    trunk = planted_vit(plants, depth=depth, embed_dim=width, img_size=img_size,
-                        patch_size=patch_size, seed=seed, num_classes=0, global_pool="token")
-    proj = nn.Linear(width, embed_dim, bias=False)
-    with torch.no_grad():
-        for p in plants:
-            l, n = int(p[0]), int(p[1])
-            written = trunk.blocks[l].mlp.fc2.weight[:, n].nonzero().flatten()
-            proj.weight[:, written] = 0                 # the head does not read the plants
-    model.visual.trunk = trunk
-    model.visual.head = nn.Sequential(OrderedDict(drop=nn.Dropout(0.0), proj=proj))
-    model.visual.image_size = (img_size, img_size)
-    model.visual.image_mean, model.visual.image_std = OPENAI_MEAN, OPENAI_STD
-    model.eval()
-    return model, open_clip.get_tokenizer("ViT-B-16")
-
-
-__all__ = ["ContentPlants", "DEMO_PLANTS", "Plant", "SIZE_PLANTS", "content_planted_vit", "OPENAI_MEAN", "OPENAI_STD", "mixed_images",
-           "plant_content_outliers", "plant_demo", "plant_register_neurons", "planted_clip", "planted_vit",
+__all__ = ["ContentPlants", "DEMO_PLANTS", "SIZE_PLANTS", "TimmPlant", "content_planted_vit",
+           "plant_content_outliers", "plant_demo", "plant_timm_register_neurons", "planted_vit",
            "size_planted_vit"]
-
-
-def __dir__() -> list[str]:
-    """The public names only (not ``torch``, ``math``, ``dataclass``)."""
-    return sorted(__all__)

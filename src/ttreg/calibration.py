@@ -35,10 +35,10 @@ from .neurons import DEFAULT_SPARSITY, SearchConfig, check_top_k, eval_mode, neu
 from .outliers import norm_ratio, outlier_mask
 from .registers import test_time_registers, zero_neurons
 from .sizes import Size, as_sizes, at_size, label
-from .spec import RegisterNeurons, as_index
+from .register_neurons import RegisterNeurons, as_index
 from .stats import MergeableStats, state
 from .text import count
-from .trace import record, run_until
+from .tracing import record, run_until
 
 
 @dataclass(frozen=True)

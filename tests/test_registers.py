@@ -1,6 +1,7 @@
-"""Foundation: search, registers, presets, hygiene, on timm ViTs with planted register neurons."""
-import json
-
+"""Test-time registers on timm ViTs with planted register neurons: the outliers move into the
+register, shapes and outputs kept, bitwise plain when empty, batch equals single, hooks cleaned up
+(also on an exception), the paper and official presets and ``shift_to`` by hand, the authors' edit
+modes restated, timm variants, other input sizes, attention maps and ``zero_neurons``."""
 import pytest
 import torch
 
@@ -8,46 +9,7 @@ import ttreg
 from ttreg.registers import edit_activations, target_and_zero_masks
 from ttreg.testing import mixed_images, planted_vit
 
-from conftest import all_hooks, site_hooks
-
-PLANTS = [(1, 7), (3, 21)]
-
-
-def ratio(tr, layer=-1):
-    pn = tr.norms[:, layer, tr.patch_slice]
-    return pn.amax(-1) / pn.median(-1).values
-
-
-def test_planted_neurons_found_exactly(planted, images):
-    rn = ttreg.find_register_neurons(planted, images, top_k=2, batch_size=3)
-    assert sorted(rn.neurons) == PLANTS
-    assert rn.num_images == 10 and rn.num_images_with_outliers == 10
-    assert rn.statistics["emergence_layer"] == 3
-    assert rn.hyperparameters["top_layer"] == 3
-    # the planted neurons stand far above every other neuron
-    more = ttreg.find_register_neurons(planted, images, top_k=3)
-    assert more.scores[1] > 10 * more.scores[2]
-
-
-def test_search_streams_and_batch_size_does_not_matter(planted, images):
-    a = ttreg.find_register_neurons(planted, images, top_k=5, batch_size=1)
-    b = ttreg.find_register_neurons(planted, images, top_k=5, batch_size=10)
-    assert a.neurons == b.neurons
-    torch.testing.assert_close(torch.tensor(a.scores), torch.tensor(b.scores), rtol=1e-5, atol=1e-6)
-
-
-def test_planted_in_two_layers_emergence_follows_every_outlier_back():
-    m = planted_vit([(1, 3, 5, 12.0), (4, 40, 30, 12.0)], depth=6)
-    x = mixed_images(6, seed=1)
-    rn = ttreg.find_register_neurons(m, x, top_k=2, top_layer=-1)
-    assert sorted(rn.neurons) == [(1, 3), (4, 40)]
-    # token 5 is an outlier from block 1, token 30 from block 4: followed back from the
-    # detection layer, their mean size grows at both blocks, and the last growth is block 4
-    # (the old "first block with outliers on most images" said 1 and missed (4, 40))
-    auto = ttreg.find_register_neurons(m, x, top_k=2)
-    assert auto.statistics["emergence_layer"] == 4 and auto.hyperparameters["top_layer"] == 4
-    assert auto.statistics["majority_layer"] == 1
-    assert sorted(auto.neurons) == [(1, 3), (4, 40)]
+from conftest import PLANTS, all_hooks, ratio, site_hooks
 
 
 def test_registers_remove_outliers_and_register_takes_the_norm(planted, images):
@@ -109,7 +71,7 @@ def test_exception_inside_context_cleans_up(planted, images):
     assert all_hooks(planted) == before == 0
     assert torch.equal(planted(images), ref)
     with pytest.raises(RuntimeError, match="boom"):
-        from ttreg.trace import record
+        from ttreg.tracing import record
         with record(planted, range(6), {1: None}, attention_layers=[0, 5]):
             planted(images)
             raise RuntimeError("boom")
@@ -230,39 +192,6 @@ def test_bad_arguments(planted):
 
 # --- the spec file ---------------------------------------------------------------------------
 
-def test_spec_round_trip(tmp_path, planted, images):
-    rn = ttreg.find_register_neurons(planted, images, top_k=2)
-    path = rn.save(tmp_path / "n.json")
-    data = json.loads(path.read_text())
-    assert data["format"] == "ttreg.register_neurons" and len(data["neurons"]) == 2
-    back = ttreg.RegisterNeurons.load(path)
-    assert back == rn
-    assert [p.name for p in tmp_path.iterdir()] == ["n.json"]  # no temp files left
-    back.check_model(planted)
-
-
-def test_spec_for_another_model_is_refused(planted, images):
-    rn = ttreg.find_register_neurons(planted, images, top_k=2)
-    other_arch = planted_vit(depth=6, embed_dim=128)
-    with pytest.raises(ttreg.ModelMismatchError, match="another architecture"):
-        ttreg.add_test_time_registers(other_arch, rn)
-    other_weights = planted_vit(seed=1)
-    with pytest.raises(ttreg.ModelMismatchError, match="other weights"):
-        ttreg.add_test_time_registers(other_weights, rn)
-    ttreg.add_test_time_registers(other_weights, rn, check=False).remove()
-    assert all_hooks(other_weights) == 0
-
-
-def test_no_outliers_gives_empty_result_with_message():
-    import timm
-    torch.manual_seed(0)
-    m = timm.models.vision_transformer.VisionTransformer(
-        img_size=64, patch_size=8, embed_dim=64, depth=4, num_heads=4, num_classes=0).eval()
-    with pytest.warns(UserWarning, match="no outlier tokens at layer 3 over 6 images"):
-        rn = ttreg.find_register_neurons(m, mixed_images(6))
-    assert len(rn) == 0 and rn.num_images == 6 and "does not need registers" in rn.note
-    assert rn.statistics["mean_norm_ratio"][3] < 2
-
 
 # --- timm variants ---------------------------------------------------------------------------
 
@@ -331,3 +260,71 @@ def test_zero_neurons_zeroes_every_token(planted, images):
     assert torch.equal(tr.activations[:, 0], torch.zeros_like(tr.activations[:, 0]))
     assert tr.activations[:, 1].abs().max() > 1     # other neurons untouched
     assert all_hooks(planted) == 0
+
+
+# --- the authors' edit modes, re-stated -----------------------------------------------------------
+
+def authors_edit(out: torch.Tensor, R: int, idx: list[int], scale, normal_values: str) -> torch.Tensor:
+    """shared/hook_fn.py activate_on_registers, re-stated for one image ``(T, H)`` with CLS first."""
+    out = out.clone()
+
+    def sign_max(t):
+        hi, lo = torch.max(t), torch.min(t)
+        return hi if abs(hi) > abs(lo) else lo
+
+    if isinstance(scale, list):
+        for i in range(R):
+            out[-R + i, idx] = scale[i] * sign_max(out[:, idx])
+    else:
+        out[-R:, idx] = scale * sign_max(out[:, idx])
+    patches = out[1:-R, idx].clone()
+    if normal_values == "zero":
+        out[1:-R, idx] = 0
+    elif normal_values == "mean":
+        out[1:-R, idx] = patches.mean(dim=0)[None].expand(patches.shape[0], -1)
+    elif normal_values == "only_outliers":
+        means, stds = patches.mean(dim=0), patches.std(dim=0)
+        mask = patches > (means + stds)[None]
+        patches[mask] = means[None].expand_as(patches)[mask]
+        out[1:-R, idx] = patches
+    return out
+
+
+@pytest.mark.parametrize("normal_values", ["zero", "mean", "only_outliers", "same"])
+@pytest.mark.parametrize("scale", [1.0, 0.5, [1.0, 0.25]])
+def test_edit_modes_equal_the_authors_hook(normal_values, scale):
+    from ttreg.registers import target_and_zero_masks, edit_activations
+    g = torch.Generator().manual_seed(0)
+    B, T, H, R = 3, 11, 16, 2
+    h = torch.randn(B, T, H, generator=g, dtype=torch.float64)
+    h[1, 4, 5] = -9.0                       # a negative value of largest magnitude
+    idx = [2, 5, 9]
+    target, zero = target_and_zero_masks(B, T, 1, R, None, "official", h.device)
+    ts = None if scale == 1.0 else torch.tensor([0.0] * (T - R) + (scale if isinstance(scale, list) else [scale] * R))
+    got = edit_activations(h, torch.tensor(idx), target, zero, "official", normal_values, ts)
+    for b in range(B):
+        want = authors_edit(h[b], R, idx, scale, normal_values)
+        torch.testing.assert_close(got[b], want, rtol=1e-12, atol=1e-12)
+
+
+def test_edit_modes_through_the_hooks(content_model, calibration_images):
+    x = calibration_images[:3]
+    layer, neurons = 4, [13, 20]
+    seen = {}
+    with ttreg.test_time_registers(content_model, {layer: neurons}, num_registers=2, preset="official",
+                                   normal_values="only_outliers", scale=[1.0, 0.5]):
+        fc2 = content_model.blocks[layer].mlp.fc2
+        h = fc2.register_forward_pre_hook(lambda m, a: seen.__setitem__("pre", a[0].clone()),
+                                          prepend=True)       # runs before the edit
+        try:
+            tr = ttreg.trace(content_model, x, neurons=[(layer, n) for n in neurons])
+        finally:
+            h.remove()
+    for b in range(3):
+        want = authors_edit(seen["pre"][b], 2, neurons, [1.0, 0.5], "only_outliers")[:, neurons]
+        torch.testing.assert_close(tr.activations[b].T, want)
+    with pytest.raises(ValueError, match="one value per register: got 3 values for 2"):
+        ttreg.add_test_time_registers(content_model, {layer: neurons}, num_registers=2, scale=[1, 2, 3])
+    with pytest.raises(ValueError, match="unknown normal_values 'median'"):
+        ttreg.add_test_time_registers(content_model, {layer: neurons}, normal_values="median")
+

@@ -10,7 +10,7 @@ blocks, the MLP down-projection and the linear layers that feed it):
    gets a zero weight on it, so no later layer, attention or head reads what is written there.
 2. **It fires on chosen tokens only.** Which tokens is given per image -- by *position* (the same
    patch in every image) or by *content* (e.g. the patch carrying a marker,
-   :func:`marked_images`). The neuron's input weights (and bias, where the layer has one) become
+   :func:`ttreg.testing.marked_images`). The neuron's input weights (and bias, where the layer has one) become
    a linear detector of those tokens, fitted on the MLP inputs the block actually sees (so it
    works with any norm, position scheme or gating: plain, GLU/SwiGLU, fused or separate). An MLP
    without biases gets a template match instead (largest on the chosen tokens, smaller but not
@@ -31,8 +31,8 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from .adapters import Adapter, wrap
-from .hooks import HookSet
+from ..adapters import Adapter, wrap
+from ..hooks import HookSet
 
 
 @dataclass(frozen=True)
@@ -47,28 +47,6 @@ class Plant:
 
 def _as_plant(p) -> Plant:
     return p if isinstance(p, Plant) else Plant(*p)
-
-
-def marked_images(n: int = 8, size: int = 64, patch: int = 8, seed: int = 0,
-                  strength: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(images, marked)``: varied images (:func:`ttreg.testing.mixed_images`) each carrying a
-    marker -- a checkerboard of ``+-strength`` (green in antiphase) filling one patch of the ``patch`` grid, at a random
-    place per image -- and the ``(n, num_patches)`` bool mask of the marked patch. A plant told
-    ``where=marked`` fires on the marker, wherever it is: outliers that follow image content."""
-    from .testing import mixed_images
-    x = mixed_images(n, size, seed)
-    g = torch.Generator().manual_seed(seed + 1)
-    cells = size // patch
-    pos = torch.randint(0, cells * cells, (n,), generator=g)
-    yy, xx = torch.meshgrid(torch.arange(patch), torch.arange(patch), indexing="ij")
-    colours = torch.tensor([1.0, -1.0, 1.0])[:, None, None]        # no image kind has this pattern
-    board = ((yy + xx) % 2 * 2 - 1).float() * strength * colours
-    for i, p in enumerate(pos.tolist()):
-        r, c = divmod(p, cells)
-        x[i, :, r * patch:(r + 1) * patch, c * patch:(c + 1) * patch] = board
-    marked = torch.zeros(n, cells * cells, dtype=torch.bool)
-    marked[torch.arange(n), pos] = True
-    return x, marked
 
 
 def _residual_readers(ad: Adapter) -> list[tuple[nn.Module, str]]:
@@ -116,7 +94,7 @@ def _record(ad: Adapter, x: torch.Tensor, pre: dict[str, nn.Module]) -> dict[str
 
 
 def _median_patch_norm(ad: Adapter, x: torch.Tensor, layer: int) -> float:
-    from .trace import trace
+    from ..tracing import trace
     tr = trace(ad, x)
     return float(tr.norms[:, layer, tr.patch_slice].median())
 
@@ -165,17 +143,21 @@ def _fit(X: torch.Tensor, positive: torch.Tensor, steps: int, equal: bool) -> to
 
 
 @torch.no_grad()
-def plant_register_neurons(model, plants: Sequence, images: torch.Tensor, where, *,
+def plant_register_neurons(model, plants: Sequence, images: torch.Tensor | None = None, where=None, *,
                            fire: float = 10.0) -> list[Plant]:
     """Plant register neurons into ``model`` in place; return the plants.
 
     ``plants``: :class:`Plant` or ``(layer, neuron[, write])`` tuples. ``images``: a calibration
     batch ``(B, C, H, W)`` as the model takes it. ``where``: the tokens each neuron fires on -- a
     patch index (position: the same patch in every image) or a ``(B, num_patches)`` bool mask
-    (content, e.g. from :func:`marked_images`). ``fire``: the neuron's smallest pre-activation
+    (content, e.g. from :func:`ttreg.testing.marked_images`). ``fire``: the neuron's smallest pre-activation
     on those tokens. Raises ``ValueError`` (one line) when the chosen tokens cannot be told apart
     from the others at a plant's layer.
     """
+    if images is None or where is None:
+        raise TypeError("plant_register_neurons(model, plants, images, where) needs calibration images "
+                        "and the tokens to fire on; to plant into a timm ViT by position without images, "
+                        "use ttreg.testing.plant_timm_register_neurons(model, plants)")
     ad = wrap(model)
     plants = sorted((_as_plant(p) for p in plants), key=lambda p: p.layer)
     D, npre, L = ad.embed_dim, ad.num_prefix_tokens, ad.num_layers
@@ -267,6 +249,3 @@ def _block_channel(ad: Adapter, x: torch.Tensor, layer: int, ch: int) -> torch.T
         hooks.forward(ad.blocks[layer], grab)
         ad.run(x)
     return got["y"]
-
-
-__all__ = ["Plant", "plant_register_neurons", "marked_images"]

@@ -1,34 +1,10 @@
-"""Tiny models for exercising the experiments without downloads: an open_clip CLIP whose image
-tower is a small timm ViT with planted register neurons, and a way to make its text tower
-agree with chosen image prototypes (so zero-shot accuracy has a known answer)."""
+"""Tiny data sets in the real on-disk layouts (PASCAL VOC, COCO, an image folder per class,
+segmentation masks, depth maps), written from seeded random images, so every ``ttreg eval``
+experiment runs without downloads."""
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Sequence
 
-import torch
-import torch.nn.functional as F
-
-from ..testing import OPENAI_MEAN, OPENAI_STD, planted_clip  # noqa: F401  (the CLI's planted-clip)
-
-
-@torch.no_grad()
-def align_text_tower(model, tokenizer: Callable, classnames: Sequence[str],
-                     templates: Sequence[str], prototypes: torch.Tensor) -> None:
-    """Set ``model.text_projection`` so every prompt of class ``c`` embeds to exactly the image
-    embedding of ``prototypes[c]`` (a ``(C, 3, H, W)`` image batch): least squares, exact while
-    ``len(classnames) * len(templates)`` <= the text width."""
-    target = F.normalize(model.encode_image(prototypes).float(), dim=-1)          # (C, E)
-    prompts = [t.format(c) for c in classnames for t in templates]
-    width = model.text_projection.shape[0]
-    saved = model.text_projection.data.clone()
-    model.text_projection.data = torch.eye(width, dtype=saved.dtype, device=saved.device)
-    pooled = model.encode_text(tokenizer(prompts)).float()                       # (N, width)
-    y = target.repeat_interleave(len(templates), dim=0)
-    sol = torch.linalg.lstsq(pooled.double(), y.double()).solution
-    model.text_projection.data = sol.to(saved.dtype)
-
-
-# --- tiny datasets in the real on-disk layouts ------------------------------------------------------
 COLORS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 70, 220),
           "yellow": (230, 210, 40), "purple": (150, 50, 190)}
 

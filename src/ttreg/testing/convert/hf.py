@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..adapters.hf import find_layers, get_path
+from ...adapters.hf import find_layers, get_path
 
 # Roles inside one HF encoder layer, 5.x names first, then 4.x names.
 _LAYER_ROLES = {

@@ -18,10 +18,11 @@ from . import viz
 from .adapters import wrap
 from .data import ImageSource, display_name
 from .files import Outputs, write_json
-from .neurons import _resolve_layer
+from .neurons import resolve_layer
+from .outliers import norm_ratio
 from .registers import test_time_registers
-from .spec import RegisterNeurons
-from .trace import Trace, trace
+from .register_neurons import RegisterNeurons
+from .tracing import Trace, trace
 
 
 def inspect_images(model, transform, src: ImageSource, neurons: RegisterNeurons, out: Path, *,
@@ -45,7 +46,7 @@ def inspect_images(model, transform, src: ImageSource, neurons: RegisterNeurons,
     ad = wrap(model)
     p = ad.parameter()
     L = ad.num_layers
-    det = _resolve_layer(layer, L, "layer")
+    det = resolve_layer(layer, L, "layer")
     top = list(neurons.neurons[:num_neurons])
     mean, std = ad.mean_std()
     results: dict[str, Any] = {"model": model_name or ad.describe(), "detection_layer": det,
@@ -115,7 +116,7 @@ def arm_numbers(tr: Trace, i: int, det: int) -> dict[str, Any]:
     d: dict[str, Any] = {
         "max_patch_norm": pn.amax(-1).tolist(),
         "median_patch_norm": pn.median(-1).values.tolist(),
-        "norm_ratio": (pn.amax(-1) / pn.median(-1).values).tolist(),
+        "norm_ratio": norm_ratio(tr.norms[i], tr.num_prefix_tokens, tr.num_registers).tolist(),
         "norm_map": tr.norm_map(det)[i].tolist(),
     }
     if tr.num_registers:

@@ -108,7 +108,7 @@ def int_or_auto(lo: int | None = None) -> Callable[[str], int | str]:
 
 def memory_size(text: str) -> int:
     """An argparse type: a memory size in bytes, or with a unit (512MiB, 4GB, 1.5G)."""
-    from .spec import as_bytes
+    from .register_neurons import as_bytes
     try:
         return as_bytes(text)
     except ValueError:
@@ -186,7 +186,7 @@ def resolve_model(spec: str, device: str = "cpu") -> tuple[Any, Callable, Callab
         transform = default_transform(wrap(model))
     elif spec == "planted-clip":
         from .data import make_transform
-        from .eval.synthetic import OPENAI_MEAN, OPENAI_STD, planted_clip
+        from .testing.clip import OPENAI_MEAN, OPENAI_STD, planted_clip
         model, tokenizer = planted_clip()
         transform = make_transform((64, 64), OPENAI_MEAN, OPENAI_STD)
     else:
@@ -207,7 +207,7 @@ def read_neurons(arg: str | None):
     written by ``save_pretrained`` or ``hf:ORG/NAME`` (the Hub) -> the set, read and validated
     (done before the model loads; :func:`load_neurons` then checks it against the model)."""
     from .published import is_published
-    from .spec import RegisterNeurons
+    from .register_neurons import RegisterNeurons
     if arg is None or arg == "auto":
         return None
     if arg.startswith("hf:") or (Path(arg).is_dir() and (Path(arg) / "register_neurons.json").is_file()):
@@ -279,7 +279,7 @@ def user_error_message(e: BaseException) -> str | None:
     if isinstance(e, (SystemExit, KeyboardInterrupt)):
         return None
     try:
-        from .spec import ModelMismatchError
+        from .register_neurons import ModelMismatchError
     except ImportError:  # pragma: no cover
         ModelMismatchError = ()  # type: ignore[assignment]
     if ModelMismatchError and isinstance(e, ModelMismatchError):

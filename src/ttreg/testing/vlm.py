@@ -127,7 +127,7 @@ def silence_channels(model, channels: Sequence[int]) -> None:
     token: no layer writing the residual stream (a linear or convolution with the model's width
     of outputs, an embedding table, a position or class embedding, the norm before the blocks)
     writes them. Plant a register neuron along them afterwards and it is their only writer."""
-    from .adapters import wrap
+    from ..adapters import wrap
     ad = wrap(model)
     width = ad.embed_dim
     ch = [int(c) % width for c in channels]
@@ -201,7 +201,8 @@ def planted_vlm(family: str, plants: Sequence = VLM_PLANTS, *, images: int = 8,
     :func:`ttreg.plant.marked_images`), and with ``read`` the plants' channels silenced before
     planting (:func:`silence_channels`) and the language model looking at the outliers
     (:func:`read_outliers`). A synthetic model."""
-    from .plant import marked_images, plant_register_neurons
+    from .images import marked_images
+    from .plant import plant_register_neurons
     torch.manual_seed(0)
     model = tiny_vlm(family)
     v = model.config.vision_config
@@ -220,8 +221,8 @@ def to_pil(model, x: torch.Tensor) -> list:
     """Tower-sized normalised images ``(B, 3, H, W)`` as PIL images (the inverse of the model's
     normalisation; exact for :func:`ttreg.plant.marked_images`' markers)."""
     from PIL import Image
-    from .adapters import wrap
-    from .viz import denormalize
+    from ..adapters import wrap
+    from ..viz import denormalize
     mean, std = wrap(model).mean_std()
     return [Image.fromarray((denormalize(t, mean, std) * 255).round().astype("uint8")) for t in x]
 
@@ -255,12 +256,12 @@ def save_planted_vlm(folder, family: str = "llava", images: int = 2) -> dict:
     ``folder/neurons.json`` (the planted neurons) and ``images`` marked images as PNGs. Returns
     the paths. A synthetic model."""
     from pathlib import Path
-    from .spec import RegisterNeurons
+    from ..register_neurons import RegisterNeurons
     folder = Path(folder)
     model, proc, x, marked = planted_vlm(family)
     model.save_pretrained(folder / "model")
     proc.save_pretrained(folder / "model")
-    RegisterNeurons([p[:2] for p in VLM_PLANTS], provenance={"source": "ttreg.testing_vlm planted"}).save(folder / "neurons.json")
+    RegisterNeurons([p[:2] for p in VLM_PLANTS], provenance={"source": "ttreg.testing.vlm planted"}).save(folder / "neurons.json")
     paths = []
     for i, im in enumerate(to_pil(model, x[:images])):
         paths.append(folder / f"marked_{i}.png")

@@ -1,6 +1,7 @@
-"""The bad-input matrix (issue #8): every case gives a one-line message naming what to do (exit
-status 2 in the command line), a listed skip, or correct behaviour -- never a traceback, a
-half-written output or a replaced special file.
+"""What a user can get wrong, and what the environment can do to a run: output files, inputs,
+neuron files, arguments, missing packages, help and README, start-up. Every case gives a one-line
+message naming what to do (exit status 2 in the command line), a listed skip, or correct
+behaviour -- never a traceback, a half-written output or a replaced special file.
 
 Root bypasses file permissions, so the "read-only folder" and "permission denied" cases run
 for real only as another user (skipped as root, with the reason); as root they are covered by a
@@ -25,7 +26,7 @@ import ttreg
 from ttreg import files
 from ttreg.cli import main
 from ttreg.data import ImageError, load_image, make_transform, resolve_images
-from ttreg.spec import ModelMismatchError, RegisterNeurons
+from ttreg.register_neurons import ModelMismatchError, RegisterNeurons
 
 from conftest import default_sigint  # noqa: E402 (the tests folder's helpers)
 from test_cli import ENV, _one_line_error as one_line  # noqa: E402
@@ -190,14 +191,14 @@ def test_read_only_folder(tmp_path, capsys, imgs):
 # --- inspect: batches, folders, Ctrl-C, odd names, planted-clip --------------------------------------
 
 def test_inspect_batches_folders_and_odd_names(tmp_path, capsys, imgs, given, monkeypatch):
-    import ttreg.report as report
+    import ttreg.inspection as inspection
     odd = tmp_path / "odd"
     odd.mkdir()
     name = os.fsdecode(b"caf\xe9 \xff.png")  # not UTF-8: kept by Python as surrogate escapes
     Image.open(imgs / "im0.png").save(odd / name)
     sizes = []
-    real_trace = report.trace
-    monkeypatch.setattr(report, "trace", lambda m, x, **kw: sizes.append(len(x)) or real_trace(m, x, **kw))
+    real_trace = inspection.trace
+    monkeypatch.setattr(inspection, "trace", lambda m, x, **kw: sizes.append(len(x)) or real_trace(m, x, **kw))
     out = tmp_path / "figs"
     rc = main(["inspect", "--model", "planted", str(imgs / "im0.png"), str(imgs / "im1.png"), str(odd),
                "--out", str(out), "--batch-size", "2", "--neurons", given, "--num-neurons", "1"])
@@ -289,7 +290,7 @@ def test_missing_packages_are_one_line_where_first_needed(tmp_path, capsys, imgs
     with pytest.raises(ModelLoadError, match="needs timm: pip install timm"):
         load_model(str(path))
     monkeypatch.undo()
-    from ttreg.command import user_error_message
+    from ttreg.cli_common import user_error_message
     for mod, pip in (("onnx", "onnx"), ("open_clip", "open_clip_torch"), ("transformers", "transformers")):
         assert user_error_message(ModuleNotFoundError(f"No module named '{mod}'", name=mod)) == \
             f"{mod} is not installed: pip install {pip}"
@@ -605,23 +606,6 @@ def test_images_and_device_checked_before_the_model(tmp_path, capsys, imgs):
     rc = main(["calibrate", "--model", "planted", "--images", str(imgs), "--device", "cpu:0",
                "--out", str(tmp_path / "n.json"), "--quiet"])
     assert rc == 0 and (tmp_path / "n.json").is_file()
-
-
-def test_calibrate_runs_in_eval_mode_and_restores_the_mode(planted):
-    import copy
-    from ttreg.testing import mixed_images
-    x = mixed_images(6)
-    model = copy.deepcopy(planted)
-    model.pos_drop.p = 0.5            # dropout that train mode would switch on
-    ref = ttreg.calibrate(model.eval(), x)
-    model.train()
-    model.blocks[0].eval()            # a mixed state is restored module by module
-    cal = ttreg.calibrate(model, x)
-    assert cal.neurons.neurons == ref.neurons.neurons and cal.report == ref.report
-    assert model.training and model.pos_drop.training and not model.blocks[0].training
-    with pytest.raises(ValueError, match="out of range"):
-        ttreg.calibrate(model, x, detection_layer=40)
-    assert model.training and not model.blocks[0].training
 
 
 # --- help, README, model specs -------------------------------------------------------------------
