@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import ttreg
-from ttreg import testing, testing_vlm
+from ttreg import testing
+from ttreg.testing import vlm as testing_vlm
 from ttreg.attribution import attribute_inputs, attribution
 
 tf = pytest.importorskip("transformers")

@@ -320,3 +320,91 @@ def test_hf_recorded_hidden_states_are_on_the_graph(hf_vit):
         out = hf_vit(pixel_values=x, output_hidden_states=True)
         g0, = torch.autograd.grad(out.last_hidden_state.sum(), out.hidden_states[0])
     assert g0.shape == out.hidden_states[0].shape and g0.abs().sum() > 0
+
+
+# --- tracers ------------------------------------------------------------------------------------
+
+def test_tracers_refused_in_one_line_and_trace_export_equal_eager(model):
+    import torch.fx
+    x = mixed_images(2)
+    torch.fx.symbolic_trace(planted_vit())                       # the plain model traces
+    with torch.no_grad():
+        ref_plain = model(x)
+        h = ttreg.add_test_time_registers(model, RN)
+        ref = model(x)
+        for tracer, name in ((torch.jit.script, "torch.jit.script"),
+                             (torch.fx.symbolic_trace, "torch.fx symbolic tracing")):
+            with pytest.raises(RuntimeError, match=f"^{name} cannot follow test-time registers.*"
+                                                   "torch.jit.trace, torch.export"):
+                tracer(model)
+        traced = torch.jit.trace(model, x, check_trace=False)
+        assert torch.equal(traced(x), ref)
+        exported = torch.export.export(model, (x,)).module()
+        assert (exported(x) - ref).abs().max() <= 1e-5
+        h.remove()
+        assert torch.equal(model(x), ref_plain)
+    assert "registers 1" in repr(ttreg.trace(model, x)) or "registers 0" in repr(ttreg.trace(model, x))
+    assert "RegistersHandle(closed" in repr(h)
+
+
+# --- several registers: assignment and initialisation (the paper's appendix A.5, Table 10) ----------
+
+def test_random_assignment_gives_each_neuron_one_register(model):
+    x = mixed_images(3)
+    rn = {1: [7, 11, 30], 3: [21, 40]}
+    pairs = [(l, n) for l, ns in rn.items() for n in ns]
+    with torch.no_grad():
+        with ttreg.test_time_registers(model, rn, num_registers=3):
+            copy_tr = ttreg.trace(model, x, neurons=pairs)
+        with ttreg.test_time_registers(model, rn, num_registers=3, assign="random", seed=1):
+            rand_tr = ttreg.trace(model, x, neurons=pairs)
+            again = ttreg.trace(model, x, neurons=pairs)
+    regs = slice(-3, None)
+    c, r = copy_tr.activations[..., regs], rand_tr.activations[..., regs]      # (B, N, R)
+    assert torch.equal(c, c[..., :1].expand_as(c))                            # copy: all the same
+    assert torch.equal(rand_tr.activations, again.activations)               # seeded
+    owner = torch.randint(3, (3,), generator=torch.Generator().manual_seed(1))
+    # a restatement: neuron k's value goes to register owner[k] only (layer 1's three neurons
+    # are drawn first with the seed, as ttreg draws them), zero in the others
+    for k in range(3):
+        others = [j for j in range(3) if j != int(owner[k])]
+        assert torch.equal(r[:, k, others], torch.zeros_like(r[:, k, others]))
+        assert torch.equal(r[:, k, int(owner[k])], c[:, k, 0])
+    assert (r != 0).sum(-1).le(1).all()
+
+
+@pytest.mark.parametrize("init", ["mean", "gaussian"])
+def test_register_initialisations_equal_their_restatement(model, init):
+    x = mixed_images(2)
+    seen = {}
+    hook = model.blocks[0].register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0]))
+    try:
+        with torch.no_grad(), ttreg.test_time_registers(model, RN, num_registers=4, init=init, seed=3):
+            out = model.forward_features(x)
+    finally:
+        hook.remove()
+    xb = seen["x"]                                             # block 0's input, registers appended
+    patches = xb[:, 1:-4]
+    mean = patches.mean(1, keepdim=True)
+    if init == "mean":
+        want = mean.expand(-1, 4, -1)
+    else:
+        noise = torch.randn(2, 4, xb.shape[-1], generator=torch.Generator().manual_seed(3))
+        want = mean + patches.std(1, keepdim=True) * noise
+    assert torch.equal(xb[:, -4:], want)
+    with torch.no_grad(), ttreg.test_time_registers(model, RN, num_registers=4):
+        assert not torch.equal(model.forward_features(x), out)
+    with pytest.raises(ValueError, match="unknown init"):
+        with ttreg.test_time_registers(model, RN, init="ones"):
+            pass
+
+
+def test_assignment_and_initialisation_compile(model):
+    import torch._dynamo
+    torch._dynamo.reset()
+    x = mixed_images(2)
+    with torch.no_grad(), ttreg.test_time_registers(model, RN, num_registers=2, assign="random", init="mean"):
+        eager = model.forward_features(x)
+        compiled = torch.compile(model.forward_features, backend="aot_eager")
+        assert (compiled(x) - eager).abs().max() <= 1e-4
+    torch._dynamo.reset()

@@ -57,12 +57,14 @@ from __future__ import annotations
 import contextlib
 import gc
 import math
+import sys
 import threading
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import torch
+import torch.fx
 import torch.nn as nn
 
 from . import attention
@@ -84,6 +86,11 @@ REENTRANT = ("block {layer}: re-entrant gradient checkpointing (use_reentrant=Tr
              "on detached inputs, which drops the test-time registers and their gradients; use "
              "use_reentrant=False (timm: set_grad_checkpointing(True); transformers: "
              "gradient_checkpointing_enable({{'use_reentrant': False}}))")
+
+TRACER_REFUSAL = ("{tracer} cannot follow test-time registers (they are decided per forward call); "
+                  "use torch.jit.trace, torch.export, torch.compile or ttreg.export_onnx, which do "
+                  "(docs/method.md, 'Tracers and compilers'); ttreg.remove_test_time_registers(model) "
+                  "takes ttreg's hooks off a model that no longer needs them")
 
 #: installing and removing sites (the only changes to a model's hook dictionaries)
 _INSTALL = threading.Lock()
@@ -300,9 +307,9 @@ def apply_edit(hb: torch.Tensor, edit: Edit, le: LayerEdit, num_prefix: int,
         valid = None        # a module called outside its block's token layout
     scale = None
     if edit.scale != (1.0,):
-        scale = torch.full((T,), edit.scale[0], device=hb.device)
+        scale = torch.full((T,), edit.scale[0], device=hb.device, dtype=hb.dtype)
         if len(edit.scale) > 1:
-            scale[T - R:] = torch.tensor(edit.scale, device=hb.device)
+            scale[T - R:] = torch.tensor(edit.scale, device=hb.device, dtype=hb.dtype)
     return edit_activations(hb, neurons, target, zero, edit.preset, edit.normal_values, scale,
                             None if valid is None else valid.to(hb.device))
 
@@ -341,6 +348,8 @@ def _bias_for(ad: Adapter, neurons: RegisterNeurons, bias: AttentionBias | None,
         bias.check_model(ad, neurons)
     elif bias.num_layers != ad.num_layers:
         raise ValueError(f"this attention bias has {bias.num_layers} layers, the model {ad.num_layers} blocks")
+    else:
+        bias.check_fits(ad)
     for layer in bias.layers:
         if isinstance(ad.attention(layer), nn.MultiheadAttention) and float(bias.weight[layer]) != 1:
             raise ValueError(f"layer {layer}: nn.MultiheadAttention takes one extra key of weight 1 "
@@ -519,12 +528,24 @@ class SiteHook(OwnedHook):
     def __init__(self, sites: Sites, layer: int) -> None:
         self.sites, self.layer = sites, layer
 
+    @property
+    def __name__(self) -> str:
+        """TorchScript compiles a module's hooks from their source, by name: refused in one line."""
+        caller = sys._getframe(1).f_globals.get("__name__", "")
+        if caller.startswith("torch.jit"):
+            raise RuntimeError(TRACER_REFUSAL.format(tracer="torch.jit.script"))
+        raise AttributeError("__name__")
+
 
 class BlockEntry(SiteHook):
     """Block pre-hook (with kwargs): start the block's call (:meth:`Sites.begin`)."""
 
     def __call__(self, mod, args, kwargs=None):
         if kwargs is None:
+            return None
+        if isinstance(self.sites.io.input(args, kwargs), torch.fx.Proxy):
+            if self.sites.active_edit() is not None:
+                raise RuntimeError(TRACER_REFUSAL.format(tracer="torch.fx symbolic tracing"))
             return None
         return self.sites.begin(mod, self.layer, args, kwargs)
 

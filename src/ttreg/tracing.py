@@ -151,6 +151,14 @@ class Trace:
     output: Any = None
     num_bias_keys: int = 0
 
+    def __repr__(self) -> str:
+        B = None if self.norms is None else self.norms.shape[0]
+        L = None if self.norms is None else self.norms.shape[1]
+        return (f"Trace(images={B}, layers={L}, tokens={len(self.token_types)} "
+                f"(prefix {self.num_prefix_tokens}, grid {self.grid[0]}x{self.grid[1]}, registers "
+                f"{self.num_registers}), attention layers={sorted(self.attention)}, "
+                f"neurons={self.neurons})")
+
     @property
     def patch_slice(self) -> slice:
         T = len(self.token_types)

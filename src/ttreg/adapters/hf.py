@@ -22,6 +22,7 @@ name along the model's MRO.
 from __future__ import annotations
 
 import inspect
+import warnings
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -134,8 +135,17 @@ def _visible(h: Any, tokens: int, keep: int) -> Any:
     if h.dim() == 3 and h.shape[1] == tokens:
         return h[:, :keep]
     if h.dim() == 4 and h.shape[-1] == h.shape[-2] == tokens:
+        if h.requires_grad:
+            warnings.warn("with test-time registers the recorded attention maps are cut to the "
+                          "visible tokens after the attention used the full map: they are not on the "
+                          "autograd graph (their .grad stays None); see docs/method.md",
+                          RecordedAttentionWarning, stacklevel=2)
         return h[..., :keep, :keep]
     return h
+
+
+class RecordedAttentionWarning(UserWarning):
+    """Recorded attention maps of a model with registers are not on the autograd graph."""
 
 
 def trim_recorded(output: Any, num_registers: int) -> Any:
