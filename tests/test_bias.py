@@ -498,7 +498,7 @@ def test_good_bias_metadata_loads_and_files_over_the_limit_are_not_read(planted_
     assert torch.equal(b.key, rn.attention_bias.key) and b.neurons == rn.attention_bias.neurons
     assert b.num_images == 6 and b.fingerprint == rn.attention_bias.fingerprint
     monkeypatch.setattr(loading, "MAX_BIAS_FILE_BYTES", p.stat().st_size - 1)
-    monkeypatch.setattr(ttreg.spec, "MAX_BIAS_FILE_BYTES", p.stat().st_size - 1)
+    monkeypatch.setattr(ttreg.register_neurons, "MAX_BIAS_FILE_BYTES", p.stat().st_size - 1)
     opened = []
     real_open = open
     monkeypatch.setattr("builtins.open", lambda f, *a, **k: opened.append(str(f)) or real_open(f, *a, **k))

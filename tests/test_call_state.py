@@ -168,7 +168,9 @@ def test_compiled_model_driven_from_several_threads(model):
         plain = model.forward_features(x)
         with ttreg.test_time_registers(model, RN):
             ref = model.forward_features(x)
-        compiled = torch.compile(model.forward_features, backend="aot_eager")
+        # fullgraph: neither the plain nor the scoped forward may break the graph (a break splits
+        # the blocks into frames that recompile per layer, and a frame run eagerly loses the call)
+        compiled = torch.compile(model.forward_features, backend="aot_eager", fullgraph=True)
         compiled(x)
         with ttreg.test_time_registers(model, RN):
             compiled(x)

@@ -143,7 +143,7 @@ def test_hub_bias_size_is_checked_before_it_is_read(calibrated, tmp_path, monkey
     assert asked == ["register_neurons.json", "register_neurons.bias.safetensors"]
     bias = folder / "register_neurons.bias.safetensors"
     size = bias.stat().st_size
-    monkeypatch.setattr(ttreg.spec, "MAX_BIAS_FILE_BYTES", size - 1)
+    monkeypatch.setattr(ttreg.register_neurons, "MAX_BIAS_FILE_BYTES", size - 1)
     opened = []
     real_open = open
     monkeypatch.setattr("builtins.open", lambda f, *a, **k: opened.append(str(f)) or real_open(f, *a, **k))

@@ -278,19 +278,6 @@ def _model_inputs(inputs: dict, model) -> dict:
             if torch.is_tensor(v) else v for k, v in inputs.items()}
 
 
-def load_processor(spec: str):
-    """The ``transformers`` processor of a model spec ``hf:ORG/NAME`` or ``hf:/folder`` (or a
-    local folder): ``AutoProcessor.from_pretrained``. A one-line ``ValueError`` if there is none."""
-    name = spec[3:] if spec.startswith("hf:") else spec
-    try:
-        from transformers import AutoProcessor
-        return AutoProcessor.from_pretrained(name)
-    except Exception as e:   # no processor files, an unknown processor class
-        raise ValueError(f"{spec}: no transformers processor to build prompts with "
-                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                         "attribution needs a vision-language model saved with its processor") from None
-
-
 # --- the computation -------------------------------------------------------------------------------
 def attribution(model, processor, images, prompt, answer=None, layers=None, heads="mean", *,
                 max_new_tokens: int = 16, tower_layer: int = -1, threshold="auto",
@@ -424,4 +411,4 @@ def attribute_inputs(model, inputs: dict, answer_ids: Sequence[Sequence[int]] | 
 
 
 __all__ = ["Attribution", "attribution", "attribute_inputs", "prompt_text", "greedy_answers", "spread",
-           "load_processor", "require_vlm"]
+           "require_vlm"]

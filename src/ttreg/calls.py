@@ -113,7 +113,10 @@ def entered(entry: Any) -> Iterator[Any]:
 
 
 def in_backward() -> bool:
-    """Is autograd running a backward pass in this thread now (a checkpoint recomputation)?"""
+    """Is autograd running a backward pass in this thread now (a checkpoint recomputation)?
+    Never while ``torch.compile`` traces: compiled code recomputes inside its own graph."""
+    if torch.compiler.is_compiling():
+        return False
     return torch._C._current_graph_task_id() != -1
 
 

@@ -120,7 +120,8 @@ def cmd_inspect(args) -> int:
     resolve_layer(args.layer, wrap(model).num_layers, "--layer")
     processor = None
     if args.prompt:
-        from .attribution import load_processor, require_vlm
+        from .attribution import require_vlm
+        from .models import load_processor
         require_vlm(model)
         processor = load_processor(args.model)
     neurons = load_neurons(given, model)

@@ -415,3 +415,16 @@ def save_model(model: nn.Module, path: str | os.PathLike, spec: str | None = Non
         p = p / "model.safetensors"
     write_safetensors({k: v.detach().cpu() for k, v in model.state_dict().items()}, p, meta)
     return p
+
+
+def load_processor(spec: str):
+    """The ``transformers`` processor of a model spec ``hf:ORG/NAME`` or ``hf:/folder`` (or a
+    local folder): ``AutoProcessor.from_pretrained``. A one-line ``ValueError`` if there is none."""
+    name = spec[3:] if spec.startswith("hf:") else spec
+    try:
+        from transformers import AutoProcessor
+        return AutoProcessor.from_pretrained(name)
+    except Exception as e:   # no processor files, an unknown processor class
+        raise ValueError(f"{spec}: no transformers processor to build prompts with "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                         "attribution needs a vision-language model saved with its processor") from None

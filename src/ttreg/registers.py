@@ -469,7 +469,7 @@ class Sites:
             if in_backward() and self.active_edit() is not None:
                 raise RuntimeError(REENTRANT.format(layer="?"))
             return
-        if call.visible is not None and CALL.get() is not call and not torch.compiler.is_compiling():
+        if call.visible is not None and current(self) is None:
             CALL.set(call)               # cleared by the next forward's first block
 
     def end(self, args: tuple, kwargs: dict, output: Any) -> Any:
@@ -647,12 +647,27 @@ def _refuse_compiled(ad: Adapter) -> None:
             "model = torch.compile(model))")
 
 
+def _fit(ad: Adapter, sites: Sites) -> bool:
+    """Do the installed ``sites`` still sit where the model's parts are now (a library may have
+    swapped modules since -- peft's ``merge_and_unload`` -- or changed the blocks' layout)?"""
+    def has(mod, kind, hooks="_forward_pre_hooks"):
+        return any(isinstance(h, kind) and h.sites is sites for h in getattr(mod, hooks).values())
+    if sites.io != ad.block_io or sites.num_prefix != ad.num_prefix_tokens \
+            or sites.num_layers != ad.num_layers:
+        return False
+    return all(has(b, BlockEntry) and has(ad.down_proj(i), EditSite) and has(ad.attention(i), AttentionSite)
+               and has(ad.entry_module(i), EntrySite) for i, b in enumerate(ad.blocks))
+
+
 def install_sites(ad: Adapter) -> Sites:
-    """The model's sites, installed now if it has none (the one time its hooks change)."""
+    """The model's sites, installed now if it has none (the one time its hooks change), or
+    installed anew where the model's parts changed since."""
     with _INSTALL:
         sites = find_sites(ad)
         if sites is not None:
-            return sites
+            if _fit(ad, sites):
+                return sites
+            _uninstall(ad.model, sites)
         _refuse_compiled(ad)
         sites = Sites(ad)
         try:
@@ -754,7 +769,7 @@ class RegistersHandle:
         self.adapter = ad = wrap(model)
         self.neurons: RegisterNeurons = as_register_neurons(neurons, ad)
         existing = find_sites(ad)
-        if existing is None:
+        if existing is None or not _fit(ad, existing):
             _refuse_compiled(ad)
         key = existing.key if existing is not None else Key()
         self.edit = make_edit(ad, key, self.neurons, num_registers, preset, shift_to, check,
@@ -764,8 +779,8 @@ class RegistersHandle:
         self.scale, self.assign, self.init, self.seed = self.edit.scale, assign, init, seed
         self.bias = self.neurons.attention_bias if form == "bias" and bias is None else bias
         self.scoped, self.closed = scoped, False
-        sites = existing if existing is not None else install_sites(ad)
-        if sites.key is not key:           # installed meanwhile by another thread
+        sites = install_sites(ad)
+        if sites.key is not key:           # installed anew, or meanwhile by another thread
             object.__setattr__(self.edit, "key", sites.key)
         self.sites = sites
         with _INSTALL:

@@ -280,7 +280,7 @@ def box_samples(data: str, split: str | None = "trainval"):
 
 
 def cmd_attribution(args) -> int:
-    from ..attribution import load_processor
+    from ..models import load_processor
     from .attribution import evaluate_attribution
     t0 = time.time()
     _check_paths(args)
