@@ -114,9 +114,8 @@ def entered(entry: Any) -> Iterator[Any]:
 
 def in_backward() -> bool:
     """Is autograd running a backward pass in this thread now (a checkpoint recomputation)?
-    Never while ``torch.compile`` traces: compiled code recomputes inside its own graph."""
-    if torch.compiler.is_compiling():
-        return False
+    Not traceable by ``torch.compile``: ask it only where an edit is active (never on a plain
+    forward, which must compile without a graph break)."""
     return torch._C._current_graph_task_id() != -1
 
 

@@ -466,7 +466,7 @@ class Sites:
         still on, from the call its input is tagged with."""
         call = tagged(x, self.key)
         if call is None:
-            if in_backward() and self.active_edit() is not None:
+            if self.active_edit() is not None and in_backward():
                 raise RuntimeError(REENTRANT.format(layer="?"))
             return
         if call.visible is not None and current(self) is None:
