@@ -256,8 +256,16 @@ def test_inspect_draws_the_attribution_and_writes_its_numbers(tmp_path, capsys):
         assert at["plain"]["answer"] == at["registers"]["answer"] == "a red square"
         assert at["plain"]["outlier_tokens"] == 1 and at["plain"]["outlier_share"] > 0.99
         assert at["registers"]["outlier_share"] < 1.5 * at["registers"]["uniform_share"]
-        assert len(at["plain"]["map"]) == 6 and any(f.endswith("_attribution.png") for f in img["figures"])
-        assert (out / img["figures"][-1]).stat().st_size > 10_000
+        assert len(at["plain"]["map"]) == 6
+        assert [f.rsplit("_", 1)[-1] for f in img["figures"]] == ["overview.png", "heads.png", "neurons.png"]
+    # the attribution row is part of the overview figure: one figure, a row taller than without
+    from PIL import Image
+    with_row = Image.open(out / rep["images"][0]["figures"][0]).size
+    assert main(args[:-1] + [str(tmp_path / "plain")]) == 0
+    without = Image.open(tmp_path / "plain" / rep["images"][0]["figures"][0]).size
+    assert with_row[1] > 1.3 * without[1] and abs(with_row[0] - without[0]) < 0.1 * without[0]
+    assert "attribution" not in json.loads((tmp_path / "plain" / "inspect.json").read_text())
+    capsys.readouterr()
     assert main(args + ["--answer", "a cat"]) == 2
     assert "give --prompt too" in capsys.readouterr().err
     assert main(["inspect", "--model", "planted", str(paths["images"][0]), "--out", str(tmp_path / "x"),
