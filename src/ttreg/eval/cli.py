@@ -486,7 +486,8 @@ def add_eval_parsers(subparsers) -> None:
     from .attribution import DEFAULT_ANSWER, DEFAULT_TEMPLATE
     p = subparsers.add_parser("attribution", help="VLM text-to-image attribution: pointing game, energy in box",
                               description="Attribution maps of a vision-language model's language "
-                                          "model (hf:... LLaVA, LLaVA-OneVision, Idefics3, SmolVLM) "
+                                          "model (hf:... LLaVA, LLaVA-OneVision, Idefics3, SmolVLM, "
+                                          "PaliGemma, Gemma 3, InternVL) "
                                           "for a prompt naming each object of each image, scored "
                                           "against its boxes (pointing game, energy in box) for "
                                           "the arms plain, registers, zeroed, bias and, with "
