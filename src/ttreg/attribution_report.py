@@ -38,7 +38,7 @@ class AttributionPanel:
     uniform_share: float
     image_mass_plain: float
     image_mass_registers: float
-    outlier_patches: int
+    outlier_tokens: int               # image tokens carrying the plain tower's outlier patches
     prompt: str
     answer: str
     what: str                         # "LM layers 0-3, mean of heads"
@@ -58,7 +58,7 @@ def panel(image, plain: Attribution, reg: Attribution, b: int, prompt: str) -> A
         share_plain=float(plain.mass_on(out)[b]), share_registers=float(reg.mass_on(out)[b]),
         uniform_share=float(out[b].sum() / plain.tokens.valid[b].sum().clamp_min(1)),
         image_mass_plain=float(plain.image_mass()[b]), image_mass_registers=float(reg.image_mass()[b]),
-        outlier_patches=int(out[b].sum()), prompt=prompt, answer=plain.answers[b], what=_what(plain))
+        outlier_tokens=int(out[b].sum()), prompt=prompt, answer=plain.answers[b], what=_what(plain))
 
 
 def inspect_attribution(model, processor, src: ImageSource, neurons: RegisterNeurons, prompt: str,

@@ -183,8 +183,8 @@ def _attribution_row(fig, gs, a) -> None:
              f"maps: {a.what}, mean over the answer tokens", "",
              "share of the answer's attention on the image tokens:",
              f"    plain {100 * a.image_mass_plain:.1f}%,  test-time register {100 * a.image_mass_registers:.1f}%",
-             f"share of that on the tower's {a.outlier_patches} outlier patch token(s)",
-             "(the plain tower's, last block):",
+             f"share of that on the {a.outlier_tokens} image token(s) carrying",
+             "the plain tower's outlier patches (last block):",
              f"    plain {100 * a.share_plain:.1f}%  \u2192  test-time register {100 * a.share_registers:.1f}%",
              f"    (a uniform map: {100 * a.uniform_share:.1f}%)"]
     ax.text(0.0, 0.95, "\n".join(lines), transform=ax.transAxes, va="top", ha="left", fontsize=9,
