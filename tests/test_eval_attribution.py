@@ -111,3 +111,18 @@ def test_eval_attribution_command(planted, tmp_path, capsys):
     assert main(["eval", "attribution", "--model", f"hf:{folder}", "--data", str(tmp_path),
                  "--neurons", str(tmp_path / "n.json")]) == 2
     assert "VOC folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family, energy", [("paligemma", 0.99), ("internvl", 0.24)])
+def test_other_families_score_the_same_way(tmp_path, family, energy):
+    """PaliGemma (one token a patch) and InternVL (one token a 2x2 block: the marker's box holds
+    a quarter of its token's area) through the whole evaluation, real processors included."""
+    model, proc, x, marked = testing_vlm.planted_vlm(family, images=3)
+    testing_vlm.write_marker_voc(tmp_path, model, x, marked)
+    r = evaluate_attribution(model, proc, box_samples(str(tmp_path)), NEURONS, resamples=100,
+                             print_table=False)
+    arms = r["arms"]
+    assert arms["plain"]["outlier_share"]["mean"] > 0.99
+    assert arms["plain"]["energy"]["mean"] > energy and arms["plain"]["energy"]["mean"] < 1.0 + 1e-6
+    assert arms["registers"]["outlier_share"]["mean"] < 0.15
+    assert arms["registers"]["energy"]["mean"] < 0.1
