@@ -172,3 +172,93 @@ def ratio(tr, layer: int = -1) -> torch.Tensor:
 def hook_state(model) -> dict:
     """Every module's forward and forward-pre hook ids, by module name."""
     return {n: (tuple(m._forward_hooks), tuple(m._forward_pre_hooks)) for n, m in model.named_modules()}
+
+
+def check_generate_with_registers(model, inputs: dict, neurons, new_tokens: int = 5) -> None:
+    """``model.generate`` with test-time registers installed returns as many tokens as without,
+    its logits finite, and the language model's prefill sees as many tokens (images included)."""
+    import ttreg
+    lm = ttreg.wrap(model).language_model()
+    seen = []
+    hook = lm.register_forward_pre_hook(lambda m, a, k: seen.append(k["inputs_embeds"].shape[1]),
+                                        with_kwargs=True)
+    try:
+        kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                  output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+        plain = model.generate(**inputs, **kw)
+        n_plain = seen[0]
+        seen.clear()
+        with ttreg.test_time_registers(model, neurons):
+            reg = model.generate(**inputs, **kw)
+    finally:
+        hook.remove()
+    T = inputs["input_ids"].shape[1]
+    assert reg.sequences.shape == plain.sequences.shape == (len(inputs["input_ids"]), T + new_tokens)
+    assert seen[0] == n_plain                               # the prefill: same tokens, images included
+    assert all(torch.isfinite(l).all() for l in reg.logits)
+    assert torch.equal(reg.sequences[:, :T], inputs["input_ids"])
+
+
+@pytest.fixture(scope="module")
+def planted_vlms():
+    """``get(family)``: ``ttreg.testing.vlm.planted_vlm(family, images=6)``, built once a module."""
+    from ttreg.testing import vlm
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            cache[family] = vlm.planted_vlm(family, images=6)
+        return cache[family]
+    return get
+
+
+def padded_rows(rows) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id lists as a right-padded ``(input_ids, attention_mask)`` batch (pad id 0)."""
+    T = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), T, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, r in enumerate(rows):
+        ids[b, :len(r)] = torch.tensor(r)
+        mask[b, :len(r)] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def eager_attentions(model, **inputs) -> tuple:
+    """A VLM's language-model attention weights of one forward, computed eagerly
+    (``output_attentions``, every config switched to ``eager`` for the call)."""
+    cfgs = [m.config for m in model.modules() if hasattr(m, "config")]
+    old = [c._attn_implementation for c in cfgs]
+    for c in cfgs:
+        c._attn_implementation = "eager"
+    try:
+        return model(**inputs, output_attentions=True, use_cache=False).attentions
+    finally:
+        for c, o in zip(cfgs, old):
+            c._attn_implementation = o
+
+
+def check_registers_clear_the_map(model, inputs: dict, neurons, marked: torch.Tensor, answers,
+                                  peak: float = 0.2):
+    """A VLM whose language model reads the planted outlier (``ttreg.testing.vlm.read_outliers``):
+    the plain attribution puts > 99% of its mass on the outlier tokens and peaks at the marked
+    patch; with test-time registers those tokens carry under 1.5x their area's share, no outlier
+    is left in the tower and the map's peak drops under ``peak`` of the plain one. Returns
+    ``(plain, registered)`` attributions."""
+    import ttreg
+    from ttreg.attribution import attribute_inputs
+    plain = attribute_inputs(model, inputs, answers)
+    with ttreg.test_time_registers(model, neurons):
+        reg = attribute_inputs(model, inputs, answers)
+    out = plain.outlier_tokens
+    uniform = out.sum(1) / plain.tokens.valid.sum(1)
+    assert (out.sum(1) >= 1).all()
+    assert (plain.mass_on(out) > 0.99).all()
+    assert (reg.mass_on(out) < 1.5 * uniform).all()
+    assert reg.outlier_tokens.sum() == 0                    # the tower has no outlier left
+    assert reg.registers and not plain.registers
+    m = plain.map().flatten(1)                              # the plain map points at the marker ...
+    at_marker = m.gather(1, marked.float().argmax(1, keepdim=True))[:, 0]
+    assert (at_marker >= m.amax(1) - 1e-6).all()
+    assert (reg.map().flatten(1).amax(1) < peak * m.amax(1)).all()   # ... then not
+    return plain, reg

@@ -14,22 +14,19 @@ from ttreg import testing
 from ttreg.testing import vlm as testing_vlm
 from ttreg.attribution import attribute_inputs, attribution
 
+from conftest import (check_generate_with_registers, check_registers_clear_the_map,  # noqa: E402
+                      eager_attentions, padded_rows)
+
 tf = pytest.importorskip("transformers")
 
 NEURONS = [(1, 7), (2, 21)]
-FAMILIES = list(testing_vlm.VLM_FAMILIES)
+FAMILIES = ["llava", "llava_onevision", "idefics3"]      # the other families: test_attribution_families.py
 IMAGE = testing_vlm.VLM_IMAGE_TOKEN
 
 
 @pytest.fixture(scope="module")
-def vlms():
-    cache = {}
-
-    def get(family):
-        if family not in cache:
-            cache[family] = testing_vlm.planted_vlm(family, images=6)
-        return cache[family]
-    return get
+def vlms(planted_vlms):
+    return planted_vlms
 
 
 def hand_inputs(family, model, x, prompts):
@@ -37,13 +34,7 @@ def hand_inputs(family, model, x, prompts):
     Idefics3, the base view and one tile for LLaVA-OneVision): prompt ids + image tokens."""
     pix = testing_vlm.vlm_pixels(model, x)
     per_view = {"llava": 36, "llava_onevision": 36 + 36 + 6, "idefics3": 9, "smolvlm": 9}[family]
-    rows = [[2] + [IMAGE] * per_view + p for p in prompts]
-    T = max(len(r) for r in rows)
-    ids = torch.zeros(len(rows), T, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for b, r in enumerate(rows):
-        ids[b, :len(r)] = torch.tensor(r)
-        mask[b, :len(r)] = 1
+    ids, mask = padded_rows([[2] + [IMAGE] * per_view + p for p in prompts])
     return {"input_ids": ids, "attention_mask": mask, **pix}
 
 
@@ -51,18 +42,9 @@ def hand_inputs(family, model, x, prompts):
 def eager_rows(model, ids, inputs_b, query, layers):
     """Restatement: the language model's eager attention weights (``output_attentions``), head
     mean, at the rows ``query`` and the columns of the image tokens."""
-    cfgs = [m.config for m in model.modules() if hasattr(m, "config")]
-    old = [c._attn_implementation for c in cfgs]
-    for c in cfgs:
-        c._attn_implementation = "eager"
-    try:
-        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), **inputs_b,
-                    output_attentions=True, use_cache=False)
-    finally:
-        for c, o in zip(cfgs, old):
-            c._attn_implementation = o
+    att = eager_attentions(model, input_ids=ids, attention_mask=torch.ones_like(ids), **inputs_b)
     cols = (ids[0] == IMAGE).nonzero().flatten()
-    return torch.stack([out.attentions[l][0].mean(0)[query][:, cols] for l in layers], dim=1)   # (A, L, N)
+    return torch.stack([att[l][0].mean(0)[query][:, cols] for l in layers], dim=1)   # (A, L, N)
 
 
 def _pixels_of(inputs, b):
@@ -123,22 +105,9 @@ def test_registers_take_the_outlier_patch_out_of_the_map(vlms, family):
     plain map's mass; with test-time registers the same tokens carry about their area's share."""
     model, proc, x, marked = vlms(family)
     inp = hand_inputs(family, model, x[:4], [[8, 9, 10]] * 4)
-    plain = attribute_inputs(model, inp, [[20, 21]] * 4)
-    with ttreg.test_time_registers(model, NEURONS):
-        reg = attribute_inputs(model, inp, [[20, 21]] * 4)
-    out = plain.outlier_tokens
-    uniform = out.sum(1) / plain.tokens.valid.sum(1)
+    plain, reg = check_registers_clear_the_map(model, inp, NEURONS, marked[:4], [[20, 21]] * 4)
     if family == "llava":                                   # the outlier token is the marked patch
-        assert torch.equal(out, marked[:4])
-    assert (out.sum(1) >= 1).all()
-    assert (plain.mass_on(out) > 0.99).all()
-    assert (reg.mass_on(out) < 1.5 * uniform).all()
-    assert reg.outlier_tokens.sum() == 0                    # the tower has no outlier left
-    assert reg.registers and not plain.registers
-    m = plain.map().flatten(1)                              # the plain map points at the marker ...
-    at_marker = m.gather(1, marked[:4].float().argmax(1, keepdim=True))[:, 0]
-    assert (at_marker >= m.amax(1) - 1e-6).all()
-    assert (reg.map().flatten(1).amax(1) < 0.2 * plain.map().flatten(1).amax(1)).all()   # ... then not
+        assert torch.equal(plain.outlier_tokens, marked[:4])
 
 
 def test_outlier_share_is_what_the_map_shows_without_reading():
@@ -154,25 +123,7 @@ def test_outlier_share_is_what_the_map_shows_without_reading():
 @pytest.mark.parametrize("family", FAMILIES)
 def test_generate_with_registers(vlms, family):
     model, proc, x, marked = vlms(family)
-    inp = hand_inputs(family, model, x[:2], [[8, 9, 10]] * 2)
-    lm = ttreg.wrap(model).language_model()
-    seen = []
-    hook = lm.register_forward_pre_hook(lambda m, a, k: seen.append(k["inputs_embeds"].shape[1]),
-                                        with_kwargs=True)
-    try:
-        kw = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, output_logits=True,
-                  return_dict_in_generate=True, pad_token_id=0)
-        plain = model.generate(**inp, **kw)
-        n_plain = seen[0]
-        seen.clear()
-        with ttreg.test_time_registers(model, NEURONS):
-            reg = model.generate(**inp, **kw)
-    finally:
-        hook.remove()
-    assert reg.sequences.shape == plain.sequences.shape == (2, inp["input_ids"].shape[1] + 5)
-    assert seen[0] == n_plain                               # the prefill: same tokens, images included
-    assert all(torch.isfinite(l).all() for l in reg.logits)
-    assert torch.equal(reg.sequences[:, :inp["input_ids"].shape[1]], inp["input_ids"])
+    check_generate_with_registers(model, hand_inputs(family, model, x[:2], [[8, 9, 10]] * 2), NEURONS)
 
 
 def test_idefics3_crops_map_back_onto_the_image(vlms):
@@ -256,8 +207,16 @@ def test_inspect_draws_the_attribution_and_writes_its_numbers(tmp_path, capsys):
         assert at["plain"]["answer"] == at["registers"]["answer"] == "a red square"
         assert at["plain"]["outlier_tokens"] == 1 and at["plain"]["outlier_share"] > 0.99
         assert at["registers"]["outlier_share"] < 1.5 * at["registers"]["uniform_share"]
-        assert len(at["plain"]["map"]) == 6 and any(f.endswith("_attribution.png") for f in img["figures"])
-        assert (out / img["figures"][-1]).stat().st_size > 10_000
+        assert len(at["plain"]["map"]) == 6
+        assert [f.rsplit("_", 1)[-1] for f in img["figures"]] == ["overview.png", "heads.png", "neurons.png"]
+    # the attribution row is part of the overview figure: one figure, a row taller than without
+    from PIL import Image
+    with_row = Image.open(out / rep["images"][0]["figures"][0]).size
+    assert main(args[:-1] + [str(tmp_path / "plain")]) == 0
+    without = Image.open(tmp_path / "plain" / rep["images"][0]["figures"][0]).size
+    assert with_row[1] > 1.3 * without[1] and abs(with_row[0] - without[0]) < 0.1 * without[0]
+    assert "attribution" not in json.loads((tmp_path / "plain" / "inspect.json").read_text())
+    capsys.readouterr()
     assert main(args + ["--answer", "a cat"]) == 2
     assert "give --prompt too" in capsys.readouterr().err
     assert main(["inspect", "--model", "planted", str(paths["images"][0]), "--out", str(tmp_path / "x"),

@@ -46,7 +46,7 @@ def test_pointing_and_energy_plain_vs_registers(planted):
     bias = ttreg.fit_attention_bias(model, NEURONS, x)
     r = evaluate_attribution(model, proc, samples, NEURONS, bias=bias, resamples=200, print_table=False)
     arms = r["arms"]
-    assert list(arms) == ["plain", "registers", "zeroed", "bias"]
+    assert list(arms) == ["plain", "registers", "bias", "zeroed"]
     assert arms["plain"]["pointing"]["mean"] == 1.0
     assert arms["plain"]["energy"]["mean"] > 0.99
     assert arms["plain"]["outlier_share"]["mean"] > 0.99
@@ -58,6 +58,36 @@ def test_pointing_and_energy_plain_vs_registers(planted):
     lo, hi = arms["registers"]["energy"]["ci95"]
     assert lo <= arms["registers"]["energy"]["mean"] <= hi
     assert r["config"]["pairs"] == 6 and r["neurons"] == [list(n) for n in NEURONS]
+    assert r["random"] is None and r["config"]["control_seeds"] == []
+
+
+def test_random_neuron_controls_keep_the_artifact(planted):
+    """The control: the same edit on as many random neurons of the same layers leaves the
+    planted outlier, so its maps stay on it; summarised over the draws with intervals."""
+    model, proc, x, marked, root = planted
+    samples = box_samples(str(root))
+    r = evaluate_attribution(model, proc, samples, NEURONS, control_seeds=(0, 1), resamples=200,
+                             print_table=False)
+    arms = r["arms"]
+    assert list(arms) == ["plain", "registers", "random-0", "random-1", "zeroed"]
+    for s in (0, 1):
+        setup = arms[f"random-{s}"]["setup"]
+        assert setup["kind"] == "random" and setup["seed"] == s
+        got = sorted(setup["neurons"])
+        assert [l for l, _ in got] == [1, 2] and not set(map(tuple, got)) & set(NEURONS)
+        assert arms[f"random-{s}"]["energy"]["mean"] > 0.99
+        assert arms[f"random-{s}"]["outlier_share"]["mean"] > 0.99
+    ctrl = r["random"]
+    assert ctrl["energy"]["mean"] == pytest.approx(np.mean([arms[f"random-{s}"]["energy"]["mean"]
+                                                            for s in (0, 1)]))
+    assert ctrl["energy"]["ci95"][0] > 0.99 and ctrl["draws"]["energy"]["n"] == 2
+    assert ctrl["draws"]["energy"]["values"] == [arms[f"random-{s}"]["energy"]["mean"] for s in (0, 1)]
+    d = r["differences_to_plain"]
+    assert abs(d["random"]["energy"]["mean"]) < 0.01 and d["registers"]["energy"]["ci95"][1] < -0.8
+    assert r["config"]["control_seeds"] == [0, 1]
+    from ttreg.eval.attribution import table
+    text = table(r)
+    assert "random (2 draws)" in text and "random-0" not in text
 
 
 def test_eval_attribution_command(planted, tmp_path, capsys):
@@ -71,12 +101,28 @@ def test_eval_attribution_command(planted, tmp_path, capsys):
     from ttreg.cli import main
     assert main(["eval", "attribution", "--model", f"hf:{folder}", "--data", str(root), "--neurons",
                  str(tmp_path / "n.json"), "--bias-images", "0", "--bootstrap", "100", "--out", str(out),
-                 "--quiet"]) == 0
+                 "--controls", "1", "--quiet"]) == 0
     got = json.loads(out.read_text())
-    assert list(got["arms"]) == ["plain", "registers", "zeroed"]
+    assert list(got["arms"]) == ["plain", "registers", "random-0", "zeroed"]
+    assert got["config"]["control_seeds"] == [0] and got["random"]["energy"]["mean"] > 0.99
     assert got["arms"]["plain"]["pointing"]["mean"] == 1.0
     assert got["arms"]["registers"]["energy"]["mean"] < 0.1
     assert "pointing game" in capsys.readouterr().out
     assert main(["eval", "attribution", "--model", f"hf:{folder}", "--data", str(tmp_path),
                  "--neurons", str(tmp_path / "n.json")]) == 2
     assert "VOC folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family, energy", [("paligemma", 0.99), ("internvl", 0.24)])
+def test_other_families_score_the_same_way(tmp_path, family, energy):
+    """PaliGemma (one token a patch) and InternVL (one token a 2x2 block: the marker's box holds
+    a quarter of its token's area) through the whole evaluation, real processors included."""
+    model, proc, x, marked = testing_vlm.planted_vlm(family, images=3)
+    testing_vlm.write_marker_voc(tmp_path, model, x, marked)
+    r = evaluate_attribution(model, proc, box_samples(str(tmp_path)), NEURONS, resamples=100,
+                             print_table=False)
+    arms = r["arms"]
+    assert arms["plain"]["outlier_share"]["mean"] > 0.99
+    assert arms["plain"]["energy"]["mean"] > energy and arms["plain"]["energy"]["mean"] < 1.0 + 1e-6
+    assert arms["registers"]["outlier_share"]["mean"] < 0.15
+    assert arms["registers"]["energy"]["mean"] < 0.1

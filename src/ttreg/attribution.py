@@ -150,11 +150,12 @@ def spread(boxes: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
 
 
 # --- inputs ----------------------------------------------------------------------------------------
-def prompt_text(processor, prompt: str, chat: bool | None = None) -> str:
+def prompt_text(processor, prompt: str, chat: bool | None = None, separator: str = "\n") -> str:
     """The text for one image and ``prompt``: the processor's chat template (a user turn with the
     image, then the prompt, and the generation prompt) when it has one and ``chat`` is not False;
-    else the processor's image placeholder, a newline and the prompt. A prompt that already holds
-    the placeholder is used as it is."""
+    else the processor's image placeholder, ``separator`` (the family's
+    :attr:`~ttreg.adapters.hf.HFVLMAdapter.prompt_separator`) and the prompt. A prompt that
+    already holds the placeholder is used as it is."""
     token = getattr(processor, "image_token", None) or "<image>"
     if token in prompt:
         return prompt
@@ -163,7 +164,7 @@ def prompt_text(processor, prompt: str, chat: bool | None = None) -> str:
         return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     if chat:
         raise ValueError("chat=True: this processor has no chat template")
-    return f"{token}\n{prompt}"
+    return f"{token}{separator}{prompt}"
 
 
 def _tokenizer(processor):
@@ -187,7 +188,7 @@ def require_vlm(model) -> None:
 def _vlm_adapter(model):
     from .adapters.hf import HFVLMAdapter
     ad = wrap(model)
-    supported = "LLaVA, LLaVA-OneVision, Idefics3, SmolVLM"
+    supported = "LLaVA, LLaVA-OneVision, Idefics3, SmolVLM, PaliGemma, Gemma 3, InternVL"
     if not isinstance(ad, HFVLMAdapter):
         raise ValueError(f"attribution needs a vision-language model ({supported}); "
                          f"{type(ad.model).__name__} is {ad.describe()}")
@@ -233,16 +234,20 @@ def _padded(rows: Sequence[torch.Tensor], pad: int, left: bool) -> tuple[torch.T
     return out, mask
 
 
-def _assembled(inputs: dict, answers: Sequence[Sequence[int]], pad: int, left: bool = False) -> dict:
+def _assembled(inputs: dict, answers: Sequence[Sequence[int]], pad: int, left: bool = False,
+               fill: dict[str, int] | None = None) -> dict:
     """``inputs`` with each row's answer appended after its real tokens, re-padded (right padding
-    by default: every real token keeps its position, so a batch equals its rows run alone)."""
+    by default: every real token keeps its position, so a batch equals its rows run alone).
+    Other per-token inputs (``token_type_ids``, ...) get ``fill[key]`` (default 0) on the
+    answer."""
     rows, extra = _rows(inputs)
     full = [torch.cat([r, r.new_tensor(list(a))]) for r, a in zip(rows, answers)]
     ids, mask = _padded(full, pad, left)
     out = {k: v for k, v in inputs.items() if k not in extra}
     out.update(input_ids=ids, attention_mask=mask)
     for k, vals in extra.items():
-        grown = [torch.cat([v, v.new_zeros(len(a), *v.shape[1:])]) for v, a in zip(vals, answers)]
+        f = (fill or {}).get(k, 0)
+        grown = [torch.cat([v, v.new_full((len(a), *v.shape[1:]), f)]) for v, a in zip(vals, answers)]
         out[k] = _padded(grown, 0, left)[0]
     return out
 
@@ -303,7 +308,7 @@ def attribution(model, processor, images, prompt, answer=None, layers=None, head
     prompts = _per_row(prompt, len(images), "prompt")
     if any(not p for p in prompts):
         raise ValueError("attribution: the prompt is empty")
-    texts = [prompt_text(processor, p, chat) for p in prompts]
+    texts = [prompt_text(processor, p, chat, ad.prompt_separator) for p in prompts]
     tok = _tokenizer(processor)
     images = [im.convert("RGB") if hasattr(im, "convert") else im for im in images]
     inputs = dict(processor(images=ad.processor_images(images), text=texts, return_tensors="pt",
@@ -358,7 +363,7 @@ def attribute_inputs(model, inputs: dict, answer_ids: Sequence[Sequence[int]] | 
     if len(answer_ids) != B or any(not a for a in answer_ids):
         raise ValueError(f"answer_ids: one non-empty answer per row ({B}) needed")
     prompt_len = [len(r) for r in _rows(inputs)[0]]
-    full = _assembled(inputs, answer_ids, pad)
+    full = _assembled(inputs, answer_ids, pad, fill=ad.answer_token_inputs)
     tokens = ad.image_tokens(full, layout)
     A = max(len(a) for a in answer_ids)
     k = torch.arange(A)

@@ -135,19 +135,17 @@ def cmd_inspect(args) -> int:
         neurons = cal.neurons
     from .files import Outputs
     with Outputs() as o:
-        attributed, figs = None, []
+        attributed = None
         if args.prompt:
             from .attribution_report import inspect_attribution
-            attributed, figs = inspect_attribution(model, processor, src, neurons, out, args.prompt,
-                                                   args.answer, num_registers=args.num_registers,
-                                                   preset=args.preset, batch_size=args.batch_size,
-                                                   outputs=o)
+            attributed = inspect_attribution(model, processor, src, neurons, args.prompt, args.answer,
+                                             num_registers=args.num_registers, preset=args.preset,
+                                             batch_size=args.batch_size)
         results, written = inspect_images(model, transform, src, neurons, out, layer=args.layer,
                                           num_registers=args.num_registers, preset=args.preset,
                                           num_neurons=args.num_neurons, model_name=args.model,
                                           batch_size=args.batch_size, outputs=o, progress=progress,
                                           page=page, attribution=attributed)
-    written += figs
     det = results["detection_layer"]
     print(f"{count(len(src.items), 'image')}, {count(len(neurons), 'register neuron')}"
           + (f" ({neurons.note})" if neurons.note else ""))
@@ -298,8 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the detection layer, last-layer CLS attention (mean and per head) "
                                    "and register-neuron activation maps, each plain and with "
                                    "test-time registers, plus inspect.json with the numbers. With "
-                                   "--prompt (vision-language models): the language model's "
-                                   "text-to-image attribution maps beside the tower's norm maps.")
+                                   "--prompt (vision-language models): the overview figure gains the "
+                                   "language model's text-to-image attribution maps under the "
+                                   "tower's norm maps.")
     i.add_argument("images", nargs="+", help="image files, folders (searched recursively) or .txt lists of paths")
     i.add_argument("--model", required=True, help=mhelp)
     i.add_argument("--neurons", default="auto",

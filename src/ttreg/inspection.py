@@ -37,9 +37,9 @@ def inspect_images(model, transform, src: ImageSource, neurons: RegisterNeurons,
 
     ``page``: a :class:`ttreg.html_report.Page`; the attention of every block is then traced
     too (memory: batch x blocks x heads x tokens^2 floats per condition), each batch handed to
-    it and the HTML page written with the other files (last in ``written``). ``attribution``: a VLM's attribution numbers
-    (:func:`ttreg.attribution_report.inspect_attribution`), put into ``inspect.json`` beside each
-    image's."""
+    it and the HTML page written with the other files (last in ``written``). ``attribution``: a
+    VLM's attribution (:func:`ttreg.attribution_report.inspect_attribution`): its maps drawn in
+    each image's overview figure, its numbers put into ``inspect.json`` beside each image's."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     viz.require_matplotlib()
@@ -79,7 +79,9 @@ def inspect_images(model, transform, src: ImageSource, neurons: RegisterNeurons,
                 title = Path(name).name
                 img = viz.denormalize(x[b], mean, std)
                 imgs.append(img)
-                figs = [viz.overview(img, plain, reg, b, det, title, out / f"{stem}_overview.png", outputs=o)]
+                panel = attribution["images"][i]["panel"] if attribution is not None else None
+                figs = [viz.overview(img, plain, reg, b, det, title, out / f"{stem}_overview.png", outputs=o,
+                                     attribution=panel)]
                 if plain.attention and plain.num_prefix_tokens:
                     figs.append(viz.heads(img, plain, reg, b, title, out / f"{stem}_heads.png", outputs=o))
                 if top:
@@ -96,7 +98,6 @@ def inspect_images(model, transform, src: ImageSource, neurons: RegisterNeurons,
         if attribution is not None:
             results["attribution"] = attribution["config"]
             for entry, extra in zip(results["images"], attribution["images"]):
-                entry["figures"].append(extra["figure"])
                 entry["attribution"] = {k: extra[k] for k in ("plain", "registers")}
         written.append(write_json(out / "inspect.json", results, outputs=o))
         if page is not None:

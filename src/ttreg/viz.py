@@ -99,13 +99,17 @@ def norm_scale(plain_map: torch.Tensor, reg_map: torch.Tensor) -> tuple[float, f
 
 
 def overview(image: np.ndarray, plain, reg, i: int, layer: int, name: str, path,
-             outputs: Outputs | None = None) -> Path:
+             outputs: Outputs | None = None, attribution=None) -> Path:
     """One image: input, norm maps and last-layer CLS attention, plain vs. registers, and the
-    per-layer max/median norm curves."""
+    per-layer max/median norm curves. ``attribution`` (a VLM's
+    :class:`ttreg.attribution_report.AttributionPanel`): a row of the language model's
+    text-to-image attribution maps, plain vs. registers, under the norm maps, the prompt and
+    the answer in the figure's title."""
     plt = _plt()
-    fig = plt.figure(figsize=(15, 7.2))
-    gs = fig.add_gridspec(2, 7, height_ratios=[1, 0.9], width_ratios=[1, 1, 1, 0.07, 0.3, 1, 1],
-                          hspace=0.35, wspace=0.18)
+    rows = 3 if attribution is not None else 2
+    fig = plt.figure(figsize=(15, 7.2 + 3.8 * (rows - 2)))
+    gs = fig.add_gridspec(rows, 7, height_ratios=[1, 1, 0.9] if rows == 3 else [1, 0.9],
+                          width_ratios=[1, 1, 1, 0.07, 0.3, 1, 1], hspace=0.35, wspace=0.18)
     L = plain.norms.shape[1]
     layer = layer % L
     nm_p, nm_r = plain.norm_map(layer)[i], reg.norm_map(layer)[i]
@@ -121,9 +125,11 @@ def overview(image: np.ndarray, plain, reg, i: int, layer: int, name: str, path,
     _heat(ax_r, nm_r, f"patch norms, layer {layer}: test-time\nregister, max/median {rr:.1f}, "
           f"max {float(nm_r.max()):.3g}", vmin=vmin, vmax=vmax, mark_max=True)
     over = float(nm_p.max()) > vmax
-    fig.colorbar(im, cax=fig.add_subplot(gs[0, 3]), extend="max" if over else "neither",
-                 label=f"token norm (shared scale{'; higher norms at the top colour' if over else ''})")
-    ax_r.text(0.5, -0.08, "cyan circle: the patch with the largest norm", transform=ax_r.transAxes,
+    bar = fig.colorbar(im, cax=fig.add_subplot(gs[0, 3]), extend="max" if over else "neither")
+    bar.set_label(f"token norm (shared scale{';' + chr(10) + 'higher norms at the top colour' if over else ''})",
+                  fontsize=8)
+    bar.ax.tick_params(labelsize=7)
+    ax_r.text(-0.09, -0.06, "cyan circle: the patch with the largest norm", transform=ax_r.transAxes,
               ha="center", va="top", fontsize=8)
     last = L - 1
     if last in plain.attention and last in reg.attention and plain.num_prefix_tokens > 0:
@@ -136,7 +142,9 @@ def overview(image: np.ndarray, plain, reg, i: int, layer: int, name: str, path,
         ax_a = fig.add_subplot(gs[0, 6])
         im_a = _overlay(ax_a, image, a_r, f"CLS attention, layer {last}\ntest-time register", vmin=lo, vmax=hi)
         _colorbar(fig, im_a, ax_a, "attention weight (both panels)")
-    ax = fig.add_subplot(gs[1, :])
+    if attribution is not None:
+        _attribution_row(fig, gs, attribution)
+    ax = fig.add_subplot(gs[rows - 1, :])
     x = np.arange(L)
     ps, rs = plain.patch_slice, reg.patch_slice
     ax.semilogy(x, plain.norms[i, :, ps].amax(-1), "o-", color="C3", label="max patch norm, plain")
@@ -149,6 +157,39 @@ def overview(image: np.ndarray, plain, reg, i: int, layer: int, name: str, path,
     ax.grid(alpha=0.3); ax.legend(fontsize=8, ncol=3, loc="upper left")
     ax.set_title("token norms after each block", fontsize=9)
     return save_figure(fig, path, outputs=outputs)
+
+
+def _attribution_row(fig, gs, a) -> None:
+    """Row 1 of :func:`overview`: the image the VLM got, its attribution maps plain and with the
+    register (one colour scale, its bar), and the numbers."""
+    ax = fig.add_subplot(gs[1, 0])
+    ax.imshow(a.image)
+    ax.axis("off")
+    h, w = a.image.shape[:2]
+    ax.set_title(f"the image the VLM got ({h}x{w} px;\nits processor resizes it)", fontsize=9)
+    hi = max(float(a.plain.max()), float(a.registers.max()), 1e-12)
+    im = _overlay(fig.add_subplot(gs[1, 1]), a.image, a.plain,
+                  f"text-to-image attribution: plain\n{100 * a.share_plain:.1f}% on the outlier patches",
+                  vmin=0, vmax=hi)
+    _overlay(fig.add_subplot(gs[1, 2]), a.image, a.registers,
+             f"attribution: test-time register\n{100 * a.share_registers:.1f}% on the same patches",
+             vmin=0, vmax=hi)
+    bar = fig.colorbar(im, cax=fig.add_subplot(gs[1, 3]))
+    bar.set_label("attention from the answer (shared scale)", fontsize=8)
+    bar.ax.tick_params(labelsize=7)
+    ax = fig.add_subplot(gs[1, 5:])
+    ax.axis("off")
+    lines = [f"prompt: \u201c{a.prompt}\u201d", f"answer attributed: \u201c{a.answer}\u201d",
+             f"maps: {a.what}, mean over the answer tokens", "",
+             "share of the answer's attention on the image tokens:",
+             f"    plain {100 * a.image_mass_plain:.1f}%,  test-time register {100 * a.image_mass_registers:.1f}%",
+             f"share of that on the {a.outlier_tokens} image token(s) carrying",
+             "the plain tower's outlier patches (last block):",
+             f"    plain {100 * a.share_plain:.1f}%  \u2192  test-time register {100 * a.share_registers:.1f}%",
+             f"    (a uniform map: {100 * a.uniform_share:.1f}%)"]
+    ax.text(0.0, 0.95, "\n".join(lines), transform=ax.transAxes, va="top", ha="left", fontsize=9,
+            family="monospace", wrap=True)
+    fig.suptitle(f"\u201c{a.prompt}\u201d \u2192 \u201c{a.answer}\u201d", fontsize=11, y=0.935)
 
 
 def heads(image: np.ndarray, plain, reg, i: int, name: str, path, outputs: Outputs | None = None) -> Path:

@@ -512,6 +512,13 @@ class HFVLMAdapter(DelegatingAdapter):
         layers = find_layers(lm, getattr(cfg, "num_hidden_layers", None))
         return [find_attention(layer)[1] for layer in layers]
 
+    #: per-token inputs of the tokens appended after the prompt (an attributed answer), where the
+    #: family marks them (PaliGemma: ``token_type_ids`` 1, the causal suffix after its
+    #: bidirectional prefix, as ``generate`` marks the tokens it makes); other keys get 0
+    answer_token_inputs: dict[str, int] = {}
+    #: what joins the image placeholder and the prompt when the processor has no chat template
+    prompt_separator = "\n"
+
     def processor_images(self, images: Sequence) -> list:
         """Images as this family's processor takes them, one per text (default: a flat list)."""
         return list(images)
@@ -526,7 +533,20 @@ class HFVLMAdapter(DelegatingAdapter):
         model's sequence and what each one shows (:class:`ImageTokens`)."""
         raise NotImplementedError(f"text-to-image attribution is not available for "
                                   f"{type(self.model).__name__} yet (LLaVA, LLaVA-OneVision, "
-                                  "Idefics3 and SmolVLM are)")
+                                  "Idefics3, SmolVLM, PaliGemma, Gemma 3 and InternVL are)")
+
+    def _whole_views(self, inputs: dict, views: torch.Tensor, layout: dict | None) -> torch.Tensor:
+        """``(V, 4)``: each view's box on its image -- ``layout["view_boxes"]``, else every view
+        the whole image (one view per image: checked against the image-token runs)."""
+        vb = (layout or {}).get("view_boxes")
+        if vb is not None:
+            return vb
+        ids = inputs["input_ids"] == self.image_token_id
+        runs = int((ids & ~torch.nn.functional.pad(ids, (1, 0))[:, :-1]).sum())
+        if runs != len(views):
+            raise ValueError(f"{len(views)} views for {runs} images: these inputs split images into "
+                             "tiles; pass the processor (or layout={'view_boxes': ...}) to place them")
+        return torch.tensor([[0.0, 0.0, 1.0, 1.0]] * len(views), dtype=torch.float64)
 
     def _fixed_views(self, inputs: dict, views: torch.Tensor, per_view: int, first: int,
                      sources_of, view_boxes: torch.Tensor) -> ImageTokens:
@@ -665,13 +685,50 @@ class HFLlavaOnevisionAdapter(HFVLMAdapter):
 
 
 class HFPaliGemmaAdapter(HFVLMAdapter):
-    """PaliGemma (SigLIP tower)."""
+    """PaliGemma (SigLIP tower, linear projector). One view per image, the whole image squashed
+    to the tower's size: image token ``j`` is patch ``j``. The language model is a prefix LM: the
+    image and the prompt (``token_type_ids`` 0) attend to each other both ways, the answer
+    (``token_type_ids`` 1) causally; an attributed answer is marked 1, as ``generate`` marks
+    the tokens it makes, so the prompt does not see it."""
     class_names = ("PaliGemmaForConditionalGeneration", "PaliGemmaModel")
+    answer_token_inputs = {"token_type_ids": 1}
+    prompt_separator = ""            # the processor puts <bos> after the image tokens itself
+
+    def image_tokens(self, inputs: dict, layout: dict | None = None) -> ImageTokens:
+        views = inputs["pixel_values"]
+        gh, gw = self.grid_size(views)
+        return self._fixed_views(inputs, views, gh * gw, 0, lambda j: j[..., None],
+                                 self._whole_views(inputs, views, layout))
 
 
 class HFGemma3Adapter(HFVLMAdapter):
-    """Gemma 3 (SigLIP tower, pooled to ``mm_tokens_per_image``)."""
+    """Gemma 3 (SigLIP tower; the projector average-pools the patch grid to
+    ``mm_tokens_per_image`` tokens). One view per image, the whole image squashed to the
+    tower's size; each image token carries a ``k x k`` block of patches, read by running the
+    projector's own pooling on one-hot patch maps. Image tokens attend to each other both ways
+    in the language model (``token_type_ids`` 1 on them, 0 on text: an appended answer is
+    text). Pan-and-scan crops are refused (their places on the image are not read yet)."""
     class_names = ("Gemma3ForConditionalGeneration", "Gemma3Model")
+
+    def processor_images(self, images: Sequence) -> list:
+        return [[im] for im in images]
+
+    def layout(self, processor, images: Sequence) -> dict[str, Any]:
+        ip = getattr(processor, "image_processor", None)
+        if getattr(ip, "do_pan_and_scan", False):
+            raise ValueError("attribution does not place Gemma 3's pan-and-scan crops on the image "
+                             "yet: use the processor with do_pan_and_scan=False")
+        return {}
+
+    def image_tokens(self, inputs: dict, layout: dict | None = None) -> ImageTokens:
+        views = inputs["pixel_values"]
+        gh, gw = self.grid_size(views)
+        proj = get_path(self.model, "model.multi_modal_projector", "multi_modal_projector")
+        eye = torch.eye(gh * gw, dtype=torch.float64).reshape(gh * gw, 1, gh, gw)
+        member = proj.avg_pool(eye).flatten(1).T > 0                     # (tokens, patches)
+        block = member.nonzero()[:, 1].reshape(member.shape[0], -1)      # (tokens, k*k) patches
+        return self._fixed_views(inputs, views, block.shape[0], 0, lambda j: block[j],
+                                 self._whole_views(inputs, views, layout))
 
 
 class HFIdefics3Adapter(HFVLMAdapter):
@@ -735,8 +792,47 @@ class HFIdefics3Adapter(HFVLMAdapter):
 
 
 class HFInternVLAdapter(HFVLMAdapter):
-    """InternVL (InternViT tower, pixel-shuffle projector)."""
+    """InternVL (InternViT tower, pixel-shuffle projector). The processor cuts an image into a
+    ``rows x cols`` grid of tiles that covers it (the image squashed to the grid) and, with
+    more than one tile, adds the whole image (the thumbnail) after them; each view gives
+    ``(grid * downsample_ratio)^2`` tokens (CLS dropped), each carrying a block of patches read
+    by running the model's own ``pixel_shuffle`` on patch indices."""
     class_names = ("InternVLForConditionalGeneration", "InternVLModel")
+
+    def layout(self, processor, images: Sequence) -> dict[str, Any]:
+        """Each view's box on its image, from the tile grid the processor chooses."""
+        from transformers.models.got_ocr2.image_processing_got_ocr2 import get_optimal_tiled_canvas
+        ip = processor.image_processor
+        kw = getattr(processor, "images_kwargs", None) or {}
+        crop = kw.get("crop_to_patches", getattr(ip, "crop_to_patches", False))
+        lo, hi = int(getattr(ip, "min_patches", 1)), int(getattr(ip, "max_patches", 1))
+        th, tw = _hw(ip.size)
+        boxes = []
+        for im in images:
+            W, H = im.size
+            cols, rows = get_optimal_tiled_canvas((H, W), (th, tw), lo, hi) if crop and hi > 1 else (1, 1)
+            boxes += [[c / cols, r / rows, (c + 1) / cols, (r + 1) / rows]
+                      for r in range(rows) for c in range(cols)]
+            if rows * cols > 1:
+                boxes.append([0.0, 0.0, 1.0, 1.0])
+        return {"view_boxes": torch.tensor(boxes, dtype=torch.float64)}
+
+    def image_tokens(self, inputs: dict, layout: dict | None = None) -> ImageTokens:
+        views = inputs["pixel_values"]
+        gh, gw = self.grid_size(views)
+        cfg = self.model.config
+        if getattr(cfg, "vision_feature_select_strategy", "default") != "default":
+            raise ValueError("attribution reads InternVL with vision_feature_select_strategy "
+                             "'default' (CLS dropped) only")
+        inner = get_path(self.model, "model")
+        idx = torch.arange(gh * gw, dtype=torch.float64).reshape(1, gh, gw, 1)
+        block = inner.pixel_shuffle(idx, scale_factor=cfg.downsample_ratio)
+        block = block.reshape(-1, block.shape[-1]).round().long()      # (tokens, s*s) patches
+        vb = self._whole_views(inputs, views, layout)
+        if len(vb) != len(views):
+            raise ValueError(f"the layout places {len(vb)} views, the inputs hold {len(views)}; "
+                             "give the processor's output unchanged")
+        return self._fixed_views(inputs, views, block.shape[0], 0, lambda j: block[j], vb)
 
 
 #: why Qwen2.5-VL's vision tower cannot carry a test-time register (also in docs/families.md)

@@ -17,24 +17,27 @@ arm attributes the same tokens; ``answer_template=None`` attributes each arm's o
 answer). Maps are :func:`ttreg.attribution` maps (mean over the answer tokens, the chosen
 language-model layers and heads) on the image's patch grid. Arms: ``plain``, ``registers``
 (test-time registers in the tower), ``zeroed`` (register neurons zeroed, nothing appended) and
-``bias`` (the attention-bias form, when a fitted bias is given or the neuron set carries one).
-Each arm also reports the share of its attribution mass on the plain tower's outlier patches.
-Means over the (image, object) pairs with a 95% percentile bootstrap interval over the pairs, and
-the paired difference of every arm to ``plain``.
+``bias`` (the attention-bias form, when a fitted bias is given or the neuron set carries one),
+and the random-neuron control ``random-<s>`` (:mod:`ttreg.eval.arms`: the registers edit on
+random neurons of the same layers, same per-layer counts, one arm per seed ``s``). Each arm also
+reports the share of its attribution mass on the plain tower's outlier patches. Means over the
+(image, object) pairs with a 95% percentile bootstrap interval over the pairs, and the paired
+difference of every arm to ``plain``; the control summarised as ``random``: each pair's scores
+averaged over the draws, bootstrapped over the pairs the same way, with the draws' own means and
+their t interval under ``draws``.
 """
 from __future__ import annotations
 
-import contextlib
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
 from ..attribution import attribution
-from ..registers import test_time_registers, zero_neurons
 from ..register_neurons import as_register_neurons
+from .arms import control_rows, make_arms
 from .datasets import BoxSample, load_rgb
-from .report import bootstrap_ci, format_table
+from .report import bootstrap_ci, format_table, mean_ci
 
 DEFAULT_TEMPLATE = "Where is the {name} in the image?"
 DEFAULT_ANSWER = "The {name}."
@@ -84,38 +87,36 @@ def localisation(heat: torch.Tensor, boxes: np.ndarray, size: tuple[int, int]) -
     return {"pointing": float(hit), "energy": energy}
 
 
-def _arms(model, neurons, *, num_registers: int, preset: str, bias) -> list[tuple[str, Callable, dict]]:
-    rn = as_register_neurons(neurons)
-    arms = [("plain", contextlib.nullcontext, {"kind": "plain"})]
-    if not len(rn):
-        return arms
-    arms.append(("registers", lambda: test_time_registers(model, rn, num_registers=num_registers,
-                                                          preset=preset),
-                 {"kind": "registers", "num_registers": num_registers, "preset": preset}))
-    arms.append(("zeroed", lambda: zero_neurons(model, rn), {"kind": "zeroed"}))
-    bias = bias if bias is not None else rn.attention_bias
-    if bias is not None:
-        arms.append(("bias", lambda: test_time_registers(model, rn, form="bias", bias=bias),
-                     {"kind": "bias", "bias_registers": int(bias.num_registers)}))
-    return arms
+def _boot(vals: np.ndarray, resamples: int, seed: int) -> dict[str, Any]:
+    """``{metric: {"mean", "ci95": [lo, hi], "n"}}`` of ``(pairs, len(METRICS))`` values."""
+    boot = bootstrap_ci(np.nan_to_num(vals, nan=0.0), resamples=resamples, seed=seed)
+    return {m: {"mean": boot["mean"][k], "ci95": [boot["ci95"][0][k], boot["ci95"][1][k]], "n": len(vals)}
+            for k, m in enumerate(METRICS)}
 
 
 def evaluate_attribution(model, processor, samples: Sequence[BoxSample], neurons, *,
                          template: str = DEFAULT_TEMPLATE, answer_template: str | None = DEFAULT_ANSWER,
-                         layers=None, heads="mean", num_registers: int = 1, preset: str = "paper",
-                         bias=None, batch_size: int = 8, max_new_tokens: int = 8,
+                         layers=None, heads="mean", num_registers: int | Sequence[int] = 1,
+                         preset: str = "paper", bias=None, control_seeds: Sequence[int] = (),
+                         batch_size: int = 8, max_new_tokens: int = 8,
                          resamples: int = 1000, seed: int = 0, progress: bool = False,
                          print_table: bool = True) -> dict[str, Any]:
     """Pointing game and energy in box of ``model``'s text-to-image attribution on ``samples``
-    (images with named boxes), for the arms plain, registers, zeroed and (with a fitted
-    attention ``bias``, or a neuron set that carries one) bias; see the module docstring."""
+    (images with named boxes), for the arms plain, registers, zeroed, (with a fitted attention
+    ``bias``, or a neuron set that carries one) bias, and ``random-<s>`` for ``s`` in
+    ``control_seeds`` (:func:`ttreg.eval.arms.make_arms`: the registers edit on random neurons of
+    the same layers, same per-layer counts); see the module docstring. ``num_registers`` a list
+    of counts: one registers arm per count, no zeroed arm or controls (the ablation)."""
     for t, what in ((template, "template"), (answer_template, "answer_template")):
         if t is not None and "{name}" not in t:
             raise ValueError(f"{what} {t!r} must name the object with {{name}}")
     pairs = pairs_of(samples)
     rn = as_register_neurons(neurons)
-    arms = _arms(model, rn, num_registers=num_registers, preset=preset, bias=bias)
-    scores: dict[str, list[dict[str, float]]] = {name: [] for name, _, _ in arms}
+    bias = bias if bias is not None else rn.attention_bias
+    ablation = not isinstance(num_registers, int)
+    arms = make_arms(model, rn, control_seeds=control_seeds, num_registers=num_registers, preset=preset,
+                     zeroed=not ablation, random_zeroed=False, bias=bias if len(rn) else None)
+    scores: dict[str, list[dict[str, float]]] = {a.name: [] for a in arms}
     batches = [pairs[i:i + batch_size] for i in range(0, len(pairs), batch_size)]
     if progress:
         from tqdm.auto import tqdm
@@ -126,8 +127,8 @@ def evaluate_attribution(model, processor, samples: Sequence[BoxSample], neurons
         prompts = [template.format(name=n) for _, n, _ in batch]
         answers = None if answer_template is None else [answer_template.format(name=n) for _, n, _ in batch]
         plain_out = None
-        for name, context, _ in arms:
-            with context():
+        for arm in arms:
+            with arm.context(model):
                 a = attribution(model, processor, images, prompts, answers, layers=layers, heads=heads,
                                 max_new_tokens=max_new_tokens)
             plain_out = a.outlier_tokens if plain_out is None else plain_out
@@ -139,21 +140,22 @@ def evaluate_attribution(model, processor, samples: Sequence[BoxSample], neurons
                 row["outlier_share"] = float(share[j])
                 if answer_template is None:
                     row["answer"] = a.answers[j]
-                scores[name].append(row)
-    per_arm: dict[str, Any] = {}
-    for name, _, setup in arms:
-        vals = np.array([[r[m] for m in METRICS] for r in scores[name]], dtype=np.float64)
-        boot = bootstrap_ci(np.nan_to_num(vals, nan=0.0), resamples=resamples, seed=seed)
-        per_arm[name] = {"pairs": len(vals), "setup": setup,
-                         **{m: {"mean": boot["mean"][k], "ci95": [boot["ci95"][0][k], boot["ci95"][1][k]],
-                                "n": len(vals)} for k, m in enumerate(METRICS)}}
-    base = np.array([[r[m] for m in METRICS] for r in scores["plain"]], dtype=np.float64)
-    differences = {}
-    for name, _, _ in arms[1:]:
-        d = np.array([[r[m] for m in METRICS] for r in scores[name]], dtype=np.float64) - base
-        boot = bootstrap_ci(np.nan_to_num(d, nan=0.0), resamples=resamples, seed=seed)
-        differences[name] = {m: {"mean": boot["mean"][k], "ci95": [boot["ci95"][0][k], boot["ci95"][1][k]],
-                                 "n": len(d)} for k, m in enumerate(METRICS)}
+                scores[arm.name].append(row)
+    values = {a.name: np.array([[r[m] for m in METRICS] for r in scores[a.name]], dtype=np.float64)
+              for a in arms}
+    per_arm = {a.name: {"pairs": len(values[a.name]), "setup": a.describe(),
+                        **_boot(values[a.name], resamples, seed)} for a in arms}
+    base = values["plain"]
+    differences = {a.name: _boot(values[a.name] - base, resamples, seed) for a in arms[1:]}
+    random = [a.name for a in arms if a.kind == "random"]
+    summary = None
+    if random:
+        # the control as one arm: each pair's scores averaged over the draws, bootstrapped over the
+        # pairs like every arm; "draws": the draws' means with a t interval over the draws
+        pooled = np.mean([values[n] for n in random], axis=0)
+        summary = {**_boot(pooled, resamples, seed),
+                   "draws": {m: mean_ci([per_arm[n][m]["mean"] for n in random]) for m in METRICS}}
+        differences["random"] = _boot(pooled - base, resamples, seed)
     result = {
         "experiment": "attribution",
         "protocol": {"reference": "pointing game (Zhang et al., ECCV 2016) and energy in box "
@@ -163,10 +165,12 @@ def evaluate_attribution(model, processor, samples: Sequence[BoxSample], neurons
                                     "the maximal cell, with no tolerance margin"]},
         "config": {"template": template, "answer_template": answer_template,
                    "layers": config_layers, "heads": heads, "num_registers": num_registers,
-                   "preset": preset, "bootstrap_resamples": resamples, "seed": seed,
+                   "preset": preset, "control_seeds": [int(s) for s in control_seeds],
+                   "bootstrap_resamples": resamples, "seed": seed,
                    "images": len(samples), "pairs": len(pairs)},
         "neurons": [list(p) for p in rn.neurons],
         "arms": per_arm,
+        "random": summary,
         "differences_to_plain": differences,
     }
     if answer_template is None:
@@ -177,7 +181,7 @@ def evaluate_attribution(model, processor, samples: Sequence[BoxSample], neurons
 
 
 def table(result: dict[str, Any]) -> str:
-    rows = [{"arm": name, "pairs": v["pairs"], **{m: v[m] for m in METRICS}} for name, v in result["arms"].items()]
+    rows = control_rows(result, first="pairs")
     return format_table(rows, [("arm", "arm"), ("pairs", "pairs"), ("pointing", "pointing game"),
                                ("energy", "energy in box"), ("outlier_share", "mass on outliers")],
                         title="text-to-image attribution (means, 95% bootstrap interval over pairs)")

@@ -298,7 +298,8 @@ def cmd_attribution(args) -> int:
     result = evaluate_attribution(model, processor, samples, neurons, template=args.template,
                                   answer_template=None if args.answer == "generate" else args.answer,
                                   layers=args.layers, num_registers=args.num_registers,
-                                  preset=args.preset, bias=bias, batch_size=args.batch_size,
+                                  preset=args.preset, bias=bias, control_seeds=_controls(args),
+                                  batch_size=args.batch_size,
                                   resamples=args.bootstrap, seed=args.seed,
                                   progress=not args.quiet and sys.stderr.isatty())
     result["dataset"] = str(args.data)
@@ -399,7 +400,7 @@ def add_eval_parsers(subparsers) -> None:
     p = subparsers.add_parser("probe", help="linear probes: classification, segmentation, depth",
                               description="Linear probes on frozen features, DINOv2's protocol "
                                           "(dinov2/eval/linear.py; BNHead for dense tasks) or "
-                                          "--quick; mean ± 95%% CI over seeds.")
+                                          "--quick; mean ± 95% CI over seeds.")
     p.add_argument("--task", required=True, choices=("classification", "segmentation", "depth"),
                    help="what the probe predicts")
     p.add_argument("--data", required=True,
@@ -485,10 +486,12 @@ def add_eval_parsers(subparsers) -> None:
     from .attribution import DEFAULT_ANSWER, DEFAULT_TEMPLATE
     p = subparsers.add_parser("attribution", help="VLM text-to-image attribution: pointing game, energy in box",
                               description="Attribution maps of a vision-language model's language "
-                                          "model (hf:... LLaVA, LLaVA-OneVision, Idefics3, SmolVLM) "
+                                          "model (hf:... LLaVA, LLaVA-OneVision, Idefics3, SmolVLM, "
+                                          "PaliGemma, Gemma 3, InternVL) "
                                           "for a prompt naming each object of each image, scored "
                                           "against its boxes (pointing game, energy in box) for "
-                                          "the arms plain, registers, zeroed and bias; 95% "
+                                          "the arms plain, registers, zeroed, bias and, with "
+                                          "--controls N, N random-neuron draws; 95% "
                                           "bootstrap intervals over the image-object pairs.")
     p.add_argument("--data", required=True, help="a VOC folder (Annotations/, JPEGImages/), a COCO-style "
                                                  "JSON, or a folder holding one (images in images/)")
@@ -505,7 +508,7 @@ def add_eval_parsers(subparsers) -> None:
                         "has none (64; 0: no bias arm)")
     p.add_argument("--bootstrap", type=int_at_least(1), default=1000, help="bootstrap resamples (1000)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (0)")
-    _common(p, controls=0)
+    _common(p, controls=0, bias=False)     # the bias arm: --bias-images
     p.set_defaults(func=cmd_attribution)
 
 

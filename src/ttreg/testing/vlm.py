@@ -1,6 +1,6 @@
 """Tiny ``transformers`` vision-language models, built offline, for tests, figures and
-benchmarks of text-to-image attribution (:mod:`ttreg.attribution`): LLaVA, LLaVA-OneVision and
-Idefics3 with a word-level tokenizer and real processors (:func:`tiny_vlm`,
+benchmarks of text-to-image attribution (:mod:`ttreg.attribution`): LLaVA, LLaVA-OneVision,
+Idefics3, PaliGemma, Gemma 3 and InternVL with a word-level tokenizer and real processors (:func:`tiny_vlm`,
 :func:`tiny_vlm_processor`), register neurons planted in the tower (:func:`planted_vlm`, through
 :func:`ttreg.plant.plant_register_neurons`), and a language model whose attention is written to
 read the tower's outlier tokens (:func:`read_outliers`). Synthetic models: their weights are
@@ -15,7 +15,16 @@ import torch.nn as nn
 
 
 #: the families :func:`tiny_vlm` builds
-VLM_FAMILIES = ("llava", "llava_onevision", "idefics3")
+VLM_FAMILIES = ("llava", "llava_onevision", "idefics3", "paligemma", "gemma3", "internvl")
+#: families whose tower ends in a LayerNorm before the language model reads it (or whose
+#: projector starts with one): :func:`planted_vlm` silences one more channel, the reference
+#: :func:`read_outliers` subtracts, so that a token without the outlier reads exactly 0
+NORMED_FAMILIES = ("paligemma", "gemma3", "internvl")
+#: the image token strings of the families (id :data:`VLM_IMAGE_TOKEN`) and their other tokens
+#: (``tokenizer attribute: token``, ids counted down from 94)
+_FAMILY_TOKENS = {"gemma3": ("<image_soft_token>", {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>"}),
+                  "internvl": ("<IMG_CONTEXT>", {"start_image_token": "<img>", "end_image_token": "</img>",
+                                                 "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"})}
 #: the register neurons :func:`planted_vlm` plants: ``(layer, neuron, write)``, a small one and a big one
 VLM_PLANTS = ((1, 7, 0.5), (2, 21, 12.0))
 #: the image placeholder token's id in :func:`tiny_tokenizer` (the last of its 96 ids)
@@ -28,20 +37,33 @@ _SPECIALS = ["<pad>", "<unk>", "<s>", "</s>", "<fake_token_around_image>", "<glo
              "<end_of_utterance>", "<video>"] + [f"<row_{r}_col_{c}>" for r in (1, 2) for c in (1, 2)]
 
 
-def tiny_tokenizer():
+def _side(v) -> int:
+    """A config's image or patch size as one number (InternVL's are pairs)."""
+    return int(v[0]) if isinstance(v, (list, tuple)) else int(v)
+
+
+def tiny_tokenizer(family: str | None = None):
     """A word-level ``transformers`` tokenizer of 96 ids, built offline: special tokens (the
-    Idefics3 image tags among them), a few English words, ``<image>`` = :data:`VLM_IMAGE_TOKEN`."""
+    Idefics3 image tags among them), a few English words, ``<image>`` = :data:`VLM_IMAGE_TOKEN`
+    (for ``family`` "gemma3" / "internvl": that family's image token there, and its image tags,
+    as tokenizer attributes, on the ids below it)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
+    image, extra = _FAMILY_TOKENS.get(family, ("<image>", {}))
     vocab = {t: i for i, t in enumerate(_SPECIALS + list(dict.fromkeys(_WORDS)))}
-    vocab.update({f"<unused{i}>": i for i in range(len(vocab), VLM_IMAGE_TOKEN) if i not in vocab.values()})
-    vocab["<image>"] = VLM_IMAGE_TOKEN
+    top = {t: VLM_IMAGE_TOKEN - 1 - k for k, t in enumerate(t for t in extra.values() if t not in vocab and t != image)}
+    vocab.update({f"<unused{i}>": i for i in range(len(vocab), VLM_IMAGE_TOKEN)
+                  if i not in vocab.values() and i not in top.values()})
+    vocab.update(top)
+    vocab[image] = VLM_IMAGE_TOKEN
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    specials = [t for t in _SPECIALS[2:]] + ["<image>"]
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>",
-                                   bos_token="<s>", eos_token="</s>",
-                                   additional_special_tokens=specials)
+    specials = list(dict.fromkeys(_SPECIALS[2:] + [image] + list(extra.values())))
+    kw = {"extra_special_tokens": {**extra, "image_token": image}} if extra else {}
+    out = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>",
+                                  bos_token="<s>", eos_token="</s>", **kw)
+    out.add_special_tokens({"additional_special_tokens": specials})
+    return out
 
 
 def tiny_vlm(family: str, *, size: int = 48, patch: int = 8, width: int = 64, depth: int = 4):
@@ -50,7 +72,8 @@ def tiny_vlm(family: str, *, size: int = 48, patch: int = 8, width: int = 64, de
     ``depth``-block tower of ``width`` on ``size``-px images, a one-layer language model with
     query/key biases and a rotary base so large that positions barely turn the keys (so an
     attention pattern can be written into the weights, see :func:`read_outliers`).
-    LLaVA-OneVision tiles images of up to 2x2 tiles; Idefics3 splits up to 2x2 crops."""
+    LLaVA-OneVision tiles images of up to 2x2 tiles; Idefics3 splits up to 2x2 crops; InternVL
+    cuts up to 4 tiles (and a thumbnail); Gemma 3 pools the 6x6 patches to 2x2 tokens."""
     import transformers as tf
     vision = dict(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=depth,
                   num_attention_heads=2, image_size=size, patch_size=patch)
@@ -70,6 +93,23 @@ def tiny_vlm(family: str, *, size: int = 48, patch: int = 8, width: int = 64, de
             image_token_index=VLM_IMAGE_TOKEN, vision_feature_layer=-1, vision_feature_select_strategy="full",
             image_grid_pinpoints=[[size, size], [size, 2 * size], [2 * size, size], [2 * size, 2 * size]])
         model = tf.LlavaOnevisionForConditionalGeneration(cfg)
+    elif family == "paligemma":
+        cfg = tf.PaliGemmaConfig(vision_config=tf.SiglipVisionConfig(**vision).to_dict(),
+                                 text_config=tf.GemmaConfig(**text, head_dim=16, attention_bias=True).to_dict(),
+                                 image_token_index=VLM_IMAGE_TOKEN, projection_dim=32)
+        model = tf.PaliGemmaForConditionalGeneration(cfg)
+    elif family == "gemma3":
+        t3 = {k: v for k, v in text.items() if k != "rope_parameters"}
+        cfg = tf.Gemma3Config(vision_config=tf.SiglipVisionConfig(**vision).to_dict(),
+                              text_config=tf.Gemma3TextConfig(**t3, head_dim=16, attention_bias=True).to_dict(),
+                              mm_tokens_per_image=4, image_token_index=VLM_IMAGE_TOKEN,
+                              boi_token_index=VLM_IMAGE_TOKEN - 1, eoi_token_index=VLM_IMAGE_TOKEN - 2)
+        model = tf.Gemma3ForConditionalGeneration(cfg)
+    elif family == "internvl":
+        cfg = tf.InternVLConfig(vision_config=tf.InternVLVisionConfig(**vision).to_dict(),
+                                text_config=tf.Qwen2Config(**text).to_dict(), image_token_id=VLM_IMAGE_TOKEN,
+                                downsample_ratio=0.5)
+        model = tf.InternVLForConditionalGeneration(cfg)
     elif family in ("idefics3", "smolvlm"):
         V, C, M = ((tf.Idefics3VisionConfig, tf.Idefics3Config, tf.Idefics3ForConditionalGeneration)
                    if family == "idefics3" else
@@ -87,9 +127,9 @@ def tiny_vlm_processor(family: str, model, tokenizer=None):
     """The ``transformers`` processor of :func:`tiny_vlm`'s ``family``, built offline around
     :func:`tiny_tokenizer`, with image sizes matching ``model``."""
     import transformers as tf
-    tok = tokenizer or tiny_tokenizer()
+    tok = tokenizer or tiny_tokenizer(family)
     v = model.config.vision_config
-    size, patch = int(v.image_size), int(v.patch_size)
+    size, patch = _side(v.image_size), _side(v.patch_size)
     if family == "llava":
         ip = tf.CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
         return tf.LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=patch,
@@ -105,6 +145,20 @@ def tiny_vlm_processor(family: str, model, tokenizer=None):
         ip = tf.Idefics3ImageProcessor(size={"longest_edge": 2 * size}, max_image_size={"longest_edge": size})
         seq = (size // patch // int(model.config.scale_factor)) ** 2
         return tf.Idefics3Processor(image_processor=ip, tokenizer=tok, image_seq_len=seq)
+    if family == "paligemma":
+        ip = tf.SiglipImageProcessor(size={"height": size, "width": size})
+        ip.image_seq_length = (size // patch) ** 2
+        return tf.PaliGemmaProcessor(image_processor=ip, tokenizer=tok)
+    if family == "gemma3":
+        ip = tf.Gemma3ImageProcessor(size={"height": size, "width": size})
+        return tf.Gemma3Processor(image_processor=ip, tokenizer=tok,
+                                  image_seq_length=int(model.config.mm_tokens_per_image))
+    if family == "internvl":
+        ip = tf.GotOcr2ImageProcessor(size={"height": size, "width": size}, max_patches=4,
+                                      crop_to_patches=True)
+        seq = int((size // patch * model.config.downsample_ratio) ** 2)
+        vp = tf.InternVLVideoProcessor(size={"height": size, "width": size})
+        return tf.InternVLProcessor(image_processor=ip, tokenizer=tok, video_processor=vp, image_seq_length=seq)
     raise ValueError(f"unknown family {family!r}; choose one of {', '.join(VLM_FAMILIES)}")
 
 
@@ -141,7 +195,8 @@ def silence_channels(model, channels: Sequence[int]) -> None:
         elif isinstance(mod, nn.Embedding) and w.shape[1] == width:
             w[:, ch] = 0
     for name, p in module.named_parameters():
-        if name.endswith(("position_embedding", "class_embedding", "cls_token")) and p.shape[-1] == width:
+        if name.endswith(("position_embedding", "position_embeddings", "class_embedding", "cls_token")) \
+                and p.shape[-1] == width:
             p[..., ch] = 0
     pre = ad.pre_block_module()
     for name in ("weight", "bias"):
@@ -151,7 +206,8 @@ def silence_channels(model, channels: Sequence[int]) -> None:
 
 
 @torch.no_grad()
-def read_outliers(model, channel: int, *, gain: float = 0.1, focus: float = 16.0) -> None:
+def read_outliers(model, channel: int, *, gain: float = 0.1, focus: float = 16.0,
+                  reference: int | None = None) -> None:
     """Make a :func:`tiny_vlm`'s language model look at the tower's outlier tokens.
 
     ``channel``: the tower channel a planted register neuron writes the outliers along, and
@@ -159,12 +215,28 @@ def read_outliers(model, channel: int, *, gain: float = 0.1, focus: float = 16.0
     into one language-model channel no text token has, and every query of the language model's
     attention looks for that channel (``focus``: the logit per unit of the normalised channel).
     So a token the tower made an outlier draws the attention of every text position, and the same
-    token without the outlier draws no more than any other image token."""
+    token without the outlier draws no more than any other image token.
+
+    Where a LayerNorm stands between the tower's residual stream and the projector's linear map
+    (PaliGemma's and Gemma 3's SigLIP ``post_layernorm``, InternVL's projector norm) a silent
+    channel comes out of it as ``-mean/std`` of its token, not 0: ``reference`` (another silenced
+    channel) is given the same norm weights and subtracted, so a token without the outlier
+    carries exactly 0. Gemma 3 normalises queries and keys per head: its ``q_norm``/``k_norm``
+    weights set the logit instead of ``focus`` times the value."""
     inner = model.model
     D = int(model.config.vision_config.hidden_size)
     ch = int(channel) % D
+    ref = None if reference is None else int(reference) % D
     lm = inner.text_model if hasattr(inner, "text_model") else inner.language_model
     e = int(lm.config.hidden_size) - 1
+    proj = getattr(inner, "multi_modal_projector", None)
+    normed = hasattr(proj, "linear") or hasattr(proj, "mm_input_projection_weight") or hasattr(proj, "layer_norm")
+    if normed and ref is None:
+        raise ValueError(f"{type(model).__name__}: a LayerNorm precedes the projector; give reference=")
+    if hasattr(proj, "linear") or hasattr(proj, "mm_input_projection_weight"):   # PaliGemma, Gemma 3
+        tower = inner.vision_tower
+        post = getattr(tower, "post_layernorm", None) or tower.vision_model.post_layernorm
+        post.weight[ref], post.bias[ref] = post.weight[ch], post.bias[ch]
     if hasattr(inner, "connector"):                           # Idefics3: pixel shuffle, one linear
         proj = inner.connector.modality_projection.proj
         s = int(inner.connector.scale_factor)
@@ -172,11 +244,31 @@ def read_outliers(model, channel: int, *, gain: float = 0.1, focus: float = 16.0
         proj.weight[:, cols] = 0
         proj.weight[e] = 0
         proj.weight[e, cols] = gain
-    else:                                                     # LLaVA, LLaVA-OneVision: linear, GELU, linear
-        l1, l2 = inner.multi_modal_projector.linear_1, inner.multi_modal_projector.linear_2
-        l1.weight[:, ch] = 0
+    elif hasattr(proj, "linear"):                             # PaliGemma: one linear
+        lin = proj.linear
+        lin.weight[:, [ch, ref]] = 0
+        lin.weight[e] = 0
+        lin.weight[e, ch], lin.weight[e, ref] = gain, -gain
+        lin.bias[e] = 0
+    elif hasattr(proj, "mm_input_projection_weight"):         # Gemma 3: pool, RMSNorm, matrix
+        proj.mm_soft_emb_norm.weight[ref] = proj.mm_soft_emb_norm.weight[ch]
+        W = proj.mm_input_projection_weight                   # (vision, text)
+        W[[ch, ref]] = 0
+        W[:, e] = 0
+        W[ch, e], W[ref, e] = gain, -gain
+    else:                                                     # LLaVA, LLaVA-OneVision, InternVL
+        l1, l2 = proj.linear_1, proj.linear_2
+        cols, refs = [ch], []
+        if hasattr(proj, "layer_norm"):                       # InternVL: pixel shuffle, LayerNorm first
+            s2 = l1.in_features // D
+            cols, refs = [k * D + ch for k in range(s2)], [k * D + ref for k in range(s2)]
+            ln = proj.layer_norm
+            ln.weight[refs], ln.bias[refs] = ln.weight[cols], ln.bias[cols]
+        l1.weight[:, cols + refs] = 0
         l1.weight[e] = 0
-        l1.weight[e, ch] = gain
+        l1.weight[e, cols] = gain
+        if refs:
+            l1.weight[e, refs] = -gain
         l1.bias[e] = 0
         l2.weight[e] = 0
         l2.weight[:, e] = 0
@@ -192,6 +284,11 @@ def read_outliers(model, channel: int, *, gain: float = 0.1, focus: float = 16.0
     attn.k_proj.weight.zero_()
     attn.k_proj.bias.zero_()
     attn.k_proj.weight[d::dh, e] = 1.0
+    if hasattr(attn, "q_norm"):     # Gemma 3: q and k normalised per head, weights (1 + w)
+        attn.q_norm.weight.zero_()
+        attn.k_norm.weight.zero_()
+        attn.q_norm.weight[d] = focus - 1
+        attn.k_norm.weight[d] = 3.0
 
 
 def planted_vlm(family: str, plants: Sequence = VLM_PLANTS, *, images: int = 8,
@@ -206,14 +303,15 @@ def planted_vlm(family: str, plants: Sequence = VLM_PLANTS, *, images: int = 8,
     torch.manual_seed(0)
     model = tiny_vlm(family)
     v = model.config.vision_config
-    x, marked = marked_images(images, int(v.image_size), int(v.patch_size))
+    x, marked = marked_images(images, _side(v.image_size), _side(v.patch_size))
     D = int(v.hidden_size)
+    ref = D - 1 - len(plants) if family in NORMED_FAMILIES else None
     if read:                        # the plants' channels: written by them alone
-        silence_channels(model, [D - 1 - i for i in range(len(plants))])
+        silence_channels(model, [D - 1 - i for i in range(len(plants))] + ([ref] if ref is not None else []))
     done = plant_register_neurons(model, plants, x, marked)
     if read:                        # the biggest plant's channel
         big = max(range(len(done)), key=lambda i: done[i].write)
-        read_outliers(model, D - 1 - big)
+        read_outliers(model, D - 1 - big, reference=ref, gain=1.0 if ref is not None else 0.1)
     return model, tiny_vlm_processor(family, model) if family in VLM_FAMILIES else None, x, marked
 
 
@@ -235,7 +333,7 @@ def write_marker_voc(root, model, x: torch.Tensor, marked: torch.Tensor, name: s
     (root / "Annotations").mkdir(parents=True, exist_ok=True)
     (root / "JPEGImages").mkdir(parents=True, exist_ok=True)
     v = model.config.vision_config
-    patch, cells = int(v.patch_size), int(v.image_size) // int(v.patch_size)
+    patch, cells = _side(v.patch_size), _side(v.image_size) // _side(v.patch_size)
     boxes = []
     for i, im in enumerate(to_pil(model, x)):
         r, c = divmod(int(marked[i].float().argmax()), cells)
