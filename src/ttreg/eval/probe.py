@@ -599,7 +599,8 @@ def evaluate_probe(model, task: str, train: Sequence[tuple], val: Sequence[tuple
                    learning_rates: Sequence[float] = LEARNING_RATES, iterations: int | None = None,
                    probe_batch_size: int | None = None, n_last_blocks: Sequence[int] = (1, 4),
                    steps: int = 300, lr: float = 3e-2, weight_decay: float = 1e-4,
-                   token: str | None = None, geometry: str = "model", progress: bool = False,
+                   token: str | None = None, geometry: str = "model", protocol: str = "dinov2",
+                   crop_size: tuple[int, int] | None = None, progress: bool = False,
                    print_table: bool = True) -> dict[str, Any]:
     """Linear probe ``task`` for each arm; mean ± 95% CI over ``seeds`` (see the module
     docstring for the protocol).
@@ -616,7 +617,23 @@ def evaluate_probe(model, task: str, train: Sequence[tuple], val: Sequence[tuple
     single token (the paper's Table 1); ``register`` runs only the arms that have one.
     ``geometry`` (classification): ``model`` (resize and centre-crop to the model's input size)
     or ``dinov2`` (DINOv2's Resize(256) + CenterCrop(224), the model run at 224 px).
+    ``protocol="dvt"`` (segmentation, depth): the Denoising-ViT configs the paper's ADE20k and
+    NYUd numbers come from (:mod:`ttreg.eval.dense`): the frozen backbone on augmented crops,
+    AdamW, sliding-window / flip-averaged testing, metrics at label resolution; ``iterations``
+    shortens it, ``crop_size`` changes its crop (scales and windows in proportion).
     """
+    if protocol not in ("dinov2", "dvt"):
+        raise ValueError(f"protocol must be 'dinov2' or 'dvt', got {protocol!r}")
+    if protocol == "dvt":
+        if task == "classification" or quick or token is not None:
+            raise ValueError("--protocol dvt is for segmentation and depth (without --quick or --token)")
+        return _evaluate_dvt(model, task, train, val, neurons=neurons, num_classes=num_classes,
+                             seeds=seeds, val_fraction=val_fraction, control_seeds=control_seeds,
+                             num_registers=num_registers, preset=preset, bias=bias,
+                             ignore_index=ignore_index, reduce_zero_label=reduce_zero_label,
+                             depth_png_scale=depth_png_scale, min_depth=min_depth, max_depth=max_depth,
+                             iterations=iterations, batch_size=probe_batch_size, crop_size=crop_size,
+                             progress=progress, print_table=print_table)
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     if token is not None and (task != "classification" or token not in TOKENS):
@@ -722,10 +739,70 @@ def evaluate_probe(model, task: str, train: Sequence[tuple], val: Sequence[tuple
     return result
 
 
+def _evaluate_dvt(model, task, train, val, *, neurons, num_classes, seeds, val_fraction, control_seeds,
+                  num_registers, preset, bias, ignore_index, reduce_zero_label, depth_png_scale,
+                  min_depth, max_depth, iterations, batch_size, crop_size, progress,
+                  print_table) -> dict[str, Any]:
+    """:func:`evaluate_probe` with ``protocol="dvt"``: one head per arm and seed, trained on the
+    training split and scored on the evaluation split (no learning-rate grid: the configs fix
+    one rate)."""
+    from dataclasses import replace
+    from . import dense
+    items = list(train) + list(val or [])
+    paths = [Path(p) for p, _ in items]
+    targets = dense.load_targets(task, items, reduce_zero_label=reduce_zero_label,
+                                 ignore_index=ignore_index, depth_png_scale=depth_png_scale)
+    if task == "segmentation" and num_classes is None:
+        present = np.concatenate([t[t != ignore_index].reshape(-1) for t in targets])
+        num_classes = int(present.max()) + 1 if present.size else 1
+    ref = dense.CONFIGS[task]
+    cfg = ref.at_crop(crop_size).for_iterations(iterations)
+    if batch_size:
+        cfg = replace(cfg, batch_size=int(batch_size))
+    if task == "depth":
+        cfg = replace(cfg, min_depth=float(min_depth), max_depth=float(max_depth))
+    arms = make_arms(model, neurons, control_seeds=control_seeds, num_registers=num_registers,
+                     preset=preset, bias=bias)
+    per_arm: dict[str, Any] = {}
+    for arm in arms:
+        runs = []
+        for seed in seeds:
+            tr, _, ev = _splits(task, None, len(train), len(items), bool(val), val_fraction, "eval", 0.1, seed)
+            head = dense.train_dvt(model, arm, task, [paths[i] for i in tr], [targets[i] for i in tr], cfg,
+                                   num_classes=num_classes or 0, ignore_index=ignore_index, seed=seed,
+                                   progress=progress)
+            runs.append(dense.score_dvt(model, arm, task, head, [paths[i] for i in ev],
+                                        [targets[i] for i in ev], cfg, num_classes=num_classes or 0,
+                                        ignore_index=ignore_index))
+        per_arm[arm.name] = {k: mean_ci([r[k] for r in runs]) for k in runs[0]}
+        per_arm[arm.name]["setup"] = arm.describe()
+    protocol = {"name": "dvt", "reference": dense.REFERENCE[task], "deviations": dense.describe(cfg, ref)}
+    config = {k: v for k, v in cfg.__dict__.items()
+              if task == "segmentation" or k not in ("scale", "ratio_range", "cat_max_ratio", "stride")}
+    if task == "segmentation":
+        for k in ("rotate", "sig_warmup", "gradient_weight", "min_depth", "max_depth", "bins"):
+            config.pop(k)
+    result = {
+        "experiment": "probe", "task": task, "protocol": protocol,
+        "config": {"seeds": list(seeds), "num_classes": num_classes, "images": len(items),
+                   "train_images": len(train) if val else None, "val_fraction": None if val else val_fraction,
+                   "num_registers": num_registers, "preset": preset, "control_seeds": list(control_seeds),
+                   "dvt": config},
+        "neurons": next((a.describe()["neurons"] for a in arms if a.kind == "registers"), []),
+        "arms": per_arm,
+    }
+    if print_table:
+        print(table(result))
+    return result
+
+
 def table(result: dict[str, Any]) -> str:
+    depth = [("rmse", "RMSE (lower is better)")]
+    if result["protocol"]["name"] == "dvt":
+        depth += [("abs_rel", "AbsRel"), ("delta1", "δ1")]
     cols = {"classification": [("top1", "top-1")],
             "segmentation": [("miou", "mIoU"), ("pixel_accuracy", "pixel acc")],
-            "depth": [("rmse", "RMSE (lower is better)")]}[result["task"]]
+            "depth": depth}[result["task"]]
     rows = [{"arm": k, **v, "preset": (v.get("setup") or {}).get("preset") or "-"}
             for k, v in result["arms"].items()]
     n = len(result["config"]["seeds"])
