@@ -6,7 +6,7 @@ on). The backbone is frozen and runs on every augmented crop (no feature cache).
 Segmentation (ADE20k): the last block's patch tokens through the final norm (``norm=True``),
 the image centre-padded to a multiple of the patch size (``CenterPadding``); mmseg's ``BNHead``
 (BatchNorm + 1x1 conv, N(0, 0.01)); logits resized bilinearly to the crop; cross-entropy,
-ignore 255. Training pipeline: ``Resize(img_scale=(2048, 512), ratio_range=(0.5, 2.0))``
+ignore 255, averaged over all pixels (mmseg's ``avg_non_ignore=False``). Training pipeline: ``Resize(img_scale=(2048, 512), ratio_range=(0.5, 2.0))``
 (keep ratio), ``RandomCrop(512, cat_max_ratio=0.75)``, ``RandomFlip(0.5)``, ``Normalize``,
 ``Pad(512, seg 255)``. AdamW (lr 1e-3, weight decay 1e-4), ``poly`` schedule (power 1, min 0)
 with a linear warm-up of 1500 iterations from 1e-6; 40k iterations of batch 16. Test: the image
@@ -390,7 +390,9 @@ def train_dvt(model, arm, task: str, images: Sequence[Path], targets: Sequence, 
             patches, cls = backbone_features(model, x)
             if task == "segmentation":
                 logits = F.interpolate(head(patches.cpu()), size=cfg.crop, mode="bilinear", align_corners=False)
-                loss = F.cross_entropy(logits, y.long(), ignore_index=ignore_index)
+                # mmseg's CrossEntropyLoss (avg_non_ignore=False): the mean over every pixel,
+                # ignored ones counting 0 -- not F.cross_entropy's mean over the kept pixels
+                loss = F.cross_entropy(logits, y.long(), ignore_index=ignore_index, reduction="none").mean()
             else:
                 pred = F.interpolate(head(patches.cpu(), cls.cpu()), size=cfg.crop, mode="bilinear",
                                      align_corners=False)[:, 0]
