@@ -321,6 +321,67 @@ def test_dinov2_geometry_is_resize_256_center_crop_224(tmp_path):
         P.evaluate_probe(model, "depth", [], neurons=[], geometry="dinov2")
 
 
+def test_dinov2_train_crop_is_random_resized_crop_and_flip_restated(tmp_path):
+    """linear.py's training transform: torchvision's RandomResizedCrop(224, bicubic) get_params
+    restated (10 tries of area in 0.08-1 and log-uniform ratio in 3/4-4/3, then the centre
+    fallback) and a flip drawn with torch.rand(1) < 0.5, from torch's generator seeded per view
+    and image; the caller's random state is untouched."""
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    im = Image.fromarray(rng.integers(0, 255, (90, 130, 3), dtype=np.uint8))
+
+    def restated(seed):
+        g = torch.Generator().manual_seed(seed)
+        W, H = im.size
+        area = H * W
+        log_ratio = torch.log(torch.tensor([3 / 4, 4 / 3]))
+        for _ in range(10):
+            target_area = area * torch.empty(1).uniform_(0.08, 1.0, generator=g).item()
+            aspect = math.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1], generator=g).item())
+            w, h = int(round(math.sqrt(target_area * aspect))), int(round(math.sqrt(target_area / aspect)))
+            if 0 < w <= W and 0 < h <= H:
+                i = torch.randint(0, H - h + 1, size=(1,), generator=g).item()
+                j = torch.randint(0, W - w + 1, size=(1,), generator=g).item()
+                break
+        else:
+            raise AssertionError("fallback not expected on this image")
+        out = im.crop((j, i, j + w, i + h)).resize((224, 224), Image.BICUBIC)
+        if torch.rand(1, generator=g) < 0.5:
+            out = out.transpose(Image.FLIP_LEFT_RIGHT)
+        return np.asarray(out)
+    state = torch.random.get_rng_state()
+    flips = 0
+    for v in range(3):
+        for idx in range(4):
+            seed = P.view_seed(v, idx)
+            got = np.asarray(P.dinov2_train_crop(im, seed))
+            assert got.shape == (224, 224, 3)
+            assert np.array_equal(got, restated(seed))
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert len({P.view_seed(v, i) for v in range(10) for i in range(1000)}) == 10000
+
+
+def test_views_grid_reads_view_k_on_pass_k_and_one_view_is_the_plain_grid():
+    x, y = clusters(n_per_class=8, classes=3, dim=5)
+    f = torch.stack([x] * 5, dim=1)                                     # (N, 5, D) as linear_input wants
+    kw = dict(iterations=20, batch_size=6, learning_rates=[0.1], n_last_blocks=[1], avgpool=[False])
+    plain = P.classify_grid(f, y, f, y, 3, **kw)
+    one = P.classify_grid(f[None], y, f, y, 3, **kw)
+    name = plain[0]
+    assert torch.equal(plain[1][name][0].weight, one[1][name][0].weight)
+    two = P.classify_grid(torch.stack([f, f * 0]), y, f, y, 3, **kw)      # view 1 carries nothing
+    assert not torch.equal(plain[1][name][0].weight, two[1][name][0].weight)
+
+
+def test_dinov2_geometry_trains_on_augmented_views(tmp_path):
+    rc, res = classification_run(tmp_path, "--geometry", "dinov2", "--iterations", "6", "--probe-batch-size", "4",
+                                 "--learning-rates", "0.1", "--train-views", "2", per_class=3)
+    assert rc == 0
+    assert res["config"]["train_views"] == 2
+    assert any("RandomResizedCrop 224 + flip) as 2 cached views" in d for d in res["protocol"]["deviations"])
+    assert 0 <= res["arms"]["plain"]["top1"]["mean"] <= 1
+
+
 def test_register_count_ablation_is_one_row_per_count(tmp_path):
     rc, res = classification_run(tmp_path, "--quick", "--steps", "10", "--num-registers", "0,1,3", per_class=4)
     assert rc == 0

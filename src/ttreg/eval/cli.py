@@ -200,7 +200,7 @@ def cmd_probe(args) -> int:
                                                      if args.learning_rates else {}),
                             iterations=args.iterations, probe_batch_size=args.probe_batch_size,
                             steps=args.steps, token=args.token, geometry=args.geometry,
-                            protocol=args.protocol, crop_size=args.crop_size,
+                            protocol=args.protocol, crop_size=args.crop_size, train_views=args.train_views,
                             progress=not args.quiet and sys.stderr.isatty())
     result["dataset"] = str(args.data)
     return _finish(args, result, t0)
@@ -412,8 +412,9 @@ def add_eval_parsers(subparsers) -> None:
 
     p = subparsers.add_parser("probe", help="linear probes: classification, segmentation, depth",
                               description="Linear probes on frozen features, DINOv2's protocol "
-                                          "(dinov2/eval/linear.py; BNHead for dense tasks) or "
-                                          "--quick; mean ± 95%% CI over seeds.")
+                                          "(dinov2/eval/linear.py; BNHead for dense tasks), the "
+                                          "Denoising-ViT dense protocol the paper used (--protocol "
+                                          "dvt) or --quick; mean ± 95%% CI over seeds.")
     p.add_argument("--task", required=True, choices=("classification", "segmentation", "depth"),
                    help="what the probe predicts")
     p.add_argument("--data", required=True,
@@ -427,7 +428,12 @@ def add_eval_parsers(subparsers) -> None:
                         "(registers arms only) or the first trained register (default: DINOv2's inputs)")
     p.add_argument("--geometry", default="model", choices=("model", "dinov2"),
                    help="classification: resize and centre-crop to the model's input size (model; "
-                        "default) or DINOv2's Resize(256) + CenterCrop(224), the model run at 224 px")
+                        "default) or DINOv2's Resize(256) + CenterCrop(224), the model run at 224 px, "
+                        "the heads trained on RandomResizedCrop(224) + flip views (linear.py's train "
+                        "transform)")
+    p.add_argument("--train-views", type=int_at_least(1), default=None, metavar="N",
+                   help="--geometry dinov2: augmented views cached per training image, pass k over "
+                        "the data reading view k mod N (default: one per pass, at most 10)")
     p.add_argument("--protocol", default="dinov2", choices=("dinov2", "dvt"),
                    help="dinov2: DINOv2's linear.py / BNHead on cached features with its SGD grid "
                         "(default); dvt (segmentation, depth): the Denoising-ViT configs the paper's "
@@ -494,7 +500,10 @@ def add_eval_parsers(subparsers) -> None:
     p = subparsers.add_parser("typographic", help="typographic attacks on CLIP",
                               description="Write a wrong class name on each image; attack success for "
                                           "plain, register neurons shifted onto the text, random "
-                                          "neurons, register neurons zeroed, and pixel ablation.")
+                                          "neurons, register neurons zeroed, the register neurons' "
+                                          "values on the text replaced by random draws (--controls "
+                                          "seeds; the rebuttal's 'random register neuron value'), "
+                                          "and pixel ablation.")
     p.add_argument("--data", required=True, help="ImageFolder root (val/ used if present)")
     p.add_argument("--classnames", default=None, help="class names file, one a line (default: folder names)")
     p.add_argument("--templates", default=None, help="prompt templates file (default: CLIP's 80)")

@@ -21,13 +21,15 @@ Default protocol: DINOv2's (facebookresearch/dinov2).
   ``dinov2/eval/depth/models/losses/sigloss.py``; the lowest RMSE wins.
 
 Differences, stated in every result's ``protocol``: features are computed once per arm and cached
-(no training augmentation; images resized to the model's input size, dense targets alike,
-nearest); the dense heads are trained with the same SGD and learning-rate grid as the
+(no training augmentation, except ``geometry="dinov2"``'s cached RandomResizedCrop + flip views;
+images resized to the model's input size, dense targets alike, nearest); the dense heads are trained with the same SGD and learning-rate grid as the
 classifier (DINOv2's dense schedules live in configs outside its repository); the head is chosen
 on the evaluation split by default as ``linear.py`` does (``select_on="holdout"`` chooses on
 part of the training split instead). ``quick=True`` keeps ttreg's fast probe: one linear layer
 on standardised features (class token + mean patch token of the last block; patch tokens for
-dense tasks) trained with AdamW.
+dense tasks) trained with AdamW. ``protocol="dvt"``: the Denoising-ViT dense protocol the
+paper's ADE20k / NYUd numbers come from, in :mod:`ttreg.eval.dense` (augmented crops through the
+frozen backbone, metrics at label resolution, native-size depth).
 """
 from __future__ import annotations
 
@@ -56,6 +58,8 @@ TASKS = ("classification", "segmentation", "depth")
 #: dinov2/eval/linear.py's grid (before scaling by batch / 256)
 LEARNING_RATES = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1)
 DEPTH_BINS = 256
+#: at most this many augmented views per training image by default (``--geometry dinov2``)
+MAX_TRAIN_VIEWS = 10
 
 
 # --- ttreg's quick probe ---------------------------------------------------------------------------
@@ -172,23 +176,32 @@ def _name(lr: float, batch_size: int, **kw) -> str:
 def classify_grid(ftr, ytr, fsel, ysel, num_classes: int, *, seed: int = 0, iterations: int = 12500,
                   batch_size: int = 128, learning_rates: Sequence[float] = LEARNING_RATES,
                   n_last_blocks: Sequence[int] = (1, 4), avgpool: Sequence[bool] = (False, True)):
-    """Train DINOv2's grid of linear classifiers on cached features ``ftr`` ``(N, n + 1, D)`` and
-    choose by top-1 on ``(fsel, ysel)``. Returns ``(best name, {name: (head, n_blocks, avgpool)},
+    """Train DINOv2's grid of linear classifiers on cached features ``ftr`` ``(N, n + 1, D)``
+    (or ``(V, N, n + 1, D)``: ``V`` augmented views, pass ``k`` over the data reading view
+    ``k mod V``) and choose by top-1 on ``(fsel, ysel)``. Returns ``(best name, {name: (head, n_blocks, avgpool)},
     {name: selection top-1})``."""
-    batches = batch_indices(len(ftr), batch_size, iterations, seed)
+    views = ftr.dim() == 4                       # (V, N, n + 1, D): one augmented view per pass
+    V, N = (ftr.shape[0], ftr.shape[1]) if views else (1, len(ftr))
+    idx = batch_indices(N, batch_size, iterations, seed)
+    # pass k over the training set reads view k mod V (a fresh crop per pass, as linear.py's
+    # loader draws one per sample)
+    view = (torch.arange(idx.numel()) // N % V).reshape(idx.shape)
+    batches = torch.stack([idx, view], dim=1)    # (iterations, 2, batch)
     ce = nn.CrossEntropyLoss()
     heads, scores = {}, {}
-    usable = [n for n in n_last_blocks if n <= ftr.shape[1] - 1]
+    usable = [n for n in n_last_blocks if n <= ftr.shape[-2] - 1]
     for n in usable:
         for pool in avgpool:
-            x, xs = linear_input(ftr, n, pool), linear_input(fsel, n, pool)
+            x = (torch.stack([linear_input(f, n, pool) for f in ftr]) if views
+                 else linear_input(ftr, n, pool)[None])
+            xs = linear_input(fsel, n, pool)
             for lr in learning_rates:
                 g = torch.Generator().manual_seed(int(seed))
-                head = nn.Linear(x.shape[1], num_classes)
+                head = nn.Linear(x.shape[-1], num_classes)
                 with torch.no_grad():
                     head.weight.normal_(0.0, 0.01, generator=g)
                     head.bias.zero_()
-                train_sgd(head, lambda h, idx: ce(h(x[idx]), ytr[idx]), batches, _scaled(lr, batch_size))
+                train_sgd(head, lambda h, b: ce(h(x[b[1], b[0]]), ytr[b[0]]), batches, _scaled(lr, batch_size))
                 name = _name(lr, batch_size, blocks=n, avgpool=pool)
                 with torch.no_grad():
                     scores[name] = float((head(xs).argmax(-1) == ysel).float().mean())
@@ -427,20 +440,43 @@ def dinov2_eval_crop(im, resize_to: int = DINOV2_RESIZE, crop: int = DINOV2_CROP
     return im.crop((off, off, off + crop, off + crop))
 
 
+def dinov2_train_crop(im, seed: int, crop: int = DINOV2_CROP):
+    """DINOv2's training transform for linear probes (``dinov2/data/transforms.py``
+    ``make_classification_train_transform``): torchvision's ``RandomResizedCrop(224,
+    bicubic)`` (scale 0.08-1, ratio 3/4-4/3) then ``RandomHorizontalFlip(0.5)``, drawn from
+    torch's generator seeded with ``seed`` (forked: the caller's random state is untouched)."""
+    from torchvision import transforms as T
+    tf = T.Compose([T.RandomResizedCrop(crop, interpolation=T.InterpolationMode.BICUBIC),
+                    T.RandomHorizontalFlip(0.5)])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        return tf(im)
+
+
+def view_seed(view: int, index: int) -> int:
+    """The seed of training view ``view`` of image ``index`` (one fresh crop per pass)."""
+    return 1_000_003 * (int(view) + 1) + int(index)
+
+
 def extract_features(model, arm: Arm, paths: Sequence[Path], kind: str, *,
                      cache_dir=None, batch_size: int = 16, transform: Callable | None = None,
-                     geometry: str = "model", progress: bool = False):
+                     geometry: str = "model", view: int | None = None, progress: bool = False):
     """Frozen features of ``paths`` under ``arm``, of a kind in :data:`FEATURE_KINDS` (images
     resized to the model's input size for dense kinds, resized and centre-cropped -- or
     ``transform`` -- for ``global``; with ``geometry="dinov2"`` DINOv2's Resize(256) +
-    CenterCrop(224), the model run at 224 px). Loaded from ``cache_dir`` when there, written
+    CenterCrop(224), the model run at 224 px; with ``view`` as well, training view ``view``:
+    :func:`dinov2_train_crop` seeded with :func:`view_seed` of the view and the image's index). Loaded from ``cache_dir`` when there, written
     there atomically otherwise."""
     ad = wrap(model)
     size, mean, std = preprocessing(model)
     if kind not in FEATURE_KINDS and not (kind.startswith("token:") and kind[6:] in TOKENS):
         raise ValueError(f"unknown feature kind {kind!r}")
     run_size = None
-    if geometry == "dinov2" and kind != "patch" and kind != "patch+cls":
+    if geometry == "dinov2" and view is not None and kind != "patch" and kind != "patch+cls":
+        seeds = {Path(q): view_seed(view, i) for i, q in enumerate(paths)}
+        tf = lambda im, q: to_tensor(dinov2_train_crop(im, seeds[Path(q)]), mean, std)
+        geometry, run_size = ["dinov2-train", int(view), DINOV2_CROP, mean, std], (DINOV2_CROP, DINOV2_CROP)
+    elif geometry == "dinov2" and kind != "patch" and kind != "patch+cls":
         tf = lambda im: to_tensor(dinov2_eval_crop(im), mean, std)
         geometry, run_size = ["dinov2", DINOV2_RESIZE, DINOV2_CROP, mean, std], (DINOV2_CROP, DINOV2_CROP)
     elif kind == "global" or kind.startswith("token:"):
@@ -462,7 +498,8 @@ def extract_features(model, arm: Arm, paths: Sequence[Path], kind: str, *,
         starts = tqdm(starts, desc=f"features [{arm.name}]", unit="batch")
     with torch.no_grad(), at_size(ad, run_size), arm.context(model):
         for i in starts:
-            x = torch.stack([tf(load_rgb(q)) for q in paths[i:i + batch_size]]).to(p.device, p.dtype)
+            x = torch.stack([tf(load_rgb(q), q) if view is not None and geometry[0] == "dinov2-train"
+                             else tf(load_rgb(q)) for q in paths[i:i + batch_size]]).to(p.device, p.dtype)
             chunks.append(_features_of(model, x, kind, tuple(ad.grid_size(x))))
     feats = {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]} if isinstance(chunks[0], dict) \
         else torch.cat(chunks)
@@ -543,13 +580,15 @@ def _quick_depth(ftr, dtr, fva, dva, seed, min_depth=1e-3, max_depth=10.0, **fit
     return {"rmse": _depth_rmse(predict, fva, None, dva, min_depth, max_depth, clamp=True)}
 
 
-def _dinov2_seed(task, feats, targets, tr, se, ev, num_classes, seed, opts) -> dict[str, Any]:
-    """One seed of DINOv2's protocol: train the grid on ``tr``, choose on ``se``, score on ``ev``."""
+def _dinov2_seed(task, feats, targets, tr, se, ev, num_classes, seed, opts,
+                 train_views: torch.Tensor | None = None) -> dict[str, Any]:
+    """One seed of DINOv2's protocol: train the grid on ``tr`` (on ``train_views`` ``(V, N, ...)``,
+    augmented, where given), choose on ``se``, score on ``ev``."""
     grid = {k: opts[k] for k in ("iterations", "batch_size", "learning_rates")}
     ti, si, ei = (torch.from_numpy(i) for i in (tr, se, ev))
     if task == "classification":
         y = torch.from_numpy(targets)
-        best, heads, sel = classify_grid(feats[ti], y[ti], feats[si], y[si], num_classes, seed=seed,
+        best, heads, sel = classify_grid(feats[ti] if train_views is None else train_views[:, ti], y[ti], feats[si], y[si], num_classes, seed=seed,
                                          n_last_blocks=opts["n_last_blocks"],
                                          avgpool=opts.get("avgpool", (False, True)), **grid)
         head, n, pool = heads[best]
@@ -599,7 +638,8 @@ def evaluate_probe(model, task: str, train: Sequence[tuple], val: Sequence[tuple
                    learning_rates: Sequence[float] = LEARNING_RATES, iterations: int | None = None,
                    probe_batch_size: int | None = None, n_last_blocks: Sequence[int] = (1, 4),
                    steps: int = 300, lr: float = 3e-2, weight_decay: float = 1e-4,
-                   token: str | None = None, geometry: str = "model", protocol: str = "dinov2",
+                   token: str | None = None, geometry: str = "model", train_views: int | None = None,
+                   protocol: str = "dinov2",
                    crop_size: tuple[int, int] | None = None, progress: bool = False,
                    print_table: bool = True) -> dict[str, Any]:
     """Linear probe ``task`` for each arm; mean ± 95% CI over ``seeds`` (see the module
@@ -616,7 +656,10 @@ def evaluate_probe(model, task: str, train: Sequence[tuple], val: Sequence[tuple
     ``weight_decay``). ``token`` (classification, one of :data:`TOKENS`): a linear probe on that
     single token (the paper's Table 1); ``register`` runs only the arms that have one.
     ``geometry`` (classification): ``model`` (resize and centre-crop to the model's input size)
-    or ``dinov2`` (DINOv2's Resize(256) + CenterCrop(224), the model run at 224 px).
+    or ``dinov2`` (DINOv2's Resize(256) + CenterCrop(224), the model run at 224 px; the heads
+    train on augmented views, RandomResizedCrop(224) + flip as ``linear.py``'s training
+    transform: ``train_views`` of them per image, by default one per pass the schedule makes over
+    the training images, at most :data:`MAX_TRAIN_VIEWS`).
     ``protocol="dvt"`` (segmentation, depth): the Denoising-ViT configs the paper's ADE20k and
     NYUd numbers come from (:mod:`ttreg.eval.dense`): the frozen backbone on augmented crops,
     AdamW, sliding-window / flip-averaged testing, metrics at label resolution; ``iterations``
@@ -680,17 +723,33 @@ def evaluate_probe(model, task: str, train: Sequence[tuple], val: Sequence[tuple
             "avgpool": [False] if token else [False, True],
             "ignore_index": ignore_index, "min_depth": min_depth, "max_depth": max_depth}
     fit = {"steps": steps, "lr": lr, "weight_decay": weight_decay}
+    augment = geometry == "dinov2" and not quick
+    n_views = 0
+    if augment:
+        n_fit = n_train if val else max(1, round(len(items) * (1 - val_fraction)))
+        passes = math.ceil(opts["iterations"] * opts["batch_size"] / n_fit)
+        n_views = int(train_views) if train_views else min(passes, MAX_TRAIN_VIEWS)
+        opts["train_views"] = n_views
     per_arm: dict[str, Any] = {}
     for arm in arms:
         feats = extract_features(model, arm, paths, kind, cache_dir=cache_dir, batch_size=batch_size,
                                  transform=transform if kind == "global" or token else None,
                                  geometry=geometry, progress=progress)
+        views = None
+        if augment:
+            # DINOv2's training transform: one fresh RandomResizedCrop + flip per pass over the
+            # training images (the images a split can train on: the train split, or all)
+            train_paths = paths[:n_train] if val else paths
+            views = torch.stack([extract_features(model, arm, train_paths, kind, cache_dir=cache_dir,
+                                                  batch_size=batch_size, geometry="dinov2", view=v,
+                                                  progress=progress) for v in range(n_views)])
         runs = []
         for seed in seeds:
             tr, se, ev = _splits(task, targets, n_train, len(items), bool(val), val_fraction,
                                  "eval" if quick else select_on, holdout, seed)
             if not quick:
-                runs.append(_dinov2_seed(task, feats, targets, tr, se, ev, num_classes, seed, opts))
+                runs.append(_dinov2_seed(task, feats, targets, tr, se, ev, num_classes, seed, opts,
+                                         train_views=views))
             elif task == "classification":
                 y = torch.from_numpy(targets)
                 ti, ei = torch.from_numpy(tr), torch.from_numpy(ev)
@@ -716,10 +775,13 @@ def evaluate_probe(model, task: str, train: Sequence[tuple], val: Sequence[tuple
                                     "decode_heads/linear_head.py (BNHead)",
                     "depth": "facebookresearch/dinov2 dinov2/hub/depthers.py, dinov2/hub/depth/"
                              "decode_heads.py (BNHead), dinov2/eval/depth/models/losses/sigloss.py"}[task],
-                "deviations": ["features cached: no training augmentation",
-                               "images resized to the model's input size" if geometry == "model" else
-                               "evaluation geometry DINOv2's (Resize 256, CenterCrop 224) for training "
-                               "images too (linear.py: RandomResizedCrop 224 + flip)"]
+                "deviations": (["features cached: no training augmentation"] if not augment else [])
+                + ["images resized to the model's input size" if geometry == "model" else
+                   (f"training augmentation (RandomResizedCrop 224 + flip) as {n_views} cached "
+                    f"views, pass k reading view k mod {n_views} (linear.py draws a fresh crop for "
+                    "every sample)" if augment else
+                    "evaluation geometry (Resize 256, CenterCrop 224) for training images too: "
+                    "--quick reads cached evaluation features")]
                 + ([] if quick or not dense else ["dense heads trained with linear.py's SGD and "
                                                   "learning-rate grid (DINOv2's dense schedules "
                                                   "are not in its repository)"])
