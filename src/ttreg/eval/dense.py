@@ -370,7 +370,7 @@ def train_dvt(model, arm, task: str, images: Sequence[Path], targets: Sequence, 
     torch.manual_seed(int(seed))
     dim = ad.embed_dim
     head = (SegmentationHead(dim, num_classes, g) if task == "segmentation"
-            else DepthHead(dim, cfg.min_depth, cfg.max_depth, cfg.bins))
+            else DepthHead(dim, cfg.min_depth, cfg.max_depth, cfg.bins)).to(p.device)
     opt = _adamw(head, cfg)
     rng = np.random.default_rng(seed)
     batches = _batches(len(images), cfg, rng)
@@ -386,15 +386,15 @@ def train_dvt(model, arm, task: str, images: Sequence[Path], targets: Sequence, 
             pairs = [crop(np.asarray(load_rgb(images[i])), np.asarray(targets[i]), cfg, rng)
                      for i in batches[it]]
             x = _normalise(np.stack([a for a, _ in pairs]), mean, std, p.device, p.dtype)
-            y = torch.from_numpy(np.stack([b for _, b in pairs]))
+            y = torch.from_numpy(np.stack([b for _, b in pairs])).to(p.device)
             patches, cls = backbone_features(model, x)
             if task == "segmentation":
-                logits = F.interpolate(head(patches.cpu()), size=cfg.crop, mode="bilinear", align_corners=False)
+                logits = F.interpolate(head(patches), size=cfg.crop, mode="bilinear", align_corners=False)
                 # mmseg's CrossEntropyLoss (avg_non_ignore=False): the mean over every pixel,
                 # ignored ones counting 0 -- not F.cross_entropy's mean over the kept pixels
                 loss = F.cross_entropy(logits, y.long(), ignore_index=ignore_index, reduction="none").mean()
             else:
-                pred = F.interpolate(head(patches.cpu(), cls.cpu()), size=cfg.crop, mode="bilinear",
+                pred = F.interpolate(head(patches, cls), size=cfg.crop, mode="bilinear",
                                      align_corners=False)[:, 0]
                 y = y.float()
                 loss = sig_loss(pred, y, warm=it < cfg.sig_warmup) + cfg.gradient_weight * gradient_loss(pred, y)
@@ -427,10 +427,10 @@ def score_dvt(model, arm, task: str, head: nn.Module, images: Sequence[Path], ta
 
                 def logits(crops):
                     f, _ = backbone_features(model, crops)
-                    return F.interpolate(head(f.cpu()), size=crops.shape[-2:], mode="bilinear",
+                    return F.interpolate(head(f), size=crops.shape[-2:], mode="bilinear",
                                          align_corners=False)
                 out = slide_inference(logits, x, num_classes, cfg.crop, cfg.stride)
-                out = F.interpolate(out, size=target.shape, mode="bilinear", align_corners=False)
+                out = F.interpolate(out, size=target.shape, mode="bilinear", align_corners=False).cpu()
                 conf += confusion_matrix(out.argmax(1)[0].numpy(), target, num_classes, ignore_index)
             else:
                 x = _normalise(img[None], mean, std, p.device, p.dtype)
@@ -438,10 +438,10 @@ def score_dvt(model, arm, task: str, head: nn.Module, images: Sequence[Path], ta
 
                 def depth(x):
                     f, c = backbone_features(model, x)
-                    d = head(f.cpu(), c.cpu()).clamp(cfg.min_depth, cfg.max_depth)
+                    d = head(f, c).clamp(cfg.min_depth, cfg.max_depth)
                     return F.interpolate(d, size=target.shape, mode="bilinear", align_corners=False)
                 d = depth(x)
-                pred = ((d[0] + d[1].flip(-1)) / 2)[0].numpy()
+                pred = ((d[0] + d[1].flip(-1)) / 2)[0].cpu().numpy()
                 keep = eigen_mask(target.shape)
                 per_image.append(depth_metrics(target[keep], pred[keep], cfg.min_depth, cfg.max_depth))
     if task == "segmentation":
