@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from ttreg.eval import probe as P
 from ttreg.eval.cli import main
@@ -388,3 +389,65 @@ def test_register_count_ablation_is_one_row_per_count(tmp_path):
     assert list(res["arms"]) == ["plain", "registers-R1", "registers-R3"]
     assert [a["setup"]["num_registers"] for a in res["arms"].values()] == [0, 1, 3]
     assert classification_run(tmp_path, "--num-registers", "0") == (2, None)   # one count must be >= 1
+
+
+# --- label resolution and native-size depth (DINOv2's protocol) -------------------------------------
+def test_dense_scores_are_taken_at_each_labels_native_size():
+    """Logits at the feature grid upsampled (bilinear) to each label's own size, one image at a
+    time -- by hand against F.interpolate + the confusion of each image."""
+    from ttreg.eval.metrics import confusion_matrix
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(3, 2, 3, 4, generator=g)                    # (N, rows, cols, D)
+    head = lambda f: f.permute(0, 3, 1, 2)[:, :3] * 3                # 3 classes from 4 channels
+    rng = np.random.default_rng(0)
+    masks = [rng.integers(0, 3, s) for s in ((5, 7), (8, 8), (2, 9))]
+    masks[1][0, :] = 255
+    got = P._seg_confusion(head, feats, masks, 3, 255, chunk=2)
+    want = sum(confusion_matrix(F.interpolate(head(feats[i:i + 1]), size=m.shape, mode="bilinear",
+                                              align_corners=False).argmax(1).numpy(), m, 3, 255)
+               for i, m in enumerate(masks))
+    assert np.array_equal(got, want) and got.sum() == 35 + 64 + 18 - 8
+    depths = [rng.uniform(0.5, 4, s).astype(np.float32) for s in ((5, 7), (8, 8))]
+    pred = lambda f, c: f.permute(0, 3, 1, 2)[:, :1].abs() + 1
+    rmse = P._depth_rmse(pred, feats[:2], None, depths, 1e-3, 10.0, chunk=2)
+    per = [float(np.sqrt(((F.interpolate(pred(feats[i:i + 1], None), size=d.shape, mode="bilinear",
+                                         align_corners=False)[0, 0].numpy() - d) ** 2).mean()))
+           for i, d in enumerate(depths)]
+    assert rmse == pytest.approx(np.mean(per), rel=1e-6)
+
+
+def test_depth_images_run_at_their_own_size_centre_padded(tmp_path):
+    """DINOv2's depther geometry: each image at its native size, centre-padded to a multiple of
+    the patch size (CenterPadding), the model run there; the features are the patch tokens and
+    class token of that input; the probe is scored at the depth maps' own size."""
+    from PIL import Image
+    from ttreg.eval.arms import Arm
+    from ttreg.eval.datasets import to_tensor
+    from ttreg.eval.dense import center_pad
+    from ttreg.sizes import dynamic_size
+    from ttreg.testing import planted_vit
+    model = planted_vit()
+    rng = np.random.default_rng(0)
+    (tmp_path / "images").mkdir()
+    (tmp_path / "depth").mkdir()
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (50, 70, 3), dtype=np.uint8)).save(tmp_path / "images" / f"{i}.png")
+        np.save(tmp_path / "depth" / f"{i}.npy", rng.uniform(1, 4, (50, 70)).astype(np.float32))
+    paths = sorted((tmp_path / "images").glob("*.png"))
+    feats = P.extract_features(model, Arm("plain", "plain"), paths, "patch+cls", geometry="native")
+    x = torch.stack([center_pad(to_tensor(Image.open(p).convert("RGB"), (0.485, 0.456, 0.406),
+                                          (0.229, 0.224, 0.225)), (8, 8)) for p in paths])
+    assert x.shape[-2:] == (56, 72)
+    with torch.no_grad(), dynamic_size(model):
+        out = model.forward_intermediates(x, indices=1, norm=False, output_fmt="NLC",
+                                          intermediates_only=True, return_prefix_tokens=True)
+    patches, prefix = out[-1]
+    assert feats["patches"].shape == (4, 7, 9, 96)
+    assert torch.allclose(feats["patches"].float(), patches.reshape(4, 7, 9, 96).half().float(), atol=1e-3)
+    assert torch.allclose(feats["cls"], prefix[:, 0], atol=1e-5)
+    items = [(p, tmp_path / "depth" / f"{p.stem}.npy") for p in paths]
+    res = P.evaluate_probe(model, "depth", items, neurons=[], seeds=[0], iterations=4, probe_batch_size=2,
+                           learning_rates=[0.5], print_table=False)
+    devs = res["protocol"]["deviations"]
+    assert any("centre-padded" in d for d in devs) and any("label resolution" in d for d in devs)
+    assert 0 < res["arms"]["plain"]["rmse"]["mean"] < 4

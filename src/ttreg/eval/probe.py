@@ -22,7 +22,9 @@ Default protocol: DINOv2's (facebookresearch/dinov2).
 
 Differences, stated in every result's ``protocol``: features are computed once per arm and cached
 (no training augmentation, except ``geometry="dinov2"``'s cached RandomResizedCrop + flip views;
-images resized to the model's input size, dense targets alike, nearest); the dense heads are trained with the same SGD and learning-rate grid as the
+segmentation images resized to the model's input size and trained on labels resized alike,
+nearest; depth images at their own size, centre-padded, when they share one size; dense scores
+always at label resolution); the dense heads are trained with the same SGD and learning-rate grid as the
 classifier (DINOv2's dense schedules live in configs outside its repository); the head is chosen
 on the evaluation split by default as ``linear.py`` does (``select_on="holdout"`` chooses on
 part of the training split instead). ``quick=True`` keeps ttreg's fast probe: one linear layer
@@ -264,12 +266,20 @@ def sig_loss(pred: torch.Tensor, target: torch.Tensor, max_depth: float | None =
 
 
 def _seg_confusion(head, feats, masks, num_classes, ignore_index, chunk: int = 16) -> np.ndarray:
+    """Confusion of ``head``'s predictions upsampled (bilinear) to the labels: ``masks`` an
+    ``(N, H, W)`` array, or a list of label maps at their native sizes (label resolution, as
+    mmseg scores)."""
     conf = np.zeros((num_classes, num_classes), dtype=np.int64)
     with torch.no_grad():
         for i in range(0, len(feats), chunk):
             logits = head(feats[i:i + chunk])
-            up = F.interpolate(logits, size=masks.shape[1:], mode="bilinear", align_corners=False)
-            conf += confusion_matrix(up.argmax(1).numpy(), masks[i:i + chunk], num_classes, ignore_index)
+            if isinstance(masks, np.ndarray):
+                up = F.interpolate(logits, size=masks.shape[1:], mode="bilinear", align_corners=False)
+                conf += confusion_matrix(up.argmax(1).numpy(), masks[i:i + chunk], num_classes, ignore_index)
+                continue
+            for j, m in enumerate(masks[i:i + chunk]):
+                up = F.interpolate(logits[j:j + 1], size=np.shape(m), mode="bilinear", align_corners=False)
+                conf += confusion_matrix(up.argmax(1).numpy(), m, num_classes, ignore_index)
     return conf
 
 
@@ -297,19 +307,23 @@ def segment_grid(ftr, mtr, fsel, msel, num_classes: int, *, ignore_index: int = 
 def _depth_rmse(pred_fn, feats, cls, depths, min_depth, max_depth, clamp: bool = False,
                 chunk: int = 16) -> float:
     """Mean over images of the RMSE over valid pixels (min < depth < max) of ``pred_fn``'s maps
-    resized bilinearly to the targets (then clamped to the range with ``clamp``)."""
+    resized bilinearly to the targets (then clamped to the range with ``clamp``); ``depths`` an
+    ``(N, H, W)`` array or a list of maps at their native sizes (label resolution)."""
     errs = []
     with torch.no_grad():
         for i in range(0, len(feats), chunk):
             pred = pred_fn(feats[i:i + chunk], None if cls is None else cls[i:i + chunk])
-            pred = F.interpolate(pred, size=depths.shape[1:], mode="bilinear", align_corners=False)[:, 0]
-            if clamp:
-                pred = pred.clamp(min_depth, max_depth)
-            d = np.asarray(depths[i:i + chunk], dtype=np.float64)          # (B, H, W), per image
-            valid = (d > min_depth) & (d < max_depth) & np.isfinite(d)
-            sq = np.where(valid, pred.numpy().astype(np.float64) - np.where(valid, d, 0.0), 0.0) ** 2
-            count = valid.sum(axis=(1, 2))
-            errs.append(np.sqrt(sq.sum(axis=(1, 2))[count > 0] / count[count > 0]))
+            groups = ([(pred, depths[i:i + chunk])] if isinstance(depths, np.ndarray) else
+                      [(pred[j:j + 1], np.asarray(d)[None]) for j, d in enumerate(depths[i:i + chunk])])
+            for pr, d in groups:
+                pr = F.interpolate(pr, size=d.shape[1:], mode="bilinear", align_corners=False)[:, 0]
+                if clamp:
+                    pr = pr.clamp(min_depth, max_depth)
+                d = np.asarray(d, dtype=np.float64)                           # (B, H, W), per image
+                valid = (d > min_depth) & (d < max_depth) & np.isfinite(d)
+                sq = np.where(valid, pr.numpy().astype(np.float64) - np.where(valid, d, 0.0), 0.0) ** 2
+                count = valid.sum(axis=(1, 2))
+                errs.append(np.sqrt(sq.sum(axis=(1, 2))[count > 0] / count[count > 0]))
     errs = np.concatenate(errs) if errs else np.zeros(0)
     return float(errs.mean()) if len(errs) else float("nan")
 
@@ -335,6 +349,13 @@ def depth_grid(ftr, ctr, dtr, fsel, csel, dsel, *, min_depth: float = 1e-3, max_
         scores[name] = _depth_rmse(head, fsel, csel, dsel, min_depth, max_depth)
         heads[name] = head
     return select_best(scores, higher_is_better=False), heads, scores
+
+
+def _image_size(path) -> tuple[int, int]:
+    """An image file's (width, height) from its header."""
+    from PIL import Image
+    with Image.open(path) as im:
+        return im.size
 
 
 # --- features, cached -------------------------------------------------------------------------------
@@ -479,6 +500,11 @@ def extract_features(model, arm: Arm, paths: Sequence[Path], kind: str, *,
     elif geometry == "dinov2" and kind != "patch" and kind != "patch+cls":
         tf = lambda im: to_tensor(dinov2_eval_crop(im), mean, std)
         geometry, run_size = ["dinov2", DINOV2_RESIZE, DINOV2_CROP, mean, std], (DINOV2_CROP, DINOV2_CROP)
+    elif geometry == "native" and kind == "patch+cls":
+        from .dense import center_pad
+        tf = lambda im: center_pad(to_tensor(im, mean, std), ad.patch_size)
+        run_size = tuple(tf(load_rgb(paths[0])).shape[-2:]) if len(paths) else None
+        geometry = ["native-center-pad", mean, std]
     elif kind == "global" or kind.startswith("token:"):
         tf = transform or (lambda im: to_tensor(resize_center_crop(im, size), mean, std))
         geometry = ["center-crop", size, mean, std] if transform is None else transform_digest(transform)
@@ -581,9 +607,11 @@ def _quick_depth(ftr, dtr, fva, dva, seed, min_depth=1e-3, max_depth=10.0, **fit
 
 
 def _dinov2_seed(task, feats, targets, tr, se, ev, num_classes, seed, opts,
-                 train_views: torch.Tensor | None = None) -> dict[str, Any]:
+                 train_views: torch.Tensor | None = None, native: Sequence | None = None) -> dict[str, Any]:
     """One seed of DINOv2's protocol: train the grid on ``tr`` (on ``train_views`` ``(V, N, ...)``,
-    augmented, where given), choose on ``se``, score on ``ev``."""
+    augmented, where given), choose on ``se``, score on ``ev`` -- dense tasks against ``native``
+    (the targets at their own sizes) where given."""
+    at = (lambda idx: targets[idx]) if native is None else (lambda idx: [native[i] for i in idx])
     grid = {k: opts[k] for k in ("iterations", "batch_size", "learning_rates")}
     ti, si, ei = (torch.from_numpy(i) for i in (tr, se, ev))
     if task == "classification":
@@ -596,16 +624,16 @@ def _dinov2_seed(task, feats, targets, tr, se, ev, num_classes, seed, opts,
             top1 = float((head(linear_input(feats[ei], n, pool)).argmax(-1) == y[ei]).float().mean())
         out = {"top1": top1}
     elif task == "segmentation":
-        best, heads, sel = segment_grid(feats[ti], targets[tr], feats[si], targets[se], num_classes,
+        best, heads, sel = segment_grid(feats[ti], targets[tr], feats[si], at(se), num_classes,
                                         ignore_index=opts["ignore_index"], seed=seed, **grid)
-        conf = _seg_confusion(heads[best], feats[ei], targets[ev], num_classes, opts["ignore_index"])
+        conf = _seg_confusion(heads[best], feats[ei], at(ev), num_classes, opts["ignore_index"])
         out = {"miou": mean_iou(conf), "pixel_accuracy": pixel_accuracy(conf)}
     else:
         p, c = feats["patches"], feats["cls"]
         lo, hi = opts["min_depth"], opts["max_depth"]
-        best, heads, sel = depth_grid(p[ti], c[ti], targets[tr], p[si], c[si], targets[se],
+        best, heads, sel = depth_grid(p[ti], c[ti], targets[tr], p[si], c[si], at(se),
                                       min_depth=lo, max_depth=hi, seed=seed, **grid)
-        out = {"rmse": _depth_rmse(heads[best], p[ei], c[ei], targets[ev], lo, hi)}
+        out = {"rmse": _depth_rmse(heads[best], p[ei], c[ei], at(ev), lo, hi)}
     return {**out, "selected": best, "selection_scores": sel}
 
 
@@ -689,22 +717,27 @@ def evaluate_probe(model, task: str, train: Sequence[tuple], val: Sequence[tuple
     n_train = len(train)
     paths = [Path(p) for p, _ in items]
     size = preprocessing(model)[0]
+    native, pad_native = None, False
     if task == "classification":
         targets = np.asarray([int(t) for _, t in items])
         num_classes = num_classes or int(targets.max()) + 1
     elif task == "segmentation":
-        masks = []
+        native = []
         for _, t in items:
-            m = resize_target(load_mask(t), size)
+            m = load_mask(t)
             if reduce_zero_label:
                 m = np.where(m == 0, ignore_index, m - 1)
-            masks.append(m)
-        targets = np.stack(masks)
+            native.append(m)
+        targets = np.stack([resize_target(m, size) for m in native])   # training (nearest)
         if num_classes is None:
             present = targets[targets != ignore_index]
             num_classes = int(present.max()) + 1 if present.size else 1
     else:
-        targets = np.stack([resize_target(load_depth(t, depth_png_scale), size) for _, t in items])
+        native = [load_depth(t, depth_png_scale) for _, t in items]
+        # DINOv2's depther runs each image at its own size, centre-padded to the patch size
+        # (CenterPadding): possible with cached features when the images share one size
+        pad_native = not quick and len({_image_size(p) for p in paths}) == 1
+        targets = np.stack(native if pad_native else [resize_target(d, size) for d in native])
     kind = {"classification": "global", "segmentation": "patch",
             "depth": "patch" if quick else "patch+cls"}[task]
     if token is not None:
@@ -734,7 +767,7 @@ def evaluate_probe(model, task: str, train: Sequence[tuple], val: Sequence[tuple
     for arm in arms:
         feats = extract_features(model, arm, paths, kind, cache_dir=cache_dir, batch_size=batch_size,
                                  transform=transform if kind == "global" or token else None,
-                                 geometry=geometry, progress=progress)
+                                 geometry="native" if pad_native else geometry, progress=progress)
         views = None
         if augment:
             # DINOv2's training transform: one fresh RandomResizedCrop + flip per pass over the
@@ -749,7 +782,7 @@ def evaluate_probe(model, task: str, train: Sequence[tuple], val: Sequence[tuple
                                  "eval" if quick else select_on, holdout, seed)
             if not quick:
                 runs.append(_dinov2_seed(task, feats, targets, tr, se, ev, num_classes, seed, opts,
-                                         train_views=views))
+                                         train_views=views, native=native if dense else None))
             elif task == "classification":
                 y = torch.from_numpy(targets)
                 ti, ei = torch.from_numpy(tr), torch.from_numpy(ev)
@@ -776,12 +809,18 @@ def evaluate_probe(model, task: str, train: Sequence[tuple], val: Sequence[tuple
                     "depth": "facebookresearch/dinov2 dinov2/hub/depthers.py, dinov2/hub/depth/"
                              "decode_heads.py (BNHead), dinov2/eval/depth/models/losses/sigloss.py"}[task],
                 "deviations": (["features cached: no training augmentation"] if not augment else [])
-                + ["images resized to the model's input size" if geometry == "model" else
+                + [("images at their own size, centre-padded to the patch size (DINOv2's "
+                    "CenterPadding)" if pad_native else "images resized to the model's input size")
+                   if geometry == "model" else
                    (f"training augmentation (RandomResizedCrop 224 + flip) as {n_views} cached "
                     f"views, pass k reading view k mod {n_views} (linear.py draws a fresh crop for "
                     "every sample)" if augment else
                     "evaluation geometry (Resize 256, CenterCrop 224) for training images too: "
                     "--quick reads cached evaluation features")]
+                + ([] if quick or not dense else ["scored at label resolution (predictions upsampled "
+                                                  "to each label's native size); trained on labels "
+                                                  "resized to the features' input (nearest)"
+                                                  if not pad_native else "scored at label resolution"])
                 + ([] if quick or not dense else ["dense heads trained with linear.py's SGD and "
                                                   "learning-rate grid (DINOv2's dense schedules "
                                                   "are not in its repository)"])
