@@ -244,3 +244,5 @@ def test_dvt_protocol_end_to_end(tmp_path, task):
             assert 0 <= arm["delta1"]["mean"] <= 1
     assert main(["probe", "--task", "classification", "--protocol", "dvt", "--model", "planted",
                  "--data", str(tmp_path / "d"), "--quiet"]) == 2
+    assert main(["probe", "--task", task, "--crop-size", "32", "--model", "planted",
+                 "--data", str(tmp_path / "d"), "--quiet"]) == 2            # --crop-size is dvt's
