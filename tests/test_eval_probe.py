@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from ttreg.eval import probe as P
 from ttreg.eval.cli import main
@@ -321,9 +322,132 @@ def test_dinov2_geometry_is_resize_256_center_crop_224(tmp_path):
         P.evaluate_probe(model, "depth", [], neurons=[], geometry="dinov2")
 
 
+def test_dinov2_train_crop_is_random_resized_crop_and_flip_restated(tmp_path):
+    """linear.py's training transform: torchvision's RandomResizedCrop(224, bicubic) get_params
+    restated (10 tries of area in 0.08-1 and log-uniform ratio in 3/4-4/3, then the centre
+    fallback) and a flip drawn with torch.rand(1) < 0.5, from torch's generator seeded per view
+    and image; the caller's random state is untouched."""
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    im = Image.fromarray(rng.integers(0, 255, (90, 130, 3), dtype=np.uint8))
+
+    def restated(seed):
+        g = torch.Generator().manual_seed(seed)
+        W, H = im.size
+        area = H * W
+        log_ratio = torch.log(torch.tensor([3 / 4, 4 / 3]))
+        for _ in range(10):
+            target_area = area * torch.empty(1).uniform_(0.08, 1.0, generator=g).item()
+            aspect = math.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1], generator=g).item())
+            w, h = int(round(math.sqrt(target_area * aspect))), int(round(math.sqrt(target_area / aspect)))
+            if 0 < w <= W and 0 < h <= H:
+                i = torch.randint(0, H - h + 1, size=(1,), generator=g).item()
+                j = torch.randint(0, W - w + 1, size=(1,), generator=g).item()
+                break
+        else:
+            raise AssertionError("fallback not expected on this image")
+        out = im.crop((j, i, j + w, i + h)).resize((224, 224), Image.BICUBIC)
+        if torch.rand(1, generator=g) < 0.5:
+            out = out.transpose(Image.FLIP_LEFT_RIGHT)
+        return np.asarray(out)
+    state = torch.random.get_rng_state()
+    flips = 0
+    for v in range(3):
+        for idx in range(4):
+            seed = P.view_seed(v, idx)
+            got = np.asarray(P.dinov2_train_crop(im, seed))
+            assert got.shape == (224, 224, 3)
+            assert np.array_equal(got, restated(seed))
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert len({P.view_seed(v, i) for v in range(10) for i in range(1000)}) == 10000
+
+
+def test_views_grid_reads_view_k_on_pass_k_and_one_view_is_the_plain_grid():
+    x, y = clusters(n_per_class=8, classes=3, dim=5)
+    f = torch.stack([x] * 5, dim=1)                                     # (N, 5, D) as linear_input wants
+    kw = dict(iterations=20, batch_size=6, learning_rates=[0.1], n_last_blocks=[1], avgpool=[False])
+    plain = P.classify_grid(f, y, f, y, 3, **kw)
+    one = P.classify_grid(f[None], y, f, y, 3, **kw)
+    name = plain[0]
+    assert torch.equal(plain[1][name][0].weight, one[1][name][0].weight)
+    two = P.classify_grid(torch.stack([f, f * 0]), y, f, y, 3, **kw)      # view 1 carries nothing
+    assert not torch.equal(plain[1][name][0].weight, two[1][name][0].weight)
+
+
+def test_dinov2_geometry_trains_on_augmented_views(tmp_path):
+    rc, res = classification_run(tmp_path, "--geometry", "dinov2", "--iterations", "6", "--probe-batch-size", "4",
+                                 "--learning-rates", "0.1", "--train-views", "2", per_class=3)
+    assert rc == 0
+    assert res["config"]["train_views"] == 2
+    assert any("RandomResizedCrop 224 + flip) as 2 cached views" in d for d in res["protocol"]["deviations"])
+    assert 0 <= res["arms"]["plain"]["top1"]["mean"] <= 1
+
+
 def test_register_count_ablation_is_one_row_per_count(tmp_path):
     rc, res = classification_run(tmp_path, "--quick", "--steps", "10", "--num-registers", "0,1,3", per_class=4)
     assert rc == 0
     assert list(res["arms"]) == ["plain", "registers-R1", "registers-R3"]
     assert [a["setup"]["num_registers"] for a in res["arms"].values()] == [0, 1, 3]
     assert classification_run(tmp_path, "--num-registers", "0") == (2, None)   # one count must be >= 1
+
+
+# --- label resolution and native-size depth (DINOv2's protocol) -------------------------------------
+def test_dense_scores_are_taken_at_each_labels_native_size():
+    """Logits at the feature grid upsampled (bilinear) to each label's own size, one image at a
+    time -- by hand against F.interpolate + the confusion of each image."""
+    from ttreg.eval.metrics import confusion_matrix
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(3, 2, 3, 4, generator=g)                    # (N, rows, cols, D)
+    head = lambda f: f.permute(0, 3, 1, 2)[:, :3] * 3                # 3 classes from 4 channels
+    rng = np.random.default_rng(0)
+    masks = [rng.integers(0, 3, s) for s in ((5, 7), (8, 8), (2, 9))]
+    masks[1][0, :] = 255
+    got = P._seg_confusion(head, feats, masks, 3, 255, chunk=2)
+    want = sum(confusion_matrix(F.interpolate(head(feats[i:i + 1]), size=m.shape, mode="bilinear",
+                                              align_corners=False).argmax(1).numpy(), m, 3, 255)
+               for i, m in enumerate(masks))
+    assert np.array_equal(got, want) and got.sum() == 35 + 64 + 18 - 8
+    depths = [rng.uniform(0.5, 4, s).astype(np.float32) for s in ((5, 7), (8, 8))]
+    pred = lambda f, c: f.permute(0, 3, 1, 2)[:, :1].abs() + 1
+    rmse = P._depth_rmse(pred, feats[:2], None, depths, 1e-3, 10.0, chunk=2)
+    per = [float(np.sqrt(((F.interpolate(pred(feats[i:i + 1], None), size=d.shape, mode="bilinear",
+                                         align_corners=False)[0, 0].numpy() - d) ** 2).mean()))
+           for i, d in enumerate(depths)]
+    assert rmse == pytest.approx(np.mean(per), rel=1e-6)
+
+
+def test_depth_images_run_at_their_own_size_centre_padded(tmp_path):
+    """DINOv2's depther geometry: each image at its native size, centre-padded to a multiple of
+    the patch size (CenterPadding), the model run there; the features are the patch tokens and
+    class token of that input; the probe is scored at the depth maps' own size."""
+    from PIL import Image
+    from ttreg.eval.arms import Arm
+    from ttreg.eval.datasets import to_tensor
+    from ttreg.eval.dense import center_pad
+    from ttreg.sizes import dynamic_size
+    from ttreg.testing import planted_vit
+    model = planted_vit()
+    rng = np.random.default_rng(0)
+    (tmp_path / "images").mkdir()
+    (tmp_path / "depth").mkdir()
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (50, 70, 3), dtype=np.uint8)).save(tmp_path / "images" / f"{i}.png")
+        np.save(tmp_path / "depth" / f"{i}.npy", rng.uniform(1, 4, (50, 70)).astype(np.float32))
+    paths = sorted((tmp_path / "images").glob("*.png"))
+    feats = P.extract_features(model, Arm("plain", "plain"), paths, "patch+cls", geometry="native")
+    x = torch.stack([center_pad(to_tensor(Image.open(p).convert("RGB"), (0.485, 0.456, 0.406),
+                                          (0.229, 0.224, 0.225)), (8, 8)) for p in paths])
+    assert x.shape[-2:] == (56, 72)
+    with torch.no_grad(), dynamic_size(model):
+        out = model.forward_intermediates(x, indices=1, norm=False, output_fmt="NLC",
+                                          intermediates_only=True, return_prefix_tokens=True)
+    patches, prefix = out[-1]
+    assert feats["patches"].shape == (4, 7, 9, 96)
+    assert torch.allclose(feats["patches"].float(), patches.reshape(4, 7, 9, 96).half().float(), atol=1e-3)
+    assert torch.allclose(feats["cls"], prefix[:, 0], atol=1e-5)
+    items = [(p, tmp_path / "depth" / f"{p.stem}.npy") for p in paths]
+    res = P.evaluate_probe(model, "depth", items, neurons=[], seeds=[0], iterations=4, probe_batch_size=2,
+                           learning_rates=[0.5], print_table=False)
+    devs = res["protocol"]["deviations"]
+    assert any("centre-padded" in d for d in devs) and any("label resolution" in d for d in devs)
+    assert 0 < res["arms"]["plain"]["rmse"]["mean"] < 4

@@ -168,17 +168,18 @@ def control_rows(result: dict[str, Any], first: str = "images") -> list[dict[str
     from .report import draws
     arms = result["arms"]
     single = [{"arm": k, **v} for k, v in arms.items()
-              if (v.get("setup") or {}).get("kind") not in ("random", "random-zeroed")]
+              if (v.get("setup") or {}).get("kind") not in ("random", "random-zeroed", "random-values")]
     rows = []
     for r in single:
         r.setdefault("preset", (r.get("setup") or {}).get("preset") or "-")
         rows.append(r)
         kind = (r.get("setup") or {}).get("kind")
-        follow = {"registers": ("random", "random"), "zeroed": ("random_zeroed", "random zeroed")}
-        if kind in follow and result.get(follow[kind][0]):
-            key, label = follow[kind]
-            rows.append({"arm": f"{label} ({draws(result)})", first: r.get(first), "preset": r["preset"],
-                         **result[key]})
+        follow = {"registers": [("random", "random")],
+                  "zeroed": [("random_zeroed", "random zeroed"), ("random_values", "random values")]}
+        for key, label in follow.get(kind, []):
+            if result.get(key):
+                rows.append({"arm": f"{label} ({draws(result)})", first: r.get(first),
+                             "preset": r["preset"], **result[key]})
     return rows
 
 

@@ -17,6 +17,15 @@ from ..cli_common import (TOP_K_DEFAULT, OneLineParser, device_arg, int_at_least
 finite_number = number_in(-math.inf, math.inf, lo_open=True, hi_open=True)
 
 
+def _size(text: str) -> tuple[int, int]:
+    """An argparse type: one size in pixels (``512`` or ``416x544``, height x width)."""
+    from ..sizes import as_size
+    try:
+        return as_size(text, "--crop-size")
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def register_counts(text: str) -> int | list[int]:
     """An argparse type: one count of test-time registers (``1``), or several for the ablation
     (``0,1,2,3``: one row per count; 0 is the plain model)."""
@@ -164,6 +173,10 @@ def cmd_probe(args) -> int:
     from .datasets import dense_splits, image_folder_splits
     from .probe import evaluate_probe
     t0 = time.time()
+    if args.protocol == "dvt" and (args.task == "classification" or args.quick or args.token):
+        raise ValueError("--protocol dvt is for --task segmentation and depth (without --quick or --token)")
+    if args.crop_size is not None and args.protocol != "dvt":
+        raise ValueError("--crop-size is for --protocol dvt")
     _check_paths(args)
     num_classes = args.num_classes
     if args.task == "classification":
@@ -187,6 +200,7 @@ def cmd_probe(args) -> int:
                                                      if args.learning_rates else {}),
                             iterations=args.iterations, probe_batch_size=args.probe_batch_size,
                             steps=args.steps, token=args.token, geometry=args.geometry,
+                            protocol=args.protocol, crop_size=args.crop_size, train_views=args.train_views,
                             progress=not args.quiet and sys.stderr.isatty())
     result["dataset"] = str(args.data)
     return _finish(args, result, t0)
@@ -399,8 +413,9 @@ def add_eval_parsers(subparsers) -> None:
 
     p = subparsers.add_parser("probe", help="linear probes: classification, segmentation, depth",
                               description="Linear probes on frozen features, DINOv2's protocol "
-                                          "(dinov2/eval/linear.py; BNHead for dense tasks) or "
-                                          "--quick; mean ± 95% CI over seeds.")
+                                          "(dinov2/eval/linear.py; BNHead for dense tasks), the "
+                                          "Denoising-ViT dense protocol the paper used (--protocol "
+                                          "dvt) or --quick; mean ± 95% CI over seeds.")
     p.add_argument("--task", required=True, choices=("classification", "segmentation", "depth"),
                    help="what the probe predicts")
     p.add_argument("--data", required=True,
@@ -414,7 +429,21 @@ def add_eval_parsers(subparsers) -> None:
                         "(registers arms only) or the first trained register (default: DINOv2's inputs)")
     p.add_argument("--geometry", default="model", choices=("model", "dinov2"),
                    help="classification: resize and centre-crop to the model's input size (model; "
-                        "default) or DINOv2's Resize(256) + CenterCrop(224), the model run at 224 px")
+                        "default) or DINOv2's Resize(256) + CenterCrop(224), the model run at 224 px, "
+                        "the heads trained on RandomResizedCrop(224) + flip views (linear.py's train "
+                        "transform)")
+    p.add_argument("--train-views", type=int_at_least(1), default=None, metavar="N",
+                   help="--geometry dinov2: augmented views cached per training image, pass k over "
+                        "the data reading view k mod N (default: one per pass, at most 10)")
+    p.add_argument("--protocol", default="dinov2", choices=("dinov2", "dvt"),
+                   help="dinov2: DINOv2's linear.py / BNHead on cached features with its SGD grid "
+                        "(default); dvt (segmentation, depth): the Denoising-ViT configs the paper's "
+                        "ADE20k and NYUd numbers come from -- augmented crops through the frozen "
+                        "backbone, AdamW, sliding-window (ADE20k) or flip-averaged (NYUd) testing, "
+                        "Eigen crop, metrics at label resolution")
+    p.add_argument("--crop-size", type=_size, default=None, metavar="PX",
+                   help="--protocol dvt: training crop, e.g. 512 or 416x544 (default: the config's, "
+                        "512 ADE20k / 416x544 NYUd; scales and sliding windows follow in proportion)")
     p.add_argument("--seeds", type=int_at_least(1), default=3, help="probe seeds (3)")
     p.add_argument("--val-fraction", type=number_in(0, 1, lo_open=True, hi_open=True), default=0.25,
                    help="held-out share without a val split, in (0, 1) (0.25)")
@@ -436,9 +465,10 @@ def add_eval_parsers(subparsers) -> None:
     d.add_argument("--learning-rates", type=positive_number, nargs="+", default=None, metavar="LR",
                    help="grid before scaling by batch/256 (default: DINOv2's 13 values, 1e-5 to 0.1)")
     d.add_argument("--iterations", type=int_at_least(1), default=None,
-                   help="SGD steps per head (12500 classification, 2000 dense)")
+                   help="steps per head (dinov2: 12500 classification, 2000 dense; dvt: 40000 "
+                        "ADE20k, 38400 NYUd, warm-ups shortened in proportion)")
     d.add_argument("--probe-batch-size", type=int_at_least(1), default=None,
-                   help="probe batch (128 / 16 dense)")
+                   help="probe batch (128 / 16 dense; dvt 16)")
     q = p.add_argument_group("quick probe")
     q.add_argument("--quick", action="store_true",
                    help="ttreg's fast probe: one linear layer on standardised features, AdamW")
@@ -471,7 +501,10 @@ def add_eval_parsers(subparsers) -> None:
     p = subparsers.add_parser("typographic", help="typographic attacks on CLIP",
                               description="Write a wrong class name on each image; attack success for "
                                           "plain, register neurons shifted onto the text, random "
-                                          "neurons, register neurons zeroed, and pixel ablation.")
+                                          "neurons, register neurons zeroed, the register neurons' "
+                                          "values on the text replaced by random draws (--controls "
+                                          "seeds; the rebuttal's 'random register neuron value'), "
+                                          "and pixel ablation.")
     p.add_argument("--data", required=True, help="ImageFolder root (val/ used if present)")
     p.add_argument("--classnames", default=None, help="class names file, one a line (default: folder names)")
     p.add_argument("--templates", default=None, help="prompt templates file (default: CLIP's 80)")

@@ -21,13 +21,17 @@ Default protocol: DINOv2's (facebookresearch/dinov2).
   ``dinov2/eval/depth/models/losses/sigloss.py``; the lowest RMSE wins.
 
 Differences, stated in every result's ``protocol``: features are computed once per arm and cached
-(no training augmentation; images resized to the model's input size, dense targets alike,
-nearest); the dense heads are trained with the same SGD and learning-rate grid as the
+(no training augmentation, except ``geometry="dinov2"``'s cached RandomResizedCrop + flip views;
+segmentation images resized to the model's input size and trained on labels resized alike,
+nearest; depth images at their own size, centre-padded, when they share one size; dense scores
+always at label resolution); the dense heads are trained with the same SGD and learning-rate grid as the
 classifier (DINOv2's dense schedules live in configs outside its repository); the head is chosen
 on the evaluation split by default as ``linear.py`` does (``select_on="holdout"`` chooses on
 part of the training split instead). ``quick=True`` keeps ttreg's fast probe: one linear layer
 on standardised features (class token + mean patch token of the last block; patch tokens for
-dense tasks) trained with AdamW.
+dense tasks) trained with AdamW. ``protocol="dvt"``: the Denoising-ViT dense protocol the
+paper's ADE20k / NYUd numbers come from, in :mod:`ttreg.eval.dense` (augmented crops through the
+frozen backbone, metrics at label resolution, native-size depth).
 """
 from __future__ import annotations
 
@@ -56,6 +60,8 @@ TASKS = ("classification", "segmentation", "depth")
 #: dinov2/eval/linear.py's grid (before scaling by batch / 256)
 LEARNING_RATES = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1)
 DEPTH_BINS = 256
+#: at most this many augmented views per training image by default (``--geometry dinov2``)
+MAX_TRAIN_VIEWS = 10
 
 
 # --- ttreg's quick probe ---------------------------------------------------------------------------
@@ -172,23 +178,32 @@ def _name(lr: float, batch_size: int, **kw) -> str:
 def classify_grid(ftr, ytr, fsel, ysel, num_classes: int, *, seed: int = 0, iterations: int = 12500,
                   batch_size: int = 128, learning_rates: Sequence[float] = LEARNING_RATES,
                   n_last_blocks: Sequence[int] = (1, 4), avgpool: Sequence[bool] = (False, True)):
-    """Train DINOv2's grid of linear classifiers on cached features ``ftr`` ``(N, n + 1, D)`` and
-    choose by top-1 on ``(fsel, ysel)``. Returns ``(best name, {name: (head, n_blocks, avgpool)},
+    """Train DINOv2's grid of linear classifiers on cached features ``ftr`` ``(N, n + 1, D)``
+    (or ``(V, N, n + 1, D)``: ``V`` augmented views, pass ``k`` over the data reading view
+    ``k mod V``) and choose by top-1 on ``(fsel, ysel)``. Returns ``(best name, {name: (head, n_blocks, avgpool)},
     {name: selection top-1})``."""
-    batches = batch_indices(len(ftr), batch_size, iterations, seed)
+    views = ftr.dim() == 4                       # (V, N, n + 1, D): one augmented view per pass
+    V, N = (ftr.shape[0], ftr.shape[1]) if views else (1, len(ftr))
+    idx = batch_indices(N, batch_size, iterations, seed)
+    # pass k over the training set reads view k mod V (a fresh crop per pass, as linear.py's
+    # loader draws one per sample)
+    view = (torch.arange(idx.numel()) // N % V).reshape(idx.shape)
+    batches = torch.stack([idx, view], dim=1)    # (iterations, 2, batch)
     ce = nn.CrossEntropyLoss()
     heads, scores = {}, {}
-    usable = [n for n in n_last_blocks if n <= ftr.shape[1] - 1]
+    usable = [n for n in n_last_blocks if n <= ftr.shape[-2] - 1]
     for n in usable:
         for pool in avgpool:
-            x, xs = linear_input(ftr, n, pool), linear_input(fsel, n, pool)
+            x = (torch.stack([linear_input(f, n, pool) for f in ftr]) if views
+                 else linear_input(ftr, n, pool)[None])
+            xs = linear_input(fsel, n, pool)
             for lr in learning_rates:
                 g = torch.Generator().manual_seed(int(seed))
-                head = nn.Linear(x.shape[1], num_classes)
+                head = nn.Linear(x.shape[-1], num_classes)
                 with torch.no_grad():
                     head.weight.normal_(0.0, 0.01, generator=g)
                     head.bias.zero_()
-                train_sgd(head, lambda h, idx: ce(h(x[idx]), ytr[idx]), batches, _scaled(lr, batch_size))
+                train_sgd(head, lambda h, b: ce(h(x[b[1], b[0]]), ytr[b[0]]), batches, _scaled(lr, batch_size))
                 name = _name(lr, batch_size, blocks=n, avgpool=pool)
                 with torch.no_grad():
                     scores[name] = float((head(xs).argmax(-1) == ysel).float().mean())
@@ -251,12 +266,20 @@ def sig_loss(pred: torch.Tensor, target: torch.Tensor, max_depth: float | None =
 
 
 def _seg_confusion(head, feats, masks, num_classes, ignore_index, chunk: int = 16) -> np.ndarray:
+    """Confusion of ``head``'s predictions upsampled (bilinear) to the labels: ``masks`` an
+    ``(N, H, W)`` array, or a list of label maps at their native sizes (label resolution, as
+    mmseg scores)."""
     conf = np.zeros((num_classes, num_classes), dtype=np.int64)
     with torch.no_grad():
         for i in range(0, len(feats), chunk):
             logits = head(feats[i:i + chunk])
-            up = F.interpolate(logits, size=masks.shape[1:], mode="bilinear", align_corners=False)
-            conf += confusion_matrix(up.argmax(1).numpy(), masks[i:i + chunk], num_classes, ignore_index)
+            if isinstance(masks, np.ndarray):
+                up = F.interpolate(logits, size=masks.shape[1:], mode="bilinear", align_corners=False)
+                conf += confusion_matrix(up.argmax(1).numpy(), masks[i:i + chunk], num_classes, ignore_index)
+                continue
+            for j, m in enumerate(masks[i:i + chunk]):
+                up = F.interpolate(logits[j:j + 1], size=np.shape(m), mode="bilinear", align_corners=False)
+                conf += confusion_matrix(up.argmax(1).numpy(), m, num_classes, ignore_index)
     return conf
 
 
@@ -284,19 +307,23 @@ def segment_grid(ftr, mtr, fsel, msel, num_classes: int, *, ignore_index: int = 
 def _depth_rmse(pred_fn, feats, cls, depths, min_depth, max_depth, clamp: bool = False,
                 chunk: int = 16) -> float:
     """Mean over images of the RMSE over valid pixels (min < depth < max) of ``pred_fn``'s maps
-    resized bilinearly to the targets (then clamped to the range with ``clamp``)."""
+    resized bilinearly to the targets (then clamped to the range with ``clamp``); ``depths`` an
+    ``(N, H, W)`` array or a list of maps at their native sizes (label resolution)."""
     errs = []
     with torch.no_grad():
         for i in range(0, len(feats), chunk):
             pred = pred_fn(feats[i:i + chunk], None if cls is None else cls[i:i + chunk])
-            pred = F.interpolate(pred, size=depths.shape[1:], mode="bilinear", align_corners=False)[:, 0]
-            if clamp:
-                pred = pred.clamp(min_depth, max_depth)
-            d = np.asarray(depths[i:i + chunk], dtype=np.float64)          # (B, H, W), per image
-            valid = (d > min_depth) & (d < max_depth) & np.isfinite(d)
-            sq = np.where(valid, pred.numpy().astype(np.float64) - np.where(valid, d, 0.0), 0.0) ** 2
-            count = valid.sum(axis=(1, 2))
-            errs.append(np.sqrt(sq.sum(axis=(1, 2))[count > 0] / count[count > 0]))
+            groups = ([(pred, depths[i:i + chunk])] if isinstance(depths, np.ndarray) else
+                      [(pred[j:j + 1], np.asarray(d)[None]) for j, d in enumerate(depths[i:i + chunk])])
+            for pr, d in groups:
+                pr = F.interpolate(pr, size=d.shape[1:], mode="bilinear", align_corners=False)[:, 0]
+                if clamp:
+                    pr = pr.clamp(min_depth, max_depth)
+                d = np.asarray(d, dtype=np.float64)                           # (B, H, W), per image
+                valid = (d > min_depth) & (d < max_depth) & np.isfinite(d)
+                sq = np.where(valid, pr.numpy().astype(np.float64) - np.where(valid, d, 0.0), 0.0) ** 2
+                count = valid.sum(axis=(1, 2))
+                errs.append(np.sqrt(sq.sum(axis=(1, 2))[count > 0] / count[count > 0]))
     errs = np.concatenate(errs) if errs else np.zeros(0)
     return float(errs.mean()) if len(errs) else float("nan")
 
@@ -322,6 +349,13 @@ def depth_grid(ftr, ctr, dtr, fsel, csel, dsel, *, min_depth: float = 1e-3, max_
         scores[name] = _depth_rmse(head, fsel, csel, dsel, min_depth, max_depth)
         heads[name] = head
     return select_best(scores, higher_is_better=False), heads, scores
+
+
+def _image_size(path) -> tuple[int, int]:
+    """An image file's (width, height) from its header."""
+    from PIL import Image
+    with Image.open(path) as im:
+        return im.size
 
 
 # --- features, cached -------------------------------------------------------------------------------
@@ -427,22 +461,50 @@ def dinov2_eval_crop(im, resize_to: int = DINOV2_RESIZE, crop: int = DINOV2_CROP
     return im.crop((off, off, off + crop, off + crop))
 
 
+def dinov2_train_crop(im, seed: int, crop: int = DINOV2_CROP):
+    """DINOv2's training transform for linear probes (``dinov2/data/transforms.py``
+    ``make_classification_train_transform``): torchvision's ``RandomResizedCrop(224,
+    bicubic)`` (scale 0.08-1, ratio 3/4-4/3) then ``RandomHorizontalFlip(0.5)``, drawn from
+    torch's generator seeded with ``seed`` (forked: the caller's random state is untouched)."""
+    from torchvision import transforms as T
+    tf = T.Compose([T.RandomResizedCrop(crop, interpolation=T.InterpolationMode.BICUBIC),
+                    T.RandomHorizontalFlip(0.5)])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        return tf(im)
+
+
+def view_seed(view: int, index: int) -> int:
+    """The seed of training view ``view`` of image ``index`` (one fresh crop per pass)."""
+    return 1_000_003 * (int(view) + 1) + int(index)
+
+
 def extract_features(model, arm: Arm, paths: Sequence[Path], kind: str, *,
                      cache_dir=None, batch_size: int = 16, transform: Callable | None = None,
-                     geometry: str = "model", progress: bool = False):
+                     geometry: str = "model", view: int | None = None, progress: bool = False):
     """Frozen features of ``paths`` under ``arm``, of a kind in :data:`FEATURE_KINDS` (images
     resized to the model's input size for dense kinds, resized and centre-cropped -- or
     ``transform`` -- for ``global``; with ``geometry="dinov2"`` DINOv2's Resize(256) +
-    CenterCrop(224), the model run at 224 px). Loaded from ``cache_dir`` when there, written
+    CenterCrop(224), the model run at 224 px; with ``view`` as well, training view ``view``:
+    :func:`dinov2_train_crop` seeded with :func:`view_seed` of the view and the image's index). Loaded from ``cache_dir`` when there, written
     there atomically otherwise."""
     ad = wrap(model)
     size, mean, std = preprocessing(model)
     if kind not in FEATURE_KINDS and not (kind.startswith("token:") and kind[6:] in TOKENS):
         raise ValueError(f"unknown feature kind {kind!r}")
     run_size = None
-    if geometry == "dinov2" and kind != "patch" and kind != "patch+cls":
+    if geometry == "dinov2" and view is not None and kind != "patch" and kind != "patch+cls":
+        seeds = {Path(q): view_seed(view, i) for i, q in enumerate(paths)}
+        tf = lambda im, q: to_tensor(dinov2_train_crop(im, seeds[Path(q)]), mean, std)
+        geometry, run_size = ["dinov2-train", int(view), DINOV2_CROP, mean, std], (DINOV2_CROP, DINOV2_CROP)
+    elif geometry == "dinov2" and kind != "patch" and kind != "patch+cls":
         tf = lambda im: to_tensor(dinov2_eval_crop(im), mean, std)
         geometry, run_size = ["dinov2", DINOV2_RESIZE, DINOV2_CROP, mean, std], (DINOV2_CROP, DINOV2_CROP)
+    elif geometry == "native" and kind == "patch+cls":
+        from .dense import center_pad
+        tf = lambda im: center_pad(to_tensor(im, mean, std), ad.patch_size)
+        run_size = tuple(tf(load_rgb(paths[0])).shape[-2:]) if len(paths) else None
+        geometry = ["native-center-pad", mean, std]
     elif kind == "global" or kind.startswith("token:"):
         tf = transform or (lambda im: to_tensor(resize_center_crop(im, size), mean, std))
         geometry = ["center-crop", size, mean, std] if transform is None else transform_digest(transform)
@@ -462,7 +524,8 @@ def extract_features(model, arm: Arm, paths: Sequence[Path], kind: str, *,
         starts = tqdm(starts, desc=f"features [{arm.name}]", unit="batch")
     with torch.no_grad(), at_size(ad, run_size), arm.context(model):
         for i in starts:
-            x = torch.stack([tf(load_rgb(q)) for q in paths[i:i + batch_size]]).to(p.device, p.dtype)
+            x = torch.stack([tf(load_rgb(q), q) if view is not None and geometry[0] == "dinov2-train"
+                             else tf(load_rgb(q)) for q in paths[i:i + batch_size]]).to(p.device, p.dtype)
             chunks.append(_features_of(model, x, kind, tuple(ad.grid_size(x))))
     feats = {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]} if isinstance(chunks[0], dict) \
         else torch.cat(chunks)
@@ -543,13 +606,17 @@ def _quick_depth(ftr, dtr, fva, dva, seed, min_depth=1e-3, max_depth=10.0, **fit
     return {"rmse": _depth_rmse(predict, fva, None, dva, min_depth, max_depth, clamp=True)}
 
 
-def _dinov2_seed(task, feats, targets, tr, se, ev, num_classes, seed, opts) -> dict[str, Any]:
-    """One seed of DINOv2's protocol: train the grid on ``tr``, choose on ``se``, score on ``ev``."""
+def _dinov2_seed(task, feats, targets, tr, se, ev, num_classes, seed, opts,
+                 train_views: torch.Tensor | None = None, native: Sequence | None = None) -> dict[str, Any]:
+    """One seed of DINOv2's protocol: train the grid on ``tr`` (on ``train_views`` ``(V, N, ...)``,
+    augmented, where given), choose on ``se``, score on ``ev`` -- dense tasks against ``native``
+    (the targets at their own sizes) where given."""
+    at = (lambda idx: targets[idx]) if native is None else (lambda idx: [native[i] for i in idx])
     grid = {k: opts[k] for k in ("iterations", "batch_size", "learning_rates")}
     ti, si, ei = (torch.from_numpy(i) for i in (tr, se, ev))
     if task == "classification":
         y = torch.from_numpy(targets)
-        best, heads, sel = classify_grid(feats[ti], y[ti], feats[si], y[si], num_classes, seed=seed,
+        best, heads, sel = classify_grid(feats[ti] if train_views is None else train_views[:, ti], y[ti], feats[si], y[si], num_classes, seed=seed,
                                          n_last_blocks=opts["n_last_blocks"],
                                          avgpool=opts.get("avgpool", (False, True)), **grid)
         head, n, pool = heads[best]
@@ -557,16 +624,16 @@ def _dinov2_seed(task, feats, targets, tr, se, ev, num_classes, seed, opts) -> d
             top1 = float((head(linear_input(feats[ei], n, pool)).argmax(-1) == y[ei]).float().mean())
         out = {"top1": top1}
     elif task == "segmentation":
-        best, heads, sel = segment_grid(feats[ti], targets[tr], feats[si], targets[se], num_classes,
+        best, heads, sel = segment_grid(feats[ti], targets[tr], feats[si], at(se), num_classes,
                                         ignore_index=opts["ignore_index"], seed=seed, **grid)
-        conf = _seg_confusion(heads[best], feats[ei], targets[ev], num_classes, opts["ignore_index"])
+        conf = _seg_confusion(heads[best], feats[ei], at(ev), num_classes, opts["ignore_index"])
         out = {"miou": mean_iou(conf), "pixel_accuracy": pixel_accuracy(conf)}
     else:
         p, c = feats["patches"], feats["cls"]
         lo, hi = opts["min_depth"], opts["max_depth"]
-        best, heads, sel = depth_grid(p[ti], c[ti], targets[tr], p[si], c[si], targets[se],
+        best, heads, sel = depth_grid(p[ti], c[ti], targets[tr], p[si], c[si], at(se),
                                       min_depth=lo, max_depth=hi, seed=seed, **grid)
-        out = {"rmse": _depth_rmse(heads[best], p[ei], c[ei], targets[ev], lo, hi)}
+        out = {"rmse": _depth_rmse(heads[best], p[ei], c[ei], at(ev), lo, hi)}
     return {**out, "selected": best, "selection_scores": sel}
 
 
@@ -599,7 +666,9 @@ def evaluate_probe(model, task: str, train: Sequence[tuple], val: Sequence[tuple
                    learning_rates: Sequence[float] = LEARNING_RATES, iterations: int | None = None,
                    probe_batch_size: int | None = None, n_last_blocks: Sequence[int] = (1, 4),
                    steps: int = 300, lr: float = 3e-2, weight_decay: float = 1e-4,
-                   token: str | None = None, geometry: str = "model", progress: bool = False,
+                   token: str | None = None, geometry: str = "model", train_views: int | None = None,
+                   protocol: str = "dinov2",
+                   crop_size: tuple[int, int] | None = None, progress: bool = False,
                    print_table: bool = True) -> dict[str, Any]:
     """Linear probe ``task`` for each arm; mean ± 95% CI over ``seeds`` (see the module
     docstring for the protocol).
@@ -615,8 +684,27 @@ def evaluate_probe(model, task: str, train: Sequence[tuple], val: Sequence[tuple
     ``weight_decay``). ``token`` (classification, one of :data:`TOKENS`): a linear probe on that
     single token (the paper's Table 1); ``register`` runs only the arms that have one.
     ``geometry`` (classification): ``model`` (resize and centre-crop to the model's input size)
-    or ``dinov2`` (DINOv2's Resize(256) + CenterCrop(224), the model run at 224 px).
+    or ``dinov2`` (DINOv2's Resize(256) + CenterCrop(224), the model run at 224 px; the heads
+    train on augmented views, RandomResizedCrop(224) + flip as ``linear.py``'s training
+    transform: ``train_views`` of them per image, by default one per pass the schedule makes over
+    the training images, at most :data:`MAX_TRAIN_VIEWS`).
+    ``protocol="dvt"`` (segmentation, depth): the Denoising-ViT configs the paper's ADE20k and
+    NYUd numbers come from (:mod:`ttreg.eval.dense`): the frozen backbone on augmented crops,
+    AdamW, sliding-window / flip-averaged testing, metrics at label resolution; ``iterations``
+    shortens it, ``crop_size`` changes its crop (scales and windows in proportion).
     """
+    if protocol not in ("dinov2", "dvt"):
+        raise ValueError(f"protocol must be 'dinov2' or 'dvt', got {protocol!r}")
+    if protocol == "dvt":
+        if task == "classification" or quick or token is not None:
+            raise ValueError("--protocol dvt is for segmentation and depth (without --quick or --token)")
+        return _evaluate_dvt(model, task, train, val, neurons=neurons, num_classes=num_classes,
+                             seeds=seeds, val_fraction=val_fraction, control_seeds=control_seeds,
+                             num_registers=num_registers, preset=preset, bias=bias,
+                             ignore_index=ignore_index, reduce_zero_label=reduce_zero_label,
+                             depth_png_scale=depth_png_scale, min_depth=min_depth, max_depth=max_depth,
+                             iterations=iterations, batch_size=probe_batch_size, crop_size=crop_size,
+                             progress=progress, print_table=print_table)
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     if token is not None and (task != "classification" or token not in TOKENS):
@@ -629,22 +717,27 @@ def evaluate_probe(model, task: str, train: Sequence[tuple], val: Sequence[tuple
     n_train = len(train)
     paths = [Path(p) for p, _ in items]
     size = preprocessing(model)[0]
+    native, pad_native = None, False
     if task == "classification":
         targets = np.asarray([int(t) for _, t in items])
         num_classes = num_classes or int(targets.max()) + 1
     elif task == "segmentation":
-        masks = []
+        native = []
         for _, t in items:
-            m = resize_target(load_mask(t), size)
+            m = load_mask(t)
             if reduce_zero_label:
                 m = np.where(m == 0, ignore_index, m - 1)
-            masks.append(m)
-        targets = np.stack(masks)
+            native.append(m)
+        targets = np.stack([resize_target(m, size) for m in native])   # training (nearest)
         if num_classes is None:
             present = targets[targets != ignore_index]
             num_classes = int(present.max()) + 1 if present.size else 1
     else:
-        targets = np.stack([resize_target(load_depth(t, depth_png_scale), size) for _, t in items])
+        native = [load_depth(t, depth_png_scale) for _, t in items]
+        # DINOv2's depther runs each image at its own size, centre-padded to the patch size
+        # (CenterPadding): possible with cached features when the images share one size
+        pad_native = not quick and len({_image_size(p) for p in paths}) == 1
+        targets = np.stack(native if pad_native else [resize_target(d, size) for d in native])
     kind = {"classification": "global", "segmentation": "patch",
             "depth": "patch" if quick else "patch+cls"}[task]
     if token is not None:
@@ -663,17 +756,33 @@ def evaluate_probe(model, task: str, train: Sequence[tuple], val: Sequence[tuple
             "avgpool": [False] if token else [False, True],
             "ignore_index": ignore_index, "min_depth": min_depth, "max_depth": max_depth}
     fit = {"steps": steps, "lr": lr, "weight_decay": weight_decay}
+    augment = geometry == "dinov2" and not quick
+    n_views = 0
+    if augment:
+        n_fit = n_train if val else max(1, round(len(items) * (1 - val_fraction)))
+        passes = math.ceil(opts["iterations"] * opts["batch_size"] / n_fit)
+        n_views = int(train_views) if train_views else min(passes, MAX_TRAIN_VIEWS)
+        opts["train_views"] = n_views
     per_arm: dict[str, Any] = {}
     for arm in arms:
         feats = extract_features(model, arm, paths, kind, cache_dir=cache_dir, batch_size=batch_size,
                                  transform=transform if kind == "global" or token else None,
-                                 geometry=geometry, progress=progress)
+                                 geometry="native" if pad_native else geometry, progress=progress)
+        views = None
+        if augment:
+            # DINOv2's training transform: one fresh RandomResizedCrop + flip per pass over the
+            # training images (the images a split can train on: the train split, or all)
+            train_paths = paths[:n_train] if val else paths
+            views = torch.stack([extract_features(model, arm, train_paths, kind, cache_dir=cache_dir,
+                                                  batch_size=batch_size, geometry="dinov2", view=v,
+                                                  progress=progress) for v in range(n_views)])
         runs = []
         for seed in seeds:
             tr, se, ev = _splits(task, targets, n_train, len(items), bool(val), val_fraction,
                                  "eval" if quick else select_on, holdout, seed)
             if not quick:
-                runs.append(_dinov2_seed(task, feats, targets, tr, se, ev, num_classes, seed, opts))
+                runs.append(_dinov2_seed(task, feats, targets, tr, se, ev, num_classes, seed, opts,
+                                         train_views=views, native=native if dense else None))
             elif task == "classification":
                 y = torch.from_numpy(targets)
                 ti, ei = torch.from_numpy(tr), torch.from_numpy(ev)
@@ -699,10 +808,19 @@ def evaluate_probe(model, task: str, train: Sequence[tuple], val: Sequence[tuple
                                     "decode_heads/linear_head.py (BNHead)",
                     "depth": "facebookresearch/dinov2 dinov2/hub/depthers.py, dinov2/hub/depth/"
                              "decode_heads.py (BNHead), dinov2/eval/depth/models/losses/sigloss.py"}[task],
-                "deviations": ["features cached: no training augmentation",
-                               "images resized to the model's input size" if geometry == "model" else
-                               "evaluation geometry DINOv2's (Resize 256, CenterCrop 224) for training "
-                               "images too (linear.py: RandomResizedCrop 224 + flip)"]
+                "deviations": (["features cached: no training augmentation"] if not augment else [])
+                + [("images at their own size, centre-padded to the patch size (DINOv2's "
+                    "CenterPadding)" if pad_native else "images resized to the model's input size")
+                   if geometry == "model" else
+                   (f"training augmentation (RandomResizedCrop 224 + flip) as {n_views} cached "
+                    f"views, pass k reading view k mod {n_views} (linear.py draws a fresh crop for "
+                    "every sample)" if augment else
+                    "evaluation geometry (Resize 256, CenterCrop 224) for training images too: "
+                    "--quick reads cached evaluation features")]
+                + ([] if quick or not dense else ["scored at label resolution (predictions upsampled "
+                                                  "to each label's native size); trained on labels "
+                                                  "resized to the features' input (nearest)"
+                                                  if not pad_native else "scored at label resolution"])
                 + ([] if quick or not dense else ["dense heads trained with linear.py's SGD and "
                                                   "learning-rate grid (DINOv2's dense schedules "
                                                   "are not in its repository)"])
@@ -722,10 +840,70 @@ def evaluate_probe(model, task: str, train: Sequence[tuple], val: Sequence[tuple
     return result
 
 
+def _evaluate_dvt(model, task, train, val, *, neurons, num_classes, seeds, val_fraction, control_seeds,
+                  num_registers, preset, bias, ignore_index, reduce_zero_label, depth_png_scale,
+                  min_depth, max_depth, iterations, batch_size, crop_size, progress,
+                  print_table) -> dict[str, Any]:
+    """:func:`evaluate_probe` with ``protocol="dvt"``: one head per arm and seed, trained on the
+    training split and scored on the evaluation split (no learning-rate grid: the configs fix
+    one rate)."""
+    from dataclasses import replace
+    from . import dense
+    items = list(train) + list(val or [])
+    paths = [Path(p) for p, _ in items]
+    targets = dense.load_targets(task, items, reduce_zero_label=reduce_zero_label,
+                                 ignore_index=ignore_index, depth_png_scale=depth_png_scale)
+    if task == "segmentation" and num_classes is None:
+        present = np.concatenate([t[t != ignore_index].reshape(-1) for t in targets])
+        num_classes = int(present.max()) + 1 if present.size else 1
+    ref = dense.CONFIGS[task]
+    cfg = ref.at_crop(crop_size).for_iterations(iterations)
+    if batch_size:
+        cfg = replace(cfg, batch_size=int(batch_size))
+    if task == "depth":
+        cfg = replace(cfg, min_depth=float(min_depth), max_depth=float(max_depth))
+    arms = make_arms(model, neurons, control_seeds=control_seeds, num_registers=num_registers,
+                     preset=preset, bias=bias)
+    per_arm: dict[str, Any] = {}
+    for arm in arms:
+        runs = []
+        for seed in seeds:
+            tr, _, ev = _splits(task, None, len(train), len(items), bool(val), val_fraction, "eval", 0.1, seed)
+            head = dense.train_dvt(model, arm, task, [paths[i] for i in tr], [targets[i] for i in tr], cfg,
+                                   num_classes=num_classes or 0, ignore_index=ignore_index, seed=seed,
+                                   progress=progress)
+            runs.append(dense.score_dvt(model, arm, task, head, [paths[i] for i in ev],
+                                        [targets[i] for i in ev], cfg, num_classes=num_classes or 0,
+                                        ignore_index=ignore_index))
+        per_arm[arm.name] = {k: mean_ci([r[k] for r in runs]) for k in runs[0]}
+        per_arm[arm.name]["setup"] = arm.describe()
+    protocol = {"name": "dvt", "reference": dense.REFERENCE[task], "deviations": dense.describe(cfg, ref)}
+    config = {k: v for k, v in cfg.__dict__.items()
+              if task == "segmentation" or k not in ("scale", "ratio_range", "cat_max_ratio", "stride")}
+    if task == "segmentation":
+        for k in ("rotate", "sig_warmup", "gradient_weight", "min_depth", "max_depth", "bins"):
+            config.pop(k)
+    result = {
+        "experiment": "probe", "task": task, "protocol": protocol,
+        "config": {"seeds": list(seeds), "num_classes": num_classes, "images": len(items),
+                   "train_images": len(train) if val else None, "val_fraction": None if val else val_fraction,
+                   "num_registers": num_registers, "preset": preset, "control_seeds": list(control_seeds),
+                   "dvt": config},
+        "neurons": next((a.describe()["neurons"] for a in arms if a.kind == "registers"), []),
+        "arms": per_arm,
+    }
+    if print_table:
+        print(table(result))
+    return result
+
+
 def table(result: dict[str, Any]) -> str:
+    depth = [("rmse", "RMSE (lower is better)")]
+    if result["protocol"]["name"] == "dvt":
+        depth += [("abs_rel", "AbsRel"), ("delta1", "δ1")]
     cols = {"classification": [("top1", "top-1")],
             "segmentation": [("miou", "mIoU"), ("pixel_accuracy", "pixel acc")],
-            "depth": [("rmse", "RMSE (lower is better)")]}[result["task"]]
+            "depth": depth}[result["task"]]
     rows = [{"arm": k, **v, "preset": (v.get("setup") or {}).get("preset") or "-"}
             for k, v in result["arms"].items()]
     n = len(result["config"]["seeds"])

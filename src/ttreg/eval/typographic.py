@@ -2,18 +2,24 @@
 the model then predicts the written class (attack success), for: the plain model; register
 neurons shifted onto the patches under the text (``shift_to``, the paper's mitigation); the same
 edit on random neurons from the same layers; the register neurons zeroed (no shift, the paper's
-ablation); and pixel ablation of the text region (set to the normalisation mean). The clean
+ablation); the register neurons' values on the text patches replaced by random draws (the
+rebuttal's "random register neuron value" control, 48.2 +- 1.5 there: each neuron's value drawn
+from a normal matched to that neuron's mean and standard deviation over the image's tokens,
+seeded per draw); and pixel ablation of the text region (set to the normalisation mean). The clean
 images give the reference accuracy. The paper's attack images are not released; the label
 rendering here is ttreg's own."""
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+import contextlib
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from ..adapters import wrap
-from .arms import control_rows, make_arms, summarize_random
+from ..hooks import HookSet
+from ..register_neurons import as_register_neurons
+from .arms import Arm, control_rows, make_arms, summarize_draws, summarize_random
 from .backbone import preprocessing
 from .datasets import load_rgb, resize_center_crop, to_tensor
 from .report import format_table
@@ -76,6 +82,35 @@ def patch_mask(mask: np.ndarray | torch.Tensor, patch: tuple[int, int]) -> torch
     return m.reshape(*lead, -1)
 
 
+@contextlib.contextmanager
+def random_values(model, neurons, text: torch.Tensor, seed: int) -> Iterator[None]:
+    """The register neurons' values on the ``text`` patches (``(B, rows * cols)`` bool) replaced
+    by random draws, every other token untouched: per image and neuron, ``mean + std * N(0, 1)``
+    with the mean and (unbiased) standard deviation of that neuron over the image's tokens.
+    Draws come from a generator seeded with ``seed``, in forward order."""
+    ad = wrap(model)
+    rn = as_register_neurons(neurons)
+    g = torch.Generator().manual_seed(int(seed))
+    by_layer = rn.by_layer()
+
+    def hook_for(idx: list[int]):
+        def hook(module, args):
+            h = args[0]
+            B, T, _ = h.shape
+            npre = T - text.shape[1]
+            where = torch.cat([text.new_zeros(B, npre), text], dim=1)[:, :, None].to(h.device)
+            k = torch.tensor(idx, device=h.device)
+            v = h.index_select(-1, k).float()                           # (B, T, K)
+            noise = torch.randn(v.shape, generator=g).to(h.device)
+            drawn = v.mean(1, keepdim=True) + v.std(1, keepdim=True) * noise
+            return (h.index_copy(-1, k, torch.where(where, drawn, v).to(h.dtype)), *args[1:])
+        return hook
+    with HookSet() as hooks:
+        for layer, idx in by_layer.items():
+            hooks.pre(ad.down_proj(layer), hook_for(idx))
+        yield
+
+
 def evaluate_typographic(model, tokenizer: Callable, items: Sequence[tuple], classnames: Sequence[str],
                          neurons, *, templates: Sequence[str] | None = None,
                          control_seeds: Sequence[int] = (0, 1, 2), preset: str = "paper",
@@ -96,6 +131,9 @@ def evaluate_typographic(model, tokenizer: Callable, items: Sequence[tuple], cla
     rng = np.random.default_rng(seed)
     arms = make_arms(model, neurons, control_seeds=control_seeds, num_registers=0, preset=preset,
                      zeroed=True, random_zeroed=False)
+    if len(as_register_neurons(neurons)):
+        arms += [Arm(f"random-values-{s}", "random-values", as_register_neurons(neurons), int(s))
+                 for s in control_seeds]
     names = ["clean", "plain", *[a.name for a in arms[1:]], "pixel ablation"]
     preds: dict[str, list] = {n: [] for n in names}
     written: list[int] = []
@@ -124,7 +162,9 @@ def evaluate_typographic(model, tokenizer: Callable, items: Sequence[tuple], cla
             preds["plain"].append(classify(model, xa, W).argmax(-1).cpu())
             preds["pixel ablation"].append(classify(model, xab, W).argmax(-1).cpu())
             for arm in arms[1:]:
-                with arm.context(model, shift_to=shift):
+                ctx = (random_values(model, arm.neurons, shift, arm.seed) if arm.kind == "random-values"
+                       else arm.context(model, shift_to=shift))
+                with ctx:
                     preds[arm.name].append(classify(model, xa, W).argmax(-1).cpu())
     labels = torch.tensor([int(t) for _, t in items])
     target = torch.tensor(written)
@@ -136,12 +176,15 @@ def evaluate_typographic(model, tokenizer: Callable, items: Sequence[tuple], cla
     for a in arms[1:]:
         per_arm[a.name]["setup"] = {**a.describe(),
                                     "shift_to": None if a.zeroes else "text patches"}
+        if a.kind == "random-values":
+            per_arm[a.name]["setup"].update(preset=None, shift_to=None, replaced_on="text patches")
     result = {"experiment": "typographic",
               "config": {"classes": len(classnames), "position": position, "font_size": font_size,
                          "seed": seed, "preset": preset, "control_seeds": list(control_seeds),
                          "input_size": list(size)},
               "neurons": arms[1].describe()["neurons"], "arms": per_arm,
-              "random": summarize_random(per_arm, ["attack_success", "accuracy"])}
+              "random": summarize_random(per_arm, ["attack_success", "accuracy"]),
+              "random_values": summarize_draws(per_arm, ["attack_success", "accuracy"], "random-values")}
     if print_table:
         print(table(result))
     return result
@@ -150,9 +193,12 @@ def evaluate_typographic(model, tokenizer: Callable, items: Sequence[tuple], cla
 def table(result: dict[str, Any]) -> str:
     names = {"registers": "register neurons -> text", "random": "random neurons -> text",
              "zeroed": "register neurons zeroed"}
+    names_random = {"random values": "random register-neuron values on text"}
     rows = control_rows(result)
     for r in rows:
         r["arm"] = names.get(r["arm"], r["arm"]).replace("random (", "random neurons -> text (")
+        for k, v in names_random.items():
+            r["arm"] = r["arm"].replace(k + " (", v + " (")
         for k in ("attack_success", "accuracy"):
             v = r.get(k)
             r[k] = {**v, "mean": 100 * v["mean"], "ci95": 100 * v["ci95"]} if isinstance(v, dict) \
