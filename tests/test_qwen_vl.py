@@ -218,3 +218,19 @@ def test_register_gets_identity_rotary_restated(planted):
     finally:
         hk.remove()
     assert (out["y"][:n] - hs[:n]).abs().max() <= 1e-5
+
+
+def test_recorded_hidden_states_and_features_keep_their_shapes(planted):
+    fam, model, x, _ = planted
+    tower, ad = model.model.visual, ttreg.wrap(model)
+    ins = qwen_vl_inputs(model, _mixed(x))
+    with torch.no_grad():
+        plain = tower(ins["pixel_values"], grid_thw=ins["image_grid_thw"], output_hidden_states=True)
+        with ttreg.test_time_registers(model, NEURONS, num_registers=2):
+            reg = tower(ins["pixel_values"], grid_thw=ins["image_grid_thw"], output_hidden_states=True)
+            pre, patches = ad.features(x[:3])
+            inter = ad.intermediates(x[:3], [1, 3], split=False, registers=True)
+    assert [h.shape for h in reg.hidden_states] == [h.shape for h in plain.hidden_states] == [(152, 64)] * 5
+    assert torch.equal(reg.hidden_states[0], plain.hidden_states[0])     # the first block's input
+    assert pre.shape == (3, 0, 64) and patches.shape == (3, 36, 64)
+    assert [t.shape for t in inter] == [(3, 38, 64)] * 2                  # registers after the patches
