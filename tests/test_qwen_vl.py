@@ -234,3 +234,35 @@ def test_recorded_hidden_states_and_features_keep_their_shapes(planted):
     assert torch.equal(reg.hidden_states[0], plain.hidden_states[0])     # the first block's input
     assert pre.shape == (3, 0, 64) and patches.shape == (3, 36, 64)
     assert [t.shape for t in inter] == [(3, 38, 64)] * 2                  # registers after the patches
+
+
+def test_calibrate_finds_the_big_plant(planted):
+    fam, model, x, _ = planted
+    res = ttreg.calibrate(model, x)
+    assert (2, 21) in res.neurons.neurons and res.neurons.hyperparameters["top_layer"] == 2
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(planted):
+    """transformers' non-reentrant checkpointing recomputes a block from its input, which carries
+    the packed call: the gradients with registers equal the un-checkpointed ones."""
+    fam, model, x, _ = planted
+    tower = model.model.visual
+    ins = qwen_vl_inputs(model, _mixed(x)[:2])
+
+    def grads(ckpt: bool) -> torch.Tensor:
+        tower.zero_grad()
+        if ckpt:
+            tower.gradient_checkpointing_enable({"use_reentrant": False})
+            tower.train()
+        with ttreg.test_time_registers(model, NEURONS):
+            out = tower(ins["pixel_values"], grid_thw=ins["image_grid_thw"]).pooler_output
+        out.square().sum().backward()
+        return torch.cat([p.grad.flatten() for p in tower.parameters() if p.grad is not None])
+    try:
+        plain = grads(False)
+        ckpt = grads(True)
+    finally:
+        tower.gradient_checkpointing_disable()
+        tower.eval()
+        tower.zero_grad(set_to_none=True)
+    assert torch.equal(plain, ckpt) and plain.abs().max() > 0
