@@ -266,3 +266,21 @@ def test_gradient_checkpointing_gives_the_same_gradients(planted):
         tower.eval()
         tower.zero_grad(set_to_none=True)
     assert torch.equal(plain, ckpt) and plain.abs().max() > 0
+
+
+@pytest.mark.slow      # compiling: ~30 s on 2 busy cores
+def test_compiled_packed_tower_is_refused_in_one_line():
+    """torch.compile traces the edit without the call's image layout: refused, never a wrong edit."""
+    torch.manual_seed(0)
+    model = tiny_qwen_vl("qwen2_vl", depth=2)
+    x, _ = marked_images(2, SIZE, PATCH)
+    ins = qwen_vl_inputs(model, list(x))
+    tower = model.model.visual
+    handle = ttreg.add_test_time_registers(model, [(1, 7)])
+    try:
+        with pytest.raises(RuntimeError, match="run that tower eagerly") as e, torch.no_grad():
+            torch.compile(tower)(ins["pixel_values"], grid_thw=ins["image_grid_thw"])
+        assert "\n" not in str(e.value)
+    finally:
+        handle.remove()
+        torch._dynamo.reset()

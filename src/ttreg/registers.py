@@ -92,6 +92,10 @@ TRACER_REFUSAL = ("{tracer} cannot follow test-time registers (they are decided 
                   "(docs/method.md, 'Tracers and compilers'); ttreg.remove_test_time_registers(model) "
                   "takes ttreg's hooks off a model that no longer needs them")
 
+PACKED_COMPILE = ("test-time registers on a tower that packs images into one sequence (cu_seqlens: "
+                  "Qwen2-VL, Qwen3-VL) need each call's image layout, which torch.compile does not "
+                  "carry to the MLP; run that tower eagerly")
+
 #: installing and removing sites (the only changes to a model's hook dictionaries)
 _INSTALL = threading.Lock()
 
@@ -609,6 +613,8 @@ class EditSite(SiteHook):
         if pk is not None and h.dim() == 2 and h.shape[0] == pk.total:    # a packed sequence
             hb = apply_edit(pk.batch(h), edit, le, self.sites.num_prefix, pk.valid)
             return (pk.unbatch(hb), *args[1:])
+        if h.dim() == 2:                 # a packed sequence whose layout this call does not have
+            raise RuntimeError(PACKED_COMPILE)
         hb = h if self.token_dim == 1 else h.transpose(0, 1)
         hb = apply_edit(hb, edit, le, self.sites.num_prefix, call.valid)
         return (hb if self.token_dim == 1 else hb.transpose(0, 1), *args[1:])
