@@ -33,6 +33,8 @@ from timm.models.naflexvit import NaFlexVit, NaFlexVitCfg  # noqa: E402
 from timm.models.vision_transformer import VisionTransformer  # noqa: E402
 
 from ttreg.adapters.hf import get_path, siglip2_inputs  # noqa: E402
+from ttreg.adapters.hf_qwen_vl import merge_order  # noqa: E402
+from ttreg.testing.vlm import qwen_vl_inputs, tiny_qwen_vl  # noqa: E402
 
 from conftest import fail_inside, flat, hook_state, ratio  # noqa: E402
 
@@ -212,6 +214,9 @@ class Family:
     wrap_kw: dict | None = None                # names for ttreg.wrap (the generic adapter)
 
 
+QWEN_NOTE = "one register per image of the packed sequence (cu_seqlens); RoPE: registers get none"
+
+
 def _hf_site(path: str) -> Callable:
     return lambda m: get_path(ttreg.wrap(m).blocks[0], path)
 
@@ -270,6 +275,11 @@ FAMILIES: dict[str, Family] = {f.row: f for f in [
            _hf_site("mlp.fc2"), kind="vlm"),
     Family("HF InternVL (InternViT tower)", "transformers", partial(_vlm, "internvl"), "HFInternVLAdapter", 1,
            _hf_site("mlp.fc2"), kind="vlm"),
+    Family("HF Qwen2-VL (packed tower)", "transformers", partial(tiny_qwen_vl, "qwen2_vl"), "HFQwenVLAdapter", 0,
+           _hf_site("mlp.fc2"), kind="qwen_vl", note=QWEN_NOTE),
+    Family("HF Qwen3-VL (packed tower, deep stack)", "transformers", partial(tiny_qwen_vl, "qwen3_vl"),
+           "HFQwenVLAdapter", 0, _hf_site("mlp.linear_fc2"), kind="qwen_vl",
+           note=QWEN_NOTE + "; deep-stack features keep their shapes"),
     Family("HF Dinov2Backbone", "transformers", lambda: tf.Dinov2Backbone(tf.Dinov2Config(**DINOV2, out_indices=[2, 4])),
            "HFDinov2BackboneAdapter", 1, _hf_site("mlp.fc2"), kind="task", note="feature maps keep their shapes"),
     Family("HF DepthAnythingForDepthEstimation (DINOv2 backbone)", "transformers", partial(_depth, "depth_anything"),
@@ -356,9 +366,30 @@ def _vlm_outputs(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"image_features": feats, "lm_input": seen["lm_input"], "logits": logits}
 
 
+def _qwen_outputs(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Qwen-VL: the image features (merger output), the deep-stack features (Qwen3-VL), what the
+    language model receives and the logits."""
+    ins = qwen_vl_inputs(model, list(x))
+    feats = model.model.get_image_features(ins["pixel_values"], ins["image_grid_thw"])
+    out = {"image_features": torch.stack(list(feats.pooler_output))}
+    for i, d in enumerate(getattr(feats, "deepstack_features", None) or []):
+        out[f"deepstack_{i}"] = torch.stack(list(d))
+    lm = model.model.language_model
+    seen = {}
+    h = lm.register_forward_pre_hook(lambda m, a, k: seen.update(lm_input=k["inputs_embeds"]), with_kwargs=True)
+    try:
+        out["logits"] = model(**ins).logits
+    finally:
+        h.remove()
+    out["lm_input"] = seen["lm_input"]
+    return out
+
+
 @torch.no_grad()
 def user_call(row: str, model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
     kind = FAMILIES[row].kind
+    if kind == "qwen_vl":
+        return _qwen_outputs(model, x)
     if kind == "task":
         return flat(model(pixel_values=x, output_hidden_states=True))
     if kind == "features":
@@ -489,7 +520,7 @@ def test_hooks_gone_after_an_exception(zoo, row, record):
 def _reference_attention(row: str, model: nn.Module, x: torch.Tensor, layer: int) -> torch.Tensor:
     """Block ``layer``'s attention probabilities, computed another way than the adapter does."""
     ad = ttreg.wrap(model)
-    if FAMILIES[row].library == "transformers":
+    if FAMILIES[row].library == "transformers" and FAMILIES[row].kind != "qwen_vl":
         vision = ad.vision if hasattr(ad, "vision") else ad.inner.vision
         cfgs = [m.config for m in vision.modules() if hasattr(m, "config")]
         old = [c._attn_implementation for c in cfgs]
@@ -519,12 +550,12 @@ def _reference_attention(row: str, model: nn.Module, x: torch.Tensor, layer: int
     real, got, inside = F.scaled_dot_product_attention, {}, []
 
     def spy(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
-        if inside and "p" not in got:
+        if inside:          # every kernel call of the layer (Qwen-VL: one per packed image)
             logits = q.float() @ k.float().transpose(-1, -2) * (scale or q.shape[-1] ** -0.5)
             if attn_mask is not None:
                 logits = logits.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool \
                     else logits + attn_mask.float()
-            got["p"] = logits.softmax(-1)
+            got.setdefault("p", []).append(logits.softmax(-1))
         return real(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kw)
     attn = ad.attention(layer)
     hs = [attn.register_forward_pre_hook(lambda m, a: inside.append(1)),
@@ -536,7 +567,11 @@ def _reference_attention(row: str, model: nn.Module, x: torch.Tensor, layer: int
         F.scaled_dot_product_attention = real
         for h in hs:
             h.remove()
-    return got["p"]
+    p = torch.cat(got["p"])
+    if FAMILIES[row].kind == "qwen_vl":           # the tower's 2x2 merge-block order -> raster order
+        order = merge_order(SIZE // PATCH, SIZE // PATCH, 2)
+        p = p[..., order, :][..., order]
+    return p
 
 
 @pytest.mark.parametrize("row", NAMES)

@@ -79,6 +79,7 @@ class AttentionCall(TorchFunctionMode):
         self.owner, self.extra, self.probs, self.kv = owner, extra, probs, kv
         self.seen = 0           # kernel calls (SDPA / MHA) seen
         self.mapped = False     # an explicit softmax gave the maps
+        self.maps: list = []    # the maps of each kernel call so far
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -108,9 +109,20 @@ class AttentionCall(TorchFunctionMode):
                                    "this call is causal")
             k, v, a["attn_mask"] = append_kv(k, v, a.get("attn_mask"), *self.extra)
         if self.probs is not None:
-            self.probs(attention_probs(q, k, a.get("attn_mask"), a.get("scale"), a.get("enable_gqa", False),
-                                       bool(a.get("is_causal", False))))
+            self._deliver(attention_probs(q, k, a.get("attn_mask"), a.get("scale"), a.get("enable_gqa", False),
+                                          bool(a.get("is_causal", False))))
         return func(q, k, v, **a)
+
+    def _deliver(self, p: torch.Tensor) -> None:
+        """Hand the maps on; a module that calls the kernel once per image of a packed sequence
+        (Qwen-VL towers: one call per ``cu_seqlens`` segment) gets the maps of all its calls so
+        far, stacked on the batch axis (zero-padded to the longest segment)."""
+        self.maps.append(p)
+        if len(self.maps) == 1:
+            self.probs(p)
+            return
+        T = max(m.shape[-1] for m in self.maps)
+        self.probs(torch.cat([F.pad(m, (0, T - m.shape[-1], 0, T - m.shape[-2])) for m in self.maps]))
 
     def _mha(self, func, args, kwargs):
         bound = _MHA_SIG.bind(*args, **kwargs)

@@ -44,15 +44,18 @@ class RegisterCall:
     leaving it when carried on an output, batch-first ``(B, R, D)``; ``valid``: ``(B, T)`` bool of
     the block input's real tokens when the batch is padded (None: all real); ``visible``: the
     hidden state the block received before the registers were appended (what a library that
-    records a block's input should see); ``token``: to reset :data:`CALL` when the block ends.
+    records a block's input should see); ``token``: to reset :data:`CALL` when the block ends;
+    ``layout``: for a packed sequence of several images (``cu_seqlens``), where each image and its
+    registers sit (:class:`ttreg.adapters.base.Packing`), else None.
     """
 
-    __slots__ = ("edit", "registers", "valid", "visible", "token")
+    __slots__ = ("edit", "registers", "valid", "visible", "token", "layout")
 
     def __init__(self, edit: Any, registers: torch.Tensor | None = None,
                  valid: torch.Tensor | None = None, visible: torch.Tensor | None = None) -> None:
         self.edit, self.registers, self.valid, self.visible = edit, registers, valid, visible
         self.token = None
+        self.layout = None
 
     def __repr__(self) -> str:
         r = None if self.registers is None else tuple(self.registers.shape)

@@ -193,11 +193,11 @@ def accumulate(adapter: Adapter, x: torch.Tensor, stats: SearchStats, detection_
                 run_until(adapter, x, L - 1)
                 norms = torch.stack([rec.norms[l] for l in range(L)], dim=1)  # (B, L, T)
             mask, weights = outlier_weights(norms)
-            td = adapter.token_dim
+            io = adapter.block_io
             with HookSet() as hooks:
                 for l in range(Ls):
                     def add(mod, args, l=l):
-                        h = args[0] if td == 1 else args[0].transpose(0, 1)
+                        h = io.batch_first(args[0])
                         stats.scores[l] += _layer_scores(weights, h.detach(), sparsity)
                     hooks.pre(adapter.down_proj(l), add)
                 run_until(adapter, x, Ls - 1)

@@ -92,6 +92,10 @@ TRACER_REFUSAL = ("{tracer} cannot follow test-time registers (they are decided 
                   "(docs/method.md, 'Tracers and compilers'); ttreg.remove_test_time_registers(model) "
                   "takes ttreg's hooks off a model that no longer needs them")
 
+PACKED_COMPILE = ("test-time registers on a tower that packs images into one sequence (cu_seqlens: "
+                  "Qwen2-VL, Qwen3-VL) need each call's image layout, which torch.compile does not "
+                  "carry to the MLP; run that tower eagerly")
+
 #: installing and removing sites (the only changes to a model's hook dictionaries)
 _INSTALL = threading.Lock()
 
@@ -413,7 +417,12 @@ class Sites:
             elif edit is None:
                 return self._plain()
             else:
-                regs = self.initial(edit, io.batch_first(x))
+                pk = io.packing(args, kwargs)
+                if pk is not None and pk.padded and edit.init != "zero" and edit.num_registers:
+                    raise ValueError(f"init={edit.init!r} takes each image's mean patch token, which "
+                                     "a packed sequence of images of different sizes does not give "
+                                     "here; use init='zero' (the default)")
+                regs = self.initial(edit, self._batch(io, x, args, kwargs))
                 tag(x, RegisterCall(edit, regs))              # for a checkpoint recomputation
         elif prev is None:
             if self.active_edit() is not None:
@@ -434,12 +443,18 @@ class Sites:
         if edit.appends and io.causal(args, kwargs):
             raise RuntimeError("test-time registers are for bidirectional (ViT) attention: this block "
                                "is called with is_causal=True, so no token could attend to them")
-        xb = io.batch_first(x)
+        R = edit.num_registers
+        packing = io.packing(args, kwargs, R)
+        xb = self._batch(io, x, args, kwargs)
         if regs is not None and regs.shape[0] != xb.shape[0]:
             raise RuntimeError(f"block {layer}: the carried registers are for a batch of "
                                f"{regs.shape[0]}, the hidden state has {xb.shape[0]}")
-        R = edit.num_registers
         call = RegisterCall(edit, regs, None, x)
+        if packing is not None:          # one packed sequence of images: registers per segment
+            if edit.shift is not None:
+                raise ValueError("shift_to is not available on towers that pack several images into "
+                                 "one sequence (cu_seqlens); use appended registers")
+            call.layout, call.valid = packing, packing.valid
         if not torch.compiler.is_compiling():
             if layer == 0 and edit.measured:
                 self._check_size(edit, xb.shape[1])
@@ -447,13 +462,21 @@ class Sites:
             if valid is not None:
                 call.valid = torch.cat([valid.expand(xb.shape[0], -1), valid.new_ones(xb.shape[0], R)], 1)
             call.token = CALL.set(call)
-        if R:
+        if R and packing is not None:
+            new = packing.append(x, regs)
+        elif R:
             new = torch.cat([xb, regs.to(xb.dtype)], dim=1)
             new = new if io.token_dim == 1 else new.transpose(0, 1)
         else:
             new = x.view_as(x)           # its own tensor object, so the tag is this block's
         args, kwargs = io.replace_input(args, kwargs, tag(new, call))
         return io.extend_inputs(args, kwargs, R)
+
+    def _batch(self, io: BlockIO, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+        """A block's input ``x`` batch-first ``(B, T, D)``; a packed sequence of images padded to
+        ``(images, longest, D)``."""
+        packing = io.packing(args, kwargs)
+        return io.batch_first(x) if packing is None else packing.batch(x)
 
     def _plain(self) -> None:
         if CALL.get() is not None:       # an interrupted forward (Ctrl-C) left its call
@@ -485,7 +508,9 @@ class Sites:
         io, R = self.io, call.edit.num_registers
         y = io.output(output)
         td = io.token_dim
-        if R:
+        if R and call.layout is not None:
+            y, regs = call.layout.cut(y)
+        elif R:
             n = y.shape[td] - R
             regs, y = io.batch_first(y.narrow(td, n, R)), y.narrow(td, 0, n)
         else:
@@ -584,6 +609,12 @@ class EditSite(SiteHook):
         if le is None:
             return None
         h = args[0]
+        pk = call.layout
+        if pk is not None and h.dim() == 2 and h.shape[0] == pk.total:    # a packed sequence
+            hb = apply_edit(pk.batch(h), edit, le, self.sites.num_prefix, pk.valid)
+            return (pk.unbatch(hb), *args[1:])
+        if h.dim() == 2:                 # a packed sequence whose layout this call does not have
+            raise RuntimeError(PACKED_COMPILE)
         hb = h if self.token_dim == 1 else h.transpose(0, 1)
         hb = apply_edit(hb, edit, le, self.sites.num_prefix, call.valid)
         return (hb if self.token_dim == 1 else hb.transpose(0, 1), *args[1:])

@@ -32,10 +32,6 @@ class Recording:
         self.attention.clear()
 
 
-def _batch_first(t: torch.Tensor, token_dim: int) -> torch.Tensor:
-    return t if token_dim == 1 else t.transpose(0, 1)
-
-
 @contextlib.contextmanager
 def record(model, norm_layers: Sequence[int] = (), activation_layers: dict[int, Any] | None = None,
            attention_layers: Sequence[int] = (), abs_activations: bool = False) -> Iterator[Recording]:
@@ -46,7 +42,7 @@ def record(model, norm_layers: Sequence[int] = (), activation_layers: dict[int, 
     """
     ad = wrap(model)
     rec = Recording()
-    td = ad.token_dim
+    io = ad.block_io
     with contextlib.ExitStack() as stack:
         hooks = stack.enter_context(HookSet())
 
@@ -56,7 +52,7 @@ def record(model, norm_layers: Sequence[int] = (), activation_layers: dict[int, 
         for layer in norm_layers:
             def on_block(mod, args, output, layer=layer):
                 out = ad.block_output(output)
-                n = _batch_first(out, td).detach().float().norm(dim=-1)
+                n = io.batch_first(out).detach().float().norm(dim=-1)
                 regs = carried(out)
                 if regs is not None and regs.shape[1]:
                     n = torch.cat([n, regs.detach().float().norm(dim=-1)], dim=1)
@@ -64,7 +60,7 @@ def record(model, norm_layers: Sequence[int] = (), activation_layers: dict[int, 
             hooks.forward(ad.blocks[layer], on_block)
         for layer, idx in (activation_layers or {}).items():
             def on_site(mod, args, layer=layer, idx=idx):
-                h = _batch_first(args[0], td).detach()
+                h = io.batch_first(args[0]).detach()
                 if idx is not None:
                     h = h.index_select(-1, idx.to(h.device))
                 rec.activations[layer] = h.abs().float() if abs_activations else h.float()
@@ -86,7 +82,7 @@ def _record_attention(ad: Adapter, layers: list[int], hooks: HookSet,
         mod = ad.attention(l)
 
         def sink(p, l=l):
-            store[l] = p
+            store[l] = ad.block_io.attention_map(p)
         if _attention.intercepted(mod):
             sinks[mod] = sink
         else:

@@ -24,8 +24,9 @@ SUPPORTED_BY_LIBRARY = {
     "transformers": ("Dinov2Model, Dinov2WithRegistersModel, ViTModel, CLIPVisionModel, CLIPModel, "
                      "SiglipVisionModel, SiglipModel, DINOv3ViTModel, Siglip2VisionModel, Siglip2Model, "
                      "Aimv2VisionModel, Aimv2Model, InternVLVisionModel, and the vision tower of the VLMs "
-                     "LLaVA, LLaVA-OneVision, PaliGemma, Gemma 3, Idefics3, SmolVLM and InternVL "
-                     "(*ForConditionalGeneration / *Model; not Qwen2.5-VL); task models on them: "
+                     "LLaVA, LLaVA-OneVision, PaliGemma, Gemma 3, Idefics3, SmolVLM, InternVL, Qwen2-VL and "
+                     "Qwen3-VL (*ForConditionalGeneration / *Model, and the Qwen towers alone; not "
+                     "Qwen2.5-VL); task models on them: "
                      "Dinov2Backbone, DepthAnythingForDepthEstimation, DPTForDepthEstimation (DINOv2 "
                      "backbone), ViT / Dinov2 / CLIP / Siglip / Siglip2 *ForImageClassification"),
     "open_clip": "CLIP models (own ViT towers, and timm VisionTransformer / Eva trunks)",
@@ -45,6 +46,7 @@ def _register_optional(model: nn.Module) -> None:
     libs = _libraries(model)
     for modname, clsname, lib in (("hf", "HF_ADAPTERS", "transformers"),
                                   ("hf_tasks", "HF_TASK_ADAPTERS", "transformers"),
+                                  ("hf_qwen_vl", "HF_QWEN_ADAPTERS", "transformers"),
                                   ("open_clip", "OPEN_CLIP_ADAPTERS", "open_clip")):
         if lib not in libs:
             continue

@@ -5,9 +5,10 @@ exposes the same small surface, so the method never looks at a model's attribute
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 from dataclasses import dataclass
-import contextlib
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -520,6 +521,16 @@ class BlockIO:
     def batch_first(self, t: torch.Tensor) -> torch.Tensor:
         return t if self.token_dim == 1 else t.transpose(0, 1)
 
+    def packing(self, args: tuple, kwargs: dict, num_registers: int = 0) -> "Packing | None":
+        """Where the images sit when a block's tokens are one packed sequence (:class:`PackedIO`);
+        None for batch-first or sequence-first blocks."""
+        return None
+
+    def attention_map(self, p: torch.Tensor) -> torch.Tensor:
+        """Attention maps ``(B, heads, T, T)`` as the kernel saw them, in the token order the
+        traces use (as they are by default)."""
+        return p
+
 
 #: rotary-table layouts :class:`TokenInputsIO` can extend
 ROTARY_LAYOUTS = ("sincos_cat", "cos_sin")
@@ -647,3 +658,165 @@ class TokenInputsIO(BlockIO):
             return None
         keys = mask_keys(mask)
         return None if bool(keys.all()) else keys
+
+
+# --- packed sequences: several images in one (tokens, dim) sequence, told apart by cu_seqlens ------
+
+class Packing:
+    """Where each image sits in a packed sequence, and ``R`` test-time registers after each.
+
+    Towers that pack the patches of every image into one ``(total, D)`` sequence and separate them
+    with ``cu_seqlens`` (Qwen2-VL, Qwen3-VL: variable-length attention, one segment per image or
+    video frame) give each segment its own registers, appended at the segment's end, so each image
+    attends to its own. ``lengths``: the tokens of each segment without registers ``(N,)``.
+    :meth:`batch` makes a packed tensor batch-first ``(N, n_max + R, ...)``: segment ``i``'s tokens
+    first, zero padding, its ``R`` registers last (where the register edit expects them);
+    :attr:`valid` says which places are real. Index tensors only: no loop over images.
+    """
+
+    def __init__(self, lengths: torch.Tensor, num_registers: int = 0) -> None:
+        self.lengths = lengths.long()
+        self.R = int(num_registers)
+        N = len(self.lengths)
+        self.n_max = int(self.lengths.max()) if N else 0
+        start = torch.cumsum(self.lengths + self.R, 0) - (self.lengths + self.R)     # (N,)
+        j = torch.arange(self.n_max + self.R, device=self.lengths.device)              # (W,)
+        own = j[None] < self.lengths[:, None]                                          # (N, W)
+        reg = j[None] >= self.n_max
+        pos = torch.where(reg, self.lengths[:, None] + (j[None] - self.n_max), j[None])
+        self.valid = own | reg                                                         # (N, W)
+        self.index = torch.where(self.valid, start[:, None] + pos, torch.zeros_like(pos))
+        self.total = int((self.lengths + self.R).sum())
+
+    @classmethod
+    def of(cls, cu_seqlens: torch.Tensor, num_registers: int = 0) -> "Packing":
+        cu = cu_seqlens.long()
+        return cls(cu[1:] - cu[:-1], num_registers)
+
+    @property
+    def padded(self) -> bool:
+        return bool((self.lengths != self.n_max).any())
+
+    def batch(self, t: torch.Tensor) -> torch.Tensor:
+        """Packed ``(total, ...)`` -> ``(N, n_max + R, ...)`` (padding: zeros)."""
+        out = t[self.index.to(t.device)]
+        keep = self.valid.to(t.device).reshape(*self.valid.shape, *([1] * (t.dim() - 1)))
+        return torch.where(keep, out, torch.zeros((), dtype=t.dtype, device=t.device))
+
+    def unbatch(self, tb: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`batch`: ``(N, n_max + R, ...)`` -> packed ``(total, ...)``."""
+        return tb[self.valid.to(tb.device)]
+
+    def append(self, t: torch.Tensor, registers: torch.Tensor) -> torch.Tensor:
+        """Packed ``t`` without registers, ``registers`` ``(N, R, D)`` -> packed with them, each
+        image's after its own tokens."""
+        plain = Packing(self.lengths)
+        return self.unbatch(torch.cat([plain.batch(t), registers.to(t.dtype)], dim=1))
+
+    def cut(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Packed ``t`` with the registers -> ``(t without them, registers (N, R, D))``."""
+        tb = self.batch(t)
+        return Packing(self.lengths).unbatch(tb[:, :self.n_max]), tb[:, self.n_max:]
+
+    def spread(self, table: torch.Tensor, fill: float) -> torch.Tensor:
+        """A per-token table ``(total, ...)`` over the plain tokens with ``R`` rows of ``fill`` added
+        after each segment (rotary tables: identity rows)."""
+        rows = table.new_full((len(self.lengths), self.R, *table.shape[1:]), fill)
+        return self.append(table, rows) if self.R else table
+
+    def cu_seqlens(self, like: torch.Tensor) -> torch.Tensor:
+        cu = torch.cat([self.lengths.new_zeros(1), torch.cumsum(self.lengths + self.R, 0)])
+        return cu.to(like.device, like.dtype)
+
+
+@dataclass(frozen=True)
+class PackedGrid:
+    """An adapter's packed run of ``images`` equal images of ``tokens`` tokens each, and
+    ``order`` ``(tokens,)``: the place in the tower's sequence of each patch in raster order
+    (the tower may order patches otherwise, e.g. Qwen's 2x2 merge blocks)."""
+
+    images: int
+    tokens: int
+    order: torch.Tensor
+
+
+#: the image layout of the packed run going on now in this context (set by an adapter's ``run``)
+PACKED_RUN: contextvars.ContextVar = contextvars.ContextVar("ttreg_packed_run", default=None)
+
+
+@contextlib.contextmanager
+def packed_run(grid: PackedGrid) -> Iterator[None]:
+    """Within this context, a packed tower's hidden states read batch-first by ``grid``."""
+    token = PACKED_RUN.set(grid)
+    try:
+        yield
+    finally:
+        PACKED_RUN.reset(token)
+
+
+@dataclass(frozen=True)
+class PackedIO(BlockIO):
+    """:class:`BlockIO` for blocks over one packed sequence ``(total, D)`` of several images
+    separated by ``cu_seqlens`` (variable-length attention), with a rotary ``(cos, sin)`` table of
+    ``(total, d)`` rows. Each image segment gets its own registers (:class:`Packing`); the rotary
+    table gets identity rows for them (cos 1, sin 0: a register has no rotary position), and
+    ``cu_seqlens`` / ``max_seqlen`` grow by ``R`` per segment.
+
+    Reading a hidden state batch-first (traces, the search, intermediates) needs the images'
+    layout, which a block's output alone does not have: within an adapter's ``run`` it is
+    :data:`PACKED_RUN` (equal images, patches put back in raster order); elsewhere the whole
+    sequence reads as one image.
+    """
+
+    token_dim: int = 0
+    segments: tuple[str, int] = ("cu_seqlens", 1)
+    rotary: tuple[str, ...] = ("position_embeddings",)
+    max_len: str = "max_seqlen"
+
+    def packing(self, args: tuple, kwargs: dict, num_registers: int = 0) -> Packing | None:
+        key, pos = self.segments
+        cu = kwargs.get(key, args[pos] if 0 <= pos < len(args) else None)
+        return Packing.of(cu, num_registers) if torch.is_tensor(cu) else None
+
+    def extend_inputs(self, args: tuple, kwargs: dict, num_registers: int) -> tuple[tuple, dict]:
+        if not num_registers:
+            return args, kwargs
+        pk = self.packing(args, kwargs, num_registers)
+        kwargs = dict(kwargs)
+        key, pos = self.segments
+        if key in kwargs:
+            kwargs[key] = pk.cu_seqlens(kwargs[key])
+        else:
+            args = (*args[:pos], pk.cu_seqlens(args[pos]), *args[pos + 1:])
+        for name in self.rotary:
+            table = kwargs.get(name)
+            if table is not None:
+                cos, sin = table
+                kwargs[name] = type(table)((pk.spread(cos, 1.0), pk.spread(sin, 0.0)))
+        m = kwargs.get(self.max_len)
+        if m is not None:
+            kwargs[self.max_len] = m + num_registers
+        return args, kwargs
+
+    def batch_first(self, t: torch.Tensor) -> torch.Tensor:
+        grid = PACKED_RUN.get()
+        if grid is None or t.dim() != 2:
+            return t[None] if t.dim() == 2 else t
+        N, n = grid.images, grid.tokens
+        R = t.shape[0] // N - n
+        if R < 0 or t.shape[0] != N * (n + R):
+            return t[None]
+        tb = t.reshape(N, n + R, *t.shape[1:])
+        order = grid.order.to(t.device)
+        return torch.cat([tb[:, order], tb[:, n:]], dim=1) if R else tb[:, order]
+
+    def attention_map(self, p: torch.Tensor) -> torch.Tensor:
+        """Attention maps ``(N, heads, T, T)`` in the tower's token order -> in raster order."""
+        grid = PACKED_RUN.get()
+        if grid is None:
+            return p
+        n = grid.tokens
+        if p.shape[-1] < n:
+            return p
+        order = torch.cat([grid.order.to(p.device), torch.arange(n, p.shape[-1], device=p.device)])
+        return p[..., order, :][..., order]

@@ -4,7 +4,8 @@ Encoders: Dinov2, Dinov2WithRegisters, ViT, CLIPVision, CLIP (image side), Sigli
 (image side), DINOv3ViT (CLS + register tokens, RoPE), Siglip2Vision / Siglip2 (NaFlex:
 pre-patchified pixels, padding masks), Aimv2Vision / Aimv2, InternVLVision. VLMs -- LLaVA,
 LLaVA-OneVision, PaliGemma, Gemma 3, Idefics3, SmolVLM, InternVL -- through their vision tower
-(:class:`HFVLMAdapter`). Qwen2.5-VL is refused with a reason (:class:`HFQwen25VLRefusal`).
+(:class:`HFVLMAdapter`); Qwen2-VL and Qwen3-VL, whose towers pack images into one sequence, in
+:mod:`ttreg.adapters.hf_qwen_vl`. Qwen2.5-VL is refused with a reason (:class:`HFQwen25VLRefusal`).
 For text-to-image attribution (:mod:`ttreg.attribution`) the LLaVA, LLaVA-OneVision and
 Idefics3 / SmolVLM adapters also say where the image tokens sit in the language model's
 sequence and what each one shows (:meth:`HFVLMAdapter.image_tokens`, :class:`ImageTokens`).

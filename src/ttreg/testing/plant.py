@@ -86,7 +86,7 @@ def _record(ad: Adapter, x: torch.Tensor, pre: dict[str, nn.Module]) -> dict[str
     with HookSet() as hooks:
         for key, mod in pre.items():
             def grab(m, args, key=key):
-                t = args[0] if ad.token_dim == 1 else args[0].transpose(0, 1)
+                t = ad.block_io.batch_first(args[0])
                 got[key] = t.detach().float()
             hooks.pre(mod, grab)
         ad.run(x)
@@ -245,7 +245,7 @@ def _block_channel(ad: Adapter, x: torch.Tensor, layer: int, ch: int) -> torch.T
     with HookSet() as hooks:
         def grab(m, args, out):
             y = ad.block_output(out)
-            got["y"] = (y if ad.token_dim == 1 else y.transpose(0, 1))[..., ch].detach().float()
+            got["y"] = ad.block_io.batch_first(y)[..., ch].detach().float()
         hooks.forward(ad.blocks[layer], grab)
         ad.run(x)
     return got["y"]

@@ -365,3 +365,62 @@ def save_planted_vlm(folder, family: str = "llava", images: int = 2) -> dict:
         paths.append(folder / f"marked_{i}.png")
         im.save(paths[-1])
     return {"model": folder / "model", "neurons": folder / "neurons.json", "images": paths}
+
+
+#: the Qwen VLMs :func:`tiny_qwen_vl` builds
+QWEN_VL_FAMILIES = ("qwen2_vl", "qwen3_vl")
+
+
+def tiny_qwen_vl(family: str = "qwen2_vl", *, patch: int = 8, width: int = 64, depth: int = 4,
+                 size: int = 48, text: dict | None = None):
+    """A tiny random Qwen2-VL or Qwen3-VL (:data:`QWEN_VL_FAMILIES`) built offline: a
+    ``depth``-block tower of ``width`` (2x2 patch merger; Qwen3-VL: a learned position grid for
+    ``size``-px images and deep-stack mergers after blocks 1 and 2), one frame per image
+    (``temporal_patch_size=1``), and a one-layer language model with M-RoPE."""
+    import transformers as tf
+    txt = dict(vocab_size=VLM_IMAGE_TOKEN + 1, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+               num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512, pad_token_id=0,
+               bos_token_id=2, eos_token_id=3,
+               rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 3, 3]})
+    txt.update(text or {})
+    vision = dict(depth=depth, num_heads=2, patch_size=patch, spatial_merge_size=2, temporal_patch_size=1)
+    if family == "qwen2_vl":
+        cfg = tf.Qwen2VLConfig(vision_config=dict(vision, embed_dim=width, hidden_size=32, mlp_ratio=2),
+                               text_config=txt, image_token_id=VLM_IMAGE_TOKEN, vision_start_token_id=93,
+                               vision_end_token_id=94)
+        model = tf.Qwen2VLForConditionalGeneration(cfg)
+    elif family == "qwen3_vl":
+        grid = size // patch
+        cfg = tf.Qwen3VLConfig(vision_config=dict(vision, hidden_size=width, intermediate_size=2 * width,
+                                                  out_hidden_size=32, num_position_embeddings=grid * grid,
+                                                  deepstack_visual_indexes=[1, 2]),
+                               text_config=dict(txt, head_dim=16), image_token_id=VLM_IMAGE_TOKEN,
+                               vision_start_token_id=93, vision_end_token_id=94)
+        model = tf.Qwen3VLForConditionalGeneration(cfg)
+    else:
+        raise ValueError(f"unknown family {family!r}; choose one of {', '.join(QWEN_VL_FAMILIES)}")
+    model.generation_config.pad_token_id = 0
+    return model.eval()
+
+
+def qwen_vl_inputs(model, images: Sequence[torch.Tensor], text: Sequence[int] = (3, 4)) -> dict:
+    """Model inputs for a :func:`tiny_qwen_vl` and a list of normalised images ``(3, H, W)`` (sides
+    multiples of 2 patches; sizes may differ), as the processor gives them for one sequence per
+    image: ``pixel_values`` packed, ``image_grid_thw``, and ``input_ids`` (vision start, the
+    image's tokens, vision end, ``text``) with ``mm_token_type_ids`` and ``attention_mask``
+    (sequences of different lengths left-padded)."""
+    from ..adapters.hf_qwen_vl import qwen_pixels
+    v = model.config.vision_config
+    p, m = int(v.patch_size), int(v.spatial_merge_size)
+    pix, grids, rows = [], [], []
+    for im in images:
+        px, g = qwen_pixels(im[None], p, m, int(v.temporal_patch_size))
+        pix.append(px)
+        grids.append(g)
+        n = int(g[0].prod()) // (m * m)
+        rows.append([93] + [VLM_IMAGE_TOKEN] * n + [94] + list(text))
+    T = max(len(r) for r in rows)
+    ids = torch.tensor([[0] * (T - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows])
+    return {"pixel_values": torch.cat(pix), "image_grid_thw": torch.cat(grids), "input_ids": ids,
+            "attention_mask": mask, "mm_token_type_ids": (ids == VLM_IMAGE_TOKEN).int()}
