@@ -2,7 +2,8 @@
 tensor attribute, nothing on the model.
 
 * :data:`SCOPE` -- what this context (thread, task) switched on: the edits of ``with
-  ttreg.test_time_registers(...)`` blocks and the recordings of ``ttreg.trace``. Entered and left
+  ttreg.test_time_registers(...)`` blocks, the recordings of ``ttreg.trace`` and the image layout
+  of a packed tower's run (:func:`ttreg.adapters.base.packed_run`). Entered and left
   only *outside* a forward (:func:`entered`, token-reset, so it nests and survives exceptions);
   hooks only read it, which ``torch.compile`` traces and guards on (a thread inside a ``with``
   block and one outside run different compiled entries).

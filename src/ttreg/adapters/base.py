@@ -6,7 +6,6 @@ exposes the same small surface, so the method never looks at a model's attribute
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import hashlib
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
@@ -15,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..calls import carried
+from ..calls import carried, entered, in_scope
 from ..hooks import HookSet
 
 
@@ -740,18 +739,17 @@ class PackedGrid:
     order: torch.Tensor
 
 
-#: the image layout of the packed run going on now in this context (set by an adapter's ``run``)
-PACKED_RUN: contextvars.ContextVar = contextvars.ContextVar("ttreg_packed_run", default=None)
-
-
 @contextlib.contextmanager
 def packed_run(grid: PackedGrid) -> Iterator[None]:
-    """Within this context, a packed tower's hidden states read batch-first by ``grid``."""
-    token = PACKED_RUN.set(grid)
-    try:
+    """Within this context, a packed tower's hidden states read batch-first by ``grid`` (an entry
+    of :data:`ttreg.calls.SCOPE`, like the edits of ``with`` blocks)."""
+    with entered(grid):
         yield
-    finally:
-        PACKED_RUN.reset(token)
+
+
+def packed_grid() -> PackedGrid | None:
+    """The layout of the packed run going on now in this context (:func:`packed_run`), or None."""
+    return next(in_scope(PackedGrid), None)
 
 
 @dataclass(frozen=True)
@@ -764,7 +762,7 @@ class PackedIO(BlockIO):
 
     Reading a hidden state batch-first (traces, the search, intermediates) needs the images'
     layout, which a block's output alone does not have: within an adapter's ``run`` it is
-    :data:`PACKED_RUN` (equal images, patches put back in raster order); elsewhere the whole
+    :func:`packed_run` (equal images, patches put back in raster order); elsewhere the whole
     sequence reads as one image.
     """
 
@@ -799,7 +797,7 @@ class PackedIO(BlockIO):
         return args, kwargs
 
     def batch_first(self, t: torch.Tensor) -> torch.Tensor:
-        grid = PACKED_RUN.get()
+        grid = packed_grid()
         if grid is None or t.dim() != 2:
             return t[None] if t.dim() == 2 else t
         N, n = grid.images, grid.tokens
@@ -812,7 +810,7 @@ class PackedIO(BlockIO):
 
     def attention_map(self, p: torch.Tensor) -> torch.Tensor:
         """Attention maps ``(N, heads, T, T)`` in the tower's token order -> in raster order."""
-        grid = PACKED_RUN.get()
+        grid = packed_grid()
         if grid is None:
             return p
         n = grid.tokens

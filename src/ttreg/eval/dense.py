@@ -50,6 +50,7 @@ from ..adapters import wrap
 from ..sizes import at_size
 from .backbone import block_tokens, preprocessing
 from .datasets import load_depth, load_mask, load_rgb
+from .heads import DepthHead, SegmentationHead
 from .metrics import confusion_matrix, mean_iou, pixel_accuracy
 
 REFERENCE = {
@@ -362,7 +363,6 @@ def train_dvt(model, arm, task: str, images: Sequence[Path], targets: Sequence, 
               progress: bool = False) -> nn.Module:
     """Train the DVT head of ``task`` on ``(images, targets)`` (targets: label maps or depth maps
     at the images' sizes) with the frozen ``model`` under ``arm``. Returns the head, frozen."""
-    from .probe import DepthHead, SegmentationHead
     ad = wrap(model)
     _, mean, std = preprocessing(model)
     p = ad.parameter()
