@@ -129,6 +129,23 @@ def assert_equal(a: dict, b: dict, atol: float = 0.0) -> None:
             assert torch.equal(a[k], b[k]), k
 
 
+@contextlib.contextmanager
+def eager(name: str, model):
+    """Attention computed explicitly for the block (HF ``attn_implementation="eager"``, which
+    records attention maps; timm ``fused_attn=False``); scaled_dot_product_attention again after."""
+    def switch(fused: bool) -> None:
+        for m in model.modules():
+            if name.startswith("HF") and hasattr(getattr(m, "config", None), "_attn_implementation"):
+                m.config._attn_implementation = "sdpa" if fused else "eager"
+            elif hasattr(m, "fused_attn"):
+                m.fused_attn = fused
+    switch(False)
+    try:
+        yield
+    finally:
+        switch(True)
+
+
 def _outcome(run):
     """What ``run()`` returns, or the exception it raises."""
     try:
@@ -159,20 +176,24 @@ def test_return_forms_agree(hosts, name):
     model, neurons = hosts(name)
     x = hosts.images(name, 2)
     if name.startswith("HF"):
-        kw = dict(output_hidden_states=True)
-        with torch.no_grad(), ttreg.test_time_registers(model, neurons):
-            as_dict = model(pixel_values=x, **kw)
-            as_tuple = model(pixel_values=x, return_dict=False, **kw)
-        assert isinstance(as_tuple, tuple)
-        assert_equal(flat(as_dict.to_tuple()), flat(as_tuple))
-        model.config.return_dict = False           # in the config: as the plain model does it
-        try:
-            with torch.no_grad():
+        kw = dict(output_hidden_states=True, output_attentions=True)
+        with eager(name, model), torch.no_grad():
+            plain_tuple = model(pixel_values=x, return_dict=False, **kw)
+            with ttreg.test_time_registers(model, neurons):
+                as_dict = model(pixel_values=x, **kw)
+                as_tuple = model(pixel_values=x, return_dict=False, **kw)
+            model.config.return_dict = False       # in the config: as the plain model does it
+            try:
                 plain = _outcome(lambda: model(pixel_values=x, **kw))
                 with ttreg.test_time_registers(model, neurons):
                     got = _outcome(lambda: model(pixel_values=x, **kw))
-        finally:
-            model.config.return_dict = True
+            finally:
+                model.config.return_dict = True
+        assert isinstance(as_tuple, tuple) and len(as_tuple) == len(plain_tuple) >= 3
+        shapes = {k: v.shape for k, v in flat(plain_tuple).items()}
+        assert {k: v.shape for k, v in flat(as_tuple).items()} == shapes   # no register leaks out
+        assert len(shapes) > 12                                            # hidden states and attentions
+        assert_equal(flat(as_dict.to_tuple()), flat(as_tuple))
         if isinstance(plain, Exception):           # Dinov2* read .last_hidden_state of a tuple
             assert type(got) is type(plain) and str(got) == str(plain)
         else:
@@ -227,15 +248,18 @@ def test_recorded_outputs_are_on_the_graph(hosts, name):
     with ttreg.test_time_registers(model, neurons):
         out = model(pixel_values=x, output_hidden_states=True)
         grads = torch.autograd.grad(out.last_hidden_state.pow(2).sum(), out.hidden_states[:-1])
+        out = model(pixel_values=x, output_hidden_states=True)
+        for h in out.hidden_states:
+            h.retain_grad()
+        out.last_hidden_state.pow(2).sum().backward()
+    model.zero_grad(set_to_none=True)
     assert len(grads) == 6 and all(g.abs().sum() > 0 for g in grads)
-    impl, model.config._attn_implementation = model.config._attn_implementation, "eager"
-    try:
+    assert all(torch.equal(h.grad, g) for h, g in zip(out.hidden_states, grads))
+    with eager(name, model):
         with ttreg.test_time_registers(model, neurons), pytest.warns(RecordedAttentionWarning):
             att = model(pixel_values=x, output_attentions=True).attentions
         with torch.no_grad():
             plain = model(pixel_values=x, output_attentions=True).attentions
-    finally:
-        model.config._attn_implementation = impl
     assert [a.shape for a in att] == [a.shape for a in plain]
     rows = torch.stack([a.detach().sum(-1) for a in att])        # the register's share is cut off
     assert rows.max() <= 1 + 1e-5 and rows.min() < 1 - 1e-4
@@ -249,17 +273,10 @@ def test_one_image_alone_equals_it_in_a_batch(hosts, name):
     (attention maps too for HF), is the same alone as inside a batch."""
     model, neurons = hosts(name)
     x = hosts.images(name, 3)
-    kw = {}
-    if name.startswith("HF"):
-        kw = dict(output_attentions=True)
-        impl, model.config._attn_implementation = model.config._attn_implementation, "eager"
-    try:
-        with torch.no_grad(), ttreg.test_time_registers(model, neurons):
-            batch = outputs(name, model, x, **kw)
-            alone = outputs(name, model, x[1:2], **kw)
-    finally:
-        if kw:
-            model.config._attn_implementation = impl
+    kw = dict(output_attentions=True) if name.startswith("HF") else {}
+    with eager(name, model), torch.no_grad(), ttreg.test_time_registers(model, neurons):
+        batch = outputs(name, model, x, **kw)
+        alone = outputs(name, model, x[1:2], **kw)
     assert_equal(alone, {k: v[1:2] for k, v in batch.items()}, atol=1e-5)
 
 
@@ -329,30 +346,13 @@ def test_copies_of_a_model_with_registers_behave_the_same(hosts, name):
 
 # --- eager vs sdpa -----------------------------------------------------------------------------------
 
-def _set_attention(name: str, model, fused: bool) -> None:
-    if name.startswith("HF"):
-        for m in model.modules():
-            if hasattr(m, "config") and hasattr(m.config, "_attn_implementation"):
-                m.config._attn_implementation = "sdpa" if fused else "eager"
-    else:
-        for m in model.modules():
-            if hasattr(m, "fused_attn"):
-                m.fused_attn = fused
-
-
 @pytest.mark.parametrize("name", APPLIES["eager vs sdpa"])
 def test_eager_and_sdpa_attention_agree(hosts, name):
-    """transformers' test_eager_matches_sdpa_inference (float32: 1e-5) and timm's ``fused_attn``."""
-    model, _ = hosts(name)
+    """transformers' test_eager_matches_sdpa_inference (float32) and timm's ``fused_attn``."""
     x = hosts.images(name, 2)
-    try:
-        _set_attention(name, model, False)
-        eager = registered(hosts, name, x)[1]
-        _set_attention(name, model, True)
-        sdpa = registered(hosts, name, x)[1]
-    finally:
-        _set_attention(name, model, True)
-    assert_equal(eager, sdpa, atol=1e-4)
+    with eager(name, hosts(name)[0]):
+        explicit = registered(hosts, name, x)[1]
+    assert_equal(explicit, registered(hosts, name, x)[1], atol=1e-4)
 
 
 # --- gradient checkpointing --------------------------------------------------------------------------
