@@ -358,11 +358,13 @@ def test_eager_and_sdpa_attention_agree(hosts, name):
 # --- gradient checkpointing --------------------------------------------------------------------------
 
 def _checkpointing(name: str, model, on: bool) -> None:
-    if name.startswith("HF"):
+    if name.startswith("HF"):                    # transformers 5 renamed gradient_ to activation_
+        new = hasattr(model, "activation_checkpointing_enable")
         if on:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            getattr(model, "activation_checkpointing_enable" if new else "gradient_checkpointing_enable")(
+                {"use_reentrant": False})
         else:
-            model.gradient_checkpointing_disable()
+            getattr(model, "activation_checkpointing_disable" if new else "gradient_checkpointing_disable")()
     else:
         model.set_grad_checkpointing(on)
 
