@@ -131,19 +131,22 @@ def assert_equal(a: dict, b: dict, atol: float = 0.0) -> None:
 
 @contextlib.contextmanager
 def eager(name: str, model):
-    """Attention computed explicitly for the block (HF ``attn_implementation="eager"``, which
-    records attention maps; timm ``fused_attn=False``); scaled_dot_product_attention again after."""
-    def switch(fused: bool) -> None:
-        for m in model.modules():
-            if name.startswith("HF") and hasattr(getattr(m, "config", None), "_attn_implementation"):
-                m.config._attn_implementation = "sdpa" if fused else "eager"
-            elif hasattr(m, "fused_attn"):
-                m.fused_attn = fused
-    switch(False)
+    """Attention computed explicitly in the block (HF ``attn_implementation="eager"``, which
+    records attention maps; timm ``fused_attn=False``), put back as it was afterwards."""
+    if name.startswith("HF"):
+        owners = [m.config for m in model.modules() if hasattr(getattr(m, "config", None), "_attn_implementation")]
+        attr, value = "_attn_implementation", "eager"
+    else:
+        owners, attr, value = [m for m in model.modules() if hasattr(m, "fused_attn")], "fused_attn", False
+    assert owners
+    before = [getattr(o, attr) for o in owners]
+    for o in owners:
+        setattr(o, attr, value)
     try:
         yield
     finally:
-        switch(True)
+        for o, b in zip(owners, before):
+            setattr(o, attr, b)
 
 
 def _outcome(run):
@@ -274,7 +277,8 @@ def test_one_image_alone_equals_it_in_a_batch(hosts, name):
     model, neurons = hosts(name)
     x = hosts.images(name, 3)
     kw = dict(output_attentions=True) if name.startswith("HF") else {}
-    with eager(name, model), torch.no_grad(), ttreg.test_time_registers(model, neurons):
+    explicit = eager(name, model) if name != "open_clip" else contextlib.nullcontext()
+    with explicit, torch.no_grad(), ttreg.test_time_registers(model, neurons):
         batch = outputs(name, model, x, **kw)
         alone = outputs(name, model, x[1:2], **kw)
     assert_equal(alone, {k: v[1:2] for k, v in batch.items()}, atol=1e-5)
