@@ -15,6 +15,7 @@ import copy
 import inspect
 import io
 import pickle
+import unittest.mock
 import warnings
 
 import pytest
@@ -361,25 +362,30 @@ def test_eager_and_sdpa_attention_agree(hosts, name):
 
 # --- gradient checkpointing --------------------------------------------------------------------------
 
-def _checkpointing(name: str, model, on: bool) -> None:
+def _checkpointing(name: str, model, on: bool, reentrant: bool = False) -> None:
     if name.startswith("HF"):                    # transformers 5 renamed gradient_ to activation_
         new = hasattr(model, "activation_checkpointing_enable")
         if on:
             getattr(model, "activation_checkpointing_enable" if new else "gradient_checkpointing_enable")(
-                {"use_reentrant": False})
+                {"use_reentrant": reentrant})
         else:
             getattr(model, "activation_checkpointing_disable" if new else "gradient_checkpointing_disable")()
     else:
         model.set_grad_checkpointing(on)
 
 
-def _grads(name: str, model, neurons, x, on: bool) -> dict[str, torch.Tensor]:
+def _grads(name: str, model, neurons, x, on: bool, reentrant: bool = False, wrap=None) -> dict:
     model.zero_grad()
-    _checkpointing(name, model, on)
+    _checkpointing(name, model, on, reentrant)
+    layers = [m for m in model.modules() if hasattr(m, "_gradient_checkpointing_func")] if wrap else []
+    for m in layers:
+        m._gradient_checkpointing_func = wrap(m._gradient_checkpointing_func)
     try:
         with ttreg.test_time_registers(model, neurons):
             sum(v.pow(2).mean() for v in outputs(name, model, x).values()).backward()
     finally:
+        for m in layers:
+            del m._gradient_checkpointing_func
         _checkpointing(name, model, False)
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -387,20 +393,34 @@ def _grads(name: str, model, neurons, x, on: bool) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("name", APPLIES["gradient checkpointing"])
 def test_checkpointed_gradients_equal_plain_ones(hosts, name):
     """Non-reentrant checkpointing (timm's set_grad_checkpointing, transformers'
-    gradient_checkpointing_enable, open_clip's set_grad_checkpointing) recomputes the blocks with
-    their registers: the gradients are bitwise those without checkpointing."""
+    activation_checkpointing_enable, open_clip's set_grad_checkpointing) recomputes the blocks
+    with their registers: the gradients are bitwise those without checkpointing. transformers'
+    test_training_gradient_checkpointing puts a mock around each layer's checkpoint function:
+    the same then (ttreg once took the mock's made-up ``keywords`` for ``use_reentrant=True``),
+    and a mocked re-entrant one is still refused in the forward."""
     model, neurons = hosts(name)
     x = hosts.images(name, 2)
+    mocks = []
+
+    def wrap(fn):                               # as transformers' test does (unittest.mock.patch.object)
+        mocks.append(unittest.mock.Mock(side_effect=fn))
+        return mocks[-1]
     model.train()
     try:
         ref = _grads(name, model, neurons, x, False)
-        got = _grads(name, model, neurons, x, True)
+        got = [_grads(name, model, neurons, x, True)]
+        if name.startswith("HF"):
+            got.append(_grads(name, model, neurons, x, True, wrap=wrap))
+            assert sum(m.call_count for m in mocks) == 6          # each block checkpointed once
+            with pytest.raises(RuntimeError, match="re-entrant gradient checkpointing"):
+                _grads(name, model, neurons, x, True, reentrant=True, wrap=wrap)
     finally:
         model.eval()
         model.zero_grad(set_to_none=True)
-    assert ref.keys() == got.keys() and len(ref) > 20
-    for k in ref:
-        assert torch.equal(ref[k], got[k]), k
+    assert ref.keys() == got[0].keys() and len(ref) > 20
+    for g in got:
+        for k in ref:
+            assert torch.equal(ref[k], g[k]), k
 
 
 # --- default dtype -----------------------------------------------------------------------------------
