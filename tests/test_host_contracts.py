@@ -197,6 +197,7 @@ def test_return_forms_agree(hosts, name):
         shapes = {k: v.shape for k, v in flat(plain_tuple).items()}
         assert {k: v.shape for k, v in flat(as_tuple).items()} == shapes   # no register leaks out
         assert len(shapes) > 12                                            # hidden states and attentions
+        assert (as_tuple[0] - plain_tuple[0]).abs().max() > 1e-3           # the registers did something
         assert_equal(flat(as_dict.to_tuple()), flat(as_tuple))
         if isinstance(plain, Exception):           # Dinov2* read .last_hidden_state of a tuple
             assert type(got) is type(plain) and str(got) == str(plain)
@@ -222,7 +223,7 @@ def test_return_forms_agree(hosts, name):
             assert_equal(flat(inter), flat(only))
 
 
-# --- recorded outputs on the graph -------------------------------------------------------------------
+# --- backward, recorded outputs on the graph -------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", APPLIES["backward"])
 def test_backward_reaches_the_same_parameters(hosts, name):
