@@ -259,69 +259,8 @@ def test_shift_to_masks_of_every_type(model):
             pass
 
 
-# --- attention arguments of the host forward ----------------------------------------------------------
-
-@pytest.mark.parametrize("form", ["token", "bias"])
-def test_timm_attn_mask_is_extended_and_is_causal_refused(model, form):
-    x = mixed_images(2)
-    kw = {}
-    if form == "bias":
-        neurons = ttreg.RegisterNeurons.from_dict(RN, model=model)
-        kw = dict(form="bias", bias=ttreg.fit_attention_bias(model, neurons, x))
-    T = 65
-    with torch.no_grad(), ttreg.test_time_registers(model, RN, **kw):
-        ref = model.forward_features(x)
-        full = torch.ones(T, T, dtype=torch.bool)
-        assert torch.equal(model.forward_features(x, attn_mask=full), ref)
-        additive = torch.zeros(2, 1, T, T)
-        assert (model.forward_features(x, attn_mask=additive) - ref).abs().max() <= 1e-5
-        with pytest.raises(RuntimeError, match="is_causal=True"):
-            model.forward_features(x, is_causal=True)
-
-
-# --- what transformers records inside the layers -------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def hf_vit():
-    pytest.importorskip("transformers")
-    from ttreg.convert.hf import timm_to_hf_dinov2
-    return timm_to_hf_dinov2(planted_vit(init_values=1e-5)).eval()
-
-
-@pytest.mark.parametrize("return_dict", [True, False])
-def test_hf_recorded_outputs_in_every_return_form(hf_vit, return_dict):
-    x = mixed_images(2)
-    kw = dict(output_hidden_states=True, output_attentions=True, return_dict=return_dict)
-    hf_vit.config._attn_implementation = "eager"
-    try:
-        with torch.no_grad():
-            plain = hf_vit(pixel_values=x, **kw)
-            with ttreg.test_time_registers(hf_vit, RN):
-                got = hf_vit(pixel_values=x, **kw)
-    finally:
-        hf_vit.config._attn_implementation = "sdpa"
-    p_flat = plain if return_dict is False else plain.to_tuple()
-    g_flat = got if return_dict is False else got.to_tuple()
-    shapes = lambda o: [tuple(t.shape) if torch.is_tensor(t) else [tuple(u.shape) for u in t] for t in o]
-    assert shapes(g_flat) == shapes(p_flat)
-    hs, hs_plain = g_flat[2], p_flat[2]
-    assert torch.equal(hs[0], hs_plain[0])                      # the embeddings, untouched
-    assert not torch.equal(g_flat[0], p_flat[0])                # the registers did something
-
-
-def test_hf_recorded_hidden_states_are_on_the_graph(hf_vit):
-    x = mixed_images(2)
-    with ttreg.test_time_registers(hf_vit, RN):
-        out = hf_vit(pixel_values=x, output_hidden_states=True)
-        for h in out.hidden_states:
-            h.retain_grad()
-        out.last_hidden_state.pow(2).sum().backward()
-    grads = [h.grad for h in out.hidden_states]
-    assert all(g is not None for g in grads[:-1])
-    with ttreg.test_time_registers(hf_vit, RN):
-        out = hf_vit(pixel_values=x, output_hidden_states=True)
-        g0, = torch.autograd.grad(out.last_hidden_state.sum(), out.hidden_states[0])
-    assert g0.shape == out.hidden_states[0].shape and g0.abs().sum() > 0
+# The host's attention arguments (attn_mask, is_causal) and what transformers records inside the
+# layers (every return form, on the graph) are host contracts: tests/test_host_contracts.py, per family.
 
 
 # --- tracers ------------------------------------------------------------------------------------

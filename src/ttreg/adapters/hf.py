@@ -22,6 +22,7 @@ name along the model's MRO.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import warnings
 from dataclasses import dataclass
@@ -241,12 +242,14 @@ class HFVisionAdapter(Adapter):
     @staticmethod
     def reentrant_checkpointing(block: nn.Module) -> bool:
         """transformers checkpoints a layer's ``forward`` (its hooks stay outside) with the
-        ``use_reentrant`` given to ``gradient_checkpointing_enable``."""
+        ``use_reentrant`` given to ``gradient_checkpointing_enable``, bound in the
+        ``functools.partial`` it stores on the layer. Anything else there (a wrapper, a mock) says
+        nothing: a re-entrant run it makes is still refused, by the block-input checks."""
         if not (getattr(block, "gradient_checkpointing", False) and block.training
                 and torch.is_grad_enabled()):
             return False
         fn = getattr(block, "_gradient_checkpointing_func", None)
-        return bool(getattr(fn, "keywords", {}).get("use_reentrant", False))
+        return isinstance(fn, functools.partial) and fn.keywords.get("use_reentrant") is True
 
     # --- running ---------------------------------------------------------------------------
     def run(self, x: torch.Tensor) -> Any:
