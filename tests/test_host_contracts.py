@@ -245,9 +245,10 @@ def test_backward_reaches_the_same_parameters(hosts, name):
 
 @pytest.mark.parametrize("name", APPLIES["recorded outputs on the graph"])
 def test_recorded_outputs_are_on_the_graph(hosts, name):
-    """Gradients of the final output reach every recorded hidden state, as in the plain model
-    (transformers' test_retain_grad_hidden_states_attentions); the attention maps keep their
-    values and shapes but warn that they are off the graph (docs/method.md)."""
+    """Gradients of the final output reach every recorded hidden state and attention map, as in
+    the plain model (transformers' test_retain_grad_hidden_states_attentions): the eager
+    attention's probabilities reach the values through their visible block, the very tensor
+    returned, and the output is bitwise the one computed without recording."""
     model, neurons = hosts(name)
     x = hosts.images(name, 2)
     with ttreg.test_time_registers(model, neurons):
@@ -261,12 +262,22 @@ def test_recorded_outputs_are_on_the_graph(hosts, name):
     assert len(grads) == 6 and all(g.abs().sum() > 0 for g in grads)
     assert all(torch.equal(h.grad, g) for h, g in zip(out.hidden_states, grads))
     with eager(name, model):
-        with ttreg.test_time_registers(model, neurons), pytest.warns(RecordedAttentionWarning):
-            att = model(pixel_values=x, output_attentions=True).attentions
+        with ttreg.test_time_registers(model, neurons), warnings.catch_warnings():
+            warnings.simplefilter("error", RecordedAttentionWarning)
+            unrecorded = model(pixel_values=x).last_hidden_state
+            out = model(pixel_values=x, output_attentions=True)
+            agrads = torch.autograd.grad(out.last_hidden_state.pow(2).sum(), out.attentions, retain_graph=True)
+            for a in out.attentions:
+                a.retain_grad()
+            out.last_hidden_state.pow(2).sum().backward()
+        model.zero_grad(set_to_none=True)
         with torch.no_grad():
             plain = model(pixel_values=x, output_attentions=True).attentions
-    assert [a.shape for a in att] == [a.shape for a in plain]
-    rows = torch.stack([a.detach().sum(-1) for a in att])        # the register's share is cut off
+    assert torch.equal(out.last_hidden_state, unrecorded)
+    assert [a.shape for a in out.attentions] == [a.shape for a in plain]
+    assert all(g.abs().sum() > 0 for g in agrads[:-1])              # the last map feeds the output
+    assert all(torch.equal(a.grad, g) for a, g in zip(out.attentions, agrads))
+    rows = torch.stack([a.detach().sum(-1) for a in out.attentions])  # the register's share is cut off
     assert rows.max() <= 1 + 1e-5 and rows.min() < 1 - 1e-4
 
 

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
 
-from .calls import entered, in_scope
+from .calls import RegisterCall, entered, in_scope, tag
 from .hooks import OwnedHook
 
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
@@ -50,6 +50,8 @@ _MHA_SIG = inspect.signature(F.multi_head_attention_forward)
 
 #: the softmax calls that, inside an attention module, make its attention probabilities
 _SOFTMAX = (F.softmax, torch.softmax, torch.Tensor.softmax)
+#: the product of those probabilities with the values
+_MATMUL = (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__)
 
 
 class Wanted:
@@ -71,14 +73,19 @@ class AttentionCall(TorchFunctionMode):
     ``probs``: called with the post-softmax attention ``(B, heads, T, keys)``, extra key included.
     ``kv``: ``(num, sink)``: ``sink(key, value)`` gets the last ``num`` keys and values
     ``(B, heads, num, d)`` as the kernel receives them (the test-time registers' own).
+    ``registers``: ``(edit, R)`` of a call with R appended registers in an attention that computes
+    its probabilities explicitly and returns them (transformers' eager attention): the probabilities
+    reach the values through their visible ``(T, T)`` block, which they carry
+    (:attr:`RegisterCall.visible`), so the map a library records and trims is on the graph.
     """
 
     def __init__(self, owner, extra: Extra | None = None, probs: Callable | None = None,
-                 kv: tuple[int, Callable] | None = None) -> None:
+                 kv: tuple[int, Callable] | None = None, registers: tuple | None = None) -> None:
         super().__init__()
-        self.owner, self.extra, self.probs, self.kv = owner, extra, probs, kv
+        self.owner, self.extra, self.probs, self.kv, self.registers = owner, extra, probs, kv, registers
         self.seen = 0           # kernel calls (SDPA / MHA) seen
         self.mapped = False     # an explicit softmax gave the maps
+        self.square = None      # their shape, until they meet the values
         self.maps: list = []    # the maps of each kernel call so far
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -89,12 +96,28 @@ class AttentionCall(TorchFunctionMode):
         if func is F.multi_head_attention_forward:
             self.seen += 1
             return self._mha(func, args, kwargs)
+        if func in _MATMUL and self.square is not None and args and torch.is_tensor(args[0]) \
+                and tuple(args[0].shape) == self.square:
+            self.square = None
+            args = (self._through_visible(args[0]), *args[1:])
         out = func(*args, **kwargs)
-        if self.probs is not None and func in _SOFTMAX and not (self.seen or self.mapped) \
-                and _square(out):
+        if (self.probs is not None or self.registers is not None) and func in _SOFTMAX \
+                and not (self.seen or self.mapped) and _square(out):
             self.mapped = True      # an explicit-softmax attention: its probabilities as they are
-            self.probs(out.detach())
+            if self.probs is not None:
+                self.probs(out.detach())
+            if self.registers is not None:
+                self.square = tuple(out.shape)
         return out
+
+    def _through_visible(self, p: torch.Tensor) -> torch.Tensor:
+        """The probabilities ``p`` ``(B, heads, T + R, T + R)`` (bitwise), rebuilt from their
+        visible block, which ``p`` now carries."""
+        edit, R = self.registers
+        n = p.shape[-1] - R
+        visible = p[..., :n, :n]
+        tag(p, RegisterCall(edit, visible=visible))
+        return torch.cat([torch.cat([visible, p[..., :n, n:]], dim=-1), p[..., n:, :]], dim=-2)
 
     def _sdpa(self, func, args, kwargs):
         a = dict(zip(_SDPA_ARGS, args))

@@ -382,13 +382,15 @@ class Sites:
         self.num_layers = ad.num_layers
         #: ``f(block) -> bool``: will the family's own checkpointing re-run this block re-entrantly?
         self.reentrant = ad.reentrant_checkpointing
+        #: ``f(attention) -> bool``: does it compute its probabilities explicitly and return them?
+        self.records = ad.records_attention
 
     def __deepcopy__(self, memo) -> "Sites":
         import copy
         new = Sites.__new__(Sites)
         memo[id(self)] = new
         for k, v in self.__dict__.items():
-            setattr(new, k, v if k in ("key", "scoped", "reentrant") else copy.deepcopy(v, memo))
+            setattr(new, k, v if k in ("key", "scoped", "reentrant", "records") else copy.deepcopy(v, memo))
         return new
 
     def __getstate__(self) -> dict:
@@ -622,14 +624,18 @@ class EditSite(SiteHook):
 
 class AttentionSite(SiteHook, attention.InterceptHook):
     """Attention pre-hook: in calls that are on, the bias form's extra key and value per head
-    (:mod:`ttreg.attention`); also where ``trace`` wants this layer's attention maps."""
+    (:mod:`ttreg.attention`), and, in an attention that returns its probabilities, their visible
+    block on the graph; also where ``trace`` wants this layer's attention maps."""
 
     def __call__(self, mod, args):
         call = current(self.sites)
         extra = call.edit.bias.get(self.layer) if call is not None else None
         probs = attention.wanted(mod)
-        if extra is not None or probs is not None:
-            attention.enter(attention.AttentionCall(mod, extra=extra, probs=probs))
+        regs = None
+        if call is not None and call.edit.num_registers and self.sites.records(mod):
+            regs = (call.edit, call.edit.num_registers)
+        if extra is not None or probs is not None or regs is not None:
+            attention.enter(attention.AttentionCall(mod, extra=extra, probs=probs, registers=regs))
         return None
 
 

@@ -112,6 +112,14 @@ class Adapter:
         that case is refused before the backward pass. False unless a family says so."""
         return False
 
+    @staticmethod
+    def records_attention(attention: nn.Module) -> bool:
+        """Does ``attention`` compute its probabilities explicitly and return them to a library
+        that records them (transformers' eager attention)? In calls with registers they then
+        reach the values through their visible block, so the recorded map is on the graph.
+        False unless a family says so."""
+        return False
+
     # --- block input/output plumbing -------------------------------------------------------
     @property
     def block_io(self) -> "BlockIO":
@@ -400,6 +408,10 @@ class DelegatingAdapter(Adapter):
     @property
     def reentrant_checkpointing(self):  # type: ignore[override]
         return self.inner.reentrant_checkpointing
+
+    @property
+    def records_attention(self):  # type: ignore[override]
+        return self.inner.records_attention
 
     @property
     def block_io(self) -> "BlockIO":

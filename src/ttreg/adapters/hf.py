@@ -132,7 +132,7 @@ def _visible(h: Any, tokens: int, keep: int) -> Any:
     if not torch.is_tensor(h):
         return h
     call = tagged(h)
-    if call is not None and call.visible is not None and h.dim() == 3 and h.shape[1] == tokens:
+    if call is not None and call.visible is not None and h.shape[-1 if h.dim() == 4 else 1] == tokens:
         return call.visible
     if h.dim() == 3 and h.shape[1] == tokens:
         return h[:, :keep]
@@ -250,6 +250,12 @@ class HFVisionAdapter(Adapter):
             return False
         fn = getattr(block, "_gradient_checkpointing_func", None)
         return isinstance(fn, functools.partial) and fn.keywords.get("use_reentrant") is True
+
+    @staticmethod
+    def records_attention(attention: nn.Module) -> bool:
+        """transformers' eager attention computes its probabilities and returns them (recorded as
+        ``attentions``); SDPA and flash attention return none."""
+        return getattr(getattr(attention, "config", None), "_attn_implementation", None) == "eager"
 
     # --- running ---------------------------------------------------------------------------
     def run(self, x: torch.Tensor) -> Any:
