@@ -1,5 +1,6 @@
 import os
 import signal
+from typing import Iterator
 
 import pytest
 import torch
@@ -221,6 +222,18 @@ def padded_rows(rows) -> tuple[torch.Tensor, torch.Tensor]:
         ids[b, :len(r)] = torch.tensor(r)
         mask[b, :len(r)] = 1
     return ids, mask
+
+
+#: two prompts of unequal length (the batch is padded) and the answers attributed for them
+PROMPTS, ANSWERS = [[8, 9, 10, 11, 12], [13, 14]], [[20, 21, 22], [23, 24]]
+
+
+def answered_rows(inputs: dict, answers) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """Per image ``b`` of a padded batch ``inputs``: ``(b, its prompt ids without padding, prompt
+    and answer as one row (1, n))`` -- what a restatement runs the language model on."""
+    for b, answer in enumerate(answers):
+        real = inputs["input_ids"][b][inputs["attention_mask"][b].bool()]
+        yield b, real, torch.cat([real, torch.tensor(answer)])[None]
 
 
 @torch.no_grad()

@@ -14,8 +14,8 @@ from ttreg import testing
 from ttreg.testing import vlm as testing_vlm
 from ttreg.attribution import attribute_inputs, attribution
 
-from conftest import (check_generate_with_registers, check_registers_clear_the_map,  # noqa: E402
-                      eager_attentions, padded_rows)
+from conftest import (ANSWERS, PROMPTS, answered_rows, check_generate_with_registers,  # noqa: E402
+                      check_registers_clear_the_map, eager_attentions, padded_rows)
 
 tf = pytest.importorskip("transformers")
 
@@ -54,14 +54,11 @@ def _pixels_of(inputs, b):
 @pytest.mark.parametrize("family", FAMILIES + ["smolvlm"])
 def test_attribution_equals_eager_attention_row_by_row(vlms, family):
     model, proc, x, marked = vlms(family)
-    prompts = [[8, 9, 10, 11, 12], [13, 14]]                      # unequal: the batch is padded
-    answers = [[20, 21, 22], [23, 24]]
-    inp = hand_inputs(family, model, x[:2], prompts)
+    answers = ANSWERS
+    inp = hand_inputs(family, model, x[:2], PROMPTS)
     a = attribute_inputs(model, inp, answers)
     assert a.weights.shape == (2, 3, 1, inp["input_ids"].eq(IMAGE).sum(1).max())
-    for b in range(2):
-        real = inp["input_ids"][b][inp["attention_mask"][b].bool()]
-        ids = torch.cat([real, torch.tensor(answers[b])])[None]
+    for b, real, ids in answered_rows(inp, answers):
         query = torch.arange(len(answers[b])) + len(real) - 1       # the positions predicting them
         ref = eager_rows(model, ids, _pixels_of(inp, b), query, [0])
         n = ref.shape[-1]

@@ -21,8 +21,8 @@ import ttreg
 from ttreg.testing import vlm as testing_vlm
 from ttreg.attribution import attribute_inputs, attribution
 
-from conftest import (check_generate_with_registers, check_registers_clear_the_map,  # noqa: E402
-                      eager_attentions, padded_rows)
+from conftest import (ANSWERS, PROMPTS, answered_rows, check_generate_with_registers,  # noqa: E402
+                      check_registers_clear_the_map, eager_attentions, padded_rows)
 
 tf = pytest.importorskip("transformers")
 
@@ -120,17 +120,13 @@ def test_tokens_sit_on_the_patches_the_model_feeds_them(vlms, family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_attribution_equals_eager_attention_row_by_row(vlms, family):
     model, proc, x, marked = vlms(family)
-    prompts = [[8, 9, 10, 11, 12], [13, 14]]                      # unequal: the batch is padded
-    answers = [[20, 21, 22], [23, 24]]
-    inp = hand_inputs(family, model, x[:2], prompts)
+    answers = ANSWERS
+    inp = hand_inputs(family, model, x[:2], PROMPTS)
     a = attribute_inputs(model, inp, answers)
     N = PER_VIEW[family]
     assert a.weights.shape == (2, 3, 1, N)
     fed = fed_patches(family, model).double()                     # (tokens, 36)
-    for b in range(2):
-        keep = inp["attention_mask"][b].bool()
-        real = inp["input_ids"][b][keep]
-        ids = torch.cat([real, torch.tensor(answers[b])])[None]
+    for b, real, ids in answered_rows(inp, answers):
         extra = {"pixel_values": inp["pixel_values"][b:b + 1]}
         if family == "paligemma":                                 # the answer: the causal suffix
             extra["token_type_ids"] = torch.cat([torch.zeros(len(real)), torch.ones(len(answers[b]))]).long()[None]
