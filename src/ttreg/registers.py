@@ -412,6 +412,7 @@ class Sites:
         io = self.io
         x = io.input(args, kwargs)
         prev = tagged(x, self.key)
+        fresh = False                    # block 0 makes the registers
         if layer == 0:
             edit = self.active_edit()
             if edit is None and prev is not None and in_backward():
@@ -419,13 +420,7 @@ class Sites:
             elif edit is None:
                 return self._plain()
             else:
-                pk = io.packing(args, kwargs)
-                if pk is not None and pk.padded and edit.init != "zero" and edit.num_registers:
-                    raise ValueError(f"init={edit.init!r} takes each image's mean patch token, which "
-                                     "a packed sequence of images of different sizes does not give "
-                                     "here; use init='zero' (the default)")
-                regs = self.initial(edit, self._batch(io, x, args, kwargs))
-                tag(x, RegisterCall(edit, regs))              # for a checkpoint recomputation
+                fresh, regs = True, None
         elif prev is None:
             if self.active_edit() is not None:
                 raise RuntimeError(
@@ -447,7 +442,14 @@ class Sites:
                                "is called with is_causal=True, so no token could attend to them")
         R = edit.num_registers
         packing = io.packing(args, kwargs, R)
-        xb = self._batch(io, x, args, kwargs)
+        xb = self._batch(io, x, packing)
+        if fresh:
+            if packing is not None and packing.padded and edit.init != "zero" and R:
+                raise ValueError(f"init={edit.init!r} takes each image's mean patch token, which "
+                                 "a packed sequence of images of different sizes does not give "
+                                 "here; use init='zero' (the default)")
+            regs = self.initial(edit, xb)
+            tag(x, RegisterCall(edit, regs))                  # for a checkpoint recomputation
         if regs is not None and regs.shape[0] != xb.shape[0]:
             raise RuntimeError(f"block {layer}: the carried registers are for a batch of "
                                f"{regs.shape[0]}, the hidden state has {xb.shape[0]}")
@@ -474,11 +476,11 @@ class Sites:
         args, kwargs = io.replace_input(args, kwargs, tag(new, call))
         return io.extend_inputs(args, kwargs, R)
 
-    def _batch(self, io: BlockIO, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
-        """A block's input ``x`` batch-first ``(B, T, D)``; a packed sequence of images padded to
-        ``(images, longest, D)``."""
-        packing = io.packing(args, kwargs)
-        return io.batch_first(x) if packing is None else packing.batch(x)
+    @staticmethod
+    def _batch(io: BlockIO, x: torch.Tensor, packing) -> torch.Tensor:
+        """A block's input ``x`` batch-first ``(B, T, D)``; a packed sequence of images (its
+        ``packing``) padded to ``(images, longest, D)``."""
+        return io.batch_first(x) if packing is None else packing.plain.batch(x)
 
     def _plain(self) -> None:
         if CALL.get() is not None:       # an interrupted forward (Ctrl-C) left its call

@@ -6,6 +6,7 @@ exposes the same small surface, so the method never looks at a model's attribute
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
@@ -708,6 +709,11 @@ class Packing:
     def padded(self) -> bool:
         return bool((self.lengths != self.n_max).any())
 
+    @functools.cached_property
+    def plain(self) -> "Packing":
+        """The same images without registers."""
+        return self if not self.R else Packing(self.lengths)
+
     def batch(self, t: torch.Tensor) -> torch.Tensor:
         """Packed ``(total, ...)`` -> ``(N, n_max + R, ...)`` (padding: zeros)."""
         out = t[self.index.to(t.device)]
@@ -721,13 +727,12 @@ class Packing:
     def append(self, t: torch.Tensor, registers: torch.Tensor) -> torch.Tensor:
         """Packed ``t`` without registers, ``registers`` ``(N, R, D)`` -> packed with them, each
         image's after its own tokens."""
-        plain = Packing(self.lengths)
-        return self.unbatch(torch.cat([plain.batch(t), registers.to(t.dtype)], dim=1))
+        return self.unbatch(torch.cat([self.plain.batch(t), registers.to(t.dtype)], dim=1))
 
     def cut(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Packed ``t`` with the registers -> ``(t without them, registers (N, R, D))``."""
         tb = self.batch(t)
-        return Packing(self.lengths).unbatch(tb[:, :self.n_max]), tb[:, self.n_max:]
+        return self.plain.unbatch(tb[:, :self.n_max]), tb[:, self.n_max:]
 
     def spread(self, table: torch.Tensor, fill: float) -> torch.Tensor:
         """A per-token table ``(total, ...)`` over the plain tokens with ``R`` rows of ``fill`` added
