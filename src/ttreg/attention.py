@@ -86,7 +86,7 @@ class AttentionCall(TorchFunctionMode):
         self.seen = 0           # kernel calls (SDPA / MHA) seen
         self.mapped = False     # an explicit softmax gave the maps
         self.square = None      # their shape, until they meet the values
-        self.maps: list = []    # the maps of each kernel call so far
+        self.maps: list = []    # the maps of each kernel call, until the forward ends
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -137,15 +137,22 @@ class AttentionCall(TorchFunctionMode):
         return func(q, k, v, **a)
 
     def _deliver(self, p: torch.Tensor) -> None:
-        """Hand the maps on; a module that calls the kernel once per image of a packed sequence
-        (Qwen-VL towers: one call per ``cu_seqlens`` segment) gets the maps of all its calls so
-        far, stacked on the batch axis (zero-padded to the longest segment)."""
+        """Keep the maps of one kernel call; :meth:`finish` hands them on."""
         self.maps.append(p)
-        if len(self.maps) == 1:
-            self.probs(p)
+
+    def finish(self) -> None:
+        """The module's forward ended: hand its kernel calls' maps on, once. A module that calls
+        the kernel once per image of a packed sequence (Qwen-VL towers: one call per
+        ``cu_seqlens`` segment) gives them stacked on the batch axis (zero-padded to the longest
+        segment)."""
+        if not self.maps:
             return
-        T = max(m.shape[-1] for m in self.maps)
-        self.probs(torch.cat([F.pad(m, (0, T - m.shape[-1], 0, T - m.shape[-2])) for m in self.maps]))
+        if len(self.maps) == 1:
+            self.probs(self.maps[0])
+        else:
+            T = max(m.shape[-1] for m in self.maps)
+            self.probs(torch.cat([F.pad(m, (0, T - m.shape[-1], 0, T - m.shape[-2])) for m in self.maps]))
+        self.maps = []
 
     def _mha(self, func, args, kwargs):
         bound = _MHA_SIG.bind(*args, **kwargs)
@@ -269,6 +276,7 @@ class ExitCall(OwnedHook):
             return None
         call = stack[-1]
         call.__exit__(None, None, None)
+        call.finish()
         if call.extra is not None and not call.seen and (
                 torch.compiler.is_compiling() or sys.exc_info()[0] is None):
             raise RuntimeError(
